@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Idempotent installation of everything the build and the tests need on a fresh
+# machine: Debian packages, the tansu broker, and the Python Kafka client used as
+# an independent producer/consumer in the end-to-end tests.
+set -euo pipefail
+
+# --build-only: just what compiling the engine needs (the demo); no broker, no Python clients.
+BUILD_ONLY=false
+[ "${1:-}" = "--build-only" ] && BUILD_ONLY=true
+
+TANSU_VERSION=0.6.0
+export PATH="$HOME/.cargo/bin:$HOME/.local/bin:$PATH"
+
+need_apt=()
+# libclang for the rocksdb crate's bindgen; cmake/g++/make for bundled librdkafka.
+for pkg in libclang-dev clang cmake g++ make pkg-config zlib1g-dev prometheus; do
+  dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
+done
+if [ ${#need_apt[@]} -gt 0 ]; then
+  echo "install: apt packages: ${need_apt[*]}"
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+fi
+
+if $BUILD_ONLY; then
+  exit 0
+fi
+
+if ! (command -v tansu >/dev/null 2>&1 && tansu --version 2>/dev/null | grep -q "$TANSU_VERSION"); then
+  echo "install: tansu $TANSU_VERSION (takes ~11 minutes on a fresh machine)"
+  cargo install --quiet "tansu@$TANSU_VERSION" --locked --features dynostore,libsql
+fi
+
+if ! python3 -c "import confluent_kafka, jsonschema" >/dev/null 2>&1; then
+  echo "install: python confluent-kafka, jsonschema"
+  python3 -m pip install --quiet --user "confluent-kafka>=2.10" jsonschema 2>/dev/null \
+    || python3 -m pip install --quiet "confluent-kafka>=2.10" jsonschema
+fi

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# The test command: installs what the tests need, then runs lints and every test
+# (unit, property, schema and end-to-end tests against the real tansu broker).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash .ci/install.sh
+export PATH="$HOME/.cargo/bin:$PATH"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/recstream/target}"
+cargo fmt --check
+cargo clippy --quiet --all-targets -- -D warnings
+python3 tests/clients/check_schemas.py samples
+cargo test --all-targets

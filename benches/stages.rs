@@ -1,0 +1,125 @@
+//! Per-stage costs of the pipeline on synthetic data:
+//! `cargo bench --bench stages`.
+
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::Instant;
+
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use recstream::catalog::{Catalog, CatalogRecord};
+use recstream::config::EngineConfig;
+use recstream::engine::{Body, Engine, Record, SourcePos};
+use recstream::event::{decode_interaction, EventType, Interaction};
+use recstream::store::Store;
+
+const GENRES: [&str; 18] = [
+    "Action", "Adventure", "Animation", "Children", "Comedy", "Crime", "Documentary", "Drama",
+    "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War",
+    "Western",
+];
+
+fn catalog(n: u32) -> Catalog {
+    let mut c = Catalog::default();
+    for id in 1..=n {
+        let g = id as usize;
+        c.upsert(CatalogRecord {
+            movie_id: id,
+            title: format!("Movie {id}"),
+            genres: vec![GENRES[g % 18].into(), GENRES[(g * 7) % 18].into()],
+            year: Some(1950 + (id % 70) as u16),
+            tmdb_id: None,
+            imdb_id: None,
+            tags: vec![],
+        })
+        .unwrap();
+    }
+    c
+}
+
+/// A deterministic stream: Zipf-like item popularity, a realistic event mix.
+fn events(n: usize, users: u32, items: u32) -> Vec<Interaction> {
+    let mut s: u64 = 42;
+    let mut next = move || {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        s
+    };
+    let kinds = [
+        EventType::View, EventType::Click, EventType::Play, EventType::Play, EventType::Complete,
+        EventType::Rate, EventType::Like, EventType::Skip,
+    ];
+    (0..n)
+        .map(|i| {
+            let r = (next() % 1_000_000) as f64 / 1_000_000.0;
+            let kind = kinds[(next() % kinds.len() as u64) as usize];
+            Interaction {
+                event_id: format!("e{i}"),
+                user_id: format!("u{}", next() % users as u64),
+                movie_id: 1 + ((r * r * r) * items as f64) as u32 % items,
+                kind,
+                value: match kind {
+                    EventType::Rate => Some(1.0 + (next() % 9) as f64 / 2.0),
+                    _ => None,
+                },
+                ts: 1_700_000_000_000 + i as i64 * 1000,
+                context: None,
+            }
+        })
+        .collect()
+}
+
+fn records(events: &[Interaction]) -> Vec<Record> {
+    let topic: Arc<str> = Arc::from("in");
+    events
+        .iter()
+        .enumerate()
+        .map(|(i, e)| Record {
+            source: SourcePos { topic: topic.clone(), partition: 0, offset: i as i64 },
+            key: None,
+            payload: Vec::new(),
+            received: Instant::now(),
+            body: Body::Event(e.clone()),
+        })
+        .collect()
+}
+
+fn bench(c: &mut Criterion) {
+    let payload = br#"{"event_id":"e-1","user_id":"u1","movie_id":2,"type":"rate","value":4.5,"ts":1700000001000,"context":{"device":"tv","surface":"home","position":3}}"#;
+    let mut g = c.benchmark_group("decode");
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("interaction", |b| {
+        b.iter(|| decode_interaction(Some(b"u1"), black_box(payload), 16384).unwrap())
+    });
+    g.finish();
+
+    let items = 10_000;
+    let stream = events(20_000, 2_000, items);
+    let dir = tempfile::tempdir().unwrap();
+    let mut engine = Engine::new(
+        EngineConfig::default(),
+        Store::open(dir.path(), 64).unwrap(),
+        catalog(items),
+    )
+    .unwrap();
+    // Warm state: every user has history.
+    for chunk in stream.chunks(1000) {
+        engine.process(records(chunk)).unwrap();
+    }
+
+    let mut g = c.benchmark_group("engine");
+    let batch = events(500, 2_000, items);
+    g.throughput(Throughput::Elements(batch.len() as u64));
+    g.sample_size(10);
+    g.bench_function("process_batch_500_events", |b| {
+        b.iter_batched(|| records(&batch), |r| engine.process(r).unwrap(), BatchSize::LargeInput)
+    });
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("recompute_one_user", |b| b.iter(|| engine.peek(0, black_box("u7")).unwrap()));
+    let outputs = engine.peek(0, "u7").unwrap();
+    g.bench_function("encode_outputs", |b| b.iter(|| black_box(&outputs).encode()));
+    g.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

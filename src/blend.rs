@@ -1,0 +1,196 @@
+//! Blending and ranking: pure functions from normalized signals to an ordered,
+//! diversified list.
+//!
+//! The blended score of a candidate is the weighted sum
+//! `affinity·w_a + similarity·w_s + popularity·w_p + trending·w_t (+ ncf·w_n)`
+//! of signals that are each normalized to `[0, 1]` (affinity to `[-1, 1]`:
+//! disliked genres push items down). The NCF term is present only when a model
+//! scorer produced a score for the candidate.
+
+use serde::{Deserialize, Serialize};
+
+use crate::catalog::GenreSet;
+use crate::config::BlendWeights;
+
+/// The normalized signals of one candidate, published with every item.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Signals {
+    pub affinity: f64,
+    pub similarity: f64,
+    pub popularity: f64,
+    pub trending: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ncf: Option<f64>,
+}
+
+/// Which signal contributed most; drives the human reason.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dominant {
+    Affinity,
+    Similarity,
+    Popularity,
+    Trending,
+    Ncf,
+}
+
+pub fn blend(s: &Signals, w: &BlendWeights) -> f64 {
+    s.affinity * w.affinity
+        + s.similarity * w.similarity
+        + s.popularity * w.popularity
+        + s.trending * w.trending
+        + s.ncf.unwrap_or(0.0) * w.ncf
+}
+
+pub fn dominant(s: &Signals, w: &BlendWeights) -> Dominant {
+    let parts = [
+        (Dominant::Similarity, s.similarity * w.similarity),
+        (Dominant::Affinity, s.affinity * w.affinity),
+        (Dominant::Ncf, s.ncf.unwrap_or(0.0) * w.ncf),
+        (Dominant::Trending, s.trending * w.trending),
+        (Dominant::Popularity, s.popularity * w.popularity),
+    ];
+    parts
+        .iter()
+        .fold((Dominant::Popularity, f64::MIN), |best, &(d, v)| {
+            if v > best.1 {
+                (d, v)
+            } else {
+                best
+            }
+        })
+        .0
+}
+
+/// `ln(1 + x) / ln(1 + max)`: popularity is heavy-tailed, so compare on a log scale.
+pub fn log_normalize(x: f64, max: f64) -> f64 {
+    if max <= 0.0 || x <= 0.0 {
+        0.0
+    } else {
+        ((1.0 + x).ln() / (1.0 + max).ln()).min(1.0)
+    }
+}
+
+/// A scored candidate before ranking.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Scored {
+    pub movie_id: u32,
+    pub score: f64,
+    pub genres: GenreSet,
+}
+
+/// Orders by score (descending), ties by movie id (ascending): total and deterministic.
+pub fn rank(items: &mut [Scored]) {
+    items.sort_by(|a, b| {
+        b.score
+            .total_cmp(&a.score)
+            .then_with(|| a.movie_id.cmp(&b.movie_id))
+    });
+}
+
+/// Picks `n` items from a ranked list such that no genre appears in more than
+/// `ceil(max_share · n)` of them. When the candidates cannot satisfy the cap the
+/// list is filled with the best remaining items rather than left short.
+pub fn diversify(ranked: &[Scored], n: usize, max_share: f64) -> Vec<Scored> {
+    let cap = ((max_share * n as f64).ceil() as usize).max(1);
+    let mut per_genre = [0usize; 64];
+    let mut chosen = Vec::with_capacity(n);
+    let mut skipped = Vec::new();
+    for item in ranked {
+        if chosen.len() == n {
+            break;
+        }
+        if item.genres.iter().all(|g| per_genre[g as usize] < cap) {
+            for g in item.genres.iter() {
+                per_genre[g as usize] += 1;
+            }
+            chosen.push(*item);
+        } else {
+            skipped.push(*item);
+        }
+    }
+    if chosen.len() < n {
+        chosen.extend(skipped.into_iter().take(n - chosen.len()));
+        rank(&mut chosen);
+    }
+    chosen
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn scored() -> impl Strategy<Value = Vec<Scored>> {
+        prop::collection::vec((0u32..500, -1.0f64..2.0, 1u64..64), 0..80).prop_map(|v| {
+            let mut seen = std::collections::HashSet::new();
+            v.into_iter()
+                .filter(|(id, _, _)| seen.insert(*id))
+                .map(|(movie_id, score, g)| Scored { movie_id, score, genres: GenreSet(g) })
+                .collect()
+        })
+    }
+
+    #[test]
+    fn dominant_signal_names_the_reason() {
+        let w = BlendWeights::default();
+        let s = Signals { similarity: 0.9, popularity: 0.1, ..Default::default() };
+        assert_eq!(dominant(&s, &w), Dominant::Similarity);
+        assert!(blend(&s, &w) > 0.0);
+    }
+
+    proptest! {
+        #[test]
+        fn ranking_is_sorted_and_total(mut items in scored()) {
+            rank(&mut items);
+            for pair in items.windows(2) {
+                prop_assert!(pair[0].score > pair[1].score
+                    || (pair[0].score == pair[1].score && pair[0].movie_id < pair[1].movie_id));
+            }
+        }
+
+        #[test]
+        fn diversified_lists_respect_the_genre_cap_when_possible(mut items in scored(), n in 1usize..20, share in 0.1f64..1.0) {
+            rank(&mut items);
+            let list = diversify(&items, n, share);
+            prop_assert_eq!(list.len(), n.min(items.len()));
+            let ids: std::collections::HashSet<_> = list.iter().map(|s| s.movie_id).collect();
+            prop_assert_eq!(ids.len(), list.len());
+            let cap = ((share * n as f64).ceil() as usize).max(1);
+            // Without fill-up, no genre exceeds the cap.
+            let greedy: Vec<_> = {
+                let mut per = [0usize; 64];
+                let mut out = vec![];
+                for it in &items {
+                    if out.len() == n { break; }
+                    if it.genres.iter().all(|g| per[g as usize] < cap) {
+                        for g in it.genres.iter() { per[g as usize] += 1; }
+                        out.push(*it);
+                    }
+                }
+                out
+            };
+            if greedy.len() == n.min(items.len()) {
+                for g in 0..64u8 {
+                    prop_assert!(list.iter().filter(|s| s.genres.contains(g)).count() <= cap);
+                }
+            }
+        }
+
+        #[test]
+        fn higher_signals_never_lower_the_score(a in 0.0f64..1.0, b in 0.0f64..1.0, d in 0.0f64..0.5) {
+            let w = BlendWeights::default();
+            let s = Signals { affinity: a, similarity: b, popularity: a, trending: b, ncf: Some(a) };
+            let mut t = s;
+            t.popularity += d;
+            t.similarity += d;
+            prop_assert!(blend(&t, &w) >= blend(&s, &w));
+        }
+
+        #[test]
+        fn log_normalize_is_monotone_and_bounded(x in 0.0f64..1e6, y in 0.0f64..1e6, max in 1.0f64..1e6) {
+            let (lo, hi) = if x < y { (x, y) } else { (y, x) };
+            prop_assert!(log_normalize(lo, max) <= log_normalize(hi, max));
+            prop_assert!((0.0..=1.0).contains(&log_normalize(x, max)));
+        }
+    }
+}

@@ -1,0 +1,262 @@
+//! Command line: raw arguments are validated into a [`Config`] once, here.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context as _, Result};
+use clap::{Args, Parser, Subcommand};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use tracing::info;
+
+use crate::catalog::{self, Catalog};
+use crate::config::Config;
+use crate::pipeline::{self, Health};
+use crate::topics;
+
+#[derive(Debug, Parser)]
+#[command(name = "recstream", version, about = "Kafka-native real-time movie recommendation engine")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the engine against a Kafka cluster (see config/recstream.example.toml).
+    Run(RunArgs),
+    /// Self-contained demo: embedded broker, sample catalog, a scripted user.
+    Demo(crate::demo::DemoArgs),
+    /// Create the declared topics (idempotent).
+    Topics {
+        #[command(subcommand)]
+        action: TopicsAction,
+    },
+    /// Publish a catalog file to the catalog topic (keyed by movie id).
+    PublishCatalog {
+        #[command(flatten)]
+        kafka: KafkaArgs,
+        /// Catalog file: movies.csv, u.item, movies.dat, canonical .csv, .parquet, .arrow.
+        #[arg(long)]
+        file: PathBuf,
+    },
+    /// Ask the engine to recompute one user, or everyone.
+    Refresh {
+        #[command(flatten)]
+        kafka: KafkaArgs,
+        #[arg(long, conflicts_with = "all", required_unless_present = "all")]
+        user: Option<String>,
+        #[arg(long)]
+        all: bool,
+    },
+    /// Validate a config file and print it with every default filled in.
+    CheckConfig {
+        #[arg(long)]
+        config: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TopicsAction {
+    /// Create missing topics from the declarations; check existing ones.
+    Apply {
+        #[command(flatten)]
+        kafka: KafkaArgs,
+        /// Directory of topic declarations (defaults to the built-in ones).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct KafkaArgs {
+    /// Config file (TOML). Flags below override it.
+    #[arg(long, env = "RECSTREAM_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Bootstrap brokers, e.g. 127.0.0.1:9092.
+    #[arg(long, env = "RECSTREAM_BROKERS")]
+    pub brokers: Option<String>,
+}
+
+impl KafkaArgs {
+    pub fn load(&self) -> Result<Config> {
+        let mut config = match &self.config {
+            Some(path) => Config::from_file(path)?,
+            None => Config::default(),
+        };
+        if let Some(b) = &self.brokers {
+            config.kafka.brokers = b.clone();
+        }
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+    /// RocksDB directory (overrides `state.dir`).
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// Catalog file loaded at start (overrides `catalog.path`).
+    #[arg(long)]
+    pub catalog: Option<PathBuf>,
+    /// Address of /metrics, /healthz, /readyz (overrides `http.listen`).
+    #[arg(long)]
+    pub http_listen: Option<String>,
+}
+
+pub async fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Run(args) => {
+            let mut config = args.kafka.load()?;
+            if let Some(d) = args.state_dir {
+                config.state.dir = d;
+            }
+            if let Some(c) = args.catalog {
+                config.catalog.path = Some(c);
+            }
+            if let Some(h) = args.http_listen {
+                config.http.listen = h;
+            }
+            config.validate()?;
+            run_engine(config).await
+        }
+        Command::Demo(args) => crate::demo::run(args).await,
+        Command::Topics {
+            action: TopicsAction::Apply { kafka, dir },
+        } => {
+            let config = kafka.load()?;
+            let decls = match dir {
+                Some(d) => topics::load_dir(&d)?,
+                None => topics::builtin(),
+            };
+            let decls = topics::with_names(decls, &config.topics);
+            for (name, outcome) in topics::apply(&pipeline::client_config(&config), &decls).await? {
+                println!("{name}: {outcome:?}");
+            }
+            Ok(())
+        }
+        Command::PublishCatalog { kafka, file } => {
+            let config = kafka.load()?;
+            let catalog = catalog::load(&file)?;
+            let n = publish_catalog(&config, &catalog).await?;
+            println!("published {n} movies to {}", config.topics.catalog);
+            Ok(())
+        }
+        Command::Refresh { kafka, user, all } => {
+            let config = kafka.load()?;
+            let producer = pipeline::producer(&config)?;
+            let sent = send_refresh(&config, &producer, user.as_deref(), all).await?;
+            println!("sent {sent} refresh command(s) to {}", config.topics.refresh);
+            Ok(())
+        }
+        Command::CheckConfig { config } => {
+            let config = Config::from_file(&config)?;
+            print!("{}", toml::to_string_pretty(&config)?);
+            Ok(())
+        }
+    }
+}
+
+/// Runs the engine until SIGINT/SIGTERM; a second signal exits at once.
+pub async fn run_engine(config: Config) -> Result<()> {
+    let catalog = match &config.catalog.path {
+        Some(p) => catalog::load(p).with_context(|| "loading `catalog.path`")?,
+        None => Catalog::default(),
+    };
+    let health = Arc::new(Health::default());
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        info!("signal received; shutting down (send another to exit immediately)");
+        let _ = stop_tx.send(true);
+        wait_for_signal().await;
+        eprintln!("second signal: exiting immediately");
+        std::process::exit(130);
+    });
+    if !config.http.listen.is_empty() {
+        let addr = config.http.listen.parse().context("`http.listen`")?;
+        let mut rx = stop_rx.clone();
+        let (bound, _server) = crate::http::serve(addr, health.clone(), async move {
+            let _ = rx.wait_for(|s| *s).await;
+        })
+        .await
+        .with_context(|| format!("binding `http.listen` {addr}"))?;
+        info!(%bound, "metrics at http://{bound}/metrics");
+    }
+    let mut rx = stop_rx;
+    pipeline::run(config, catalog, health, async move {
+        let _ = rx.wait_for(|s| *s).await;
+    })
+    .await?;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+pub async fn publish_catalog(config: &Config, catalog: &Catalog) -> Result<usize> {
+    let producer: FutureProducer = pipeline::producer(config)?;
+    let mut pending = Vec::new();
+    for id in catalog.ids() {
+        let record = catalog.record(*id).expect("id from the catalog");
+        let payload = serde_json::to_vec(&record)?;
+        let key = id.to_string();
+        let record = FutureRecord::to(&config.topics.catalog).key(&key).payload(&payload);
+        pending.push(pipeline::enqueue(&producer, record).await?);
+    }
+    pipeline::await_deliveries(pending).await?;
+    Ok(catalog.len())
+}
+
+/// A user refresh goes to the user's partition (by key); a refresh of everyone
+/// goes to every partition so that every instance sees it.
+pub async fn send_refresh(
+    config: &Config,
+    producer: &FutureProducer,
+    user: Option<&str>,
+    all: bool,
+) -> Result<usize> {
+    let topic = &config.topics.refresh;
+    match (user, all) {
+        (Some(u), false) => {
+            let payload = serde_json::json!({ "user_id": u }).to_string();
+            producer
+                .send(FutureRecord::to(topic).key(u).payload(&payload), Duration::from_secs(30))
+                .await
+                .map_err(|(e, _)| e)?;
+            Ok(1)
+        }
+        (None, true) => {
+            let partitions = topics::partition_counts(&pipeline::client_config(config))?
+                .get(topic.as_str())
+                .copied()
+                .with_context(|| format!("refresh topic {topic} does not exist"))?;
+            let payload = r#"{"all":true}"#;
+            for p in 0..partitions as i32 {
+                producer
+                    .send(
+                        FutureRecord::to(topic).key("*").payload(payload).partition(p),
+                        Duration::from_secs(30),
+                    )
+                    .await
+                    .map_err(|(e, _)| e)?;
+            }
+            Ok(partitions)
+        }
+        _ => bail!("give exactly one of --user or --all"),
+    }
+}

@@ -1,0 +1,483 @@
+//! Engine configuration: read once from TOML, validated into typed values.
+//! Every validation error names the offending field.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::decay::{HalfLives, MS_PER_HOUR};
+use crate::event::EventType;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: Box<toml::de::Error>,
+    },
+    #[error("invalid config: `{field}` {reason}")]
+    Invalid { field: String, reason: String },
+}
+
+fn invalid(field: &str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field: field.to_string(),
+        reason: reason.into(),
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub kafka: KafkaConfig,
+    pub topics: TopicNames,
+    pub state: StateConfig,
+    pub processing: ProcessingConfig,
+    pub catalog: CatalogConfig,
+    pub http: HttpConfig,
+    pub engine: EngineConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaConfig {
+    pub brokers: String,
+    pub group_id: String,
+    /// Passed through to librdkafka verbatim (e.g. `security.protocol`, `sasl.*`, `ssl.*`).
+    pub client: BTreeMap<String, String>,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        KafkaConfig {
+            brokers: "127.0.0.1:9092".into(),
+            group_id: "recstream".into(),
+            client: BTreeMap::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TopicNames {
+    pub interactions: String,
+    pub catalog: String,
+    pub recommendations: String,
+    pub carousels: String,
+    pub insights: String,
+    pub refresh: String,
+    pub dead_letters: String,
+}
+
+impl Default for TopicNames {
+    fn default() -> Self {
+        TopicNames {
+            interactions: "reco.interactions.v1".into(),
+            catalog: "reco.catalog.v1".into(),
+            recommendations: "reco.recommendations.v1".into(),
+            carousels: "reco.carousels.v1".into(),
+            insights: "reco.insights.v1".into(),
+            refresh: "reco.refresh.v1".into(),
+            dead_letters: "reco.dead-letters.v1".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StateConfig {
+    pub dir: PathBuf,
+    pub block_cache_mb: usize,
+}
+
+impl Default for StateConfig {
+    fn default() -> Self {
+        StateConfig {
+            dir: PathBuf::from("./recstream-state"),
+            block_cache_mb: 64,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProcessingConfig {
+    /// A micro-batch closes at this many records...
+    pub batch_max_records: usize,
+    /// ...or this long after its first record.
+    pub batch_max_wait_ms: u64,
+    pub max_event_bytes: usize,
+    /// Graceful shutdown deadline.
+    pub shutdown_timeout_ms: u64,
+}
+
+impl Default for ProcessingConfig {
+    fn default() -> Self {
+        ProcessingConfig {
+            batch_max_records: 1000,
+            batch_max_wait_ms: 10,
+            max_event_bytes: crate::event::DEFAULT_MAX_EVENT_BYTES,
+            shutdown_timeout_ms: 10_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CatalogConfig {
+    /// A catalog file loaded at start (see `catalog::load`); the catalog topic
+    /// adds and replaces movies on top of it.
+    pub path: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Address of `/metrics`, `/healthz` and `/readyz`; empty disables the server.
+    pub listen: String,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            listen: "127.0.0.1:9898".into(),
+        }
+    }
+}
+
+/// Everything the pure processing functions depend on.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EngineConfig {
+    pub decay: DecayConfig,
+    pub event_weights: EventWeights,
+    pub blend: BlendWeights,
+    pub lists: ListConfig,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            decay: DecayConfig::default(),
+            event_weights: EventWeights::default(),
+            blend: BlendWeights::default(),
+            lists: ListConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DecayConfig {
+    /// Half-life of a user's genre preferences.
+    pub user_half_life_hours: f64,
+    /// Half-life of item and genre popularity.
+    pub popularity_half_life_hours: f64,
+    /// Half-life of the short window that trending compares with popularity.
+    pub trending_half_life_hours: f64,
+}
+
+impl Default for DecayConfig {
+    fn default() -> Self {
+        DecayConfig {
+            user_half_life_hours: 24.0 * 30.0,
+            popularity_half_life_hours: 24.0 * 7.0,
+            trending_half_life_hours: 6.0,
+        }
+    }
+}
+
+impl DecayConfig {
+    pub fn user_half_life_ms(&self) -> f64 {
+        self.user_half_life_hours * MS_PER_HOUR
+    }
+    pub fn item_half_lives(&self) -> HalfLives {
+        HalfLives {
+            long_ms: self.popularity_half_life_hours * MS_PER_HOUR,
+            short_ms: self.trending_half_life_hours * MS_PER_HOUR,
+        }
+    }
+}
+
+/// How much one event of each type moves the user's genre preferences.
+/// `progress` is multiplied by the progress fraction; `rate` by
+/// `(rating - 3) / 2`, so 5 stars is `+rate`, 1 star is `-rate`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EventWeights {
+    pub view: f64,
+    pub click: f64,
+    pub play: f64,
+    pub progress: f64,
+    pub complete: f64,
+    pub rate: f64,
+    pub like: f64,
+    pub dislike: f64,
+    pub watchlist_add: f64,
+    pub watchlist_remove: f64,
+    pub skip: f64,
+}
+
+impl Default for EventWeights {
+    fn default() -> Self {
+        EventWeights {
+            view: 0.2,
+            click: 0.5,
+            play: 1.0,
+            progress: 1.0,
+            complete: 2.0,
+            rate: 2.0,
+            like: 3.0,
+            dislike: -3.0,
+            watchlist_add: 1.5,
+            watchlist_remove: -0.5,
+            skip: -1.0,
+        }
+    }
+}
+
+impl EventWeights {
+    pub fn base(&self, kind: EventType) -> f64 {
+        match kind {
+            EventType::View => self.view,
+            EventType::Click => self.click,
+            EventType::Play => self.play,
+            EventType::Progress => self.progress,
+            EventType::Complete => self.complete,
+            EventType::Rate => self.rate,
+            EventType::Like => self.like,
+            EventType::Dislike => self.dislike,
+            EventType::WatchlistAdd => self.watchlist_add,
+            EventType::WatchlistRemove => self.watchlist_remove,
+            EventType::Skip => self.skip,
+        }
+    }
+
+    /// The signed preference weight of one event with its value.
+    pub fn weight(&self, kind: EventType, value: Option<f64>) -> f64 {
+        let base = self.base(kind);
+        match kind {
+            EventType::Progress => base * value.unwrap_or(0.0),
+            EventType::Rate => base * (value.unwrap_or(3.0) - 3.0) / 2.0,
+            _ => base,
+        }
+    }
+}
+
+/// Weights of the normalized signals in the blended score (see `blend`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BlendWeights {
+    pub affinity: f64,
+    pub similarity: f64,
+    pub popularity: f64,
+    pub trending: f64,
+    /// Used only when a model scorer is loaded.
+    pub ncf: f64,
+}
+
+impl Default for BlendWeights {
+    fn default() -> Self {
+        BlendWeights {
+            affinity: 0.40,
+            similarity: 0.25,
+            popularity: 0.20,
+            trending: 0.15,
+            ncf: 0.30,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ListConfig {
+    /// Length of the recommendation list.
+    pub top_n: usize,
+    /// Length of each carousel row.
+    pub row_size: usize,
+    /// How many of the user's strongest genres get their own row.
+    pub genre_rows: usize,
+    /// No genre may fill more than this share of the recommendation list.
+    pub max_genre_share: f64,
+    /// Recent items kept per user.
+    pub recent_items: usize,
+    /// Candidates taken from each global source (popular, trending, per genre).
+    pub candidates_per_source: usize,
+    /// Recent positive items whose similar items become candidates.
+    pub similar_seeds: usize,
+}
+
+impl Default for ListConfig {
+    fn default() -> Self {
+        ListConfig {
+            top_n: 10,
+            row_size: 10,
+            genre_rows: 3,
+            max_genre_share: 0.5,
+            recent_items: 30,
+            candidates_per_source: 60,
+            similar_seeds: 5,
+        }
+    }
+}
+
+impl Config {
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
+        let config: Config = toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.into(),
+            source: Box::new(source),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.kafka.brokers.trim().is_empty() {
+            return Err(invalid("kafka.brokers", "must name at least one broker"));
+        }
+        if self.kafka.group_id.trim().is_empty() {
+            return Err(invalid("kafka.group_id", "must not be empty"));
+        }
+        for (field, name) in [
+            ("topics.interactions", &self.topics.interactions),
+            ("topics.catalog", &self.topics.catalog),
+            ("topics.recommendations", &self.topics.recommendations),
+            ("topics.carousels", &self.topics.carousels),
+            ("topics.insights", &self.topics.insights),
+            ("topics.refresh", &self.topics.refresh),
+            ("topics.dead_letters", &self.topics.dead_letters),
+        ] {
+            crate::topics::validate_topic_name(name).map_err(|reason| invalid(field, reason))?;
+        }
+        if self.state.block_cache_mb == 0 {
+            return Err(invalid("state.block_cache_mb", "must be at least 1"));
+        }
+        let p = &self.processing;
+        if !(1..=100_000).contains(&p.batch_max_records) {
+            return Err(invalid("processing.batch_max_records", "must be in 1..=100000"));
+        }
+        if !(1..=60_000).contains(&p.batch_max_wait_ms) {
+            return Err(invalid("processing.batch_max_wait_ms", "must be in 1..=60000"));
+        }
+        if !(256..=1 << 20).contains(&p.max_event_bytes) {
+            return Err(invalid("processing.max_event_bytes", "must be in 256..=1048576"));
+        }
+        if !self.http.listen.is_empty() && self.http.listen.parse::<SocketAddr>().is_err() {
+            return Err(invalid("http.listen", "must be an ip:port address or empty"));
+        }
+        self.engine.validate()
+    }
+}
+
+impl EngineConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let d = &self.decay;
+        for (field, v) in [
+            ("engine.decay.user_half_life_hours", d.user_half_life_hours),
+            ("engine.decay.popularity_half_life_hours", d.popularity_half_life_hours),
+            ("engine.decay.trending_half_life_hours", d.trending_half_life_hours),
+        ] {
+            if !(v.is_finite() && v > 0.0) {
+                return Err(invalid(field, "must be a positive number of hours"));
+            }
+        }
+        if d.trending_half_life_hours >= d.popularity_half_life_hours {
+            return Err(invalid(
+                "engine.decay.trending_half_life_hours",
+                "must be shorter than popularity_half_life_hours",
+            ));
+        }
+        for kind in EventType::ALL {
+            let w = self.event_weights.base(kind);
+            if !w.is_finite() || w.abs() > 100.0 {
+                return Err(invalid(
+                    &format!("engine.event_weights.{}", kind.as_str()),
+                    "must be a finite number in -100..=100",
+                ));
+            }
+        }
+        let b = &self.blend;
+        for (field, w) in [
+            ("engine.blend.affinity", b.affinity),
+            ("engine.blend.similarity", b.similarity),
+            ("engine.blend.popularity", b.popularity),
+            ("engine.blend.trending", b.trending),
+            ("engine.blend.ncf", b.ncf),
+        ] {
+            if !(w.is_finite() && w >= 0.0) {
+                return Err(invalid(field, "must be a non-negative number"));
+            }
+        }
+        if b.affinity + b.similarity + b.popularity + b.trending <= 0.0 {
+            return Err(invalid("engine.blend", "at least one non-model weight must be positive"));
+        }
+        let l = &self.lists;
+        if !(1..=500).contains(&l.top_n) {
+            return Err(invalid("engine.lists.top_n", "must be in 1..=500"));
+        }
+        if !(1..=100).contains(&l.row_size) {
+            return Err(invalid("engine.lists.row_size", "must be in 1..=100"));
+        }
+        if l.genre_rows > 10 {
+            return Err(invalid("engine.lists.genre_rows", "must be at most 10"));
+        }
+        if !(l.max_genre_share > 0.0 && l.max_genre_share <= 1.0) {
+            return Err(invalid("engine.lists.max_genre_share", "must be in (0, 1]"));
+        }
+        if !(1..=1000).contains(&l.recent_items) {
+            return Err(invalid("engine.lists.recent_items", "must be in 1..=1000"));
+        }
+        if !(1..=5000).contains(&l.candidates_per_source) {
+            return Err(invalid("engine.lists.candidates_per_source", "must be in 1..=5000"));
+        }
+        if l.similar_seeds > 50 {
+            return Err(invalid("engine.lists.similar_seeds", "must be at most 50"));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        Config::default().validate().unwrap();
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let mut c = Config::default();
+        c.engine.lists.max_genre_share = 1.5;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("engine.lists.max_genre_share"), "{e}");
+
+        let mut c = Config::default();
+        c.engine.event_weights.skip = f64::NAN;
+        assert!(c.validate().unwrap_err().to_string().contains("engine.event_weights.skip"));
+
+        let e = toml::from_str::<Config>("[processing]\nbatch_max_record = 3\n").unwrap_err();
+        assert!(e.to_string().contains("batch_max_record"), "{e}");
+    }
+
+    #[test]
+    fn ratings_move_preferences_both_ways() {
+        let w = EventWeights::default();
+        assert!(w.weight(EventType::Rate, Some(5.0)) > 0.0);
+        assert!(w.weight(EventType::Rate, Some(1.0)) < 0.0);
+        assert_eq!(w.weight(EventType::Rate, Some(3.0)), 0.0);
+        assert!(w.weight(EventType::Progress, Some(0.5)) < w.weight(EventType::Progress, Some(1.0)));
+    }
+}

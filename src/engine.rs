@@ -1,0 +1,359 @@
+//! The processing core: applies a micro-batch of decoded records to the state in
+//! RocksDB and computes the outputs of every affected user. Synchronous and
+//! deterministic; the Kafka pipeline runs it on a dedicated thread, and
+//! in-process callers (tests, benchmarks, the demo) call it directly.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::catalog::{Catalog, CatalogRecord};
+use crate::config::EngineConfig;
+use crate::decay::Momentum;
+use crate::event::{Interaction, RefreshCommand};
+use crate::metrics;
+use crate::output::UserOutputs;
+use crate::recommend::{self, Context, ItemIndex, ScoreError, Scorer, SimilarityCache};
+use crate::state::{Applied, UserState};
+use crate::store::{Changes, Store, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Score(#[from] ScoreError),
+}
+
+/// Where a record came from; its offset is committed with the state it changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourcePos {
+    pub topic: Arc<str>,
+    pub partition: i32,
+    pub offset: i64,
+}
+
+#[derive(Debug, Clone)]
+pub enum Body {
+    Event(Interaction),
+    Refresh(RefreshCommand),
+    /// Rejected by the decoder; goes to the dead-letter topic.
+    Invalid(Rejection),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rejection {
+    pub reason: &'static str,
+    pub detail: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub source: SourcePos,
+    pub key: Option<Vec<u8>>,
+    pub payload: Vec<u8>,
+    pub received: Instant,
+    pub body: Body,
+}
+
+/// A record for the dead-letter topic: the original bytes and why.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeadLetter {
+    pub source: SourcePos,
+    pub key: Option<Vec<u8>>,
+    pub payload: Vec<u8>,
+    pub reason: &'static str,
+    pub detail: String,
+}
+
+#[derive(Debug, Default)]
+pub struct BatchResult {
+    /// Outputs per affected user, ordered by (partition, user id).
+    pub outputs: Vec<(String, UserOutputs)>,
+    pub dead_letters: Vec<DeadLetter>,
+    /// Next offset per consumed partition.
+    pub offsets: Vec<(Arc<str>, i32, i64)>,
+    /// Event times of applied events (for the event-to-publish lag metric).
+    pub event_times: Vec<i64>,
+    /// When the oldest record of the batch was received.
+    pub oldest_received: Option<Instant>,
+    /// A refresh of every user was requested; see [`Engine::refresh_page`].
+    pub refresh_all: bool,
+}
+
+pub struct Engine {
+    config: EngineConfig,
+    store: Store,
+    catalog: Catalog,
+    items: HashMap<u32, Momentum>,
+    genres: HashMap<String, Momentum>,
+    sims: SimilarityCache,
+    scorer: Option<Arc<dyn Scorer>>,
+    watermark: i64,
+    genre_share_ewma: BTreeMap<String, f64>,
+}
+
+/// Weight of the newest batch in the genre drift gauge.
+const DRIFT_SMOOTHING: f64 = 0.05;
+
+impl Engine {
+    pub fn new(config: EngineConfig, store: Store, catalog: Catalog) -> Result<Engine, EngineError> {
+        let items = store.items()?;
+        let genres = store.genres()?;
+        let watermark = items.values().map(|m| m.long.as_of).max().unwrap_or(0);
+        metrics::catalog_size(catalog.len());
+        Ok(Engine {
+            config,
+            store,
+            catalog,
+            items,
+            genres,
+            sims: SimilarityCache::default(),
+            scorer: None,
+            watermark,
+            genre_share_ewma: BTreeMap::new(),
+        })
+    }
+
+    pub fn set_scorer(&mut self, scorer: Option<Arc<dyn Scorer>>) {
+        self.scorer = scorer;
+    }
+
+    pub fn catalog(&self) -> &Catalog {
+        &self.catalog
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn watermark(&self) -> i64 {
+        self.watermark
+    }
+
+    /// Applies catalog-topic records (`None` deletes a movie).
+    pub fn update_catalog(&mut self, updates: Vec<(u32, Option<CatalogRecord>)>) -> Vec<String> {
+        let mut errors = Vec::new();
+        for (id, record) in updates {
+            match record {
+                Some(r) => {
+                    if let Err(e) = self.catalog.upsert(r) {
+                        errors.push(format!("movie {id}: {e}"));
+                    }
+                }
+                None => self.catalog.remove(id),
+            }
+        }
+        self.sims.clear();
+        metrics::catalog_size(self.catalog.len());
+        errors
+    }
+
+    /// Applies one micro-batch and computes the outputs of every affected user.
+    pub fn process(&mut self, records: Vec<Record>) -> Result<BatchResult, EngineError> {
+        let started = Instant::now();
+        metrics::batch(records.len());
+        let mut result = BatchResult {
+            oldest_received: records.iter().map(|r| r.received).min(),
+            ..Default::default()
+        };
+        let mut users: BTreeMap<(u32, String), UserState> = BTreeMap::new();
+        let mut touched_items: Vec<u32> = Vec::new();
+        let mut touched_genres: Vec<String> = Vec::new();
+        let mut offsets: BTreeMap<(Arc<str>, i32), i64> = BTreeMap::new();
+        let hl = self.config.decay.item_half_lives();
+
+        for record in records {
+            let partition = record.source.partition.max(0) as u32;
+            let next = offsets
+                .entry((record.source.topic.clone(), record.source.partition))
+                .or_insert(0);
+            *next = (*next).max(record.source.offset + 1);
+            match record.body {
+                Body::Invalid(rejection) => {
+                    result.dead_letters.push(dead_letter(record.source, record.key, record.payload, rejection));
+                }
+                Body::Event(event) => {
+                    let Some(movie) = self.catalog.get(event.movie_id) else {
+                        let rejection = Rejection {
+                            reason: "unknown_movie",
+                            detail: format!("movie_id {} is not in the catalog", event.movie_id),
+                        };
+                        metrics::event(event.kind.as_str(), "dead_lettered");
+                        result.dead_letters.push(dead_letter(record.source, record.key, record.payload, rejection));
+                        continue;
+                    };
+                    let key = (partition, event.user_id.clone());
+                    if !users.contains_key(&key) {
+                        let state = self.store.user(partition, &event.user_id)?.unwrap_or_default();
+                        users.insert(key.clone(), state);
+                    }
+                    let state = users.get_mut(&key).expect("inserted above");
+                    match state.apply(&event, movie, &self.config) {
+                        Applied::Duplicate => metrics::event(event.kind.as_str(), "duplicate"),
+                        Applied::Applied => {
+                            metrics::event(event.kind.as_str(), "applied");
+                            result.event_times.push(event.ts);
+                            self.watermark = self.watermark.max(event.ts);
+                            // Popularity counts engagement, not its sign.
+                            if self.config.event_weights.weight(event.kind, event.value) > 0.0 {
+                                let m = self.items.entry(movie.id).or_default();
+                                *m = m.add(1.0, event.ts, hl);
+                                touched_items.push(movie.id);
+                                for g in movie.genres.iter() {
+                                    let name = self.catalog.genre_name(g).to_string();
+                                    let m = self.genres.entry(name.clone()).or_default();
+                                    *m = m.add(1.0, event.ts, hl);
+                                    touched_genres.push(name);
+                                }
+                            }
+                        }
+                    }
+                }
+                Body::Refresh(cmd) => match cmd.user_id {
+                    Some(user) => {
+                        metrics::refresh("user");
+                        let key = (partition, user.clone());
+                        if !users.contains_key(&key) {
+                            let state = self.store.user(partition, &user)?.unwrap_or_default();
+                            users.insert(key, state);
+                        }
+                    }
+                    None => {
+                        metrics::refresh("all");
+                        result.refresh_all = true;
+                    }
+                },
+            }
+        }
+        metrics::stage("apply", started.elapsed().as_secs_f64());
+
+        let recompute_started = Instant::now();
+        let index = self.index();
+        let mut changes = Changes::default();
+        for ((partition, user), mut state) in users {
+            let outputs = self.outputs_for(&index, &user, &mut state)?;
+            result.outputs.push((user.clone(), outputs));
+            changes.users.push((partition, user, state));
+        }
+        metrics::users_recomputed(result.outputs.len() as u64);
+        metrics::stage("recompute", recompute_started.elapsed().as_secs_f64());
+        self.track_genre_drift(&result.outputs);
+
+        touched_items.sort_unstable();
+        touched_items.dedup();
+        touched_genres.sort_unstable();
+        touched_genres.dedup();
+        changes.items = touched_items.iter().map(|id| (*id, self.items[id])).collect();
+        changes.genres = touched_genres
+            .iter()
+            .map(|g| (g.clone(), self.genres[g]))
+            .collect();
+        changes.offsets = offsets
+            .iter()
+            .map(|((t, p), o)| (t.to_string(), *p, *o))
+            .collect();
+        result.offsets = offsets.into_iter().map(|((t, p), o)| (t, p, o)).collect();
+        let commit_started = Instant::now();
+        self.store.commit(&changes)?;
+        metrics::stage("commit", commit_started.elapsed().as_secs_f64());
+        Ok(result)
+    }
+
+    /// Recomputes one page of stored users (for a refresh of everyone), returning
+    /// their outputs and the last user id to continue after.
+    pub fn refresh_page(
+        &mut self,
+        partition: u32,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<(Vec<(String, UserOutputs)>, Option<String>), EngineError> {
+        let page = self.store.users_page(partition, after, limit)?;
+        let last = page.last().map(|(u, _)| u.clone());
+        let index = self.index();
+        let mut outputs = Vec::with_capacity(page.len());
+        let mut changes = Changes::default();
+        for (user, mut state) in page {
+            outputs.push((user.clone(), self.outputs_for(&index, &user, &mut state)?));
+            changes.users.push((partition, user, state));
+        }
+        self.store.commit(&changes)?;
+        metrics::users_recomputed(outputs.len() as u64);
+        Ok((outputs, last))
+    }
+
+    /// The outputs a user would get now, without changing any state.
+    pub fn peek(&mut self, partition: u32, user_id: &str) -> Result<UserOutputs, EngineError> {
+        let mut state = self.store.user(partition, user_id)?.unwrap_or_default();
+        let index = self.index();
+        self.outputs_for(&index, user_id, &mut state)
+    }
+
+    fn index(&self) -> ItemIndex {
+        ItemIndex::build(
+            &self.catalog,
+            &self.items,
+            self.watermark,
+            self.config.decay.item_half_lives(),
+            self.config.lists.candidates_per_source,
+        )
+    }
+
+    fn outputs_for(
+        &mut self,
+        index: &ItemIndex,
+        user: &str,
+        state: &mut UserState,
+    ) -> Result<UserOutputs, EngineError> {
+        let ctx = Context {
+            catalog: &self.catalog,
+            items: &self.items,
+            index,
+            config: &self.config,
+            scorer: self.scorer.as_deref(),
+        };
+        let started = Instant::now();
+        let outputs = recommend::build_outputs(&ctx, &mut self.sims, user, state, state.version + 1)?;
+        if self.scorer.is_some() {
+            metrics::scorer_latency(started.elapsed().as_secs_f64());
+        }
+        let ids: Vec<u32> = outputs.recommendations.items.iter().map(|i| i.movie_id).collect();
+        state.record_published(&ids);
+        Ok(outputs)
+    }
+
+    /// Genre drift: a smoothed mean of each genre's share in updated users' preferences.
+    fn track_genre_drift(&mut self, outputs: &[(String, UserOutputs)]) {
+        if outputs.is_empty() {
+            return;
+        }
+        let mut sums: BTreeMap<&str, f64> = BTreeMap::new();
+        for (_, o) in outputs {
+            for g in &o.insights.genres {
+                *sums.entry(g.genre.as_str()).or_default() += g.share;
+            }
+        }
+        let n = outputs.len() as f64;
+        for g in self.genre_share_ewma.values_mut() {
+            *g *= 1.0 - DRIFT_SMOOTHING;
+        }
+        for (genre, sum) in sums {
+            let e = self.genre_share_ewma.entry(genre.to_string()).or_default();
+            *e += DRIFT_SMOOTHING * sum / n;
+        }
+        for (genre, share) in &self.genre_share_ewma {
+            metrics::genre_weight(genre, *share);
+        }
+    }
+}
+
+fn dead_letter(source: SourcePos, key: Option<Vec<u8>>, payload: Vec<u8>, r: Rejection) -> DeadLetter {
+    metrics::dead_letter(r.reason);
+    DeadLetter {
+        source,
+        key,
+        payload,
+        reason: r.reason,
+        detail: r.detail,
+    }
+}

@@ -1,0 +1,26 @@
+//! recstream: a Kafka-native, real-time movie recommendation engine.
+//!
+//! The flow reads top to bottom in [`pipeline`]: interactions are decoded
+//! ([`event`]), applied to per-user state ([`state`], persisted by [`store`] in
+//! RocksDB) with event-time decay ([`decay`]), candidates are generated and
+//! blended ([`recommend`], [`blend`]) and the outputs ([`output`]) are published
+//! back to Kafka. [`engine`] is the synchronous core shared by the Kafka path
+//! and in-process callers.
+
+pub mod blend;
+pub mod catalog;
+pub mod cli;
+pub mod config;
+pub mod decay;
+pub mod demo;
+pub mod engine;
+pub mod event;
+pub mod http;
+pub mod metrics;
+pub mod output;
+pub mod pipeline;
+pub mod ratings;
+pub mod recommend;
+pub mod state;
+pub mod store;
+pub mod topics;

@@ -1,0 +1,20 @@
+use clap::Parser;
+use recstream::cli::{Cli, Command};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    // The demo prints its own story; keep its logs to warnings unless asked.
+    let default_filter = match cli.command {
+        Command::Demo(_) => "warn",
+        _ => "recstream=info,warn",
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| default_filter.into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    recstream::cli::run(cli).await
+}

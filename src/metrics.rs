@@ -1,0 +1,227 @@
+//! Every metric the engine exports, defined in one place with bounded labels:
+//! event types and reasons are closed enums, partitions are bounded by the topic,
+//! genres by the catalog (at most 64).
+
+use std::sync::LazyLock;
+
+use prometheus::{
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+use crate::store::StoreStats;
+
+pub struct Metrics {
+    pub registry: Registry,
+    events: IntCounterVec,
+    dead_letters: IntCounterVec,
+    processing_seconds: Histogram,
+    event_lag_seconds: Histogram,
+    batch_size: Histogram,
+    consumer_lag: IntGaugeVec,
+    outputs: IntCounterVec,
+    users_recomputed: IntCounter,
+    refreshes: IntCounterVec,
+    stage_seconds: HistogramVec,
+    genre_weight: GaugeVec,
+    rocksdb_bytes: IntGaugeVec,
+    rocksdb_cache_hit_ratio: Gauge,
+    catalog_movies: IntGauge,
+    kafka_errors: IntCounterVec,
+    assigned_partitions: IntGauge,
+    scorer_seconds: Histogram,
+}
+
+fn build() -> Metrics {
+    let r = Registry::new_custom(Some("recstream".into()), None).expect("valid prefix");
+    let latency_buckets = vec![
+        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    ];
+    macro_rules! reg {
+        ($m:expr) => {{
+            let m = $m;
+            r.register(Box::new(m.clone())).expect("unique metric");
+            m
+        }};
+    }
+    let hist = |name: &str, help: &str, buckets: Vec<f64>| {
+        Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets)).expect("valid histogram")
+    };
+    #[cfg(target_os = "linux")]
+    r.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))
+        .expect("process collector");
+    Metrics {
+        events: reg!(IntCounterVec::new(
+            Opts::new("events_total", "Input records by event type and outcome (applied, duplicate, dead_lettered)."),
+            &["type", "outcome"]
+        )
+        .unwrap()),
+        dead_letters: reg!(IntCounterVec::new(
+            Opts::new("dead_letters_total", "Records sent to the dead-letter topic, by reason."),
+            &["reason"]
+        )
+        .unwrap()),
+        processing_seconds: reg!(hist(
+            "processing_seconds",
+            "Wall time from receiving a record to its outputs being acknowledged by the broker.",
+            latency_buckets.clone()
+        )),
+        event_lag_seconds: reg!(hist(
+            "event_to_publish_lag_seconds",
+            "Event time of an applied event to the acknowledged publish of its outputs.",
+            vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0, 60.0, 300.0, 3600.0, 86400.0]
+        )),
+        batch_size: reg!(hist(
+            "batch_records",
+            "Records per micro-batch.",
+            vec![1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0]
+        )),
+        consumer_lag: reg!(IntGaugeVec::new(
+            Opts::new("consumer_lag_records", "Consumer lag per input partition, from librdkafka statistics."),
+            &["topic", "partition"]
+        )
+        .unwrap()),
+        outputs: reg!(IntCounterVec::new(
+            Opts::new("outputs_published_total", "Output records acknowledged by the broker, by kind."),
+            &["kind"]
+        )
+        .unwrap()),
+        users_recomputed: reg!(IntCounter::new(
+            "users_recomputed_total",
+            "Users whose outputs were recomputed (several events of a user in one batch count once)."
+        )
+        .unwrap()),
+        refreshes: reg!(IntCounterVec::new(
+            Opts::new("refresh_commands_total", "Refresh commands applied, by scope (user, all)."),
+            &["scope"]
+        )
+        .unwrap()),
+        stage_seconds: reg!(HistogramVec::new(
+            HistogramOpts::new("stage_seconds", "Time per micro-batch in each processing stage.")
+                .buckets(latency_buckets.clone()),
+            &["stage"]
+        )
+        .unwrap()),
+        genre_weight: reg!(GaugeVec::new(
+            Opts::new(
+                "genre_weight_mean",
+                "Mean share of each genre in the preferences of recently updated users (drift over time)."
+            ),
+            &["genre"]
+        )
+        .unwrap()),
+        rocksdb_bytes: reg!(IntGaugeVec::new(
+            Opts::new("rocksdb_bytes", "RocksDB size by measure (live, sst, memtable)."),
+            &["measure"]
+        )
+        .unwrap()),
+        rocksdb_cache_hit_ratio: reg!(Gauge::new(
+            "rocksdb_block_cache_hit_ratio",
+            "Block cache hits / (hits + misses) since start."
+        )
+        .unwrap()),
+        catalog_movies: reg!(IntGauge::new("catalog_movies", "Movies in the catalog.").unwrap()),
+        kafka_errors: reg!(IntCounterVec::new(
+            Opts::new("kafka_errors_total", "Kafka client errors by operation (consume, produce)."),
+            &["op"]
+        )
+        .unwrap()),
+        assigned_partitions: reg!(IntGauge::new(
+            "assigned_partitions",
+            "Input partitions currently assigned to this instance."
+        )
+        .unwrap()),
+        scorer_seconds: reg!(hist(
+            "scorer_seconds",
+            "Model re-scoring time per user.",
+            latency_buckets
+        )),
+        registry: r,
+    }
+}
+
+pub static METRICS: LazyLock<Metrics> = LazyLock::new(build);
+
+pub fn event(kind: &str, outcome: &str) {
+    METRICS.events.with_label_values(&[kind, outcome]).inc();
+}
+
+pub fn dead_letter(reason: &str) {
+    METRICS.dead_letters.with_label_values(&[reason]).inc();
+}
+
+pub fn processing_latency(seconds: f64) {
+    METRICS.processing_seconds.observe(seconds);
+}
+
+pub fn event_to_publish_lag(seconds: f64) {
+    METRICS.event_lag_seconds.observe(seconds.max(0.0));
+}
+
+pub fn batch(records: usize) {
+    METRICS.batch_size.observe(records as f64);
+}
+
+pub fn consumer_lag(topic: &str, partition: i32, lag: i64) {
+    METRICS
+        .consumer_lag
+        .with_label_values(&[topic, &partition.to_string()])
+        .set(lag);
+}
+
+pub fn output_published(kind: &str, n: u64) {
+    METRICS.outputs.with_label_values(&[kind]).inc_by(n);
+}
+
+pub fn users_recomputed(n: u64) {
+    METRICS.users_recomputed.inc_by(n);
+}
+
+pub fn refresh(scope: &str) {
+    METRICS.refreshes.with_label_values(&[scope]).inc();
+}
+
+pub fn stage(stage: &str, seconds: f64) {
+    METRICS.stage_seconds.with_label_values(&[stage]).observe(seconds);
+}
+
+pub fn genre_weight(genre: &str, mean_share: f64) {
+    METRICS.genre_weight.with_label_values(&[genre]).set(mean_share);
+}
+
+pub fn catalog_size(n: usize) {
+    METRICS.catalog_movies.set(n as i64);
+}
+
+pub fn kafka_error(op: &str) {
+    METRICS.kafka_errors.with_label_values(&[op]).inc();
+}
+
+pub fn assigned_partitions(n: usize) {
+    METRICS.assigned_partitions.set(n as i64);
+}
+
+pub fn scorer_latency(seconds: f64) {
+    METRICS.scorer_seconds.observe(seconds);
+}
+
+pub fn rocksdb(stats: &StoreStats) {
+    let m = &METRICS;
+    m.rocksdb_bytes.with_label_values(&["live"]).set(stats.live_bytes as i64);
+    m.rocksdb_bytes.with_label_values(&["sst"]).set(stats.sst_bytes as i64);
+    m.rocksdb_bytes.with_label_values(&["memtable"]).set(stats.memtable_bytes as i64);
+    let total = stats.block_cache_hits + stats.block_cache_misses;
+    if total > 0 {
+        m.rocksdb_cache_hit_ratio
+            .set(stats.block_cache_hits as f64 / total as f64);
+    }
+}
+
+/// The Prometheus text exposition of every metric.
+pub fn render() -> String {
+    let mut buf = Vec::new();
+    TextEncoder::new()
+        .encode(&METRICS.registry.gather(), &mut buf)
+        .expect("text encoding cannot fail");
+    String::from_utf8(buf).expect("exposition is UTF-8")
+}

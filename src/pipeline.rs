@@ -1,0 +1,655 @@
+//! The streaming job, top to bottom:
+//!
+//! ```text
+//!  interactions + refresh ──► consume & decode ──► micro-batch ──► engine thread ──► publish ──► store offsets
+//!   (Kafka, group member)      (bad input becomes     (size/time)    (RocksDB batch,    (outputs and     (after the broker
+//!                               a dead letter)                        candidates,        dead letters,    acknowledged every
+//!  catalog ──► catalog follower ──────────────────────────────────►   blend, rank)       keyed by user)   record of the batch)
+//! ```
+//!
+//! Stages are connected by bounded channels, so a slow broker or a slow engine
+//! slows consumption instead of growing memory. The engine runs on its own OS
+//! thread (RocksDB and scoring block); the async runtime only moves records.
+//! Offsets are stored for Kafka only after the batch's outputs were acknowledged
+//! (at-least-once); redelivered events are recognised by their `event_id` and
+//! applied once, and their users' outputs are republished with a new version.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use futures::future::join_all;
+use rdkafka::client::ClientContext;
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
+use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, Message, OwnedHeaders};
+use rdkafka::message::ToBytes;
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+use rdkafka::statistics::Statistics;
+use rdkafka::{Offset, TopicPartitionList};
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+
+use crate::catalog::{Catalog, CatalogRecord};
+use crate::config::{Config, TopicNames};
+use crate::engine::{Body, DeadLetter, Engine, EngineError, Record, Rejection, SourcePos};
+use crate::event::{decode_interaction, parse_refresh};
+use crate::metrics;
+use crate::output::UserOutputs;
+use crate::store::{Store, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error("kafka: {0}")]
+    Kafka(#[from] KafkaError),
+    #[error("opening state: {0}")]
+    Store(#[from] StoreError),
+    #[error("engine: {0}")]
+    Engine(#[from] EngineError),
+    #[error("publishing outputs failed; offsets were not stored, the batch will be redelivered: {0}")]
+    Publish(KafkaError),
+    #[error("the engine thread stopped unexpectedly")]
+    EngineGone,
+    #[error("shutdown did not finish within {0:?}")]
+    ShutdownTimeout(Duration),
+}
+
+/// Shared with the HTTP server: ready once the catalog is loaded and partitions are assigned.
+#[derive(Debug, Default)]
+pub struct Health {
+    catalog_loaded: AtomicBool,
+    assigned: AtomicUsize,
+}
+
+impl Health {
+    pub fn ready(&self) -> bool {
+        self.catalog_loaded.load(Ordering::Relaxed) && self.assigned.load(Ordering::Relaxed) > 0
+    }
+}
+
+/// Base librdkafka settings: brokers plus the user's passthrough (security etc.).
+pub fn client_config(config: &Config) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &config.kafka.brokers);
+    c.set_log_level(RDKafkaLogLevel::Warning);
+    for (k, v) in &config.kafka.client {
+        c.set(k, v);
+    }
+    c
+}
+
+pub fn producer(config: &Config) -> Result<FutureProducer, KafkaError> {
+    client_config(config)
+        .set("acks", "all")
+        .set("linger.ms", "2")
+        .set("compression.type", "lz4")
+        .set("message.timeout.ms", "60000")
+        .set("queue.buffering.max.messages", "200000")
+        .create()
+}
+
+/// Consumer context: partition lag from librdkafka statistics, assignment tracking.
+struct EngineContext {
+    health: Arc<Health>,
+}
+
+impl ClientContext for EngineContext {
+    fn stats(&self, stats: Statistics) {
+        for (topic, t) in &stats.topics {
+            for (partition, p) in &t.partitions {
+                if *partition >= 0 && p.consumer_lag >= 0 {
+                    metrics::consumer_lag(topic, *partition, p.consumer_lag);
+                }
+            }
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        metrics::kafka_error("client");
+        warn!(%error, reason, "kafka client error");
+    }
+}
+
+impl ConsumerContext for EngineContext {
+    fn post_rebalance(
+        &self,
+        consumer: &rdkafka::consumer::BaseConsumer<Self>,
+        rebalance: &Rebalance<'_>,
+    ) {
+        let n = consumer.assignment().map(|a| a.count()).unwrap_or(0);
+        self.health.assigned.store(n, Ordering::Relaxed);
+        metrics::assigned_partitions(n);
+        match rebalance {
+            Rebalance::Assign(tpl) => info!(partitions = tpl.count(), "partitions assigned"),
+            Rebalance::Revoke(tpl) => info!(partitions = tpl.count(), "partitions revoked"),
+            Rebalance::Error(e) => warn!(%e, "rebalance error"),
+        }
+    }
+}
+
+/// What the engine thread is asked to do.
+enum Work {
+    Batch(Vec<Record>),
+    Catalog(Vec<(u32, Option<CatalogRecord>)>),
+}
+
+/// What the publisher is handed.
+enum Publish {
+    /// Outputs that carry no offsets (pages of a refresh of everyone).
+    Outputs(Vec<(String, UserOutputs)>),
+    Batch {
+        outputs: Vec<(String, UserOutputs)>,
+        dead_letters: Vec<DeadLetter>,
+        offsets: Vec<(Arc<str>, i32, i64)>,
+        received: Vec<Instant>,
+        event_times: Vec<i64>,
+    },
+}
+
+/// Bounded hand-off between stages: at most this many batches wait at each.
+const STAGE_QUEUE: usize = 2;
+const REFRESH_PAGE: usize = 500;
+
+/// Runs the job until `shutdown` resolves, then drains in-flight work, stores
+/// offsets, flushes RocksDB and returns.
+pub async fn run(
+    config: Config,
+    catalog: Catalog,
+    health: Arc<Health>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), PipelineError> {
+    let store = Store::open(&config.state.dir, config.state.block_cache_mb)?;
+    let mut engine = Engine::new(config.engine.clone(), store, catalog)?;
+    let producer = producer(&config)?;
+
+    // Catalog first: events on movies not yet in the catalog would be dead-lettered.
+    let (catalog_updates, caught_up) = follow_catalog(&config, producer.clone()).await?;
+    for e in engine.update_catalog(caught_up) {
+        warn!(error = %e, "catalog record rejected");
+    }
+    health.catalog_loaded.store(true, Ordering::Relaxed);
+    info!(movies = engine.catalog().len(), "catalog loaded");
+
+    let consumer: Arc<StreamConsumer<EngineContext>> = Arc::new(
+        client_config(&config)
+            .set("group.id", &config.kafka.group_id)
+            .set("enable.auto.commit", "true")
+            .set("auto.commit.interval.ms", "1000")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("statistics.interval.ms", "5000")
+            .set("enable.partition.eof", "false")
+            .create_with_context(EngineContext {
+                health: health.clone(),
+            })?,
+    );
+    consumer.subscribe(&[&config.topics.interactions, &config.topics.refresh])?;
+
+    let (work_tx, work_rx) = mpsc::channel::<Work>(STAGE_QUEUE);
+    let (publish_tx, publish_rx) = mpsc::channel::<Publish>(STAGE_QUEUE);
+    let engine_thread = std::thread::Builder::new()
+        .name("engine".into())
+        .spawn(move || engine_loop(engine, work_rx, publish_tx))
+        .expect("spawn engine thread");
+    let publisher = tokio::spawn(publish_loop(
+        producer.clone(),
+        consumer.clone(),
+        config.topics.clone(),
+        publish_rx,
+    ));
+    let catalog_task = tokio::spawn(forward_catalog(catalog_updates, work_tx.clone()));
+
+    let consumed = consume_loop(&config, &consumer, work_tx, shutdown).await;
+    catalog_task.abort();
+
+    // Drain: the engine finishes queued batches, the publisher publishes them.
+    let deadline = Duration::from_millis(config.processing.shutdown_timeout_ms);
+    let drained = tokio::time::timeout(deadline, async {
+        let published = publisher.await.unwrap_or(Err(PipelineError::EngineGone));
+        let engine = tokio::task::spawn_blocking(move || engine_thread.join())
+            .await
+            .ok()
+            .and_then(|r| r.ok());
+        (published, engine)
+    })
+    .await;
+    let (published, engine_result) = drained.map_err(|_| PipelineError::ShutdownTimeout(deadline))?;
+    consumed?;
+    published?;
+    match engine_result {
+        Some(Ok(engine)) => engine.store().flush()?,
+        Some(Err(e)) => return Err(e.into()),
+        None => return Err(PipelineError::EngineGone),
+    }
+    if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
+        // Nothing stored since the last auto-commit is not an error.
+        if e.rdkafka_error_code() != Some(RDKafkaErrorCode::NoOffset) {
+            warn!(%e, "final offset commit failed; the last batch may be redelivered");
+        }
+    }
+    producer.flush(Duration::from_secs(5))?;
+    info!("pipeline stopped cleanly");
+    Ok(())
+}
+
+/// One `select!` over incoming records, the batch timer and shutdown.
+async fn consume_loop(
+    config: &Config,
+    consumer: &StreamConsumer<EngineContext>,
+    work_tx: mpsc::Sender<Work>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), PipelineError> {
+    tokio::pin!(shutdown);
+    let max_records = config.processing.batch_max_records;
+    let max_wait = Duration::from_millis(config.processing.batch_max_wait_ms);
+    let mut batch: Vec<Record> = Vec::with_capacity(max_records);
+    let mut batch_deadline: Option<tokio::time::Instant> = None;
+    let topics: HashMap<String, Arc<str>> = [&config.topics.interactions, &config.topics.refresh]
+        .into_iter()
+        .map(|t| (t.clone(), Arc::from(t.as_str())))
+        .collect();
+    loop {
+        let flush_at = batch_deadline.unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
+        tokio::select! {
+            biased;
+            _ = &mut shutdown => {
+                info!("shutdown requested; draining");
+                break;
+            }
+            _ = tokio::time::sleep_until(flush_at), if batch_deadline.is_some() => {
+                send_batch(&work_tx, &mut batch).await?;
+                batch_deadline = None;
+            }
+            message = consumer.recv() => {
+                let message = match message {
+                    Ok(m) => m,
+                    Err(e) => {
+                        metrics::kafka_error("consume");
+                        warn!(%e, "consume error");
+                        continue;
+                    }
+                };
+                let topic = topics
+                    .get(message.topic())
+                    .cloned()
+                    .unwrap_or_else(|| Arc::from(message.topic()));
+                let refresh = *topic == *config.topics.refresh;
+                batch.push(decode(
+                    SourcePos { topic, partition: message.partition(), offset: message.offset() },
+                    message.key(),
+                    message.payload().unwrap_or_default(),
+                    refresh,
+                    config.processing.max_event_bytes,
+                ));
+                if batch.len() == 1 {
+                    batch_deadline = Some(tokio::time::Instant::now() + max_wait);
+                }
+                if batch.len() >= max_records {
+                    send_batch(&work_tx, &mut batch).await?;
+                    batch_deadline = None;
+                }
+            }
+        }
+    }
+    send_batch(&work_tx, &mut batch).await
+}
+
+async fn send_batch(work_tx: &mpsc::Sender<Work>, batch: &mut Vec<Record>) -> Result<(), PipelineError> {
+    if batch.is_empty() {
+        return Ok(());
+    }
+    let records = std::mem::take(batch);
+    work_tx
+        .send(Work::Batch(records))
+        .await
+        .map_err(|_| PipelineError::EngineGone)
+}
+
+/// Decodes one input record; anything invalid becomes a rejection, never an error.
+pub fn decode(
+    source: SourcePos,
+    key: Option<&[u8]>,
+    payload: &[u8],
+    is_refresh: bool,
+    max_bytes: usize,
+) -> Record {
+    let body = if is_refresh {
+        match parse_refresh(payload, max_bytes) {
+            Ok(cmd) => Body::Refresh(cmd),
+            Err(e) => Body::Invalid(Rejection {
+                reason: e.reason(),
+                detail: e.to_string(),
+            }),
+        }
+    } else {
+        match decode_interaction(key, payload, max_bytes) {
+            Ok(event) => Body::Event(event),
+            Err(e) => {
+                metrics::event("invalid", "dead_lettered");
+                Body::Invalid(Rejection {
+                    reason: e.reason(),
+                    detail: e.to_string(),
+                })
+            }
+        }
+    };
+    // Oversized payloads are not copied: the dead letter keeps only a prefix.
+    let kept = payload.len().min(max_bytes.max(1024));
+    Record {
+        source,
+        key: key.map(<[u8]>::to_vec),
+        payload: payload[..kept].to_vec(),
+        received: Instant::now(),
+        body,
+    }
+}
+
+fn engine_loop(
+    mut engine: Engine,
+    mut work_rx: mpsc::Receiver<Work>,
+    publish_tx: mpsc::Sender<Publish>,
+) -> Result<Engine, EngineError> {
+    let mut stats_reported = Instant::now();
+    while let Some(work) = work_rx.blocking_recv() {
+        if stats_reported.elapsed() > Duration::from_secs(5) {
+            metrics::rocksdb(&engine.store().stats());
+            stats_reported = Instant::now();
+        }
+        match work {
+            Work::Catalog(updates) => {
+                for e in engine.update_catalog(updates) {
+                    warn!(error = %e, "catalog record rejected");
+                }
+            }
+            Work::Batch(records) => {
+                let received: Vec<Instant> = records.iter().map(|r| r.received).collect();
+                let result = engine.process(records)?;
+                if result.refresh_all {
+                    for partition in engine.store().user_partitions()? {
+                        let mut after: Option<String> = None;
+                        loop {
+                            let (outputs, last) = engine.refresh_page(partition, after.as_deref(), REFRESH_PAGE)?;
+                            if outputs.is_empty() {
+                                break;
+                            }
+                            if publish_tx.blocking_send(Publish::Outputs(outputs)).is_err() {
+                                return Ok(engine);
+                            }
+                            after = last;
+                        }
+                    }
+                }
+                let msg = Publish::Batch {
+                    outputs: result.outputs,
+                    dead_letters: result.dead_letters,
+                    offsets: result.offsets,
+                    received,
+                    event_times: result.event_times,
+                };
+                if publish_tx.blocking_send(msg).is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    Ok(engine)
+}
+
+async fn publish_loop(
+    producer: FutureProducer,
+    consumer: Arc<StreamConsumer<EngineContext>>,
+    topics: TopicNames,
+    mut publish_rx: mpsc::Receiver<Publish>,
+) -> Result<(), PipelineError> {
+    while let Some(msg) = publish_rx.recv().await {
+        match msg {
+            Publish::Outputs(outputs) => {
+                publish_outputs(&producer, &topics, &outputs, &[]).await?;
+            }
+            Publish::Batch {
+                outputs,
+                dead_letters,
+                offsets,
+                received,
+                event_times,
+            } => {
+                publish_outputs(&producer, &topics, &outputs, &dead_letters).await?;
+                for (topic, partition, next) in offsets {
+                    // Fails only for partitions revoked meanwhile; their new owner
+                    // re-reads them and de-duplicates by event id.
+                    if let Err(e) = consumer.store_offset(&topic, partition, next - 1) {
+                        debug!(%e, %topic, partition, "offset not stored");
+                    }
+                }
+                for r in received {
+                    metrics::processing_latency(r.elapsed().as_secs_f64());
+                }
+                let now_ms = SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map(|d| d.as_millis() as i64)
+                    .unwrap_or_default();
+                for ts in event_times {
+                    metrics::event_to_publish_lag((now_ms - ts) as f64 / 1000.0);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Sends every record of a batch and waits until the broker acknowledged all.
+pub async fn publish_outputs(
+    producer: &FutureProducer,
+    topics: &TopicNames,
+    outputs: &[(String, UserOutputs)],
+    dead_letters: &[DeadLetter],
+) -> Result<(), PipelineError> {
+    let mut pending = Vec::with_capacity(outputs.len() * 3 + dead_letters.len());
+    let mut counts = [0u64; 3];
+    for (user, out) in outputs {
+        for (i, (kind, payload)) in out.encode().into_iter().enumerate() {
+            let topic = match kind {
+                crate::output::OutputKind::Recommendations => &topics.recommendations,
+                crate::output::OutputKind::Carousels => &topics.carousels,
+                crate::output::OutputKind::Insights => &topics.insights,
+            };
+            let record = FutureRecord::to(topic).key(user.as_bytes()).payload(&payload);
+            pending.push(enqueue(producer, record).await.map_err(PipelineError::Publish)?);
+            counts[i] += 1;
+        }
+    }
+    for dl in dead_letters {
+        let partition = dl.source.partition.to_string();
+        let offset = dl.source.offset.to_string();
+        let headers = OwnedHeaders::new()
+            .insert(Header { key: "dlq.reason", value: Some(dl.reason) })
+            .insert(Header { key: "dlq.detail", value: Some(&dl.detail) })
+            .insert(Header { key: "dlq.topic", value: Some(&*dl.source.topic) })
+            .insert(Header { key: "dlq.partition", value: Some(&partition) })
+            .insert(Header { key: "dlq.offset", value: Some(&offset) });
+        let mut record = FutureRecord::to(&topics.dead_letters)
+            .payload(&dl.payload)
+            .headers(headers);
+        if let Some(k) = &dl.key {
+            record = record.key(k);
+        }
+        pending.push(enqueue(producer, record).await.map_err(PipelineError::Publish)?);
+    }
+    await_deliveries(pending).await.map_err(PipelineError::Publish)?;
+    for (kind, n) in ["recommendations", "carousels", "insights"].iter().zip(counts) {
+        metrics::output_published(kind, n);
+    }
+    if !dead_letters.is_empty() {
+        metrics::output_published("dead_letters", dead_letters.len() as u64);
+    }
+    Ok(())
+}
+
+/// Enqueues one record, waiting while librdkafka's queue is full. The returned
+/// future resolves when the broker acknowledged (or finally rejected) it.
+pub async fn enqueue<K: ToBytes + ?Sized, P: ToBytes + ?Sized>(
+    producer: &FutureProducer,
+    mut record: FutureRecord<'_, K, P>,
+) -> Result<DeliveryFuture, KafkaError> {
+    loop {
+        match producer.send_result(record) {
+            Ok(f) => return Ok(f),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                record = r;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            Err((e, _)) => {
+                metrics::kafka_error("produce");
+                return Err(e);
+            }
+        }
+    }
+}
+
+/// Waits for every delivery; the first failure is the error.
+pub async fn await_deliveries(pending: Vec<DeliveryFuture>) -> Result<(), KafkaError> {
+    for delivery in join_all(pending).await {
+        match delivery {
+            Ok(Ok(_)) => {}
+            Ok(Err((e, _))) => {
+                metrics::kafka_error("produce");
+                return Err(e);
+            }
+            Err(_) => return Err(KafkaError::Canceled),
+        }
+    }
+    Ok(())
+}
+
+type CatalogUpdates = Vec<(u32, Option<CatalogRecord>)>;
+
+/// Reads the catalog topic from the beginning up to its current end (returned),
+/// then keeps following it (the receiver). Invalid records are dead-lettered.
+async fn follow_catalog(
+    config: &Config,
+    producer: FutureProducer,
+) -> Result<(mpsc::Receiver<CatalogUpdates>, CatalogUpdates), PipelineError> {
+    let client = client_config(config)
+        .set("group.id", format!("{}-catalog", config.kafka.group_id))
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "false")
+        .clone();
+    let topic = config.topics.catalog.clone();
+    // Metadata and watermark look-ups block on the network: keep them off the runtime.
+    let (consumer, mut remaining, found) = tokio::task::spawn_blocking(move || {
+        let consumer: StreamConsumer = client.create()?;
+        let metadata = consumer.fetch_metadata(Some(&topic), Duration::from_secs(15))?;
+        let partitions: Vec<i32> = metadata
+            .topics()
+            .iter()
+            .filter(|t| t.name() == topic && t.error().is_none())
+            .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+            .collect();
+        let mut tpl = TopicPartitionList::new();
+        let mut remaining: HashMap<i32, i64> = HashMap::new();
+        for p in &partitions {
+            tpl.add_partition_offset(&topic, *p, Offset::Beginning)?;
+            let (low, high) = consumer.fetch_watermarks(&topic, *p, Duration::from_secs(15))?;
+            if high > low {
+                remaining.insert(*p, high);
+            }
+        }
+        if !partitions.is_empty() {
+            consumer.assign(&tpl)?;
+        }
+        Ok::<_, KafkaError>((consumer, remaining, !partitions.is_empty()))
+    })
+    .await
+    .map_err(|_| PipelineError::EngineGone)??;
+    if !found {
+        warn!(topic = %config.topics.catalog, "catalog topic not found; using the catalog file only");
+    }
+    let topics = config.topics.clone();
+    let mut initial = Vec::new();
+    while !remaining.is_empty() {
+        let m = consumer.recv().await?;
+        if let Some(u) = catalog_update(&m, &producer, &topics).await? {
+            initial.push(u);
+        }
+        if remaining.get(&m.partition()).is_some_and(|high| m.offset() + 1 >= *high) {
+            remaining.remove(&m.partition());
+        }
+    }
+    let (tx, rx) = mpsc::channel(16);
+    if found {
+        tokio::spawn(async move {
+            loop {
+                let update = match consumer.recv().await {
+                    Ok(m) => catalog_update(&m, &producer, &topics).await,
+                    Err(e) => Err(PipelineError::Kafka(e)),
+                };
+                match update {
+                    Ok(Some(u)) => {
+                        if tx.send(vec![u]).await.is_err() {
+                            break;
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        metrics::kafka_error("consume");
+                        warn!(%e, "catalog follower error");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                }
+            }
+        });
+    }
+    Ok((rx, initial))
+}
+
+/// Decodes a catalog record; a null value deletes. Invalid records go to the dead-letter topic.
+async fn catalog_update(
+    m: &rdkafka::message::BorrowedMessage<'_>,
+    producer: &FutureProducer,
+    topics: &TopicNames,
+) -> Result<Option<(u32, Option<CatalogRecord>)>, PipelineError> {
+    let key = m.key().and_then(|k| std::str::from_utf8(k).ok()?.parse::<u32>().ok());
+    let rejection = match (key, m.payload()) {
+        (Some(id), None) => return Ok(Some((id, None))),
+        (None, None) => Rejection {
+            reason: "missing_key",
+            detail: "a catalog tombstone needs the movie id as key".into(),
+        },
+        (key, Some(payload)) => match serde_json::from_slice::<CatalogRecord>(payload) {
+            Ok(r) if key.is_none_or(|k| k == r.movie_id) => return Ok(Some((r.movie_id, Some(r)))),
+            Ok(r) => Rejection {
+                reason: "key_mismatch",
+                detail: format!("key {key:?} does not match movie_id {}", r.movie_id),
+            },
+            Err(e) => Rejection {
+                reason: "schema_violation",
+                detail: format!("invalid catalog record: {e}"),
+            },
+        },
+    };
+    metrics::dead_letter(rejection.reason);
+    let dead_letter = DeadLetter {
+        source: SourcePos {
+            topic: Arc::from(m.topic()),
+            partition: m.partition(),
+            offset: m.offset(),
+        },
+        key: m.key().map(<[u8]>::to_vec),
+        payload: m.payload().unwrap_or_default().to_vec(),
+        reason: rejection.reason,
+        detail: rejection.detail,
+    };
+    publish_outputs(producer, topics, &[], &[dead_letter]).await?;
+    Ok(None)
+}
+
+async fn forward_catalog(mut updates: mpsc::Receiver<CatalogUpdates>, work_tx: mpsc::Sender<Work>) {
+    while let Some(u) = updates.recv().await {
+        if work_tx.send(Work::Catalog(u)).await.is_err() {
+            break;
+        }
+    }
+}

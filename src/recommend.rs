@@ -1,0 +1,508 @@
+//! Candidate generation, scoring and the three outputs for one user: pure
+//! functions of the user's state, the item counters and the event time `now`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use crate::blend::{self, Dominant, Scored, Signals};
+use crate::catalog::{Catalog, GenreSet, Movie};
+use crate::config::EngineConfig;
+use crate::decay::{HalfLives, Momentum};
+use crate::event::EventType;
+use crate::output::*;
+use crate::state::{GenreWeight, UserState};
+
+/// The model seam: re-scores a user's candidates (the NCF scorer plugs in here).
+/// Scores are in `[0, 1]`; implementations run on the engine's processing
+/// thread, never on the async runtime.
+pub trait Scorer: Send + Sync {
+    fn info(&self) -> ModelInfo;
+    fn score(
+        &self,
+        user_id: &str,
+        state: &UserState,
+        items: &[u32],
+    ) -> Result<Vec<f32>, ScoreError>;
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("scorer failed: {0}")]
+pub struct ScoreError(pub String);
+
+/// Global rankings at one event time, rebuilt once per micro-batch.
+#[derive(Debug, Clone, Default)]
+pub struct ItemIndex {
+    pub now: i64,
+    pub popular: Vec<u32>,
+    pub trending: Vec<u32>,
+    /// Most popular items per genre index.
+    pub by_genre: Vec<Vec<u32>>,
+    pub popularity_max: f64,
+    pub trending_max: f64,
+}
+
+impl ItemIndex {
+    /// Ranks every catalog item at event time `now` (items without events score 0,
+    /// ties go to the lower id, so a cold catalog still yields lists).
+    pub fn build(
+        catalog: &Catalog,
+        items: &HashMap<u32, Momentum>,
+        now: i64,
+        hl: HalfLives,
+        per_source: usize,
+    ) -> ItemIndex {
+        let mut rows: Vec<(u32, f64, f64, GenreSet)> = catalog
+            .movies()
+            .map(|m| {
+                let (p, t) = items
+                    .get(&m.id)
+                    .map(|s| (s.popularity_at(now, hl), s.trending_at(now, hl)))
+                    .unwrap_or((0.0, 0.0));
+                (m.id, p, t, m.genres)
+            })
+            .collect();
+        let top = |rows: &mut Vec<(u32, f64, f64, GenreSet)>, key: fn(&(u32, f64, f64, GenreSet)) -> f64| {
+            rows.sort_by(|a, b| key(b).total_cmp(&key(a)).then(a.0.cmp(&b.0)));
+        };
+        top(&mut rows, |r| r.2);
+        let trending: Vec<u32> = rows.iter().take(per_source).map(|r| r.0).collect();
+        let trending_max = rows.first().map(|r| r.2).unwrap_or(0.0);
+        top(&mut rows, |r| r.1);
+        let popular: Vec<u32> = rows.iter().take(per_source).map(|r| r.0).collect();
+        let popularity_max = rows.first().map(|r| r.1).unwrap_or(0.0);
+        let mut by_genre = vec![Vec::new(); catalog.genre_count()];
+        for r in &rows {
+            for g in r.3.iter() {
+                if let Some(list) = by_genre.get_mut(g as usize) {
+                    if list.len() < per_source {
+                        list.push(r.0);
+                    }
+                }
+            }
+        }
+        ItemIndex {
+            now,
+            popular,
+            trending,
+            by_genre,
+            popularity_max,
+            trending_max,
+        }
+    }
+}
+
+/// Content similarity in `[0, 1]`: shared genres, release years and tags.
+pub fn content_similarity(a: &Movie, b: &Movie) -> f64 {
+    let genres = a.genres.jaccard(b.genres);
+    let years = match (a.year, b.year) {
+        (Some(x), Some(y)) => (1.0 - (x as f64 - y as f64).abs() / 20.0).max(0.0),
+        _ => 0.0,
+    };
+    if a.tags.is_empty() || b.tags.is_empty() {
+        0.75 * genres + 0.25 * years
+    } else {
+        let shared = a.tags.iter().filter(|t| b.tags.binary_search(t).is_ok()).count();
+        let union = a.tags.len() + b.tags.len() - shared;
+        0.6 * genres + 0.2 * years + 0.2 * shared as f64 / union as f64
+    }
+}
+
+/// Most similar items per seed, computed on first use. Cleared when the catalog changes.
+#[derive(Debug, Default)]
+pub struct SimilarityCache {
+    map: HashMap<u32, Arc<Vec<(u32, f32)>>>,
+}
+
+const SIMILAR_PER_SEED: usize = 30;
+const SIMILARITY_CACHE_MAX: usize = 100_000;
+
+impl SimilarityCache {
+    pub fn clear(&mut self) {
+        self.map.clear();
+    }
+
+    pub fn similar(&mut self, catalog: &Catalog, seed: u32) -> Arc<Vec<(u32, f32)>> {
+        if let Some(hit) = self.map.get(&seed) {
+            return hit.clone();
+        }
+        let Some(seed_movie) = catalog.get(seed) else {
+            return Arc::default();
+        };
+        let mut all: Vec<(u32, f32)> = catalog
+            .movies()
+            .filter(|m| m.id != seed && !(m.genres.0 & seed_movie.genres.0 == 0 && m.tags.is_empty()))
+            .map(|m| (m.id, content_similarity(seed_movie, m) as f32))
+            .filter(|(_, s)| *s > 0.0)
+            .collect();
+        let k = SIMILAR_PER_SEED.min(all.len());
+        if k < all.len() {
+            all.select_nth_unstable_by(k, |a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+            all.truncate(k);
+        }
+        all.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        if self.map.len() >= SIMILARITY_CACHE_MAX {
+            self.map.clear();
+        }
+        let list = Arc::new(all);
+        self.map.insert(seed, list.clone());
+        list
+    }
+}
+
+/// Everything the recommender reads besides the user.
+pub struct Context<'a> {
+    pub catalog: &'a Catalog,
+    pub items: &'a HashMap<u32, Momentum>,
+    pub index: &'a ItemIndex,
+    pub config: &'a EngineConfig,
+    pub scorer: Option<&'a dyn Scorer>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Source {
+    Popular,
+    Trending,
+    Genre,
+    Similar,
+}
+
+impl Source {
+    fn as_str(self) -> &'static str {
+        match self {
+            Source::Popular => "popular",
+            Source::Trending => "trending",
+            Source::Genre => "genre",
+            Source::Similar => "similar",
+        }
+    }
+}
+
+struct Candidate {
+    movie_id: u32,
+    sources: Vec<Source>,
+    signals: Signals,
+    /// The seed most similar to this candidate.
+    because_of: Option<u32>,
+    score: f64,
+}
+
+/// Computes the recommendations, carousels and insights of one user at
+/// `ctx.index.now`. `version` is the version the records will carry.
+pub fn build_outputs(
+    ctx: &Context,
+    sims: &mut SimilarityCache,
+    user_id: &str,
+    state: &UserState,
+    version: u64,
+) -> Result<UserOutputs, ScoreError> {
+    let now = ctx.index.now.max(state.last_ts);
+    let lists = &ctx.config.lists;
+    let weights = state.genre_weights_at(now, ctx.config);
+    let max_abs = weights.iter().map(|g| g.weight.abs()).fold(0.0f32, f32::max) as f64;
+    let mut top_genres: Vec<GenreWeight> =
+        weights.iter().copied().filter(|g| g.weight > 0.0).collect();
+    top_genres.sort_by(|a, b| b.weight.total_cmp(&a.weight).then(a.genre.cmp(&b.genre)));
+    top_genres.truncate(lists.genre_rows);
+
+    let seeds: Vec<u32> = state
+        .positive_recent()
+        .take(lists.similar_seeds)
+        .map(|r| r.movie_id)
+        .collect();
+
+    // Candidate pool from every source, excluding what the user already consumed.
+    let mut pool: BTreeMap<u32, Candidate> = BTreeMap::new();
+    let mut propose = |id: u32, source: Source| {
+        if state.is_seen(id) || seeds.contains(&id) {
+            return;
+        }
+        let c = pool.entry(id).or_insert_with(|| Candidate {
+            movie_id: id,
+            sources: Vec::new(),
+            signals: Signals::default(),
+            because_of: None,
+            score: 0.0,
+        });
+        if !c.sources.contains(&source) {
+            c.sources.push(source);
+        }
+    };
+    for &id in &ctx.index.popular {
+        propose(id, Source::Popular);
+    }
+    for &id in &ctx.index.trending {
+        propose(id, Source::Trending);
+    }
+    for g in &top_genres {
+        for &id in ctx.index.by_genre.get(g.genre as usize).into_iter().flatten() {
+            propose(id, Source::Genre);
+        }
+    }
+    let seed_lists: Vec<(u32, Arc<Vec<(u32, f32)>>)> = seeds
+        .iter()
+        .map(|&s| (s, sims.similar(ctx.catalog, s)))
+        .collect();
+    for (_, similar) in &seed_lists {
+        for &(id, _) in similar.iter() {
+            propose(id, Source::Similar);
+        }
+    }
+
+    // Signals.
+    let hl = ctx.config.decay.item_half_lives();
+    let seed_movies: Vec<&Movie> = seeds.iter().filter_map(|s| ctx.catalog.get(*s)).collect();
+    let mut candidates: Vec<Candidate> = pool
+        .into_values()
+        .filter(|c| ctx.catalog.contains(c.movie_id))
+        .collect();
+    for c in &mut candidates {
+        let movie = ctx.catalog.get(c.movie_id).expect("filtered to catalog items");
+        let stats = ctx.items.get(&c.movie_id).copied().unwrap_or_default();
+        c.signals.affinity = affinity(movie.genres, &weights, max_abs);
+        if let Some((seed, sim)) = seed_movies
+            .iter()
+            .map(|s| (s.id, content_similarity(movie, s)))
+            .max_by(|a, b| a.1.total_cmp(&b.1).then(b.0.cmp(&a.0)))
+        {
+            c.signals.similarity = sim;
+            c.because_of = Some(seed);
+        }
+        c.signals.popularity =
+            blend::log_normalize(stats.popularity_at(now, hl), ctx.index.popularity_max);
+        c.signals.trending = if ctx.index.trending_max > 0.0 {
+            (stats.trending_at(now, hl) / ctx.index.trending_max).clamp(0.0, 1.0)
+        } else {
+            0.0
+        };
+    }
+    let model = match ctx.scorer {
+        Some(scorer) => {
+            let ids: Vec<u32> = candidates.iter().map(|c| c.movie_id).collect();
+            let scores = scorer.score(user_id, state, &ids)?;
+            for (c, s) in candidates.iter_mut().zip(scores) {
+                c.signals.ncf = Some(s as f64);
+            }
+            Some(scorer.info())
+        }
+        None => None,
+    };
+    for c in &mut candidates {
+        c.score = blend::blend(&c.signals, &ctx.config.blend);
+    }
+
+    let by_id: HashMap<u32, &Candidate> = candidates.iter().map(|c| (c.movie_id, c)).collect();
+    let item = |id: u32| render(ctx, by_id[&id]);
+    let ranked_by = |filter: &dyn Fn(&Candidate) -> bool, key: &dyn Fn(&Candidate) -> f64| {
+        let mut v: Vec<Scored> = candidates
+            .iter()
+            .filter(|c| filter(c))
+            .map(|c| Scored {
+                movie_id: c.movie_id,
+                score: key(c),
+                genres: ctx.catalog.get(c.movie_id).map(|m| m.genres).unwrap_or_default(),
+            })
+            .collect();
+        blend::rank(&mut v);
+        v
+    };
+
+    let ranked = ranked_by(&|_| true, &|c| c.score);
+    let top = blend::diversify(&ranked, lists.top_n, lists.max_genre_share);
+    let top_items: Vec<RecommendedItem> = top.iter().map(|s| item(s.movie_id)).collect();
+
+    let mut rows = vec![CarouselRow {
+        id: "top-picks".into(),
+        title: "Top picks for you".into(),
+        kind: "top_picks".into(),
+        items: top_items.clone(),
+    }];
+    for g in &top_genres {
+        let name = ctx.catalog.genre_name(g.genre);
+        let genre = g.genre;
+        let row: Vec<RecommendedItem> = ranked_by(
+            &|c| ctx.catalog.get(c.movie_id).is_some_and(|m| m.genres.contains(genre)),
+            &|c| c.score,
+        )
+        .iter()
+        .take(lists.row_size)
+        .map(|s| item(s.movie_id))
+        .collect();
+        rows.push(CarouselRow {
+            id: format!("genre:{name}"),
+            title: format!("Because you like {name}"),
+            kind: "genre".into(),
+            items: row,
+        });
+    }
+    if let Some((seed, similar)) = seed_lists.first() {
+        let row: Vec<RecommendedItem> = similar
+            .iter()
+            .filter(|(id, _)| by_id.contains_key(id))
+            .take(lists.row_size)
+            .map(|(id, _)| item(*id))
+            .collect();
+        let title = ctx.catalog.get(*seed).map(|m| m.title.as_str()).unwrap_or("");
+        rows.push(CarouselRow {
+            id: format!("because-you-watched:{seed}"),
+            title: format!("Because you watched {title}"),
+            kind: "because_you_watched".into(),
+            items: row,
+        });
+    }
+    for (id, title, kind, key) in [
+        ("trending", "Trending now", "trending", (|c: &Candidate| c.signals.trending) as fn(&Candidate) -> f64),
+        ("popular", "Popular", "popular", |c: &Candidate| c.signals.popularity),
+    ] {
+        let row = ranked_by(&|_| true, &key)
+            .iter()
+            .take(lists.row_size)
+            .map(|s| item(s.movie_id))
+            .collect();
+        rows.push(CarouselRow {
+            id: id.into(),
+            title: title.into(),
+            kind: kind.into(),
+            items: row,
+        });
+    }
+    rows.retain(|r| !r.items.is_empty());
+
+    Ok(UserOutputs {
+        recommendations: Recommendations {
+            schema: RECOMMENDATIONS_SCHEMA.into(),
+            user_id: user_id.into(),
+            version,
+            as_of: now,
+            model,
+            items: top_items,
+        },
+        carousels: Carousels {
+            schema: CAROUSELS_SCHEMA.into(),
+            user_id: user_id.into(),
+            version,
+            as_of: now,
+            rows,
+        },
+        insights: insights(ctx.catalog, user_id, state, &weights, version, now),
+    })
+}
+
+/// Mean of the user's (max-normalized) weights over the item's genres, in `[-1, 1]`.
+pub fn affinity(genres: GenreSet, weights: &[GenreWeight], max_abs: f64) -> f64 {
+    if genres.is_empty() || max_abs <= 0.0 {
+        return 0.0;
+    }
+    let sum: f64 = weights
+        .iter()
+        .filter(|w| genres.contains(w.genre))
+        .map(|w| w.weight as f64)
+        .sum();
+    (sum / max_abs / genres.len() as f64).clamp(-1.0, 1.0)
+}
+
+fn render(ctx: &Context, c: &Candidate) -> RecommendedItem {
+    let movie = ctx.catalog.get(c.movie_id).expect("candidates are catalog items");
+    let first_genre = movie.genres.iter().next().map(|g| ctx.catalog.genre_name(g));
+    let reason = match blend::dominant(&c.signals, &ctx.config.blend) {
+        Dominant::Similarity => match c.because_of.and_then(|s| ctx.catalog.get(s)) {
+            Some(seed) => format!("Because you liked {}", seed.title),
+            None => "Similar to what you watched".into(),
+        },
+        Dominant::Affinity => match first_genre {
+            Some(g) => format!("Matches your taste for {g}"),
+            None => "Matches your taste".into(),
+        },
+        Dominant::Trending => match first_genre {
+            Some(g) => format!("Trending in {g}"),
+            None => "Trending now".into(),
+        },
+        Dominant::Popularity => match first_genre {
+            Some(g) => format!("Popular in {g}"),
+            None => "Popular right now".into(),
+        },
+        Dominant::Ncf => "Viewers with similar taste enjoyed this".into(),
+    };
+    let mut sources = c.sources.clone();
+    sources.sort();
+    RecommendedItem {
+        movie_id: movie.id,
+        title: movie.title.clone(),
+        genres: ctx.catalog.genre_names(movie.genres),
+        year: movie.year,
+        tmdb_id: movie.tmdb_id,
+        score: round6(c.score),
+        signals: Signals {
+            affinity: round6(c.signals.affinity),
+            similarity: round6(c.signals.similarity),
+            popularity: round6(c.signals.popularity),
+            trending: round6(c.signals.trending),
+            ncf: c.signals.ncf.map(round6),
+        },
+        sources: sources.iter().map(|s| s.as_str().to_string()).collect(),
+        reason,
+    }
+}
+
+/// Six decimals are plenty for consumers and keep the records small.
+fn round6(x: f64) -> f64 {
+    (x * 1e6).round() / 1e6
+}
+
+fn insights(
+    catalog: &Catalog,
+    user_id: &str,
+    state: &UserState,
+    weights: &[GenreWeight],
+    version: u64,
+    now: i64,
+) -> Insights {
+    let positive: f64 = weights.iter().map(|g| g.weight.max(0.0) as f64).sum();
+    let mut genres: Vec<GenreShare> = weights
+        .iter()
+        .map(|g| GenreShare {
+            genre: catalog.genre_name(g.genre).to_string(),
+            weight: round6(g.weight as f64),
+            share: if positive > 0.0 {
+                round6(g.weight.max(0.0) as f64 / positive)
+            } else {
+                0.0
+            },
+        })
+        .collect();
+    genres.sort_by(|a, b| b.weight.total_cmp(&a.weight).then(a.genre.cmp(&b.genre)));
+    let c = &state.counters;
+    let count = |k: EventType| c.by_type[k.index()] as u64;
+    let plays = count(EventType::Play);
+    let ratings = count(EventType::Rate);
+    let ratio = |a: f64, b: u64| if b == 0 { 0.0 } else { round6(a / b as f64) };
+    Insights {
+        schema: INSIGHTS_SCHEMA.into(),
+        user_id: user_id.into(),
+        version,
+        as_of: now,
+        genres,
+        activity: Activity {
+            events_total: state.events_total(),
+            by_type: EventType::ALL
+                .iter()
+                .filter(|k| count(**k) > 0)
+                .map(|k| (k.as_str().to_string(), count(*k)))
+                .collect(),
+            first_ts: state.first_ts,
+            last_ts: state.last_ts,
+            items_seen: state.seen.len(),
+            ratings,
+            mean_rating: (ratings > 0).then(|| round6(c.ratings_sum / ratings as f64)),
+        },
+        engagement: Engagement {
+            lists_published: c.lists_published as u64,
+            list_clicks: c.list_clicks as u64,
+            ctr: ratio(c.list_clicks as f64, c.lists_published as u64),
+            plays,
+            completions: count(EventType::Complete),
+            completion_rate: ratio(count(EventType::Complete) as f64, plays),
+            dwell_seconds: round6(c.dwell_seconds),
+            mean_dwell_seconds: ratio(c.dwell_seconds, plays),
+        },
+    }
+}

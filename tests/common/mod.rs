@@ -1,0 +1,235 @@
+//! Helpers for tests against real processes: the tansu broker, the engine
+//! binary and the Python client.
+
+#![allow(dead_code)]
+
+use std::io::Write;
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn wait_for_port(port: u16, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+/// Locates the tansu binary; tests that need the real broker fail loudly
+/// without it (`.ci/install.sh` installs it).
+pub fn tansu_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("TANSU_BIN") {
+        return PathBuf::from(p);
+    }
+    let home = std::env::var("HOME").unwrap_or_default();
+    let cargo_bin = Path::new(&home).join(".cargo/bin/tansu");
+    if cargo_bin.exists() {
+        return cargo_bin;
+    }
+    if let Ok(out) = Command::new("which").arg("tansu").output() {
+        if out.status.success() {
+            return PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        }
+    }
+    panic!("tansu not found: run .ci/install.sh (cargo install tansu@0.6.0 --locked --features dynostore,libsql)");
+}
+
+/// A tansu broker process on a free loopback port, killed on drop.
+pub struct Broker {
+    child: Child,
+    pub port: u16,
+    storage: String,
+}
+
+impl Broker {
+    pub fn start_memory() -> Broker {
+        Broker::start("memory://tansu/".into(), free_port())
+    }
+
+    /// A broker with file-backed storage (survives a restart).
+    pub fn start_sqlite(dir: &Path) -> Broker {
+        Broker::start(format!("sqlite://{}", dir.join("tansu.db").display()), free_port())
+    }
+
+    fn start(storage: String, port: u16) -> Broker {
+        let url = format!("tcp://127.0.0.1:{port}");
+        let child = Command::new(tansu_bin())
+            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
+            .args(["--storage-engine", &storage])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn tansu");
+        assert!(wait_for_port(port, Duration::from_secs(30)), "tansu did not listen on {port}");
+        Broker { child, port, storage }
+    }
+
+    pub fn bootstrap(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn restart(&mut self) {
+        self.stop();
+        *self = Broker::start(self.storage.clone(), self.port);
+    }
+
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+pub fn engine_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_recstream")
+}
+
+/// Runs the engine binary to completion and returns stdout; panics on failure.
+pub fn recstream(args: &[&str]) -> String {
+    let out = Command::new(engine_bin()).args(args).output().expect("run recstream");
+    assert!(
+        out.status.success(),
+        "recstream {args:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The engine as a separate process, SIGKILLed on drop unless stopped.
+pub struct EngineProcess {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl EngineProcess {
+    pub fn spawn(config: &Path, log: PathBuf) -> EngineProcess {
+        let log_file = std::fs::File::create(&log).unwrap();
+        let child = Command::new(engine_bin())
+            .args(["run", "--config"])
+            .arg(config)
+            .env("RUST_LOG", "recstream=debug,warn")
+            .stdout(log_file.try_clone().unwrap())
+            .stderr(log_file)
+            .spawn()
+            .expect("spawn engine");
+        EngineProcess { child, log }
+    }
+
+    /// SIGTERM, then wait for a clean exit.
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "engine did not stop after SIGTERM\n{}", self.log_text());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for EngineProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Produces JSON-lines records through the Python confluent-kafka client.
+pub fn python_produce(brokers: &str, topic: &str, records: &[serde_json::Value], dir: &Path) {
+    let file = dir.join(format!("{topic}-{}.jsonl", records.len()));
+    let mut f = std::fs::File::create(&file).unwrap();
+    for r in records {
+        writeln!(f, "{r}").unwrap();
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/produce.py");
+    let out = Command::new("python3")
+        .arg(script)
+        .args(["--brokers", brokers, "--topic", topic, "--file"])
+        .arg(&file)
+        .output()
+        .expect("python3 with confluent-kafka (run .ci/install.sh)");
+    assert!(
+        out.status.success(),
+        "python producer failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A small synthetic catalog in the canonical CSV layout: `per_genre` movies
+/// in each genre, ids grouped by genre.
+pub fn synthetic_catalog(dir: &Path, genres: &[&str], per_genre: u32) -> PathBuf {
+    let path = dir.join("catalog.csv");
+    let mut f = std::fs::File::create(&path).unwrap();
+    writeln!(f, "movie_id,title,genres,year,tmdb_id,imdb_id").unwrap();
+    let mut id = 1;
+    for (gi, g) in genres.iter().enumerate() {
+        for i in 0..per_genre {
+            // Every third movie also carries the next genre, as real catalogs do.
+            let extra = if i % 3 == 0 {
+                format!("|{}", genres[(gi + 1) % genres.len()])
+            } else {
+                String::new()
+            };
+            writeln!(f, "{id},{g} Movie {i},{g}{extra},{},,", 1980 + (i % 30)).unwrap();
+            id += 1;
+        }
+    }
+    path
+}
+
+pub fn write_config(dir: &Path, brokers: &str, catalog: &Path, http_port: u16, group: &str) -> PathBuf {
+    let path = dir.join("recstream.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"
+[kafka]
+brokers = "{brokers}"
+group_id = "{group}"
+
+[state]
+dir = "{state}"
+
+[catalog]
+path = "{catalog}"
+
+[http]
+listen = "127.0.0.1:{http_port}"
+
+[processing]
+batch_max_wait_ms = 20
+"#,
+            state = dir.join("state").display(),
+            catalog = catalog.display(),
+        ),
+    )
+    .unwrap();
+    path
+}
