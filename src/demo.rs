@@ -91,7 +91,17 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     println!("  catalog   : {} movies, {} genres", catalog.len(), catalog.genre_count());
     println!("  state     : RocksDB in {}", config.state.dir.display());
     let decls = topics::with_names(topics::builtin(), &config.topics);
-    topics::apply(&pipeline::client_config(&config), &decls).await?;
+    match &mock {
+        // librdkafka's mock broker has no CreateTopics; it creates them directly.
+        Some(m) => {
+            for d in &decls {
+                m.create_topic(&d.name, d.partitions, 1)?;
+            }
+        }
+        None => {
+            topics::apply(&pipeline::client_config(&config), &decls).await?;
+        }
+    }
 
     let health = Arc::new(Health::default());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -106,7 +116,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         let _ = rx.wait_for(|s| *s).await;
     }));
 
-    let mut seen = watch_outputs(&config)?;
+    let (mut seen, watcher) = watch_outputs(&config)?;
     let producer = pipeline::producer(&config)?;
 
     // Background traffic gives popularity and trending something to measure.
@@ -138,7 +148,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
             event["value"] = serde_json::json!(v);
         }
         produce(&producer, &config.topics.interactions, DEMO_USER, &event.to_string()).await?;
-        if *kind != "view" && *kind != "click" {
+        if *kind != "view" && *kind != "click" && !consumed.contains(movie) {
             consumed.push(*movie);
         }
         let (rows, insights) = wait_for_user(&mut seen, &mut version).await?;
@@ -189,6 +199,10 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     }
     let _ = stop_tx.send(true);
     engine.await??;
+    // Close every client before the embedded broker goes away.
+    watcher.abort();
+    let _ = watcher.await;
+    drop(producer);
     println!("\ndemo finished: engine drained and stopped cleanly");
     let _ = std::fs::remove_dir_all(&work);
     Ok(())
@@ -329,7 +343,7 @@ async fn replay_ratings(
     Ok(Background { events: n, last_ts })
 }
 
-fn watch_outputs(config: &Config) -> Result<mpsc::Receiver<Seen>> {
+fn watch_outputs(config: &Config) -> Result<(mpsc::Receiver<Seen>, tokio::task::JoinHandle<()>)> {
     let consumer: StreamConsumer = pipeline::client_config(config)
         .set("group.id", format!("recstream-demo-watch-{}", std::process::id()))
         .set("auto.offset.reset", "earliest")
@@ -338,7 +352,7 @@ fn watch_outputs(config: &Config) -> Result<mpsc::Receiver<Seen>> {
     consumer.subscribe(&[&config.topics.carousels, &config.topics.insights, &config.topics.dead_letters])?;
     let topics = config.topics.clone();
     let (tx, rx) = mpsc::channel(1024);
-    tokio::spawn(async move {
+    let watcher = tokio::spawn(async move {
         while let Ok(m) = consumer.recv().await {
             let is_demo_user = m.key() == Some(DEMO_USER.as_bytes());
             let payload = m.payload().unwrap_or_default();
@@ -365,7 +379,7 @@ fn watch_outputs(config: &Config) -> Result<mpsc::Receiver<Seen>> {
             }
         }
     });
-    Ok(rx)
+    Ok((rx, watcher))
 }
 
 /// Waits for the demo user's next carousels and insights (newer than `version`).

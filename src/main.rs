@@ -1,8 +1,10 @@
+use std::process::ExitCode;
+
 use clap::Parser;
 use recstream::cli::{Cli, Command};
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> ExitCode {
     let cli = Cli::parse();
     // The demo prints its own story; keep its logs to warnings unless asked.
     let default_filter = match cli.command {
@@ -16,5 +18,11 @@ async fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    recstream::cli::run(cli).await
+    match recstream::cli::run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }

@@ -31,6 +31,7 @@ use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use rdkafka::statistics::Statistics;
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
 use crate::catalog::{Catalog, CatalogRecord};
@@ -166,7 +167,8 @@ pub async fn run(
     let producer = producer(&config)?;
 
     // Catalog first: events on movies not yet in the catalog would be dead-lettered.
-    let (catalog_updates, caught_up) = follow_catalog(&config, producer.clone()).await?;
+    let (catalog_updates, caught_up, catalog_follower) =
+        follow_catalog(&config, producer.clone()).await?;
     for e in engine.update_catalog(caught_up) {
         warn!(error = %e, "catalog record rejected");
     }
@@ -204,6 +206,10 @@ pub async fn run(
 
     let consumed = consume_loop(&config, &consumer, work_tx, shutdown).await;
     catalog_task.abort();
+    if let Some(follower) = catalog_follower {
+        follower.abort();
+        let _ = follower.await;
+    }
 
     // Drain: the engine finishes queued batches, the publisher publishes them.
     let deadline = Duration::from_millis(config.processing.shutdown_timeout_ms);
@@ -531,7 +537,7 @@ type CatalogUpdates = Vec<(u32, Option<CatalogRecord>)>;
 async fn follow_catalog(
     config: &Config,
     producer: FutureProducer,
-) -> Result<(mpsc::Receiver<CatalogUpdates>, CatalogUpdates), PipelineError> {
+) -> Result<(mpsc::Receiver<CatalogUpdates>, CatalogUpdates, Option<JoinHandle<()>>), PipelineError> {
     let client = client_config(config)
         .set("group.id", format!("{}-catalog", config.kafka.group_id))
         .set("enable.auto.commit", "false")
@@ -579,7 +585,7 @@ async fn follow_catalog(
         }
     }
     let (tx, rx) = mpsc::channel(16);
-    if found {
+    let follower = found.then(|| {
         tokio::spawn(async move {
             loop {
                 let update = match consumer.recv().await {
@@ -600,9 +606,9 @@ async fn follow_catalog(
                     }
                 }
             }
-        });
-    }
-    Ok((rx, initial))
+        })
+    });
+    Ok((rx, initial, follower))
 }
 
 /// Decodes a catalog record; a null value deletes. Invalid records go to the dead-letter topic.
