@@ -13,8 +13,23 @@ use recstream::event::{decode_interaction, EventType, Interaction};
 use recstream::store::Store;
 
 const GENRES: [&str; 18] = [
-    "Action", "Adventure", "Animation", "Children", "Comedy", "Crime", "Documentary", "Drama",
-    "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War",
+    "Action",
+    "Adventure",
+    "Animation",
+    "Children",
+    "Comedy",
+    "Crime",
+    "Documentary",
+    "Drama",
+    "Fantasy",
+    "Film-Noir",
+    "Horror",
+    "Musical",
+    "Mystery",
+    "Romance",
+    "Sci-Fi",
+    "Thriller",
+    "War",
     "Western",
 ];
 
@@ -46,8 +61,14 @@ fn events(n: usize, users: u32, items: u32) -> Vec<Interaction> {
         s
     };
     let kinds = [
-        EventType::View, EventType::Click, EventType::Play, EventType::Play, EventType::Complete,
-        EventType::Rate, EventType::Like, EventType::Skip,
+        EventType::View,
+        EventType::Click,
+        EventType::Play,
+        EventType::Play,
+        EventType::Complete,
+        EventType::Rate,
+        EventType::Like,
+        EventType::Skip,
     ];
     (0..n)
         .map(|i| {
@@ -75,7 +96,11 @@ fn records(events: &[Interaction]) -> Vec<Record> {
         .iter()
         .enumerate()
         .map(|(i, e)| Record {
-            source: SourcePos { topic: topic.clone(), partition: 0, offset: i as i64 },
+            source: SourcePos {
+                topic: topic.clone(),
+                partition: 0,
+                offset: i as i64,
+            },
             key: None,
             payload: Vec::new(),
             received: Instant::now(),
@@ -112,12 +137,20 @@ fn bench(c: &mut Criterion) {
     g.throughput(Throughput::Elements(batch.len() as u64));
     g.sample_size(10);
     g.bench_function("process_batch_500_events", |b| {
-        b.iter_batched(|| records(&batch), |r| engine.process(r).unwrap(), BatchSize::LargeInput)
+        b.iter_batched(
+            || records(&batch),
+            |r| engine.process(r).unwrap(),
+            BatchSize::LargeInput,
+        )
     });
     g.throughput(Throughput::Elements(1));
-    g.bench_function("recompute_one_user", |b| b.iter(|| engine.peek(0, black_box("u7")).unwrap()));
+    g.bench_function("recompute_one_user", |b| {
+        b.iter(|| engine.peek(0, black_box("u7")).unwrap())
+    });
     let outputs = engine.peek(0, "u7").unwrap();
-    g.bench_function("encode_outputs", |b| b.iter(|| black_box(&outputs).encode()));
+    g.bench_function("encode_outputs", |b| {
+        b.iter(|| black_box(&outputs).encode())
+    });
     g.finish();
 }
 

@@ -125,7 +125,11 @@ mod tests {
             let mut seen = std::collections::HashSet::new();
             v.into_iter()
                 .filter(|(id, _, _)| seen.insert(*id))
-                .map(|(movie_id, score, g)| Scored { movie_id, score, genres: GenreSet(g) })
+                .map(|(movie_id, score, g)| Scored {
+                    movie_id,
+                    score,
+                    genres: GenreSet(g),
+                })
                 .collect()
         })
     }
@@ -133,7 +137,11 @@ mod tests {
     #[test]
     fn dominant_signal_names_the_reason() {
         let w = BlendWeights::default();
-        let s = Signals { similarity: 0.9, popularity: 0.1, ..Default::default() };
+        let s = Signals {
+            similarity: 0.9,
+            popularity: 0.1,
+            ..Default::default()
+        };
         assert_eq!(dominant(&s, &w), Dominant::Similarity);
         assert!(blend(&s, &w) > 0.0);
     }

@@ -282,12 +282,20 @@ pub fn load(path: &Path) -> Result<Catalog, CatalogError> {
         (_, "csv") => read_canonical_csv(path)?,
         (_, "parquet") => {
             let file = open(path)?;
-            let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
-                .and_then(|b| b.build())
-                .map_err(|source| CatalogError::Parquet { path: path.into(), source })?;
-            let batches = reader
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|source| CatalogError::Arrow { path: path.into(), source })?;
+            let reader =
+                parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+                    .and_then(|b| b.build())
+                    .map_err(|source| CatalogError::Parquet {
+                        path: path.into(),
+                        source,
+                    })?;
+            let batches =
+                reader
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|source| CatalogError::Arrow {
+                        path: path.into(),
+                        source,
+                    })?;
             records_from_batches(path, &batches)?
         }
         (_, "arrow" | "arrows" | "ipc" | "feather") => read_ipc(path)?,
@@ -358,10 +366,16 @@ fn read_delimited(
         .with_quote(quote)
         .with_batch_size(8192)
         .build(Cursor::new(text.into_bytes()))
-        .map_err(|source| CatalogError::Arrow { path: path.into(), source })?;
+        .map_err(|source| CatalogError::Arrow {
+            path: path.into(),
+            source,
+        })?;
     reader
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|source| CatalogError::Arrow { path: path.into(), source })
+        .map_err(|source| CatalogError::Arrow {
+            path: path.into(),
+            source,
+        })
 }
 
 fn utf8<'a>(batch: &'a RecordBatch, name: &str) -> Option<&'a StringArray> {
@@ -459,7 +473,9 @@ fn read_tags(path: &Path) -> Result<HashMap<u32, Vec<String>>, CatalogError> {
     for b in &batches {
         let (ids, tag) = (utf8(b, "movieId"), utf8(b, "tag"));
         for row in 0..b.num_rows() {
-            if let (Some(id), Some(t)) = (cell(ids, row).and_then(|s| s.parse().ok()), cell(tag, row)) {
+            if let (Some(id), Some(t)) =
+                (cell(ids, row).and_then(|s| s.parse().ok()), cell(tag, row))
+            {
                 tags.entry(id).or_default().push(t.to_string());
             }
         }
@@ -469,9 +485,25 @@ fn read_tags(path: &Path) -> Result<HashMap<u32, Vec<String>>, CatalogError> {
 
 /// The ML-100K genre columns, in file order (its `u.genre`).
 const ML100K_GENRES: [&str; 19] = [
-    "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime",
-    "Documentary", "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery",
-    "Romance", "Sci-Fi", "Thriller", "War", "Western",
+    "unknown",
+    "Action",
+    "Adventure",
+    "Animation",
+    "Children's",
+    "Comedy",
+    "Crime",
+    "Documentary",
+    "Drama",
+    "Fantasy",
+    "Film-Noir",
+    "Horror",
+    "Musical",
+    "Mystery",
+    "Romance",
+    "Sci-Fi",
+    "Thriller",
+    "War",
+    "Western",
 ];
 
 fn read_ml100k(path: &Path) -> Result<Vec<CatalogRecord>, CatalogError> {
@@ -548,7 +580,10 @@ fn read_canonical_csv(path: &Path) -> Result<Vec<CatalogRecord>, CatalogError> {
 }
 
 fn read_ipc(path: &Path) -> Result<Vec<CatalogRecord>, CatalogError> {
-    let arrow_err = |source| CatalogError::Arrow { path: path.into(), source };
+    let arrow_err = |source| CatalogError::Arrow {
+        path: path.into(),
+        source,
+    };
     let mut file = open(path)?;
     let mut magic = [0u8; 6];
     let is_file_format = file.read_exact(&mut magic).is_ok() && &magic == b"ARROW1";
@@ -583,7 +618,10 @@ fn records_from_batches(
                 }
                 Some(c) => arrow::compute::cast(c, &DataType::Utf8)
                     .map(Some)
-                    .map_err(|source| CatalogError::Arrow { path: path.into(), source }),
+                    .map_err(|source| CatalogError::Arrow {
+                        path: path.into(),
+                        source,
+                    }),
             }
         };
         let ids = text_col("movie_id")?.ok_or_else(|| CatalogError::Format {
@@ -608,8 +646,13 @@ fn records_from_batches(
                         Vec::new()
                     } else {
                         let values = list.value(row);
-                        let values = arrow::compute::cast(&values, &DataType::Utf8)
-                            .map_err(|source| CatalogError::Arrow { path: path.into(), source })?;
+                        let values =
+                            arrow::compute::cast(&values, &DataType::Utf8).map_err(|source| {
+                                CatalogError::Arrow {
+                                    path: path.into(),
+                                    source,
+                                }
+                            })?;
                         let values = values.as_string::<i32>();
                         (0..values.len())
                             .filter(|i| !values.is_null(*i))
@@ -662,7 +705,11 @@ mod tests {
             "movieId,title,genres\r\n1,\"Toy Story, The (1995)\",Adventure|Children\r\n2,Heat (1995),(no genres listed)\r\n",
         )
         .unwrap();
-        std::fs::write(dir.path().join("links.csv"), "movieId,imdbId,tmdbId\r\n1,0114709,862\r\n2,0113277,\r\n").unwrap();
+        std::fs::write(
+            dir.path().join("links.csv"),
+            "movieId,imdbId,tmdbId\r\n1,0114709,862\r\n2,0113277,\r\n",
+        )
+        .unwrap();
         let c = load(&latest).unwrap();
         assert_eq!(c.len(), 2);
         let toy = c.get(1).unwrap();
@@ -685,7 +732,10 @@ mod tests {
         std::fs::write(&dat, "3::Heat: Part \"2\" (1995)::Action|Crime\n").unwrap();
         let c = load(&dat).unwrap();
         assert_eq!(c.get(3).unwrap().year, Some(1995));
-        assert_eq!(c.genre_names(c.get(3).unwrap().genres), vec!["Action", "Crime"]);
+        assert_eq!(
+            c.genre_names(c.get(3).unwrap().genres),
+            vec!["Action", "Crime"]
+        );
     }
 
     #[test]
@@ -698,26 +748,42 @@ mod tests {
         genres.values().append_value("Romance");
         genres.append(true);
         let batch = RecordBatch::try_from_iter(vec![
-            ("movie_id", Arc::new(UInt32Array::from(vec![10, 11])) as ArrayRef),
-            ("title", Arc::new(StringArray::from(vec!["A (2001)", "B"])) as ArrayRef),
+            (
+                "movie_id",
+                Arc::new(UInt32Array::from(vec![10, 11])) as ArrayRef,
+            ),
+            (
+                "title",
+                Arc::new(StringArray::from(vec!["A (2001)", "B"])) as ArrayRef,
+            ),
             ("genres", Arc::new(genres.finish()) as ArrayRef),
-            ("year", Arc::new(UInt32Array::from(vec![None, Some(1999)])) as ArrayRef),
+            (
+                "year",
+                Arc::new(UInt32Array::from(vec![None, Some(1999)])) as ArrayRef,
+            ),
         ])
         .unwrap();
         let dir = tempfile::tempdir().unwrap();
         let ipc = dir.path().join("catalog.arrow");
-        let mut w = arrow::ipc::writer::FileWriter::try_new(File::create(&ipc).unwrap(), &batch.schema()).unwrap();
+        let mut w =
+            arrow::ipc::writer::FileWriter::try_new(File::create(&ipc).unwrap(), &batch.schema())
+                .unwrap();
         w.write(&batch).unwrap();
         w.finish().unwrap();
         let pq = dir.path().join("catalog.parquet");
-        let mut w = parquet::arrow::ArrowWriter::try_new(File::create(&pq).unwrap(), batch.schema(), None).unwrap();
+        let mut w =
+            parquet::arrow::ArrowWriter::try_new(File::create(&pq).unwrap(), batch.schema(), None)
+                .unwrap();
         w.write(&batch).unwrap();
         w.close().unwrap();
         for path in [ipc, pq] {
             let c = load(&path).unwrap();
             assert_eq!(c.get(10).unwrap().year, Some(2001));
             assert_eq!(c.get(11).unwrap().year, Some(1999));
-            assert_eq!(c.genre_names(c.get(11).unwrap().genres), vec!["Comedy", "Romance"]);
+            assert_eq!(
+                c.genre_names(c.get(11).unwrap().genres),
+                vec!["Comedy", "Romance"]
+            );
         }
     }
 

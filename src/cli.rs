@@ -15,7 +15,11 @@ use crate::pipeline::{self, Health};
 use crate::topics;
 
 #[derive(Debug, Parser)]
-#[command(name = "recstream", version, about = "Kafka-native real-time movie recommendation engine")]
+#[command(
+    name = "recstream",
+    version,
+    about = "Kafka-native real-time movie recommendation engine"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -149,7 +153,10 @@ pub async fn run(cli: Cli) -> Result<()> {
             let config = kafka.load()?;
             let producer = pipeline::producer(&config)?;
             let sent = send_refresh(&config, &producer, user.as_deref(), all).await?;
-            println!("sent {sent} refresh command(s) to {}", config.topics.refresh);
+            println!(
+                "sent {sent} refresh command(s) to {}",
+                config.topics.refresh
+            );
             Ok(())
         }
         Command::CheckConfig { config } => {
@@ -215,7 +222,9 @@ pub async fn publish_catalog(config: &Config, catalog: &Catalog) -> Result<usize
         let record = catalog.record(*id).expect("id from the catalog");
         let payload = serde_json::to_vec(&record)?;
         let key = id.to_string();
-        let record = FutureRecord::to(&config.topics.catalog).key(&key).payload(&payload);
+        let record = FutureRecord::to(&config.topics.catalog)
+            .key(&key)
+            .payload(&payload);
         pending.push(pipeline::enqueue(&producer, record).await?);
     }
     pipeline::await_deliveries(pending).await?;
@@ -235,7 +244,10 @@ pub async fn send_refresh(
         (Some(u), false) => {
             let payload = serde_json::json!({ "user_id": u }).to_string();
             producer
-                .send(FutureRecord::to(topic).key(u).payload(&payload), Duration::from_secs(30))
+                .send(
+                    FutureRecord::to(topic).key(u).payload(&payload),
+                    Duration::from_secs(30),
+                )
                 .await
                 .map_err(|(e, _)| e)?;
             Ok(1)
@@ -249,7 +261,10 @@ pub async fn send_refresh(
             for p in 0..partitions as i32 {
                 producer
                     .send(
-                        FutureRecord::to(topic).key("*").payload(payload).partition(p),
+                        FutureRecord::to(topic)
+                            .key("*")
+                            .payload(payload)
+                            .partition(p),
                         Duration::from_secs(30),
                     )
                     .await

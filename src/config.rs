@@ -153,24 +153,13 @@ impl Default for HttpConfig {
 }
 
 /// Everything the pure processing functions depend on.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EngineConfig {
     pub decay: DecayConfig,
     pub event_weights: EventWeights,
     pub blend: BlendWeights,
     pub lists: ListConfig,
-}
-
-impl Default for EngineConfig {
-    fn default() -> Self {
-        EngineConfig {
-            decay: DecayConfig::default(),
-            event_weights: EventWeights::default(),
-            blend: BlendWeights::default(),
-            lists: ListConfig::default(),
-        }
-    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -365,16 +354,28 @@ impl Config {
         }
         let p = &self.processing;
         if !(1..=100_000).contains(&p.batch_max_records) {
-            return Err(invalid("processing.batch_max_records", "must be in 1..=100000"));
+            return Err(invalid(
+                "processing.batch_max_records",
+                "must be in 1..=100000",
+            ));
         }
         if !(1..=60_000).contains(&p.batch_max_wait_ms) {
-            return Err(invalid("processing.batch_max_wait_ms", "must be in 1..=60000"));
+            return Err(invalid(
+                "processing.batch_max_wait_ms",
+                "must be in 1..=60000",
+            ));
         }
         if !(256..=1 << 20).contains(&p.max_event_bytes) {
-            return Err(invalid("processing.max_event_bytes", "must be in 256..=1048576"));
+            return Err(invalid(
+                "processing.max_event_bytes",
+                "must be in 256..=1048576",
+            ));
         }
         if !self.http.listen.is_empty() && self.http.listen.parse::<SocketAddr>().is_err() {
-            return Err(invalid("http.listen", "must be an ip:port address or empty"));
+            return Err(invalid(
+                "http.listen",
+                "must be an ip:port address or empty",
+            ));
         }
         self.engine.validate()
     }
@@ -385,8 +386,14 @@ impl EngineConfig {
         let d = &self.decay;
         for (field, v) in [
             ("engine.decay.user_half_life_hours", d.user_half_life_hours),
-            ("engine.decay.popularity_half_life_hours", d.popularity_half_life_hours),
-            ("engine.decay.trending_half_life_hours", d.trending_half_life_hours),
+            (
+                "engine.decay.popularity_half_life_hours",
+                d.popularity_half_life_hours,
+            ),
+            (
+                "engine.decay.trending_half_life_hours",
+                d.trending_half_life_hours,
+            ),
         ] {
             if !(v.is_finite() && v > 0.0) {
                 return Err(invalid(field, "must be a positive number of hours"));
@@ -420,7 +427,10 @@ impl EngineConfig {
             }
         }
         if b.affinity + b.similarity + b.popularity + b.trending <= 0.0 {
-            return Err(invalid("engine.blend", "at least one non-model weight must be positive"));
+            return Err(invalid(
+                "engine.blend",
+                "at least one non-model weight must be positive",
+            ));
         }
         let l = &self.lists;
         if !(1..=500).contains(&l.top_n) {
@@ -439,7 +449,10 @@ impl EngineConfig {
             return Err(invalid("engine.lists.recent_items", "must be in 1..=1000"));
         }
         if !(1..=5000).contains(&l.candidates_per_source) {
-            return Err(invalid("engine.lists.candidates_per_source", "must be in 1..=5000"));
+            return Err(invalid(
+                "engine.lists.candidates_per_source",
+                "must be in 1..=5000",
+            ));
         }
         if l.similar_seeds > 50 {
             return Err(invalid("engine.lists.similar_seeds", "must be at most 50"));
@@ -466,7 +479,11 @@ mod tests {
 
         let mut c = Config::default();
         c.engine.event_weights.skip = f64::NAN;
-        assert!(c.validate().unwrap_err().to_string().contains("engine.event_weights.skip"));
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("engine.event_weights.skip"));
 
         let e = toml::from_str::<Config>("[processing]\nbatch_max_record = 3\n").unwrap_err();
         assert!(e.to_string().contains("batch_max_record"), "{e}");
@@ -478,6 +495,8 @@ mod tests {
         assert!(w.weight(EventType::Rate, Some(5.0)) > 0.0);
         assert!(w.weight(EventType::Rate, Some(1.0)) < 0.0);
         assert_eq!(w.weight(EventType::Rate, Some(3.0)), 0.0);
-        assert!(w.weight(EventType::Progress, Some(0.5)) < w.weight(EventType::Progress, Some(1.0)));
+        assert!(
+            w.weight(EventType::Progress, Some(0.5)) < w.weight(EventType::Progress, Some(1.0))
+        );
     }
 }

@@ -98,14 +98,20 @@ mod tests {
 
     #[test]
     fn one_half_life_halves() {
-        let d = Decayed { value: 8.0, as_of: 0 };
+        let d = Decayed {
+            value: 8.0,
+            as_of: 0,
+        };
         assert!((d.value_at(10_000, HL) - 4.0).abs() < 1e-12);
         assert_eq!(d.value_at(-5, HL), 8.0);
     }
 
     #[test]
     fn a_burst_trends_above_steady_traffic() {
-        let hl = HalfLives { long_ms: 7.0 * 24.0 * MS_PER_HOUR, short_ms: 6.0 * MS_PER_HOUR };
+        let hl = HalfLives {
+            long_ms: 7.0 * 24.0 * MS_PER_HOUR,
+            short_ms: 6.0 * MS_PER_HOUR,
+        };
         let hour = MS_PER_HOUR as i64;
         let mut steady = Momentum::default();
         let mut burst = Momentum::default();

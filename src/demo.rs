@@ -87,8 +87,19 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         .with_context(|| format!("--genre {:?} is not a genre of this catalog", args.genre))?;
 
     println!("recstream demo");
-    println!("  broker    : {}", if mock.is_some() { format!("embedded ({brokers})") } else { brokers.clone() });
-    println!("  catalog   : {} movies, {} genres", catalog.len(), catalog.genre_count());
+    println!(
+        "  broker    : {}",
+        if mock.is_some() {
+            format!("embedded ({brokers})")
+        } else {
+            brokers.clone()
+        }
+    );
+    println!(
+        "  catalog   : {} movies, {} genres",
+        catalog.len(),
+        catalog.genre_count()
+    );
     println!("  state     : RocksDB in {}", config.state.dir.display());
     let decls = topics::with_names(topics::builtin(), &config.topics);
     match &mock {
@@ -106,36 +117,58 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     let health = Arc::new(Health::default());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut rx = stop_rx.clone();
-    let (addr, _http) = crate::http::serve(config.http.listen.parse()?, health.clone(), async move {
-        let _ = rx.wait_for(|s| *s).await;
-    })
-    .await?;
+    let (addr, _http) =
+        crate::http::serve(config.http.listen.parse()?, health.clone(), async move {
+            let _ = rx.wait_for(|s| *s).await;
+        })
+        .await?;
     println!("  metrics   : http://{addr}/metrics");
     let mut rx = stop_rx.clone();
-    let engine = tokio::spawn(pipeline::run(config.clone(), catalog.clone(), health.clone(), async move {
-        let _ = rx.wait_for(|s| *s).await;
-    }));
+    let engine = tokio::spawn(pipeline::run(
+        config.clone(),
+        catalog.clone(),
+        health.clone(),
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        },
+    ));
 
     let (mut seen, watcher) = watch_outputs(&config)?;
     let producer = pipeline::producer(&config)?;
 
     // Background traffic gives popularity and trending something to measure.
     let background = match &args.movielens {
-        Some(dir) => replay_ratings(&producer, &config, &catalog, dir, args.background_ratings).await?,
+        Some(dir) => {
+            replay_ratings(&producer, &config, &catalog, dir, args.background_ratings).await?
+        }
         None => synthetic_crowd(&producer, &config, &catalog, args.crowd).await?,
     };
-    println!("  background: {} events from other users\n", background.events);
+    println!(
+        "  background: {} events from other users\n",
+        background.events
+    );
     let mut t = background.last_ts + MINUTE_MS;
 
     let script = script(&catalog, genre)?;
     let mut version = 0;
     let send_refresh = serde_json::json!({ "user_id": DEMO_USER }).to_string();
     producer
-        .send(FutureRecord::to(&config.topics.refresh).key(DEMO_USER).payload(&send_refresh), Duration::from_secs(10))
+        .send(
+            FutureRecord::to(&config.topics.refresh)
+                .key(DEMO_USER)
+                .payload(&send_refresh),
+            Duration::from_secs(10),
+        )
         .await
         .map_err(|(e, _)| e)?;
     let (rows, insights) = wait_for_user(&mut seen, &mut version).await?;
-    print_state("a new user opens the app (refresh command: cold start)", &catalog, &rows, &insights, &[]);
+    print_state(
+        "a new user opens the app (refresh command: cold start)",
+        &catalog,
+        &rows,
+        &insights,
+        &[],
+    );
 
     let mut consumed: Vec<u32> = Vec::new();
     for (i, (kind, movie, value)) in script.iter().enumerate() {
@@ -147,12 +180,21 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         if let Some(v) = value {
             event["value"] = serde_json::json!(v);
         }
-        produce(&producer, &config.topics.interactions, DEMO_USER, &event.to_string()).await?;
+        produce(
+            &producer,
+            &config.topics.interactions,
+            DEMO_USER,
+            &event.to_string(),
+        )
+        .await?;
         if *kind != "view" && *kind != "click" && !consumed.contains(movie) {
             consumed.push(*movie);
         }
         let (rows, insights) = wait_for_user(&mut seen, &mut version).await?;
-        let title = &catalog.get(*movie).expect("script uses catalog movies").title;
+        let title = &catalog
+            .get(*movie)
+            .expect("script uses catalog movies")
+            .title;
         let what = match value {
             Some(v) => format!("{kind} {title:?} ({v})"),
             None => format!("{kind} {title:?}"),
@@ -170,11 +212,20 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     }
 
     println!("── a malformed event (truncated JSON) ──");
-    produce(&producer, &config.topics.interactions, DEMO_USER, r#"{"event_id":"bad","user_id":"demo-"#).await?;
+    produce(
+        &producer,
+        &config.topics.interactions,
+        DEMO_USER,
+        r#"{"event_id":"bad","user_id":"demo-"#,
+    )
+    .await?;
     loop {
         match tokio::time::timeout(Duration::from_secs(15), seen.recv()).await {
             Ok(Some(Seen::DeadLetter { reason, detail })) => {
-                println!("  dead-lettered to {} with dlq.reason={reason}: {detail}\n", config.topics.dead_letters);
+                println!(
+                    "  dead-lettered to {} with dlq.reason={reason}: {detail}\n",
+                    config.topics.dead_letters
+                );
                 break;
             }
             Ok(Some(_)) => continue,
@@ -260,7 +311,10 @@ fn script(catalog: &Catalog, genre: u8) -> Result<Vec<(&'static str, u32, Option
 
 async fn produce(producer: &FutureProducer, topic: &str, key: &str, payload: &str) -> Result<()> {
     producer
-        .send(FutureRecord::to(topic).key(key).payload(payload), Duration::from_secs(10))
+        .send(
+            FutureRecord::to(topic).key(key).payload(payload),
+            Duration::from_secs(10),
+        )
         .await
         .map_err(|(e, _)| e)?;
     Ok(())
@@ -304,13 +358,18 @@ async fn synthetic_crowd(
                 event["value"] = serde_json::json!(1 + next() % 5);
             }
             let payload = event.to_string();
-            let record = FutureRecord::to(&config.topics.interactions).key(&user).payload(&payload);
+            let record = FutureRecord::to(&config.topics.interactions)
+                .key(&user)
+                .payload(&payload);
             sends.push(pipeline::enqueue(producer, record).await?);
         }
     }
     let n = sends.len();
     pipeline::await_deliveries(sends).await?;
-    Ok(Background { events: n, last_ts: t })
+    Ok(Background {
+        events: n,
+        last_ts: t,
+    })
 }
 
 /// Replays the first ratings of a MovieLens ratings file in event-time order.
@@ -335,7 +394,9 @@ async fn replay_ratings(
         })
         .to_string();
         last_ts = r.ts_ms;
-        let record = FutureRecord::to(&config.topics.interactions).key(&user).payload(&payload);
+        let record = FutureRecord::to(&config.topics.interactions)
+            .key(&user)
+            .payload(&payload);
         sends.push(pipeline::enqueue(producer, record).await?);
     }
     let n = sends.len();
@@ -345,11 +406,18 @@ async fn replay_ratings(
 
 fn watch_outputs(config: &Config) -> Result<(mpsc::Receiver<Seen>, tokio::task::JoinHandle<()>)> {
     let consumer: StreamConsumer = pipeline::client_config(config)
-        .set("group.id", format!("recstream-demo-watch-{}", std::process::id()))
+        .set(
+            "group.id",
+            format!("recstream-demo-watch-{}", std::process::id()),
+        )
         .set("auto.offset.reset", "earliest")
         .set("enable.auto.commit", "false")
         .create()?;
-    consumer.subscribe(&[&config.topics.carousels, &config.topics.insights, &config.topics.dead_letters])?;
+    consumer.subscribe(&[
+        &config.topics.carousels,
+        &config.topics.insights,
+        &config.topics.dead_letters,
+    ])?;
     let topics = config.topics.clone();
     let (tx, rx) = mpsc::channel(1024);
     let watcher = tokio::spawn(async move {
@@ -368,7 +436,10 @@ fn watch_outputs(config: &Config) -> Result<(mpsc::Receiver<Seen>, tokio::task::
                         .map(|v| String::from_utf8_lossy(v).into_owned())
                         .unwrap_or_default()
                 };
-                Some(Seen::DeadLetter { reason: header("dlq.reason"), detail: header("dlq.detail") })
+                Some(Seen::DeadLetter {
+                    reason: header("dlq.reason"),
+                    detail: header("dlq.detail"),
+                })
             } else {
                 None
             };
@@ -383,7 +454,10 @@ fn watch_outputs(config: &Config) -> Result<(mpsc::Receiver<Seen>, tokio::task::
 }
 
 /// Waits for the demo user's next carousels and insights (newer than `version`).
-async fn wait_for_user(seen: &mut mpsc::Receiver<Seen>, version: &mut u64) -> Result<(Carousels, Insights)> {
+async fn wait_for_user(
+    seen: &mut mpsc::Receiver<Seen>,
+    version: &mut u64,
+) -> Result<(Carousels, Insights)> {
     let mut rows: Option<Carousels> = None;
     let mut insights: HashMap<u64, Insights> = HashMap::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
@@ -405,7 +479,13 @@ async fn wait_for_user(seen: &mut mpsc::Receiver<Seen>, version: &mut u64) -> Re
     }
 }
 
-fn print_state(what: &str, catalog: &Catalog, rows: &Carousels, insights: &Insights, consumed: &[u32]) {
+fn print_state(
+    what: &str,
+    catalog: &Catalog,
+    rows: &Carousels,
+    insights: &Insights,
+    consumed: &[u32],
+) {
     println!("── {what} ── (version {})", rows.version);
     let genres: Vec<String> = insights
         .genres
@@ -432,8 +512,15 @@ fn print_state(what: &str, catalog: &Catalog, rows: &Carousels, insights: &Insig
         }
     }
     if !consumed.is_empty() {
-        let names: Vec<&str> = consumed.iter().filter_map(|id| catalog.get(*id)).map(|m| m.title.as_str()).collect();
-        println!("  excluded  : {} (already consumed; never shown again)", names.join(", "));
+        let names: Vec<&str> = consumed
+            .iter()
+            .filter_map(|id| catalog.get(*id))
+            .map(|m| m.title.as_str())
+            .collect();
+        println!(
+            "  excluded  : {} (already consumed; never shown again)",
+            names.join(", ")
+        );
     }
     println!();
 }

@@ -209,8 +209,8 @@ pub fn parse_interaction(payload: &[u8]) -> Result<Interaction, DecodeError> {
             }
         }
     })?;
-    let kind =
-        EventType::parse(&raw.kind).ok_or_else(|| DecodeError::UnknownEventType(raw.kind.clone()))?;
+    let kind = EventType::parse(&raw.kind)
+        .ok_or_else(|| DecodeError::UnknownEventType(raw.kind.clone()))?;
     let user_id = match raw.user_id {
         RawUserId::Text(s) => s,
         RawUserId::Number(n) => n.to_string(),
@@ -361,7 +361,9 @@ mod tests {
 
     #[test]
     fn decodes_a_rating() {
-        let e = ok(r#"{"event_id":"e1","user_id":"u1","movie_id":7,"type":"rate","value":4.5,"ts":1700000000000}"#);
+        let e = ok(
+            r#"{"event_id":"e1","user_id":"u1","movie_id":7,"type":"rate","value":4.5,"ts":1700000000000}"#,
+        );
         assert_eq!(e.kind, EventType::Rate);
         assert_eq!(e.value, Some(4.5));
     }
@@ -385,22 +387,37 @@ mod tests {
         assert_eq!(reason(Some(b"u2"), good), "key_mismatch");
         assert_eq!(reason(Some(b"u1"), "{not json"), "malformed_json");
         assert_eq!(
-            reason(Some(b"u1"), r#"{"event_id":"e","user_id":"u1","movie_id":"x","type":"like","ts":1}"#),
+            reason(
+                Some(b"u1"),
+                r#"{"event_id":"e","user_id":"u1","movie_id":"x","type":"like","ts":1}"#
+            ),
             "schema_violation"
         );
         assert_eq!(
-            reason(Some(b"u1"), r#"{"event_id":"e","user_id":"u1","movie_id":1,"type":"like","ts":1,"extra":1}"#),
+            reason(
+                Some(b"u1"),
+                r#"{"event_id":"e","user_id":"u1","movie_id":1,"type":"like","ts":1,"extra":1}"#
+            ),
             "schema_violation"
         );
         assert_eq!(
-            reason(Some(b"u1"), r#"{"event_id":"e","user_id":"u1","movie_id":1,"type":"poke","ts":1}"#),
+            reason(
+                Some(b"u1"),
+                r#"{"event_id":"e","user_id":"u1","movie_id":1,"type":"poke","ts":1}"#
+            ),
             "unknown_event_type"
         );
         assert_eq!(
-            reason(Some(b"u1"), r#"{"event_id":"e","user_id":"u1","movie_id":1,"type":"rate","value":9,"ts":1}"#),
+            reason(
+                Some(b"u1"),
+                r#"{"event_id":"e","user_id":"u1","movie_id":1,"type":"rate","value":9,"ts":1}"#
+            ),
             "out_of_range"
         );
-        let big = format!(r#"{{"event_id":"{}"}}"#, "x".repeat(DEFAULT_MAX_EVENT_BYTES));
+        let big = format!(
+            r#"{{"event_id":"{}"}}"#,
+            "x".repeat(DEFAULT_MAX_EVENT_BYTES)
+        );
         assert_eq!(reason(Some(b"u1"), &big), "oversized");
     }
 

@@ -45,11 +45,14 @@ fn build() -> Metrics {
         }};
     }
     let hist = |name: &str, help: &str, buckets: Vec<f64>| {
-        Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets)).expect("valid histogram")
+        Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
+            .expect("valid histogram")
     };
     #[cfg(target_os = "linux")]
-    r.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))
-        .expect("process collector");
+    r.register(Box::new(
+        prometheus::process_collector::ProcessCollector::for_self(),
+    ))
+    .expect("process collector");
     Metrics {
         events: reg!(IntCounterVec::new(
             Opts::new("events_total", "Input records by event type and outcome (applied, duplicate, dead_lettered)."),
@@ -182,11 +185,17 @@ pub fn refresh(scope: &str) {
 }
 
 pub fn stage(stage: &str, seconds: f64) {
-    METRICS.stage_seconds.with_label_values(&[stage]).observe(seconds);
+    METRICS
+        .stage_seconds
+        .with_label_values(&[stage])
+        .observe(seconds);
 }
 
 pub fn genre_weight(genre: &str, mean_share: f64) {
-    METRICS.genre_weight.with_label_values(&[genre]).set(mean_share);
+    METRICS
+        .genre_weight
+        .with_label_values(&[genre])
+        .set(mean_share);
 }
 
 pub fn catalog_size(n: usize) {
@@ -207,9 +216,15 @@ pub fn scorer_latency(seconds: f64) {
 
 pub fn rocksdb(stats: &StoreStats) {
     let m = &METRICS;
-    m.rocksdb_bytes.with_label_values(&["live"]).set(stats.live_bytes as i64);
-    m.rocksdb_bytes.with_label_values(&["sst"]).set(stats.sst_bytes as i64);
-    m.rocksdb_bytes.with_label_values(&["memtable"]).set(stats.memtable_bytes as i64);
+    m.rocksdb_bytes
+        .with_label_values(&["live"])
+        .set(stats.live_bytes as i64);
+    m.rocksdb_bytes
+        .with_label_values(&["sst"])
+        .set(stats.sst_bytes as i64);
+    m.rocksdb_bytes
+        .with_label_values(&["memtable"])
+        .set(stats.memtable_bytes as i64);
     let total = stats.block_cache_hits + stats.block_cache_misses;
     if total > 0 {
         m.rocksdb_cache_hit_ratio

@@ -25,8 +25,8 @@ use rdkafka::client::ClientContext;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::message::ToBytes;
+use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use rdkafka::statistics::Statistics;
 use rdkafka::{Offset, TopicPartitionList};
@@ -36,10 +36,11 @@ use tracing::{debug, info, warn};
 
 use crate::catalog::{Catalog, CatalogRecord};
 use crate::config::{Config, TopicNames};
-use crate::engine::{Body, DeadLetter, Engine, EngineError, Record, Rejection, SourcePos};
+use crate::engine::{
+    Body, DeadLetter, Engine, EngineError, Record, Rejection, SourcePos, UserOutputList,
+};
 use crate::event::{decode_interaction, parse_refresh};
 use crate::metrics;
-use crate::output::UserOutputs;
 use crate::store::{Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
@@ -50,7 +51,9 @@ pub enum PipelineError {
     Store(#[from] StoreError),
     #[error("engine: {0}")]
     Engine(#[from] EngineError),
-    #[error("publishing outputs failed; offsets were not stored, the batch will be redelivered: {0}")]
+    #[error(
+        "publishing outputs failed; offsets were not stored, the batch will be redelivered: {0}"
+    )]
     Publish(KafkaError),
     #[error("the engine thread stopped unexpectedly")]
     EngineGone,
@@ -140,9 +143,9 @@ enum Work {
 /// What the publisher is handed.
 enum Publish {
     /// Outputs that carry no offsets (pages of a refresh of everyone).
-    Outputs(Vec<(String, UserOutputs)>),
+    Outputs(UserOutputList),
     Batch {
-        outputs: Vec<(String, UserOutputs)>,
+        outputs: UserOutputList,
         dead_letters: Vec<DeadLetter>,
         offsets: Vec<(Arc<str>, i32, i64)>,
         received: Vec<Instant>,
@@ -222,7 +225,8 @@ pub async fn run(
         (published, engine)
     })
     .await;
-    let (published, engine_result) = drained.map_err(|_| PipelineError::ShutdownTimeout(deadline))?;
+    let (published, engine_result) =
+        drained.map_err(|_| PipelineError::ShutdownTimeout(deadline))?;
     consumed?;
     published?;
     match engine_result {
@@ -258,7 +262,8 @@ async fn consume_loop(
         .map(|t| (t.clone(), Arc::from(t.as_str())))
         .collect();
     loop {
-        let flush_at = batch_deadline.unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
+        let flush_at = batch_deadline
+            .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
         tokio::select! {
             biased;
             _ = &mut shutdown => {
@@ -303,7 +308,10 @@ async fn consume_loop(
     send_batch(&work_tx, &mut batch).await
 }
 
-async fn send_batch(work_tx: &mpsc::Sender<Work>, batch: &mut Vec<Record>) -> Result<(), PipelineError> {
+async fn send_batch(
+    work_tx: &mpsc::Sender<Work>,
+    batch: &mut Vec<Record>,
+) -> Result<(), PipelineError> {
     if batch.is_empty() {
         return Ok(());
     }
@@ -377,7 +385,8 @@ fn engine_loop(
                     for partition in engine.store().user_partitions()? {
                         let mut after: Option<String> = None;
                         loop {
-                            let (outputs, last) = engine.refresh_page(partition, after.as_deref(), REFRESH_PAGE)?;
+                            let (outputs, last) =
+                                engine.refresh_page(partition, after.as_deref(), REFRESH_PAGE)?;
                             if outputs.is_empty() {
                                 break;
                             }
@@ -450,7 +459,7 @@ async fn publish_loop(
 pub async fn publish_outputs(
     producer: &FutureProducer,
     topics: &TopicNames,
-    outputs: &[(String, UserOutputs)],
+    outputs: &[(String, crate::output::UserOutputs)],
     dead_letters: &[DeadLetter],
 ) -> Result<(), PipelineError> {
     let mut pending = Vec::with_capacity(outputs.len() * 3 + dead_letters.len());
@@ -462,8 +471,14 @@ pub async fn publish_outputs(
                 crate::output::OutputKind::Carousels => &topics.carousels,
                 crate::output::OutputKind::Insights => &topics.insights,
             };
-            let record = FutureRecord::to(topic).key(user.as_bytes()).payload(&payload);
-            pending.push(enqueue(producer, record).await.map_err(PipelineError::Publish)?);
+            let record = FutureRecord::to(topic)
+                .key(user.as_bytes())
+                .payload(&payload);
+            pending.push(
+                enqueue(producer, record)
+                    .await
+                    .map_err(PipelineError::Publish)?,
+            );
             counts[i] += 1;
         }
     }
@@ -471,21 +486,45 @@ pub async fn publish_outputs(
         let partition = dl.source.partition.to_string();
         let offset = dl.source.offset.to_string();
         let headers = OwnedHeaders::new()
-            .insert(Header { key: "dlq.reason", value: Some(dl.reason) })
-            .insert(Header { key: "dlq.detail", value: Some(&dl.detail) })
-            .insert(Header { key: "dlq.topic", value: Some(&*dl.source.topic) })
-            .insert(Header { key: "dlq.partition", value: Some(&partition) })
-            .insert(Header { key: "dlq.offset", value: Some(&offset) });
+            .insert(Header {
+                key: "dlq.reason",
+                value: Some(dl.reason),
+            })
+            .insert(Header {
+                key: "dlq.detail",
+                value: Some(&dl.detail),
+            })
+            .insert(Header {
+                key: "dlq.topic",
+                value: Some(&*dl.source.topic),
+            })
+            .insert(Header {
+                key: "dlq.partition",
+                value: Some(&partition),
+            })
+            .insert(Header {
+                key: "dlq.offset",
+                value: Some(&offset),
+            });
         let mut record = FutureRecord::to(&topics.dead_letters)
             .payload(&dl.payload)
             .headers(headers);
         if let Some(k) = &dl.key {
             record = record.key(k);
         }
-        pending.push(enqueue(producer, record).await.map_err(PipelineError::Publish)?);
+        pending.push(
+            enqueue(producer, record)
+                .await
+                .map_err(PipelineError::Publish)?,
+        );
     }
-    await_deliveries(pending).await.map_err(PipelineError::Publish)?;
-    for (kind, n) in ["recommendations", "carousels", "insights"].iter().zip(counts) {
+    await_deliveries(pending)
+        .await
+        .map_err(PipelineError::Publish)?;
+    for (kind, n) in ["recommendations", "carousels", "insights"]
+        .iter()
+        .zip(counts)
+    {
         metrics::output_published(kind, n);
     }
     if !dead_letters.is_empty() {
@@ -537,7 +576,14 @@ type CatalogUpdates = Vec<(u32, Option<CatalogRecord>)>;
 async fn follow_catalog(
     config: &Config,
     producer: FutureProducer,
-) -> Result<(mpsc::Receiver<CatalogUpdates>, CatalogUpdates, Option<JoinHandle<()>>), PipelineError> {
+) -> Result<
+    (
+        mpsc::Receiver<CatalogUpdates>,
+        CatalogUpdates,
+        Option<JoinHandle<()>>,
+    ),
+    PipelineError,
+> {
     let client = client_config(config)
         .set("group.id", format!("{}-catalog", config.kafka.group_id))
         .set("enable.auto.commit", "false")
@@ -580,7 +626,10 @@ async fn follow_catalog(
         if let Some(u) = catalog_update(&m, &producer, &topics).await? {
             initial.push(u);
         }
-        if remaining.get(&m.partition()).is_some_and(|high| m.offset() + 1 >= *high) {
+        if remaining
+            .get(&m.partition())
+            .is_some_and(|high| m.offset() + 1 >= *high)
+        {
             remaining.remove(&m.partition());
         }
     }
@@ -617,7 +666,9 @@ async fn catalog_update(
     producer: &FutureProducer,
     topics: &TopicNames,
 ) -> Result<Option<(u32, Option<CatalogRecord>)>, PipelineError> {
-    let key = m.key().and_then(|k| std::str::from_utf8(k).ok()?.parse::<u32>().ok());
+    let key = m
+        .key()
+        .and_then(|k| std::str::from_utf8(k).ok()?.parse::<u32>().ok());
     let rejection = match (key, m.payload()) {
         (Some(id), None) => return Ok(Some((id, None))),
         (None, None) => Rejection {

@@ -36,7 +36,10 @@ pub fn load_dir(dir: &Path) -> Result<Vec<Rating>, CatalogError> {
 
 /// Loads one ratings file; the layout is chosen by file name.
 pub fn load(path: &Path) -> Result<Vec<Rating>, CatalogError> {
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or_default();
     let text = std::fs::read(path).map_err(|source| CatalogError::Io {
         path: path.into(),
         source,
@@ -60,10 +63,16 @@ pub fn load(path: &Path) -> Result<Vec<Rating>, CatalogError> {
         .with_delimiter(delimiter)
         .with_batch_size(65_536)
         .build(Cursor::new(bytes))
-        .map_err(|source| CatalogError::Arrow { path: path.into(), source })?;
+        .map_err(|source| CatalogError::Arrow {
+            path: path.into(),
+            source,
+        })?;
     let mut out = Vec::new();
     for batch in reader {
-        let b = batch.map_err(|source| CatalogError::Arrow { path: path.into(), source })?;
+        let b = batch.map_err(|source| CatalogError::Arrow {
+            path: path.into(),
+            source,
+        })?;
         let users = b.column(0).as_primitive::<Int64Type>();
         let items = b.column(1).as_primitive::<Int64Type>();
         let ratings = b.column(2).as_primitive::<Float64Type>();
@@ -91,12 +100,24 @@ mod tests {
     fn reads_the_three_layouts() {
         let dir = tempfile::tempdir().unwrap();
         let csv = dir.path().join("ratings.csv");
-        std::fs::write(&csv, "userId,movieId,rating,timestamp\r\n1,31,2.5,1260759144\r\n").unwrap();
+        std::fs::write(
+            &csv,
+            "userId,movieId,rating,timestamp\r\n1,31,2.5,1260759144\r\n",
+        )
+        .unwrap();
         let udata = dir.path().join("u.data");
         std::fs::write(&udata, "196\t242\t3\t881250949\n").unwrap();
         let dat = dir.path().join("ratings.dat");
         std::fs::write(&dat, "1::1193::5::978300760\n").unwrap();
-        assert_eq!(load(&csv).unwrap()[0], Rating { user_id: 1, movie_id: 31, rating: 2.5, ts_ms: 1_260_759_144_000 });
+        assert_eq!(
+            load(&csv).unwrap()[0],
+            Rating {
+                user_id: 1,
+                movie_id: 31,
+                rating: 2.5,
+                ts_ms: 1_260_759_144_000
+            }
+        );
         assert_eq!(load(&udata).unwrap()[0].movie_id, 242);
         assert_eq!(load(&dat).unwrap()[0].rating, 5.0);
     }

@@ -61,7 +61,8 @@ impl ItemIndex {
                 (m.id, p, t, m.genres)
             })
             .collect();
-        let top = |rows: &mut Vec<(u32, f64, f64, GenreSet)>, key: fn(&(u32, f64, f64, GenreSet)) -> f64| {
+        let top = |rows: &mut Vec<(u32, f64, f64, GenreSet)>,
+                   key: fn(&(u32, f64, f64, GenreSet)) -> f64| {
             rows.sort_by(|a, b| key(b).total_cmp(&key(a)).then(a.0.cmp(&b.0)));
         };
         top(&mut rows, |r| r.2);
@@ -101,16 +102,23 @@ pub fn content_similarity(a: &Movie, b: &Movie) -> f64 {
     if a.tags.is_empty() || b.tags.is_empty() {
         0.75 * genres + 0.25 * years
     } else {
-        let shared = a.tags.iter().filter(|t| b.tags.binary_search(t).is_ok()).count();
+        let shared = a
+            .tags
+            .iter()
+            .filter(|t| b.tags.binary_search(t).is_ok())
+            .count();
         let union = a.tags.len() + b.tags.len() - shared;
         0.6 * genres + 0.2 * years + 0.2 * shared as f64 / union as f64
     }
 }
 
+/// A seed's most similar items with their similarity, best first.
+pub type SimilarItems = Arc<Vec<(u32, f32)>>;
+
 /// Most similar items per seed, computed on first use. Cleared when the catalog changes.
 #[derive(Debug, Default)]
 pub struct SimilarityCache {
-    map: HashMap<u32, Arc<Vec<(u32, f32)>>>,
+    map: HashMap<u32, SimilarItems>,
 }
 
 const SIMILAR_PER_SEED: usize = 30;
@@ -121,7 +129,7 @@ impl SimilarityCache {
         self.map.clear();
     }
 
-    pub fn similar(&mut self, catalog: &Catalog, seed: u32) -> Arc<Vec<(u32, f32)>> {
+    pub fn similar(&mut self, catalog: &Catalog, seed: u32) -> SimilarItems {
         if let Some(hit) = self.map.get(&seed) {
             return hit.clone();
         }
@@ -130,7 +138,9 @@ impl SimilarityCache {
         };
         let mut all: Vec<(u32, f32)> = catalog
             .movies()
-            .filter(|m| m.id != seed && !(m.genres.0 & seed_movie.genres.0 == 0 && m.tags.is_empty()))
+            .filter(|m| {
+                m.id != seed && !(m.genres.0 & seed_movie.genres.0 == 0 && m.tags.is_empty())
+            })
             .map(|m| (m.id, content_similarity(seed_movie, m) as f32))
             .filter(|(_, s)| *s > 0.0)
             .collect();
@@ -198,7 +208,10 @@ pub fn build_outputs(
     let now = ctx.index.now.max(state.last_ts);
     let lists = &ctx.config.lists;
     let weights = state.genre_weights_at(now, ctx.config);
-    let max_abs = weights.iter().map(|g| g.weight.abs()).fold(0.0f32, f32::max) as f64;
+    let max_abs = weights
+        .iter()
+        .map(|g| g.weight.abs())
+        .fold(0.0f32, f32::max) as f64;
     let mut top_genres: Vec<GenreWeight> =
         weights.iter().copied().filter(|g| g.weight > 0.0).collect();
     top_genres.sort_by(|a, b| b.weight.total_cmp(&a.weight).then(a.genre.cmp(&b.genre)));
@@ -234,11 +247,17 @@ pub fn build_outputs(
         propose(id, Source::Trending);
     }
     for g in &top_genres {
-        for &id in ctx.index.by_genre.get(g.genre as usize).into_iter().flatten() {
+        for &id in ctx
+            .index
+            .by_genre
+            .get(g.genre as usize)
+            .into_iter()
+            .flatten()
+        {
             propose(id, Source::Genre);
         }
     }
-    let seed_lists: Vec<(u32, Arc<Vec<(u32, f32)>>)> = seeds
+    let seed_lists: Vec<(u32, SimilarItems)> = seeds
         .iter()
         .map(|&s| (s, sims.similar(ctx.catalog, s)))
         .collect();
@@ -256,7 +275,10 @@ pub fn build_outputs(
         .filter(|c| ctx.catalog.contains(c.movie_id))
         .collect();
     for c in &mut candidates {
-        let movie = ctx.catalog.get(c.movie_id).expect("filtered to catalog items");
+        let movie = ctx
+            .catalog
+            .get(c.movie_id)
+            .expect("filtered to catalog items");
         let stats = ctx.items.get(&c.movie_id).copied().unwrap_or_default();
         c.signals.affinity = affinity(movie.genres, &weights, max_abs);
         if let Some((seed, sim)) = seed_movies
@@ -299,7 +321,11 @@ pub fn build_outputs(
             .map(|c| Scored {
                 movie_id: c.movie_id,
                 score: key(c),
-                genres: ctx.catalog.get(c.movie_id).map(|m| m.genres).unwrap_or_default(),
+                genres: ctx
+                    .catalog
+                    .get(c.movie_id)
+                    .map(|m| m.genres)
+                    .unwrap_or_default(),
             })
             .collect();
         blend::rank(&mut v);
@@ -320,7 +346,11 @@ pub fn build_outputs(
         let name = ctx.catalog.genre_name(g.genre);
         let genre = g.genre;
         let row: Vec<RecommendedItem> = ranked_by(
-            &|c| ctx.catalog.get(c.movie_id).is_some_and(|m| m.genres.contains(genre)),
+            &|c| {
+                ctx.catalog
+                    .get(c.movie_id)
+                    .is_some_and(|m| m.genres.contains(genre))
+            },
             &|c| c.score,
         )
         .iter()
@@ -341,7 +371,11 @@ pub fn build_outputs(
             .take(lists.row_size)
             .map(|(id, _)| item(*id))
             .collect();
-        let title = ctx.catalog.get(*seed).map(|m| m.title.as_str()).unwrap_or("");
+        let title = ctx
+            .catalog
+            .get(*seed)
+            .map(|m| m.title.as_str())
+            .unwrap_or("");
         rows.push(CarouselRow {
             id: format!("because-you-watched:{seed}"),
             title: format!("Because you watched {title}"),
@@ -350,8 +384,15 @@ pub fn build_outputs(
         });
     }
     for (id, title, kind, key) in [
-        ("trending", "Trending now", "trending", (|c: &Candidate| c.signals.trending) as fn(&Candidate) -> f64),
-        ("popular", "Popular", "popular", |c: &Candidate| c.signals.popularity),
+        (
+            "trending",
+            "Trending now",
+            "trending",
+            (|c: &Candidate| c.signals.trending) as fn(&Candidate) -> f64,
+        ),
+        ("popular", "Popular", "popular", |c: &Candidate| {
+            c.signals.popularity
+        }),
     ] {
         let row = ranked_by(&|_| true, &key)
             .iter()
@@ -401,8 +442,15 @@ pub fn affinity(genres: GenreSet, weights: &[GenreWeight], max_abs: f64) -> f64 
 }
 
 fn render(ctx: &Context, c: &Candidate) -> RecommendedItem {
-    let movie = ctx.catalog.get(c.movie_id).expect("candidates are catalog items");
-    let first_genre = movie.genres.iter().next().map(|g| ctx.catalog.genre_name(g));
+    let movie = ctx
+        .catalog
+        .get(c.movie_id)
+        .expect("candidates are catalog items");
+    let first_genre = movie
+        .genres
+        .iter()
+        .next()
+        .map(|g| ctx.catalog.genre_name(g));
     let reason = match blend::dominant(&c.signals, &ctx.config.blend) {
         Dominant::Similarity => match c.because_of.and_then(|s| ctx.catalog.get(s)) {
             Some(seed) => format!("Because you liked {}", seed.title),

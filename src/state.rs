@@ -161,7 +161,11 @@ impl UserState {
 
     /// Keeps the latest event (by event time) per item, newest first.
     fn remember_recent(&mut self, movie_id: u32, ts: i64, weight: f32, cap: usize) {
-        if self.recent.iter().any(|r| r.movie_id == movie_id && r.ts > ts) {
+        if self
+            .recent
+            .iter()
+            .any(|r| r.movie_id == movie_id && r.ts > ts)
+        {
             return;
         }
         self.recent.retain(|r| r.movie_id != movie_id);
@@ -278,8 +282,16 @@ mod tests {
     fn likes_raise_and_dislikes_lower_genre_weights() {
         let cfg = EngineConfig::default();
         let mut s = UserState::default();
-        s.apply(&event("a", 1, EventType::Like, None, 1000), &movie(1, 0b01), &cfg);
-        s.apply(&event("b", 2, EventType::Dislike, None, 2000), &movie(2, 0b10), &cfg);
+        s.apply(
+            &event("a", 1, EventType::Like, None, 1000),
+            &movie(1, 0b01),
+            &cfg,
+        );
+        s.apply(
+            &event("b", 2, EventType::Dislike, None, 2000),
+            &movie(2, 0b10),
+            &cfg,
+        );
         let w = s.genre_weights_at(2000, &cfg);
         assert!(w.iter().find(|g| g.genre == 0).unwrap().weight > 0.0);
         assert!(w.iter().find(|g| g.genre == 1).unwrap().weight < 0.0);
@@ -310,8 +322,16 @@ mod tests {
         let cfg = EngineConfig::default();
         let mut s = UserState::default();
         s.record_published(&[5, 6]);
-        s.apply(&event("a", 5, EventType::Click, None, 1), &movie(5, 1), &cfg);
-        s.apply(&event("b", 9, EventType::Click, None, 2), &movie(9, 1), &cfg);
+        s.apply(
+            &event("a", 5, EventType::Click, None, 1),
+            &movie(5, 1),
+            &cfg,
+        );
+        s.apply(
+            &event("b", 9, EventType::Click, None, 2),
+            &movie(9, 1),
+            &cfg,
+        );
         assert_eq!(s.counters.list_clicks, 1);
         assert_eq!(s.version, 1);
     }

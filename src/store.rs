@@ -88,7 +88,10 @@ impl Store {
         let cfs = [CF_USERS, CF_ITEMS, CF_GENRES, CF_OFFSETS]
             .map(|name| ColumnFamilyDescriptor::new(name, cf_opts.clone()));
         let db = DB::open_cf_descriptors(&opts, path, cfs)?;
-        Ok(Store { db, statistics: opts })
+        Ok(Store {
+            db,
+            statistics: opts,
+        })
     }
 
     fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
@@ -163,10 +166,16 @@ impl Store {
 
     pub fn items(&self) -> Result<HashMap<u32, Momentum>, StoreError> {
         let mut out = HashMap::new();
-        for kv in self.db.iterator_cf(self.cf(CF_ITEMS), rocksdb::IteratorMode::Start) {
+        for kv in self
+            .db
+            .iterator_cf(self.cf(CF_ITEMS), rocksdb::IteratorMode::Start)
+        {
             let (k, v) = kv?;
             if k.len() == 4 {
-                out.insert(u32::from_be_bytes([k[0], k[1], k[2], k[3]]), decode(&v, "items")?);
+                out.insert(
+                    u32::from_be_bytes([k[0], k[1], k[2], k[3]]),
+                    decode(&v, "items")?,
+                );
             }
         }
         Ok(out)
@@ -174,9 +183,15 @@ impl Store {
 
     pub fn genres(&self) -> Result<HashMap<String, Momentum>, StoreError> {
         let mut out = HashMap::new();
-        for kv in self.db.iterator_cf(self.cf(CF_GENRES), rocksdb::IteratorMode::Start) {
+        for kv in self
+            .db
+            .iterator_cf(self.cf(CF_GENRES), rocksdb::IteratorMode::Start)
+        {
             let (k, v) = kv?;
-            out.insert(String::from_utf8_lossy(&k).into_owned(), decode(&v, "genres")?);
+            out.insert(
+                String::from_utf8_lossy(&k).into_owned(),
+                decode(&v, "genres")?,
+            );
         }
         Ok(out)
     }
@@ -223,7 +238,12 @@ impl Store {
         let prop = |name: &str| -> u64 {
             [CF_USERS, CF_ITEMS, CF_GENRES, CF_OFFSETS]
                 .iter()
-                .filter_map(|cf| self.db.property_int_value_cf(self.cf(cf), name).ok().flatten())
+                .filter_map(|cf| {
+                    self.db
+                        .property_int_value_cf(self.cf(cf), name)
+                        .ok()
+                        .flatten()
+                })
                 .sum()
         };
         StoreStats {
@@ -244,7 +264,10 @@ fn encode<T: serde::Serialize>(value: &T) -> Vec<u8> {
     postcard::to_stdvec(value).expect("state values always encode")
 }
 
-fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8], what: &'static str) -> Result<T, StoreError> {
+fn decode<T: serde::de::DeserializeOwned>(
+    bytes: &[u8],
+    what: &'static str,
+) -> Result<T, StoreError> {
     postcard::from_bytes(bytes).map_err(|source| StoreError::Codec { what, source })
 }
 
@@ -269,7 +292,13 @@ mod tests {
             };
             changes.users.push((p, u.to_string(), s));
         }
-        changes.items.push((42, Momentum { count: 3, ..Default::default() }));
+        changes.items.push((
+            42,
+            Momentum {
+                count: 3,
+                ..Default::default()
+            },
+        ));
         changes.offsets.push(("in".into(), 1, 99));
         store.commit(&changes).unwrap();
         drop(store);
@@ -278,7 +307,10 @@ mod tests {
         assert_eq!(store.user(0, "a").unwrap().unwrap().version, 1);
         assert!(store.user(1, "a").unwrap().is_none());
         let page = store.users_page(0, None, 10).unwrap();
-        assert_eq!(page.iter().map(|p| p.0.as_str()).collect::<Vec<_>>(), ["a", "b"]);
+        assert_eq!(
+            page.iter().map(|p| p.0.as_str()).collect::<Vec<_>>(),
+            ["a", "b"]
+        );
         let page = store.users_page(0, Some("a"), 10).unwrap();
         assert_eq!(page.len(), 1);
         assert_eq!(store.user_partitions().unwrap(), vec![0, 1, 7]);

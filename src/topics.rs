@@ -85,7 +85,9 @@ pub fn validate_topic_name(name: &str) -> Result<(), String> {
         .chars()
         .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
     {
-        return Err(format!("{name:?} may only contain ASCII letters, digits, `.`, `_` and `-`"));
+        return Err(format!(
+            "{name:?} may only contain ASCII letters, digits, `.`, `_` and `-`"
+        ));
     }
     Ok(())
 }
@@ -103,8 +105,13 @@ impl TopicDecl {
         if self.replication_factor < 1 {
             return Err(bad("`replication_factor` must be >= 1".into()));
         }
-        if !matches!(self.cleanup_policy.as_str(), "delete" | "compact" | "compact,delete") {
-            return Err(bad("`cleanup_policy` must be delete, compact or compact,delete".into()));
+        if !matches!(
+            self.cleanup_policy.as_str(),
+            "delete" | "compact" | "compact,delete"
+        ) {
+            return Err(bad(
+                "`cleanup_policy` must be delete, compact or compact,delete".into(),
+            ));
         }
         if self.retention_ms < -1 || self.retention_ms == 0 {
             return Err(bad("`retention_ms` must be -1 (forever) or positive".into()));
@@ -129,16 +136,26 @@ pub fn builtin() -> Vec<TopicDecl> {
     const FILES: [(&str, &str); 7] = [
         ("carousels.toml", include_str!("../topics/carousels.toml")),
         ("catalog.toml", include_str!("../topics/catalog.toml")),
-        ("dead_letters.toml", include_str!("../topics/dead_letters.toml")),
+        (
+            "dead_letters.toml",
+            include_str!("../topics/dead_letters.toml"),
+        ),
         ("insights.toml", include_str!("../topics/insights.toml")),
-        ("interactions.toml", include_str!("../topics/interactions.toml")),
-        ("recommendations.toml", include_str!("../topics/recommendations.toml")),
+        (
+            "interactions.toml",
+            include_str!("../topics/interactions.toml"),
+        ),
+        (
+            "recommendations.toml",
+            include_str!("../topics/recommendations.toml"),
+        ),
         ("refresh.toml", include_str!("../topics/refresh.toml")),
     ];
     FILES
         .iter()
         .map(|(name, text)| {
-            let decl: TopicDecl = toml::from_str(text).unwrap_or_else(|e| panic!("topics/{name}: {e}"));
+            let decl: TopicDecl =
+                toml::from_str(text).unwrap_or_else(|e| panic!("topics/{name}: {e}"));
             decl
         })
         .collect()
@@ -229,13 +246,18 @@ pub async fn apply(
     if to_create.is_empty() {
         return Ok(report);
     }
-    let configs: Vec<Vec<(String, String)>> = to_create.iter().map(|d| d.broker_configs()).collect();
+    let configs: Vec<Vec<(String, String)>> =
+        to_create.iter().map(|d| d.broker_configs()).collect();
     let new_topics: Vec<NewTopic> = to_create
         .iter()
         .zip(&configs)
         .map(|(d, cfg)| {
             cfg.iter().fold(
-                NewTopic::new(&d.name, d.partitions, TopicReplication::Fixed(d.replication_factor)),
+                NewTopic::new(
+                    &d.name,
+                    d.partitions,
+                    TopicReplication::Fixed(d.replication_factor),
+                ),
                 |t, (k, v)| t.set(k, v),
             )
         })
@@ -259,7 +281,9 @@ pub async fn apply(
 }
 
 /// Partition count of every topic in the cluster.
-pub fn partition_counts(client_config: &ClientConfig) -> Result<BTreeMap<String, usize>, TopicError> {
+pub fn partition_counts(
+    client_config: &ClientConfig,
+) -> Result<BTreeMap<String, usize>, TopicError> {
     let consumer: BaseConsumer = client_config.create()?;
     let metadata = consumer.fetch_metadata(None, Duration::from_secs(15))?;
     Ok(metadata
@@ -279,18 +303,31 @@ mod tests {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("topics");
         let decls = load_dir(&dir).unwrap();
         assert_eq!(decls.len(), 7);
-        assert_eq!(builtin(), decls, "built-in declarations are the committed files");
+        assert_eq!(
+            builtin(),
+            decls,
+            "built-in declarations are the committed files"
+        );
         let names = TopicNames::default();
         for d in with_names(decls.clone(), &names) {
             let original = decls.iter().find(|o| o.role == d.role).unwrap();
-            assert_eq!(original.name, d.name, "declared names match the default config");
+            assert_eq!(
+                original.name, d.name,
+                "declared names match the default config"
+            );
             if let Some(schema) = &d.schema {
-                assert!(Path::new(env!("CARGO_MANIFEST_DIR")).join(schema).exists(), "{schema}");
+                assert!(
+                    Path::new(env!("CARGO_MANIFEST_DIR")).join(schema).exists(),
+                    "{schema}"
+                );
             }
         }
         let interactions = decls.iter().find(|d| d.role == Role::Interactions).unwrap();
         let refresh = decls.iter().find(|d| d.role == Role::Refresh).unwrap();
-        assert_eq!(interactions.partitions, refresh.partitions, "refresh is co-partitioned");
+        assert_eq!(
+            interactions.partitions, refresh.partitions,
+            "refresh is co-partitioned"
+        );
     }
 
     #[test]

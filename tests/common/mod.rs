@@ -61,20 +61,36 @@ impl Broker {
 
     /// A broker with file-backed storage (survives a restart).
     pub fn start_sqlite(dir: &Path) -> Broker {
-        Broker::start(format!("sqlite://{}", dir.join("tansu.db").display()), free_port())
+        Broker::start(
+            format!("sqlite://{}", dir.join("tansu.db").display()),
+            free_port(),
+        )
     }
 
     fn start(storage: String, port: u16) -> Broker {
         let url = format!("tcp://127.0.0.1:{port}");
         let child = Command::new(tansu_bin())
-            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+            ])
             .args(["--storage-engine", &storage])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("spawn tansu");
-        assert!(wait_for_port(port, Duration::from_secs(30)), "tansu did not listen on {port}");
-        Broker { child, port, storage }
+        assert!(
+            wait_for_port(port, Duration::from_secs(30)),
+            "tansu did not listen on {port}"
+        );
+        Broker {
+            child,
+            port,
+            storage,
+        }
     }
 
     pub fn bootstrap(&self) -> String {
@@ -104,7 +120,10 @@ pub fn engine_bin() -> &'static str {
 
 /// Runs the engine binary to completion and returns stdout; panics on failure.
 pub fn recstream(args: &[&str]) -> String {
-    let out = Command::new(engine_bin()).args(args).output().expect("run recstream");
+    let out = Command::new(engine_bin())
+        .args(args)
+        .output()
+        .expect("run recstream");
     assert!(
         out.status.success(),
         "recstream {args:?} failed: {}\n{}",
@@ -143,7 +162,11 @@ impl EngineProcess {
             if let Some(status) = self.child.try_wait().unwrap() {
                 return status;
             }
-            assert!(Instant::now() < deadline, "engine did not stop after SIGTERM\n{}", self.log_text());
+            assert!(
+                Instant::now() < deadline,
+                "engine did not stop after SIGTERM\n{}",
+                self.log_text()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -204,7 +227,13 @@ pub fn synthetic_catalog(dir: &Path, genres: &[&str], per_genre: u32) -> PathBuf
     path
 }
 
-pub fn write_config(dir: &Path, brokers: &str, catalog: &Path, http_port: u16, group: &str) -> PathBuf {
+pub fn write_config(
+    dir: &Path,
+    brokers: &str,
+    catalog: &Path,
+    http_port: u16,
+    group: &str,
+) -> PathBuf {
     let path = dir.join("recstream.toml");
     std::fs::write(
         &path,
