@@ -13,7 +13,7 @@ export PATH="$HOME/.cargo/bin:$HOME/.local/bin:$PATH"
 
 need_apt=()
 # libclang for the rocksdb crate's bindgen; cmake/g++/make for bundled librdkafka.
-for pkg in libclang-dev clang cmake g++ make pkg-config zlib1g-dev prometheus; do
+for pkg in libclang-dev clang cmake g++ make pkg-config zlib1g-dev prometheus curl; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
 done
 if [ ${#need_apt[@]} -gt 0 ]; then

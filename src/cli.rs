@@ -53,6 +53,8 @@ pub enum Command {
         #[arg(long)]
         all: bool,
     },
+    /// Produce synthetic load and measure throughput and event-to-output latency.
+    Loadgen(crate::loadgen::LoadgenArgs),
     /// Validate a config file and print it with every default filled in.
     CheckConfig {
         #[arg(long)]
@@ -159,6 +161,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
+        Command::Loadgen(args) => crate::loadgen::run(args).await,
         Command::CheckConfig { config } => {
             let config = Config::from_file(&config)?;
             print!("{}", toml::to_string_pretty(&config)?);

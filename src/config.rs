@@ -471,6 +471,18 @@ mod tests {
     }
 
     #[test]
+    fn the_example_config_is_valid_and_matches_the_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("ops/recstream.example.toml");
+        let c = Config::from_file(&path).unwrap();
+        let d = Config::default();
+        assert_eq!(c.topics.interactions, d.topics.interactions);
+        assert_eq!(c.engine.blend.affinity, d.engine.blend.affinity);
+        assert_eq!(c.engine.event_weights.skip, d.engine.event_weights.skip);
+        assert_eq!(c.engine.lists.top_n, d.engine.lists.top_n);
+        assert_eq!(c.processing.batch_max_records, d.processing.batch_max_records);
+    }
+
+    #[test]
     fn errors_name_the_field() {
         let mut c = Config::default();
         c.engine.lists.max_genre_share = 1.5;

@@ -16,6 +16,7 @@ pub mod demo;
 pub mod engine;
 pub mod event;
 pub mod http;
+pub mod loadgen;
 pub mod metrics;
 pub mod output;
 pub mod pipeline;

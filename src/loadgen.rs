@@ -1,0 +1,229 @@
+//! `recstream loadgen`: produces synthetic interactions to the broker (Zipf item
+//! popularity, a realistic event mix, event time = wall clock at production) and
+//! watches the recommendations topic to measure what a consumer of the engine
+//! sees: input rate, output rate, and event → published-list latency.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context as _, Result};
+use clap::Args;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::Message;
+use rdkafka::producer::FutureRecord;
+use serde::Serialize;
+
+use crate::cli::KafkaArgs;
+use crate::pipeline;
+
+#[derive(Debug, Args)]
+pub struct LoadgenArgs {
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+    /// Catalog whose movie ids the events use (any format `catalog::load` reads).
+    #[arg(long)]
+    pub catalog: PathBuf,
+    /// Events to produce.
+    #[arg(long, default_value_t = 100_000)]
+    pub events: usize,
+    /// Distinct users.
+    #[arg(long, default_value_t = 10_000)]
+    pub users: u32,
+    /// Target events per second; 0 produces as fast as the broker takes them.
+    #[arg(long, default_value_t = 0)]
+    pub rate: u64,
+    /// Zipf exponent of item popularity.
+    #[arg(long, default_value_t = 1.0)]
+    pub zipf: f64,
+    /// Give up waiting for outputs after this many seconds.
+    #[arg(long, default_value_t = 300)]
+    pub timeout_secs: u64,
+    /// Seed of the event stream.
+    #[arg(long, default_value_t = 7)]
+    pub seed: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct LoadReport {
+    pub events: usize,
+    pub users_touched: usize,
+    pub target_rate: u64,
+    pub produce_seconds: f64,
+    pub input_rate: f64,
+    /// First produce to the output reflecting every user's last event.
+    pub pipeline_seconds: f64,
+    pub pipeline_rate: f64,
+    pub output_records: usize,
+    pub output_rate: f64,
+    pub latency_ms_p50: f64,
+    pub latency_ms_p95: f64,
+    pub latency_ms_p99: f64,
+    pub latency_ms_max: f64,
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or_default()
+}
+
+/// xorshift64*: deterministic and dependency-free.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn unit(&mut self) -> f64 {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+const EVENT_MIX: [(&str, f64); 9] = [
+    ("play", 0.28),
+    ("complete", 0.14),
+    ("progress", 0.08),
+    ("rate", 0.14),
+    ("click", 0.14),
+    ("view", 0.10),
+    ("like", 0.06),
+    ("skip", 0.04),
+    ("dislike", 0.02),
+];
+
+pub async fn run(args: LoadgenArgs) -> Result<()> {
+    if args.events == 0 || args.users == 0 {
+        bail!("--events and --users must be at least 1");
+    }
+    let config = args.kafka.load()?;
+    let catalog = crate::catalog::load(&args.catalog).context("--catalog")?;
+    let ids = catalog.ids().to_vec();
+    // Zipf over catalog order: cumulative weights, sampled by binary search.
+    let mut cdf = Vec::with_capacity(ids.len());
+    let mut total = 0.0;
+    for rank in 1..=ids.len() {
+        total += 1.0 / (rank as f64).powf(args.zipf);
+        cdf.push(total);
+    }
+    let mut rng = Rng(args.seed.max(1));
+
+    // Watch outputs from the end of the topic before producing anything.
+    let consumer: StreamConsumer = pipeline::client_config(&config)
+        .set("group.id", format!("recstream-loadgen-{}-{}", std::process::id(), now_ms()))
+        .set("auto.offset.reset", "latest")
+        .set("enable.auto.commit", "false")
+        .create()?;
+    consumer.subscribe(&[&config.topics.recommendations])?;
+    // Wait for the assignment so "latest" is resolved before we produce.
+    let assign_deadline = Instant::now() + Duration::from_secs(30);
+    while consumer.assignment().map(|a| a.count()).unwrap_or(0) == 0 {
+        if Instant::now() > assign_deadline {
+            bail!("no partitions of {} assigned within 30 s", config.topics.recommendations);
+        }
+        let _ = tokio::time::timeout(Duration::from_millis(100), consumer.recv()).await;
+    }
+
+    let producer = pipeline::producer(&config)?;
+    let mut last_ts: HashMap<String, i64> = HashMap::new();
+    let started = Instant::now();
+    let started_ms = now_ms();
+    let mut pending = Vec::new();
+    for i in 0..args.events {
+        if args.rate > 0 {
+            let due = started + Duration::from_secs_f64(i as f64 / args.rate as f64);
+            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                tokio::time::sleep(wait).await;
+            }
+        }
+        let user = format!("load-{}", rng.next() % args.users as u64);
+        let r = rng.unit() * total;
+        let movie = ids[cdf.partition_point(|c| *c < r).min(ids.len() - 1)];
+        let mut p = rng.unit();
+        let kind = EVENT_MIX
+            .iter()
+            .find(|(_, share)| {
+                p -= share;
+                p < 0.0
+            })
+            .map(|(k, _)| *k)
+            .unwrap_or("play");
+        let ts = now_ms().max(last_ts.get(&user).copied().unwrap_or(0));
+        let value = match kind {
+            "rate" => format!(",\"value\":{}", 1 + rng.next() % 5),
+            "progress" => format!(",\"value\":{:.2}", rng.unit()),
+            "play" | "complete" => format!(",\"value\":{}", 60 + rng.next() % 7200),
+            _ => String::new(),
+        };
+        let payload = format!(
+            r#"{{"event_id":"lg-{}-{i}","user_id":"{user}","movie_id":{movie},"type":"{kind}","ts":{ts}{value}}}"#,
+            args.seed
+        );
+        last_ts.insert(user.clone(), ts);
+        let record = FutureRecord::to(&config.topics.interactions).key(&user).payload(&payload);
+        pending.push(pipeline::enqueue(&producer, record).await?);
+        if pending.len() >= 10_000 {
+            pipeline::await_deliveries(std::mem::take(&mut pending)).await?;
+        }
+    }
+    pipeline::await_deliveries(pending).await?;
+    let produce_seconds = started.elapsed().as_secs_f64();
+
+    // Consume until every user's output reflects their last event.
+    let mut waiting = last_ts.clone();
+    let mut latencies: Vec<f64> = Vec::new();
+    let mut outputs = 0usize;
+    let mut last_output = Instant::now();
+    let deadline = Instant::now() + Duration::from_secs(args.timeout_secs);
+    while !waiting.is_empty() {
+        if Instant::now() > deadline {
+            bail!("{} users still without a final output after {} s", waiting.len(), args.timeout_secs);
+        }
+        let Ok(Ok(m)) = tokio::time::timeout(Duration::from_secs(1), consumer.recv()).await else {
+            continue;
+        };
+        let seen_ms = now_ms();
+        let Some(user) = m.key().map(|k| String::from_utf8_lossy(k).into_owned()) else {
+            continue;
+        };
+        let Some(as_of) = m
+            .payload()
+            .and_then(|p| serde_json::from_slice::<serde_json::Value>(p).ok())
+            .and_then(|v| v["as_of"].as_i64())
+        else {
+            continue;
+        };
+        if as_of >= started_ms {
+            outputs += 1;
+            latencies.push((seen_ms - as_of) as f64);
+            last_output = Instant::now();
+        }
+        if waiting.get(&user).is_some_and(|t| as_of >= *t) {
+            waiting.remove(&user);
+        }
+    }
+    let pipeline_seconds = (last_output - started).as_secs_f64();
+    latencies.sort_by(f64::total_cmp);
+    let pct = |q: f64| latencies[((latencies.len() - 1) as f64 * q).round() as usize];
+    let report = LoadReport {
+        events: args.events,
+        users_touched: last_ts.len(),
+        target_rate: args.rate,
+        produce_seconds,
+        input_rate: args.events as f64 / produce_seconds,
+        pipeline_seconds,
+        pipeline_rate: args.events as f64 / pipeline_seconds,
+        output_records: outputs,
+        output_rate: outputs as f64 / pipeline_seconds,
+        latency_ms_p50: pct(0.50),
+        latency_ms_p95: pct(0.95),
+        latency_ms_p99: pct(0.99),
+        latency_ms_max: pct(1.0),
+    };
+    println!("{}", serde_json::to_string(&report)?);
+    Ok(())
+}
