@@ -479,7 +479,10 @@ mod tests {
         assert_eq!(c.engine.blend.affinity, d.engine.blend.affinity);
         assert_eq!(c.engine.event_weights.skip, d.engine.event_weights.skip);
         assert_eq!(c.engine.lists.top_n, d.engine.lists.top_n);
-        assert_eq!(c.processing.batch_max_records, d.processing.batch_max_records);
+        assert_eq!(
+            c.processing.batch_max_records,
+            d.processing.batch_max_records
+        );
     }
 
     #[test]

@@ -114,7 +114,10 @@ pub async fn run(args: LoadgenArgs) -> Result<()> {
 
     // Watch outputs from the end of the topic before producing anything.
     let consumer: StreamConsumer = pipeline::client_config(&config)
-        .set("group.id", format!("recstream-loadgen-{}-{}", std::process::id(), now_ms()))
+        .set(
+            "group.id",
+            format!("recstream-loadgen-{}-{}", std::process::id(), now_ms()),
+        )
         .set("auto.offset.reset", "latest")
         .set("enable.auto.commit", "false")
         .create()?;
@@ -123,7 +126,10 @@ pub async fn run(args: LoadgenArgs) -> Result<()> {
     let assign_deadline = Instant::now() + Duration::from_secs(30);
     while consumer.assignment().map(|a| a.count()).unwrap_or(0) == 0 {
         if Instant::now() > assign_deadline {
-            bail!("no partitions of {} assigned within 30 s", config.topics.recommendations);
+            bail!(
+                "no partitions of {} assigned within 30 s",
+                config.topics.recommendations
+            );
         }
         let _ = tokio::time::timeout(Duration::from_millis(100), consumer.recv()).await;
     }
@@ -164,7 +170,9 @@ pub async fn run(args: LoadgenArgs) -> Result<()> {
             args.seed
         );
         last_ts.insert(user.clone(), ts);
-        let record = FutureRecord::to(&config.topics.interactions).key(&user).payload(&payload);
+        let record = FutureRecord::to(&config.topics.interactions)
+            .key(&user)
+            .payload(&payload);
         pending.push(pipeline::enqueue(&producer, record).await?);
         if pending.len() >= 10_000 {
             pipeline::await_deliveries(std::mem::take(&mut pending)).await?;
@@ -181,7 +189,11 @@ pub async fn run(args: LoadgenArgs) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(args.timeout_secs);
     while !waiting.is_empty() {
         if Instant::now() > deadline {
-            bail!("{} users still without a final output after {} s", waiting.len(), args.timeout_secs);
+            bail!(
+                "{} users still without a final output after {} s",
+                waiting.len(),
+                args.timeout_secs
+            );
         }
         let Ok(Ok(m)) = tokio::time::timeout(Duration::from_secs(1), consumer.recv()).await else {
             continue;

@@ -69,6 +69,16 @@ async fn a_fans_genre_rises_and_bad_input_is_dead_lettered() {
         "{second}"
     );
 
+    // A movie that exists only on the catalog topic: read at the engine's start.
+    let topic_only_movie = 500u32;
+    python_produce(
+        &brokers,
+        "reco.catalog.v1",
+        &[json!({"key": topic_only_movie.to_string(), "value": {
+            "movie_id": topic_only_movie, "title": "Sci-Fi From The Topic", "genres": ["Sci-Fi"], "year": 2001}})],
+        dir.path(),
+    );
+
     let engine = EngineProcess::spawn(&config, dir.path().join("engine.log"));
 
     // Background crowd: everyone watches Comedy and Drama, nobody Sci-Fi.
@@ -105,6 +115,14 @@ async fn a_fans_genre_rises_and_bad_input_is_dead_lettered() {
         t + 1000,
     ));
     records.push(event(
+        "fan-topic-movie",
+        "fan",
+        topic_only_movie,
+        "play",
+        Some(60.0),
+        t + 1500,
+    ));
+    records.push(event(
         "fan-dislike",
         "fan",
         *genre_ids(4).start(),
@@ -114,7 +132,7 @@ async fn a_fans_genre_rises_and_bad_input_is_dead_lettered() {
     ));
     // A redelivered event (same id) must be applied once.
     records.push(event("fan-like-0", "fan", scifi[0], "like", None, t + 3000));
-    fan_events += 2;
+    fan_events += 3;
     // Bad input, each kind with its expected reason.
     records.push(json!({"key": "fan", "raw": true, "value": "{\"event_id\": \"broken\", \"user_id\": \"fan\""}));
     records.push(event("unknown-movie", "fan", 9999, "like", None, t + 4000));
@@ -153,8 +171,13 @@ async fn a_fans_genre_rises_and_bad_input_is_dead_lettered() {
     while !done(&seen) {
         assert!(
             Instant::now() < deadline,
-            "outputs incomplete after 120 s\n{}",
-            engine.log_text()
+            "outputs incomplete after 120 s: {} records, fan: {:?}, {} dead letters\n{}\n{}",
+            seen.latest.len(),
+            seen.latest
+                .get(&("reco.insights.v1".to_string(), "fan".to_string())),
+            seen.dead_letters.len(),
+            engine.log_text(),
+            http_get(http_port, "/metrics")
         );
         let Ok(Ok(m)) = tokio::time::timeout(Duration::from_secs(5), consumer.recv()).await else {
             continue;
