@@ -12,6 +12,9 @@ use recstream::engine::{Body, Engine, Record, SourcePos};
 use recstream::event::{decode_interaction, EventType, Interaction};
 use recstream::store::Store;
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const GENRES: [&str; 18] = [
     "Action",
     "Adventure",

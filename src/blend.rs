@@ -87,6 +87,20 @@ pub fn rank(items: &mut [Scored]) {
     });
 }
 
+/// Keeps the `k` best items in rank order (a partial sort).
+pub fn top_k(items: &mut Vec<Scored>, k: usize) {
+    let order = |a: &Scored, b: &Scored| {
+        b.score
+            .total_cmp(&a.score)
+            .then_with(|| a.movie_id.cmp(&b.movie_id))
+    };
+    if items.len() > k && k > 0 {
+        items.select_nth_unstable_by(k - 1, order);
+    }
+    items.truncate(k);
+    items.sort_by(order);
+}
+
 /// Picks `n` items from a ranked list such that no genre appears in more than
 /// `ceil(max_share · n)` of them. When the candidates cannot satisfy the cap the
 /// list is filled with the best remaining items rather than left short.
@@ -154,6 +168,14 @@ mod tests {
                 prop_assert!(pair[0].score > pair[1].score
                     || (pair[0].score == pair[1].score && pair[0].movie_id < pair[1].movie_id));
             }
+        }
+
+        #[test]
+        fn top_k_equals_the_head_of_a_full_ranking(mut items in scored(), k in 0usize..30) {
+            let mut full = items.clone();
+            rank(&mut full);
+            top_k(&mut items, k);
+            prop_assert_eq!(items, full.into_iter().take(k).collect::<Vec<_>>());
         }
 
         #[test]

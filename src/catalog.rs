@@ -42,6 +42,28 @@ pub enum CatalogError {
     Record(String),
 }
 
+/// Hashes a `u32` id with one multiply: ids are not attacker-chosen keys, and
+/// SipHash dominated candidate scoring.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct IdHasher(u64);
+
+impl std::hash::Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0.rotate_left(5) ^ *b as u64).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+        }
+    }
+    fn write_u32(&mut self, id: u32) {
+        self.0 = (id as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
+/// A map keyed by movie id.
+pub type IdMap<V> = HashMap<u32, V, std::hash::BuildHasherDefault<IdHasher>>;
+
 /// A set of genre indices into [`Catalog::genre_name`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct GenreSet(pub u64);
@@ -76,13 +98,16 @@ impl GenreSet {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Movie {
     pub id: u32,
-    pub title: String,
+    /// Shared: every published item carries it.
+    pub title: Arc<str>,
     pub year: Option<u16>,
     pub genres: GenreSet,
     pub tmdb_id: Option<u32>,
     pub imdb_id: Option<String>,
     /// Interned tag ids, sorted, at most [`MAX_TAGS_PER_MOVIE`].
     pub tags: Vec<u32>,
+    /// Names of `genres`, in genre-index order, shared like `title`.
+    pub genre_names: Arc<[Arc<str>]>,
 }
 
 /// The JSON record on the catalog topic, keyed by movie id. A null value deletes.
@@ -105,8 +130,8 @@ pub struct CatalogRecord {
 
 #[derive(Debug, Clone, Default)]
 pub struct Catalog {
-    movies: HashMap<u32, Movie>,
-    genre_names: Vec<String>,
+    movies: IdMap<Movie>,
+    genre_names: Vec<Arc<str>>,
     genre_ids: HashMap<String, u8>,
     tag_ids: HashMap<String, u32>,
     /// Sorted movie ids, for deterministic scans.
@@ -139,7 +164,7 @@ impl Catalog {
     pub fn genre_name(&self, genre: u8) -> &str {
         self.genre_names
             .get(genre as usize)
-            .map(String::as_str)
+            .map(|g| &**g)
             .unwrap_or("Unknown")
     }
     pub fn genre_id(&self, name: &str) -> Option<u8> {
@@ -172,7 +197,11 @@ impl Catalog {
         tags.truncate(MAX_TAGS_PER_MOVIE);
         let movie = Movie {
             id: record.movie_id,
-            title: record.title.trim().to_string(),
+            title: Arc::from(record.title.trim()),
+            genre_names: genres
+                .iter()
+                .map(|g| self.genre_names[g as usize].clone())
+                .collect(),
             year: record.year,
             genres,
             tmdb_id: record.tmdb_id,
@@ -201,7 +230,7 @@ impl Catalog {
             self.tag_ids.iter().map(|(k, v)| (*v, k.as_str())).collect();
         Some(CatalogRecord {
             movie_id: m.id,
-            title: m.title.clone(),
+            title: m.title.to_string(),
             genres: self.genre_names(m.genres),
             year: m.year,
             tmdb_id: m.tmdb_id,
@@ -227,7 +256,7 @@ impl Catalog {
             )));
         }
         let id = self.genre_names.len() as u8;
-        self.genre_names.push(name.clone());
+        self.genre_names.push(Arc::from(name.as_str()));
         self.genre_ids.insert(name, id);
         Ok(Some(id))
     }
@@ -713,7 +742,7 @@ mod tests {
         let c = load(&latest).unwrap();
         assert_eq!(c.len(), 2);
         let toy = c.get(1).unwrap();
-        assert_eq!(toy.title, "Toy Story, The (1995)");
+        assert_eq!(&*toy.title, "Toy Story, The (1995)");
         assert_eq!(toy.tmdb_id, Some(862));
         assert_eq!(toy.imdb_id.as_deref(), Some("tt0114709"));
         assert_eq!(c.genre_names(toy.genres), vec!["Adventure", "Children"]);
@@ -725,7 +754,7 @@ mod tests {
         f.write_all(b"1|Caf\xe9 \"Noir\" (1995)|01-Jan-1995||http://x|0|0|0|0|1|1|0|0|0|0|0|0|0|0|0|0|0|0|0\n").unwrap();
         let c = load(&item).unwrap();
         let m = c.get(1).unwrap();
-        assert_eq!(m.title, "Café \"Noir\" (1995)");
+        assert_eq!(&*m.title, "Café \"Noir\" (1995)");
         assert_eq!(c.genre_names(m.genres), vec!["Children", "Comedy"]);
 
         let dat = dir.path().join("movies.dat");

@@ -515,7 +515,7 @@ fn print_state(
         let names: Vec<&str> = consumed
             .iter()
             .filter_map(|id| catalog.get(*id))
-            .map(|m| m.title.as_str())
+            .map(|m| &*m.title)
             .collect();
         println!(
             "  excluded  : {} (already consumed; never shown again)",

@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::catalog::{Catalog, CatalogRecord};
+use crate::catalog::{Catalog, CatalogRecord, IdMap};
 use crate::config::EngineConfig;
 use crate::decay::Momentum;
 use crate::event::{Interaction, RefreshCommand};
@@ -88,7 +88,7 @@ pub struct Engine {
     config: EngineConfig,
     store: Store,
     catalog: Catalog,
-    items: HashMap<u32, Momentum>,
+    items: IdMap<Momentum>,
     genres: HashMap<String, Momentum>,
     sims: SimilarityCache,
     scorer: Option<Arc<dyn Scorer>>,

@@ -134,6 +134,31 @@ pub async fn run(args: LoadgenArgs) -> Result<()> {
         let _ = tokio::time::timeout(Duration::from_millis(100), consumer.recv()).await;
     }
 
+    // Outputs are timestamped as they arrive, concurrently with producing.
+    let (seen_tx, mut seen_rx) =
+        tokio::sync::mpsc::unbounded_channel::<(String, i64, i64, Instant)>();
+    let watcher = tokio::spawn(async move {
+        loop {
+            let Ok(m) = consumer.recv().await else {
+                continue;
+            };
+            let seen_ms = now_ms();
+            let seen_at = Instant::now();
+            let Some(user) = m.key().map(|k| String::from_utf8_lossy(k).into_owned()) else {
+                continue;
+            };
+            let as_of = m
+                .payload()
+                .and_then(|p| serde_json::from_slice::<serde_json::Value>(p).ok())
+                .and_then(|v| v["as_of"].as_i64());
+            if let Some(as_of) = as_of {
+                if seen_tx.send((user, as_of, seen_ms, seen_at)).is_err() {
+                    break;
+                }
+            }
+        }
+    });
+
     let producer = pipeline::producer(&config)?;
     let mut last_ts: HashMap<String, i64> = HashMap::new();
     let started = Instant::now();
@@ -181,43 +206,34 @@ pub async fn run(args: LoadgenArgs) -> Result<()> {
     pipeline::await_deliveries(pending).await?;
     let produce_seconds = started.elapsed().as_secs_f64();
 
-    // Consume until every user's output reflects their last event.
+    // Until every user's output reflects their last event.
     let mut waiting = last_ts.clone();
     let mut latencies: Vec<f64> = Vec::new();
     let mut outputs = 0usize;
     let mut last_output = Instant::now();
     let deadline = Instant::now() + Duration::from_secs(args.timeout_secs);
     while !waiting.is_empty() {
-        if Instant::now() > deadline {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let Ok(Some((user, as_of, seen_ms, seen_at))) =
+            tokio::time::timeout(remaining, seen_rx.recv()).await
+        else {
+            watcher.abort();
             bail!(
                 "{} users still without a final output after {} s",
                 waiting.len(),
                 args.timeout_secs
             );
-        }
-        let Ok(Ok(m)) = tokio::time::timeout(Duration::from_secs(1), consumer.recv()).await else {
-            continue;
-        };
-        let seen_ms = now_ms();
-        let Some(user) = m.key().map(|k| String::from_utf8_lossy(k).into_owned()) else {
-            continue;
-        };
-        let Some(as_of) = m
-            .payload()
-            .and_then(|p| serde_json::from_slice::<serde_json::Value>(p).ok())
-            .and_then(|v| v["as_of"].as_i64())
-        else {
-            continue;
         };
         if as_of >= started_ms {
             outputs += 1;
             latencies.push((seen_ms - as_of) as f64);
-            last_output = Instant::now();
+            last_output = seen_at;
         }
         if waiting.get(&user).is_some_and(|t| as_of >= *t) {
             waiting.remove(&user);
         }
     }
+    watcher.abort();
     let pipeline_seconds = (last_output - started).as_secs_f64();
     latencies.sort_by(f64::total_cmp);
     let pct = |q: f64| latencies[((latencies.len() - 1) as f64 * q).round() as usize];

@@ -1,5 +1,10 @@
 use std::process::ExitCode;
 
+// The engine allocates many short-lived records per event; glibc malloc's
+// consolidation showed up as a third of the batch time in profiles.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use clap::Parser;
 use recstream::cli::{Cli, Command};
 

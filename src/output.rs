@@ -3,6 +3,7 @@
 //! record with the highest version and drops any older one it sees later.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -19,19 +20,30 @@ pub struct ModelInfo {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// Cheap to clone: an item appears in the list and in several rows.
 pub struct RecommendedItem {
     pub movie_id: u32,
-    pub title: String,
-    pub genres: Vec<String>,
+    pub title: Arc<str>,
+    pub genres: Arc<[Arc<str>]>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub year: Option<u16>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tmdb_id: Option<u32>,
     pub score: f64,
     pub signals: Signals,
-    /// Candidate sources that proposed the item (popular, trending, genre, similar).
-    pub sources: Vec<String>,
-    pub reason: String,
+    /// Candidate sources that proposed the item.
+    pub sources: Vec<Source>,
+    pub reason: Arc<str>,
+}
+
+/// Where a candidate came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Source {
+    Popular,
+    Trending,
+    Genre,
+    Similar,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

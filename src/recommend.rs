@@ -1,11 +1,10 @@
 //! Candidate generation, scoring and the three outputs for one user: pure
 //! functions of the user's state, the item counters and the event time `now`.
 
-use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use crate::blend::{self, Dominant, Scored, Signals};
-use crate::catalog::{Catalog, GenreSet, Movie};
+use crate::catalog::{Catalog, GenreSet, IdMap, Movie};
 use crate::config::EngineConfig;
 use crate::decay::{HalfLives, Momentum};
 use crate::event::EventType;
@@ -39,6 +38,8 @@ pub struct ItemIndex {
     pub by_genre: Vec<Vec<u32>>,
     pub popularity_max: f64,
     pub trending_max: f64,
+    /// Normalized (popularity, trending) of every catalog item at `now`.
+    pub signals: IdMap<(f64, f64)>,
 }
 
 impl ItemIndex {
@@ -46,7 +47,7 @@ impl ItemIndex {
     /// ties go to the lower id, so a cold catalog still yields lists).
     pub fn build(
         catalog: &Catalog,
-        items: &HashMap<u32, Momentum>,
+        items: &IdMap<Momentum>,
         now: i64,
         hl: HalfLives,
         per_source: usize,
@@ -71,6 +72,17 @@ impl ItemIndex {
         top(&mut rows, |r| r.1);
         let popular: Vec<u32> = rows.iter().take(per_source).map(|r| r.0).collect();
         let popularity_max = rows.first().map(|r| r.1).unwrap_or(0.0);
+        let signals = rows
+            .iter()
+            .map(|r| {
+                let trending = if trending_max > 0.0 {
+                    (r.2 / trending_max).clamp(0.0, 1.0)
+                } else {
+                    0.0
+                };
+                (r.0, (blend::log_normalize(r.1, popularity_max), trending))
+            })
+            .collect();
         let mut by_genre = vec![Vec::new(); catalog.genre_count()];
         for r in &rows {
             for g in r.3.iter() {
@@ -88,6 +100,7 @@ impl ItemIndex {
             by_genre,
             popularity_max,
             trending_max,
+            signals,
         }
     }
 }
@@ -118,7 +131,7 @@ pub type SimilarItems = Arc<Vec<(u32, f32)>>;
 /// Most similar items per seed, computed on first use. Cleared when the catalog changes.
 #[derive(Debug, Default)]
 pub struct SimilarityCache {
-    map: HashMap<u32, SimilarItems>,
+    map: IdMap<SimilarItems>,
 }
 
 const SIMILAR_PER_SEED: usize = 30;
@@ -162,37 +175,33 @@ impl SimilarityCache {
 /// Everything the recommender reads besides the user.
 pub struct Context<'a> {
     pub catalog: &'a Catalog,
-    pub items: &'a HashMap<u32, Momentum>,
+    pub items: &'a IdMap<Momentum>,
     pub index: &'a ItemIndex,
     pub config: &'a EngineConfig,
     pub scorer: Option<&'a dyn Scorer>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-enum Source {
-    Popular,
-    Trending,
-    Genre,
-    Similar,
-}
+/// Candidate sources in publishing order; [`Candidate::sources`] holds them as bits.
+const SOURCES: [Source; 4] = [
+    Source::Popular,
+    Source::Trending,
+    Source::Genre,
+    Source::Similar,
+];
 
-impl Source {
-    fn as_str(self) -> &'static str {
-        match self {
-            Source::Popular => "popular",
-            Source::Trending => "trending",
-            Source::Genre => "genre",
-            Source::Similar => "similar",
-        }
-    }
+fn source_bit(source: Source) -> u8 {
+    1 << SOURCES.iter().position(|s| *s == source).expect("listed")
 }
 
 struct Candidate {
     movie_id: u32,
-    sources: Vec<Source>,
+    /// Bit set of the sources that proposed it.
+    sources: u8,
     signals: Signals,
     /// The seed most similar to this candidate.
     because_of: Option<u32>,
+    /// The candidate's genre the user likes most (names the reason).
+    reason_genre: Option<u8>,
     score: f64,
 }
 
@@ -206,6 +215,13 @@ pub fn build_outputs(
     version: u64,
 ) -> Result<UserOutputs, ScoreError> {
     let now = ctx.index.now.max(state.last_ts);
+    // The records say which of the user's events they reflect; a user without
+    // events (a refresh) gets the engine's current event time.
+    let as_of = if state.last_ts > 0 {
+        state.last_ts
+    } else {
+        now
+    };
     let lists = &ctx.config.lists;
     let weights = state.genre_weights_at(now, ctx.config);
     let max_abs = weights
@@ -224,21 +240,24 @@ pub fn build_outputs(
         .collect();
 
     // Candidate pool from every source, excluding what the user already consumed.
-    let mut pool: BTreeMap<u32, Candidate> = BTreeMap::new();
+    let mut candidates: Vec<Candidate> = Vec::with_capacity(4 * lists.candidates_per_source);
+    let mut slot: IdMap<usize> = IdMap::default();
     let mut propose = |id: u32, source: Source| {
-        if state.is_seen(id) || seeds.contains(&id) {
+        if state.is_seen(id) || seeds.contains(&id) || !ctx.catalog.contains(id) {
             return;
         }
-        let c = pool.entry(id).or_insert_with(|| Candidate {
-            movie_id: id,
-            sources: Vec::new(),
-            signals: Signals::default(),
-            because_of: None,
-            score: 0.0,
+        let i = *slot.entry(id).or_insert_with(|| {
+            candidates.push(Candidate {
+                movie_id: id,
+                sources: 0,
+                signals: Signals::default(),
+                because_of: None,
+                reason_genre: None,
+                score: 0.0,
+            });
+            candidates.len() - 1
         });
-        if !c.sources.contains(&source) {
-            c.sources.push(source);
-        }
+        candidates[i].sources |= source_bit(source);
     };
     for &id in &ctx.index.popular {
         propose(id, Source::Popular);
@@ -268,19 +287,23 @@ pub fn build_outputs(
     }
 
     // Signals.
-    let hl = ctx.config.decay.item_half_lives();
     let seed_movies: Vec<&Movie> = seeds.iter().filter_map(|s| ctx.catalog.get(*s)).collect();
-    let mut candidates: Vec<Candidate> = pool
-        .into_values()
-        .filter(|c| ctx.catalog.contains(c.movie_id))
-        .collect();
+    let genre_weight = |g: u8| {
+        weights
+            .iter()
+            .find(|w| w.genre == g)
+            .map_or(0.0, |w| w.weight)
+    };
     for c in &mut candidates {
         let movie = ctx
             .catalog
             .get(c.movie_id)
-            .expect("filtered to catalog items");
-        let stats = ctx.items.get(&c.movie_id).copied().unwrap_or_default();
+            .expect("candidates are catalog items");
         c.signals.affinity = affinity(movie.genres, &weights, max_abs);
+        c.reason_genre = movie
+            .genres
+            .iter()
+            .max_by(|a, b| genre_weight(*a).total_cmp(&genre_weight(*b)).then(b.cmp(a)));
         if let Some((seed, sim)) = seed_movies
             .iter()
             .map(|s| (s.id, content_similarity(movie, s)))
@@ -289,13 +312,14 @@ pub fn build_outputs(
             c.signals.similarity = sim;
             c.because_of = Some(seed);
         }
-        c.signals.popularity =
-            blend::log_normalize(stats.popularity_at(now, hl), ctx.index.popularity_max);
-        c.signals.trending = if ctx.index.trending_max > 0.0 {
-            (stats.trending_at(now, hl) / ctx.index.trending_max).clamp(0.0, 1.0)
-        } else {
-            0.0
-        };
+        let (popularity, trending) = ctx
+            .index
+            .signals
+            .get(&c.movie_id)
+            .copied()
+            .unwrap_or_default();
+        c.signals.popularity = popularity;
+        c.signals.trending = trending;
     }
     let model = match ctx.scorer {
         Some(scorer) => {
@@ -312,27 +336,25 @@ pub fn build_outputs(
         c.score = blend::blend(&c.signals, &ctx.config.blend);
     }
 
-    let by_id: HashMap<u32, &Candidate> = candidates.iter().map(|c| (c.movie_id, c)).collect();
-    let item = |id: u32| render(ctx, by_id[&id]);
-    let ranked_by = |filter: &dyn Fn(&Candidate) -> bool, key: &dyn Fn(&Candidate) -> f64| {
-        let mut v: Vec<Scored> = candidates
-            .iter()
-            .filter(|c| filter(c))
-            .map(|c| Scored {
-                movie_id: c.movie_id,
-                score: key(c),
-                genres: ctx
-                    .catalog
-                    .get(c.movie_id)
-                    .map(|m| m.genres)
-                    .unwrap_or_default(),
-            })
-            .collect();
-        blend::rank(&mut v);
-        v
+    // Rank once; rows filter the ranked list or select their own top few.
+    let scored = |c: &Candidate, score: f64| Scored {
+        movie_id: c.movie_id,
+        score,
+        genres: ctx
+            .catalog
+            .get(c.movie_id)
+            .map(|m| m.genres)
+            .unwrap_or_default(),
     };
-
-    let ranked = ranked_by(&|_| true, &|c| c.score);
+    let mut ranked: Vec<Scored> = candidates.iter().map(|c| scored(c, c.score)).collect();
+    blend::rank(&mut ranked);
+    let mut rendered: IdMap<RecommendedItem> = IdMap::default();
+    let mut item = |id: u32| {
+        rendered
+            .entry(id)
+            .or_insert_with(|| render(ctx, &candidates[slot[&id]]))
+            .clone()
+    };
     let top = blend::diversify(&ranked, lists.top_n, lists.max_genre_share);
     let top_items: Vec<RecommendedItem> = top.iter().map(|s| item(s.movie_id)).collect();
 
@@ -344,19 +366,12 @@ pub fn build_outputs(
     }];
     for g in &top_genres {
         let name = ctx.catalog.genre_name(g.genre);
-        let genre = g.genre;
-        let row: Vec<RecommendedItem> = ranked_by(
-            &|c| {
-                ctx.catalog
-                    .get(c.movie_id)
-                    .is_some_and(|m| m.genres.contains(genre))
-            },
-            &|c| c.score,
-        )
-        .iter()
-        .take(lists.row_size)
-        .map(|s| item(s.movie_id))
-        .collect();
+        let row: Vec<RecommendedItem> = ranked
+            .iter()
+            .filter(|s| s.genres.contains(g.genre))
+            .take(lists.row_size)
+            .map(|s| item(s.movie_id))
+            .collect();
         rows.push(CarouselRow {
             id: format!("genre:{name}"),
             title: format!("Because you like {name}"),
@@ -367,15 +382,11 @@ pub fn build_outputs(
     if let Some((seed, similar)) = seed_lists.first() {
         let row: Vec<RecommendedItem> = similar
             .iter()
-            .filter(|(id, _)| by_id.contains_key(id))
+            .filter(|(id, _)| slot.contains_key(id))
             .take(lists.row_size)
             .map(|(id, _)| item(*id))
             .collect();
-        let title = ctx
-            .catalog
-            .get(*seed)
-            .map(|m| m.title.as_str())
-            .unwrap_or("");
+        let title = ctx.catalog.get(*seed).map(|m| &*m.title).unwrap_or("");
         rows.push(CarouselRow {
             id: format!("because-you-watched:{seed}"),
             title: format!("Because you watched {title}"),
@@ -383,27 +394,21 @@ pub fn build_outputs(
             items: row,
         });
     }
-    for (id, title, kind, key) in [
+    for (id, title, key) in [
         (
             "trending",
             "Trending now",
-            "trending",
             (|c: &Candidate| c.signals.trending) as fn(&Candidate) -> f64,
         ),
-        ("popular", "Popular", "popular", |c: &Candidate| {
-            c.signals.popularity
-        }),
+        ("popular", "Popular", |c: &Candidate| c.signals.popularity),
     ] {
-        let row = ranked_by(&|_| true, &key)
-            .iter()
-            .take(lists.row_size)
-            .map(|s| item(s.movie_id))
-            .collect();
+        let mut by_key: Vec<Scored> = candidates.iter().map(|c| scored(c, key(c))).collect();
+        blend::top_k(&mut by_key, lists.row_size);
         rows.push(CarouselRow {
             id: id.into(),
             title: title.into(),
-            kind: kind.into(),
-            items: row,
+            kind: id.into(),
+            items: by_key.iter().map(|s| item(s.movie_id)).collect(),
         });
     }
     rows.retain(|r| !r.items.is_empty());
@@ -413,7 +418,7 @@ pub fn build_outputs(
             schema: RECOMMENDATIONS_SCHEMA.into(),
             user_id: user_id.into(),
             version,
-            as_of: now,
+            as_of,
             model,
             items: top_items,
         },
@@ -421,10 +426,10 @@ pub fn build_outputs(
             schema: CAROUSELS_SCHEMA.into(),
             user_id: user_id.into(),
             version,
-            as_of: now,
+            as_of,
             rows,
         },
-        insights: insights(ctx.catalog, user_id, state, &weights, version, now),
+        insights: insights(ctx.catalog, user_id, state, &weights, version, as_of),
     })
 }
 
@@ -470,12 +475,10 @@ fn render(ctx: &Context, c: &Candidate) -> RecommendedItem {
         },
         Dominant::Ncf => "Viewers with similar taste enjoyed this".into(),
     };
-    let mut sources = c.sources.clone();
-    sources.sort();
     RecommendedItem {
         movie_id: movie.id,
         title: movie.title.clone(),
-        genres: ctx.catalog.genre_names(movie.genres),
+        genres: movie.genre_names.clone(),
         year: movie.year,
         tmdb_id: movie.tmdb_id,
         score: round6(c.score),
@@ -486,8 +489,11 @@ fn render(ctx: &Context, c: &Candidate) -> RecommendedItem {
             trending: round6(c.signals.trending),
             ncf: c.signals.ncf.map(round6),
         },
-        sources: sources.iter().map(|s| s.as_str().to_string()).collect(),
-        reason,
+        sources: SOURCES
+            .into_iter()
+            .filter(|s| c.sources & source_bit(*s) != 0)
+            .collect(),
+        reason: Arc::from(reason),
     }
 }
 

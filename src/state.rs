@@ -257,7 +257,8 @@ mod tests {
     fn movie(id: u32, genres: u64) -> Movie {
         Movie {
             id,
-            title: format!("M{id}"),
+            title: format!("M{id}").into(),
+            genre_names: Default::default(),
             year: None,
             genres: GenreSet(genres),
             tmdb_id: None,

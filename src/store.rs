@@ -13,6 +13,7 @@ use std::path::Path;
 
 use rocksdb::{BlockBasedOptions, Cache, ColumnFamilyDescriptor, Options, WriteBatch, DB};
 
+use crate::catalog::IdMap;
 use crate::decay::Momentum;
 use crate::state::UserState;
 
@@ -164,8 +165,8 @@ impl Store {
         Ok(parts)
     }
 
-    pub fn items(&self) -> Result<HashMap<u32, Momentum>, StoreError> {
-        let mut out = HashMap::new();
+    pub fn items(&self) -> Result<IdMap<Momentum>, StoreError> {
+        let mut out = IdMap::default();
         for kv in self
             .db
             .iterator_cf(self.cf(CF_ITEMS), rocksdb::IteratorMode::Start)
