@@ -405,7 +405,7 @@ async fn replay_ratings(
 }
 
 fn watch_outputs(config: &Config) -> Result<(mpsc::Receiver<Seen>, tokio::task::JoinHandle<()>)> {
-    let consumer: StreamConsumer = pipeline::client_config(config)
+    let consumer: StreamConsumer = pipeline::consumer_config(config)
         .set(
             "group.id",
             format!("recstream-demo-watch-{}", std::process::id()),

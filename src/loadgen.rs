@@ -112,27 +112,32 @@ pub async fn run(args: LoadgenArgs) -> Result<()> {
     }
     let mut rng = Rng(args.seed.max(1));
 
-    // Watch outputs from the end of the topic before producing anything.
-    let consumer: StreamConsumer = pipeline::client_config(&config)
-        .set(
-            "group.id",
-            format!("recstream-loadgen-{}-{}", std::process::id(), now_ms()),
-        )
-        .set("auto.offset.reset", "latest")
+    // Watch outputs from the current end of every partition, resolved before
+    // anything is produced (a lazily resolved "latest" could skip early outputs).
+    let client = pipeline::consumer_config(&config)
+        .set("group.id", "recstream-loadgen")
         .set("enable.auto.commit", "false")
-        .create()?;
-    consumer.subscribe(&[&config.topics.recommendations])?;
-    // Wait for the assignment so "latest" is resolved before we produce.
-    let assign_deadline = Instant::now() + Duration::from_secs(30);
-    while consumer.assignment().map(|a| a.count()).unwrap_or(0) == 0 {
-        if Instant::now() > assign_deadline {
-            bail!(
-                "no partitions of {} assigned within 30 s",
-                config.topics.recommendations
-            );
-        }
-        let _ = tokio::time::timeout(Duration::from_millis(100), consumer.recv()).await;
-    }
+        .clone();
+    let topic = config.topics.recommendations.clone();
+    let consumer: StreamConsumer =
+        tokio::task::spawn_blocking(move || -> Result<StreamConsumer> {
+            let consumer: StreamConsumer = client.create()?;
+            let metadata = consumer.fetch_metadata(Some(&topic), Duration::from_secs(15))?;
+            let mut tpl = rdkafka::TopicPartitionList::new();
+            for t in metadata.topics().iter().filter(|t| t.name() == topic) {
+                for p in t.partitions() {
+                    let (_, high) =
+                        consumer.fetch_watermarks(&topic, p.id(), Duration::from_secs(15))?;
+                    tpl.add_partition_offset(&topic, p.id(), rdkafka::Offset::Offset(high))?;
+                }
+            }
+            if tpl.count() == 0 {
+                bail!("topic {topic} not found");
+            }
+            consumer.assign(&tpl)?;
+            Ok(consumer)
+        })
+        .await??;
 
     // Outputs are timestamped as they arrive, concurrently with producing.
     let (seen_tx, mut seen_rx) =
@@ -208,6 +213,7 @@ pub async fn run(args: LoadgenArgs) -> Result<()> {
 
     // Until every user's output reflects their last event.
     let mut waiting = last_ts.clone();
+    let mut newest_seen: HashMap<String, i64> = HashMap::new();
     let mut latencies: Vec<f64> = Vec::new();
     let mut outputs = 0usize;
     let mut last_output = Instant::now();
@@ -224,6 +230,8 @@ pub async fn run(args: LoadgenArgs) -> Result<()> {
                 args.timeout_secs
             );
         };
+        let newest = newest_seen.entry(user.clone()).or_insert(as_of);
+        *newest = (*newest).max(as_of);
         if as_of >= started_ms {
             outputs += 1;
             latencies.push((seen_ms - as_of) as f64);

@@ -76,8 +76,22 @@ impl Health {
 
 /// Base librdkafka settings: brokers plus the user's passthrough (security etc.).
 pub fn client_config(config: &Config) -> ClientConfig {
+    base_config(config, &[])
+}
+
+/// Consumer settings on top of [`client_config`]; `kafka.client` still wins.
+pub fn consumer_config(config: &Config) -> ClientConfig {
+    // Freshness: brokers without fetch long-poll wake-up (tansu) hold a fetch
+    // for the whole wait; 10 ms bounds that.
+    base_config(config, &[("fetch.wait.max.ms", "10")])
+}
+
+fn base_config(config: &Config, defaults: &[(&str, &str)]) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &config.kafka.brokers);
+    for (k, v) in defaults {
+        c.set(*k, *v);
+    }
     c.set_log_level(RDKafkaLogLevel::Warning);
     for (k, v) in &config.kafka.client {
         c.set(k, v);
@@ -179,7 +193,7 @@ pub async fn run(
     info!(movies = engine.catalog().len(), "catalog loaded");
 
     let consumer: Arc<StreamConsumer<EngineContext>> = Arc::new(
-        client_config(&config)
+        consumer_config(&config)
             .set("group.id", &config.kafka.group_id)
             .set("enable.auto.commit", "true")
             .set("auto.commit.interval.ms", "1000")
@@ -584,7 +598,7 @@ async fn follow_catalog(
     ),
     PipelineError,
 > {
-    let client = client_config(config)
+    let client = consumer_config(config)
         .set("group.id", format!("{}-catalog", config.kafka.group_id))
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "false")
