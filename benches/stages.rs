@@ -135,6 +135,22 @@ fn bench(c: &mut Criterion) {
         engine.process(records(chunk)).unwrap();
     }
 
+    // State size: what one user costs in RocksDB (before compression).
+    let users = engine.store().users_page(0, None, usize::MAX).unwrap();
+    let bytes: usize = users
+        .iter()
+        .map(|(_, s)| recstream::store::encoded_len(s))
+        .sum();
+    let recent: usize = users.iter().map(|(_, s)| s.recent.len()).sum();
+    let seen: usize = users.iter().map(|(_, s)| s.seen.len()).sum();
+    eprintln!(
+        "state: {} users, {:.0} bytes/user encoded (mean {:.1} recent items, {:.1} seen items)",
+        users.len(),
+        bytes as f64 / users.len() as f64,
+        recent as f64 / users.len() as f64,
+        seen as f64 / users.len() as f64
+    );
+
     let mut g = c.benchmark_group("engine");
     let batch = events(500, 2_000, items);
     g.throughput(Throughput::Elements(batch.len() as u64));

@@ -163,6 +163,8 @@ impl SimilarityCache {
             all.truncate(k);
         }
         all.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        // The scan allocated for the whole catalog; keep only the list.
+        all.shrink_to_fit();
         if self.map.len() >= SIMILARITY_CACHE_MAX {
             self.map.clear();
         }
