@@ -9,4 +9,5 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/recstream/target}"
 cargo fmt --check
 cargo clippy --quiet --all-targets -- -D warnings
 python3 tests/clients/check_schemas.py samples
-cargo test --all-targets
+cargo test --benches   # the criterion benches run once as smoke tests
+cargo test
