@@ -22,7 +22,6 @@ use crate::pipeline::{self, Health};
 use crate::topics;
 
 const SAMPLE_CATALOG: &str = include_str!("demo/catalog.csv");
-const DEMO_USER: &str = "demo-alice";
 /// 2026-01-01T00:00:00Z: the demo's event time starts here.
 const DEMO_EPOCH_MS: i64 = 1_767_225_600_000;
 const MINUTE_MS: i64 = 60_000;
@@ -151,11 +150,11 @@ pub async fn run(args: DemoArgs) -> Result<()> {
 
     let script = script(&catalog, genre)?;
     let mut version = 0;
-    let send_refresh = serde_json::json!({ "user_id": DEMO_USER }).to_string();
+    let send_refresh = serde_json::json!({ "user_id": demo_user() }).to_string();
     producer
         .send(
             FutureRecord::to(&config.topics.refresh)
-                .key(DEMO_USER)
+                .key(demo_user())
                 .payload(&send_refresh),
             Duration::from_secs(10),
         )
@@ -174,7 +173,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     for (i, (kind, movie, value)) in script.iter().enumerate() {
         t += 5 * MINUTE_MS;
         let mut event = serde_json::json!({
-            "event_id": format!("demo-{i}"), "user_id": DEMO_USER, "movie_id": movie,
+            "event_id": format!("demo-{i}"), "user_id": demo_user(), "movie_id": movie,
             "type": kind, "ts": t, "context": {"device": "tv", "surface": "home"}
         });
         if let Some(v) = value {
@@ -183,7 +182,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         produce(
             &producer,
             &config.topics.interactions,
-            DEMO_USER,
+            demo_user(),
             &event.to_string(),
         )
         .await?;
@@ -215,7 +214,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     produce(
         &producer,
         &config.topics.interactions,
-        DEMO_USER,
+        demo_user(),
         r#"{"event_id":"bad","user_id":"demo-"#,
     )
     .await?;
@@ -257,6 +256,12 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     println!("\ndemo finished: engine drained and stopped cleanly");
     let _ = std::fs::remove_dir_all(&work);
     Ok(())
+}
+
+/// The scripted user; unique per run so a real cluster's older records never mix in.
+fn demo_user() -> &'static str {
+    static USER: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    USER.get_or_init(|| format!("demo-alice-{}", std::process::id()))
 }
 
 fn tempdir() -> Result<PathBuf> {
@@ -422,7 +427,7 @@ fn watch_outputs(config: &Config) -> Result<(mpsc::Receiver<Seen>, tokio::task::
     let (tx, rx) = mpsc::channel(1024);
     let watcher = tokio::spawn(async move {
         while let Ok(m) = consumer.recv().await {
-            let is_demo_user = m.key() == Some(DEMO_USER.as_bytes());
+            let is_demo_user = m.key() == Some(demo_user().as_bytes());
             let payload = m.payload().unwrap_or_default();
             let seen = if m.topic() == topics.carousels && is_demo_user {
                 serde_json::from_slice(payload).ok().map(Seen::Carousels)
@@ -474,7 +479,7 @@ async fn wait_for_user(
                 insights.insert(i.version, i);
             }
             Ok(Some(_)) => {}
-            Ok(None) | Err(_) => bail!("no new outputs for {DEMO_USER} within 30 s"),
+            Ok(None) | Err(_) => bail!("no new outputs for {} within 30 s", demo_user()),
         }
     }
 }
