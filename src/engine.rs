@@ -86,7 +86,8 @@ pub struct BatchResult {
 
 pub struct Engine {
     config: EngineConfig,
-    store: Store,
+    /// Shared with the consumer, which resumes partitions at their stored offsets.
+    store: Arc<Store>,
     catalog: Catalog,
     items: IdMap<Momentum>,
     genres: HashMap<String, Momentum>,
@@ -94,6 +95,8 @@ pub struct Engine {
     scorer: Option<Arc<dyn Scorer>>,
     watermark: i64,
     genre_share_ewma: BTreeMap<String, f64>,
+    /// Next offset to apply per input partition, as committed with the state.
+    applied: HashMap<(Arc<str>, i32), i64>,
 }
 
 /// Weight of the newest batch in the genre drift gauge.
@@ -111,7 +114,7 @@ impl Engine {
         metrics::catalog_size(catalog.len());
         Ok(Engine {
             config,
-            store,
+            store: Arc::new(store),
             catalog,
             items,
             genres,
@@ -119,6 +122,7 @@ impl Engine {
             scorer: None,
             watermark,
             genre_share_ewma: BTreeMap::new(),
+            applied: HashMap::new(),
         })
     }
 
@@ -132,6 +136,10 @@ impl Engine {
 
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    pub fn store_handle(&self) -> Arc<Store> {
+        self.store.clone()
     }
 
     pub fn watermark(&self) -> i64 {
@@ -172,6 +180,10 @@ impl Engine {
 
         for record in records {
             let partition = record.source.partition.max(0) as u32;
+            // Records below the offset stored with the state were applied before a
+            // restart, but their outputs may not have been published: recompute
+            // and republish them (same version), never apply them twice.
+            let replayed = record.source.offset < self.applied_offset(&record.source)?;
             let next = offsets
                 .entry((record.source.topic.clone(), record.source.partition))
                 .or_insert(0);
@@ -200,15 +212,11 @@ impl Engine {
                         ));
                         continue;
                     };
-                    let key = (partition, event.user_id.clone());
-                    if !users.contains_key(&key) {
-                        let state = self
-                            .store
-                            .user(partition, &event.user_id)?
-                            .unwrap_or_default();
-                        users.insert(key.clone(), state);
+                    let state = user_entry(&self.store, &mut users, partition, &event.user_id)?;
+                    if replayed {
+                        metrics::event(event.kind.as_str(), "replayed");
+                        continue;
                     }
-                    let state = users.get_mut(&key).expect("inserted above");
                     match state.apply(&event, movie, &self.config) {
                         Applied::Duplicate => metrics::event(event.kind.as_str(), "duplicate"),
                         Applied::Applied => {
@@ -233,12 +241,18 @@ impl Engine {
                 Body::Refresh(cmd) => match cmd.user_id {
                     Some(user) => {
                         metrics::refresh("user");
-                        user_entry(&self.store, &mut users, partition, &user)?;
+                        let state = user_entry(&self.store, &mut users, partition, &user)?;
+                        if !replayed {
+                            state.refresh();
+                        }
                     }
-                    None => {
+                    // A refresh of everyone is best-effort: interrupted by a crash, it
+                    // is not resumed (send it again).
+                    None if !replayed => {
                         metrics::refresh("all");
                         result.refresh_all = true;
                     }
+                    None => {}
                 },
             }
         }
@@ -247,8 +261,8 @@ impl Engine {
         let recompute_started = Instant::now();
         let index = self.index();
         let mut changes = Changes::default();
-        for ((partition, user), mut state) in users {
-            let outputs = self.outputs_for(&index, &user, &mut state)?;
+        for ((partition, user), state) in users {
+            let outputs = self.outputs_for(&index, &user, &state)?;
             result.outputs.push((user.clone(), outputs));
             changes.users.push((partition, user, state));
         }
@@ -268,15 +282,31 @@ impl Engine {
             .iter()
             .map(|g| (g.clone(), self.genres[g]))
             .collect();
-        changes.offsets = offsets
-            .iter()
-            .map(|((t, p), o)| (t.to_string(), *p, *o))
-            .collect();
+        // A replayed batch must not move the applied offset back.
+        for ((t, p), o) in &offsets {
+            let applied = self.applied.entry((t.clone(), *p)).or_insert(0);
+            *applied = (*applied).max(*o);
+            changes.offsets.push((t.to_string(), *p, *applied));
+        }
         result.offsets = offsets.into_iter().map(|((t, p), o)| (t, p, o)).collect();
         let commit_started = Instant::now();
         self.store.commit(&changes)?;
         metrics::stage("commit", commit_started.elapsed().as_secs_f64());
         Ok(result)
+    }
+
+    /// The first offset of a partition not yet applied to the state.
+    fn applied_offset(&mut self, source: &SourcePos) -> Result<i64, StoreError> {
+        let key = (source.topic.clone(), source.partition);
+        if let Some(o) = self.applied.get(&key) {
+            return Ok(*o);
+        }
+        let o = self
+            .store
+            .offset(&source.topic, source.partition)?
+            .unwrap_or(0);
+        self.applied.insert(key, o);
+        Ok(o)
     }
 
     /// Recomputes one page of stored users (for a refresh of everyone), returning
@@ -293,7 +323,8 @@ impl Engine {
         let mut outputs = Vec::with_capacity(page.len());
         let mut changes = Changes::default();
         for (user, mut state) in page {
-            outputs.push((user.clone(), self.outputs_for(&index, &user, &mut state)?));
+            state.refresh();
+            outputs.push((user.clone(), self.outputs_for(&index, &user, &state)?));
             changes.users.push((partition, user, state));
         }
         self.store.commit(&changes)?;
@@ -303,9 +334,9 @@ impl Engine {
 
     /// The outputs a user would get now, without changing any state.
     pub fn peek(&mut self, partition: u32, user_id: &str) -> Result<UserOutputs, EngineError> {
-        let mut state = self.store.user(partition, user_id)?.unwrap_or_default();
+        let state = self.store.user(partition, user_id)?.unwrap_or_default();
         let index = self.index();
-        self.outputs_for(&index, user_id, &mut state)
+        self.outputs_for(&index, user_id, &state)
     }
 
     fn index(&self) -> ItemIndex {
@@ -322,7 +353,7 @@ impl Engine {
         &mut self,
         index: &ItemIndex,
         user: &str,
-        state: &mut UserState,
+        state: &UserState,
     ) -> Result<UserOutputs, EngineError> {
         let ctx = Context {
             catalog: &self.catalog,
@@ -332,18 +363,10 @@ impl Engine {
             scorer: self.scorer.as_deref(),
         };
         let started = Instant::now();
-        let outputs =
-            recommend::build_outputs(&ctx, &mut self.sims, user, state, state.version + 1)?;
+        let outputs = recommend::build_outputs(&ctx, &mut self.sims, user, state)?;
         if self.scorer.is_some() {
             metrics::scorer_latency(started.elapsed().as_secs_f64());
         }
-        let ids: Vec<u32> = outputs
-            .recommendations
-            .items
-            .iter()
-            .map(|i| i.movie_id)
-            .collect();
-        state.record_published(&ids);
         Ok(outputs)
     }
 
@@ -476,7 +499,10 @@ mod tests {
         assert_eq!(result.offsets, vec![(Arc::from("in"), 2, 7)]);
         assert_eq!(e.store().offset("in", 2).unwrap(), Some(7));
         let fan = &result.outputs.iter().find(|(u, _)| u == "fan").unwrap().1;
-        assert_eq!(fan.recommendations.version, 1, "one version per batch");
+        assert_eq!(
+            fan.recommendations.version, 5,
+            "one version per applied event"
+        );
         assert_eq!(fan.carousels.rows[1].id, "genre:Sci-Fi");
         for row in &fan.carousels.rows {
             assert!(
@@ -485,7 +511,7 @@ mod tests {
                 row.id
             );
         }
-        assert_eq!(e.store().user(2, "fan").unwrap().unwrap().version, 1);
+        assert_eq!(e.store().user(2, "fan").unwrap().unwrap().version, 5);
     }
 
     #[test]
@@ -501,13 +527,24 @@ mod tests {
         let again = e
             .process(vec![record(0, "a", 3, EventType::Complete, 5000)])
             .unwrap();
-        // Redelivered after the restart: recognised, not applied twice.
+        // Redelivered after the restart: below the stored offset, so recomputed
+        // and republished with the same version, not applied twice.
         let state = e.store().user(2, "a").unwrap().unwrap();
         assert_eq!(state.counters.by_type[EventType::Complete.index()], 1);
         assert_eq!(
-            again.outputs[0].1.recommendations.version, 2,
-            "republished with a new version"
+            again.outputs[0].1.recommendations.version, 1,
+            "same version: a duplicate"
         );
+        assert_eq!(
+            e.store().offset("in", 2).unwrap(),
+            Some(1),
+            "the offset never moves back"
+        );
+        // The next new record is applied as usual.
+        let next = e
+            .process(vec![record(1, "a", 4, EventType::Like, 6000)])
+            .unwrap();
+        assert_eq!(next.outputs[0].1.recommendations.version, 2);
     }
 
     #[test]
@@ -532,6 +569,9 @@ mod tests {
             after = last;
         }
         assert_eq!(seen.len(), 7);
-        assert!(seen.iter().all(|(_, v)| *v == 2));
+        assert!(
+            seen.iter().all(|(_, v)| *v == 2),
+            "a refresh bumps the version"
+        );
     }
 }

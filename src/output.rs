@@ -97,10 +97,11 @@ pub struct Activity {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Engagement {
-    pub lists_published: u64,
-    /// Clicks and plays on items of the list published just before them.
-    pub list_clicks: u64,
-    /// `list_clicks / lists_published`.
+    /// Views of items in a carousel (events with `context.carousel_id`).
+    pub carousel_impressions: u64,
+    /// Clicks and plays started from a carousel.
+    pub carousel_clicks: u64,
+    /// `carousel_clicks / carousel_impressions` (0 without impressions).
     pub ctr: f64,
     pub plays: u64,
     pub completions: u64,

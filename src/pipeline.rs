@@ -21,9 +21,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures::future::join_all;
+use rdkafka::bindings::rd_kafka_resp_err_t as RDKafkaRespErr;
 use rdkafka::client::ClientContext;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
-use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::ToBytes;
 use rdkafka::message::{Header, Message, OwnedHeaders};
@@ -109,9 +110,39 @@ pub fn producer(config: &Config) -> Result<FutureProducer, KafkaError> {
         .create()
 }
 
-/// Consumer context: partition lag from librdkafka statistics, assignment tracking.
+/// Consumer context: resumes assigned partitions where the local state says,
+/// reports partition lag from librdkafka statistics, tracks the assignment.
 struct EngineContext {
     health: Arc<Health>,
+    store: Arc<Store>,
+}
+
+impl EngineContext {
+    /// Points each assigned partition at its resume offset from RocksDB; the
+    /// group's committed offsets serve lag monitoring only.
+    fn resume(&self, tpl: &mut TopicPartitionList) {
+        let parts: Vec<(String, i32)> = tpl
+            .elements()
+            .iter()
+            .map(|e| (e.topic().to_string(), e.partition()))
+            .collect();
+        for (topic, partition) in parts {
+            match self.store.resume_offset(&topic, partition) {
+                Ok(Some(offset)) => {
+                    debug!(%topic, partition, offset, "resuming from local state");
+                    if let Err(e) =
+                        tpl.set_partition_offset(&topic, partition, Offset::Offset(offset))
+                    {
+                        warn!(%e, %topic, partition, "cannot set resume offset");
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    warn!(%e, %topic, partition, "cannot read resume offset; using the group's")
+                }
+            }
+        }
+    }
 }
 
 impl ClientContext for EngineContext {
@@ -132,19 +163,36 @@ impl ClientContext for EngineContext {
 }
 
 impl ConsumerContext for EngineContext {
-    fn post_rebalance(
+    // The eager protocol (librdkafka's default): assign everything given, with
+    // resume offsets, or drop the whole assignment on revoke.
+    fn rebalance(
         &self,
         consumer: &rdkafka::consumer::BaseConsumer<Self>,
-        rebalance: &Rebalance<'_>,
+        err: RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
     ) {
+        let outcome = match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                self.resume(tpl);
+                info!(partitions = tpl.count(), "partitions assigned");
+                consumer.assign(tpl)
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                info!(partitions = tpl.count(), "partitions revoked");
+                consumer.unassign()
+            }
+            other => {
+                warn!(error = ?other, "rebalance error; dropping the assignment");
+                consumer.unassign()
+            }
+        };
+        if let Err(e) = outcome {
+            metrics::kafka_error("rebalance");
+            warn!(%e, "applying the rebalance failed");
+        }
         let n = consumer.assignment().map(|a| a.count()).unwrap_or(0);
         self.health.assigned.store(n, Ordering::Relaxed);
         metrics::assigned_partitions(n);
-        match rebalance {
-            Rebalance::Assign(tpl) => info!(partitions = tpl.count(), "partitions assigned"),
-            Rebalance::Revoke(tpl) => info!(partitions = tpl.count(), "partitions revoked"),
-            Rebalance::Error(e) => warn!(%e, "rebalance error"),
-        }
     }
 }
 
@@ -181,6 +229,7 @@ pub async fn run(
 ) -> Result<(), PipelineError> {
     let store = Store::open(&config.state.dir, config.state.block_cache_mb)?;
     let mut engine = Engine::new(config.engine.clone(), store, catalog)?;
+    let store = engine.store_handle();
     let producer = producer(&config)?;
 
     // Catalog first: events on movies not yet in the catalog would be dead-lettered.
@@ -203,6 +252,7 @@ pub async fn run(
             .set("enable.partition.eof", "false")
             .create_with_context(EngineContext {
                 health: health.clone(),
+                store: store.clone(),
             })?,
     );
     consumer.subscribe(&[&config.topics.interactions, &config.topics.refresh])?;
@@ -216,6 +266,7 @@ pub async fn run(
     let publisher = tokio::spawn(publish_loop(
         producer.clone(),
         consumer.clone(),
+        store,
         config.topics.clone(),
         publish_rx,
     ));
@@ -430,6 +481,7 @@ fn engine_loop(
 async fn publish_loop(
     producer: FutureProducer,
     consumer: Arc<StreamConsumer<EngineContext>>,
+    store: Arc<Store>,
     topics: TopicNames,
     mut publish_rx: mpsc::Receiver<Publish>,
 ) -> Result<(), PipelineError> {
@@ -446,6 +498,12 @@ async fn publish_loop(
                 event_times,
             } => {
                 publish_outputs(&producer, &topics, &outputs, &dead_letters).await?;
+                // A few keys without fsync: microseconds, fine on the runtime.
+                let published: Vec<(String, i32, i64)> = offsets
+                    .iter()
+                    .map(|(t, p, o)| (t.to_string(), *p, *o))
+                    .collect();
+                store.mark_published(&published)?;
                 for (topic, partition, next) in offsets {
                     // Fails only for partitions revoked meanwhile; their new owner
                     // re-reads them and de-duplicates by event id.

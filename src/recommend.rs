@@ -208,14 +208,14 @@ struct Candidate {
 }
 
 /// Computes the recommendations, carousels and insights of one user at
-/// `ctx.index.now`. `version` is the version the records will carry.
+/// `ctx.index.now`, carrying the state's version.
 pub fn build_outputs(
     ctx: &Context,
     sims: &mut SimilarityCache,
     user_id: &str,
     state: &UserState,
-    version: u64,
 ) -> Result<UserOutputs, ScoreError> {
+    let version = state.version;
     let now = ctx.index.now.max(state.last_ts);
     // The records say which of the user's events they reflect; a user without
     // events (a refresh) gets the engine's current event time.
@@ -551,9 +551,9 @@ fn insights(
             mean_rating: (ratings > 0).then(|| round6(c.ratings_sum / ratings as f64)),
         },
         engagement: Engagement {
-            lists_published: c.lists_published as u64,
-            list_clicks: c.list_clicks as u64,
-            ctr: ratio(c.list_clicks as f64, c.lists_published as u64),
+            carousel_impressions: c.carousel_views as u64,
+            carousel_clicks: c.carousel_clicks as u64,
+            ctr: ratio(c.carousel_clicks as f64, c.carousel_views as u64),
             plays,
             completions: count(EventType::Complete),
             completion_rate: ratio(count(EventType::Complete) as f64, plays),

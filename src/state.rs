@@ -10,12 +10,12 @@ use crate::event::{EventType, Interaction};
 
 /// How many event ids a user remembers to recognise redelivered events.
 pub const DEDUP_WINDOW: usize = 64;
-/// How many items of the last published list are remembered (for CTR).
-pub const LAST_LIST_LEN: usize = 20;
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct UserState {
-    /// Version of the last published outputs; bumped on every publish.
+    /// Bumped by every applied event and every refresh: a function of the
+    /// user's input alone, so outputs re-published after a crash carry the same
+    /// version as before and are recognisably duplicates.
     pub version: u64,
     pub first_ts: i64,
     pub last_ts: i64,
@@ -27,8 +27,6 @@ pub struct UserState {
     /// Every item the user consumed or judged, sorted by movie id.
     pub seen: Vec<SeenItem>,
     pub counters: Counters,
-    /// Items of the last published recommendation list.
-    pub last_list: Vec<u32>,
     /// Hashes of the most recent event ids, newest last.
     pub recent_event_ids: Vec<u64>,
 }
@@ -64,9 +62,10 @@ pub const FLAG_SKIPPED: u8 = 16;
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Counters {
     pub by_type: [u32; 11],
-    /// Clicks and plays on items of the user's last published list.
-    pub list_clicks: u32,
-    pub lists_published: u32,
+    /// Views of items shown in a carousel (`context.carousel_id` set): impressions.
+    pub carousel_views: u32,
+    /// Clicks and plays started from a carousel.
+    pub carousel_clicks: u32,
     pub dwell_seconds: f64,
     pub ratings_sum: f64,
 }
@@ -112,6 +111,7 @@ impl UserState {
             self.recent_event_ids.remove(0);
         }
         self.recent_event_ids.push(id_hash);
+        self.version += 1;
 
         let t = event.ts;
         if self.events_total() == 0 || t < self.first_ts {
@@ -218,18 +218,24 @@ impl UserState {
             EventType::Progress => {}
             _ => c.dwell_seconds += event.value.unwrap_or(0.0),
         }
-        if matches!(event.kind, EventType::Click | EventType::Play)
-            && self.last_list.contains(&event.movie_id)
+        // The app says where an interaction happened; that makes CTR a function
+        // of the events alone, independent of when lists were published.
+        if event
+            .context
+            .as_ref()
+            .is_some_and(|x| x.carousel_id.is_some())
         {
-            c.list_clicks += 1;
+            match event.kind {
+                EventType::View => c.carousel_views += 1,
+                EventType::Click | EventType::Play => c.carousel_clicks += 1,
+                _ => {}
+            }
         }
     }
 
-    /// Records that a list was published, for CTR.
-    pub fn record_published(&mut self, items: &[u32]) {
+    /// A refresh changes no state but the version.
+    pub fn refresh(&mut self) {
         self.version += 1;
-        self.counters.lists_published += 1;
-        self.last_list = items.iter().take(LAST_LIST_LEN).copied().collect();
     }
 
     /// Recent items with a positive last interaction, newest first.
@@ -319,22 +325,36 @@ mod tests {
     }
 
     #[test]
-    fn clicks_on_the_last_list_count_for_ctr() {
+    fn carousel_context_counts_impressions_and_clicks() {
         let cfg = EngineConfig::default();
         let mut s = UserState::default();
-        s.record_published(&[5, 6]);
+        let from_row = |mut e: Interaction| {
+            e.context = Some(crate::event::EventContext {
+                carousel_id: Some("top-picks".into()),
+                ..Default::default()
+            });
+            e
+        };
         s.apply(
-            &event("a", 5, EventType::Click, None, 1),
+            &from_row(event("a", 5, EventType::View, None, 1)),
             &movie(5, 1),
             &cfg,
         );
         s.apply(
-            &event("b", 9, EventType::Click, None, 2),
+            &from_row(event("b", 5, EventType::Click, None, 2)),
+            &movie(5, 1),
+            &cfg,
+        );
+        s.apply(
+            &event("c", 9, EventType::Click, None, 3),
             &movie(9, 1),
             &cfg,
         );
-        assert_eq!(s.counters.list_clicks, 1);
-        assert_eq!(s.version, 1);
+        assert_eq!(
+            (s.counters.carousel_views, s.counters.carousel_clicks),
+            (1, 1)
+        );
+        assert_eq!(s.version, 3, "one version per applied event");
     }
 
     proptest! {

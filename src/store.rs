@@ -3,8 +3,11 @@
 //!   so a partition's state can be iterated, restored or dropped as a unit.
 //! - `items`: `movie_id (u32 BE)` → [`Momentum`]
 //! - `genres`: genre name → [`Momentum`]
-//! - `offsets`: `topic \0 partition (u32 BE)` → next offset to consume (i64 BE),
+//! - `offsets`: `topic \0 partition (u32 BE)` → next offset to apply (i64 BE),
 //!   written in the same batch as the state changes it caused.
+//! - `published`: same key → next offset whose outputs the broker has not yet
+//!   acknowledged. Records between it and `offsets` are recomputed and
+//!   republished after a restart, never applied twice.
 //!
 //! Values are postcard-encoded (compact varints).
 
@@ -21,6 +24,8 @@ const CF_USERS: &str = "users";
 const CF_ITEMS: &str = "items";
 const CF_GENRES: &str = "genres";
 const CF_OFFSETS: &str = "offsets";
+const CF_PUBLISHED: &str = "published";
+const ALL_CFS: [&str; 5] = [CF_USERS, CF_ITEMS, CF_GENRES, CF_OFFSETS, CF_PUBLISHED];
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -86,8 +91,7 @@ impl Store {
         let mut cf_opts = Options::default();
         cf_opts.set_block_based_table_factory(&table);
         cf_opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
-        let cfs = [CF_USERS, CF_ITEMS, CF_GENRES, CF_OFFSETS]
-            .map(|name| ColumnFamilyDescriptor::new(name, cf_opts.clone()));
+        let cfs = ALL_CFS.map(|name| ColumnFamilyDescriptor::new(name, cf_opts.clone()));
         let db = DB::open_cf_descriptors(&opts, path, cfs)?;
         Ok(Store {
             db,
@@ -197,11 +201,50 @@ impl Store {
         Ok(out)
     }
 
-    /// The next offset to consume for a partition, if this store has processed it.
+    /// The next offset to apply for a partition, if this store has processed it.
     pub fn offset(&self, topic: &str, partition: i32) -> Result<Option<i64>, StoreError> {
+        self.read_offset(CF_OFFSETS, topic, partition)
+    }
+
+    /// The first offset whose outputs were not yet acknowledged by the broker.
+    pub fn published_offset(&self, topic: &str, partition: i32) -> Result<Option<i64>, StoreError> {
+        self.read_offset(CF_PUBLISHED, topic, partition)
+    }
+
+    /// Records that outputs of everything before these offsets were acknowledged.
+    pub fn mark_published(&self, offsets: &[(String, i32, i64)]) -> Result<(), StoreError> {
+        let mut batch = WriteBatch::default();
+        let cf = self.cf(CF_PUBLISHED);
+        for (topic, partition, offset) in offsets {
+            batch.put_cf(cf, offset_key(topic, *partition), offset.to_be_bytes());
+        }
+        self.db.write(batch)?;
+        Ok(())
+    }
+
+    /// Where consumption of a partition resumes: the first record whose outputs
+    /// may be unpublished. `None` when this store never processed the partition.
+    pub fn resume_offset(&self, topic: &str, partition: i32) -> Result<Option<i64>, StoreError> {
+        match (
+            self.published_offset(topic, partition)?,
+            self.offset(topic, partition)?,
+        ) {
+            (Some(published), _) => Ok(Some(published)),
+            // Applied but never published: replay from the start of the log.
+            (None, Some(_)) => Ok(Some(0)),
+            (None, None) => Ok(None),
+        }
+    }
+
+    fn read_offset(
+        &self,
+        cf: &str,
+        topic: &str,
+        partition: i32,
+    ) -> Result<Option<i64>, StoreError> {
         Ok(self
             .db
-            .get_pinned_cf(self.cf(CF_OFFSETS), offset_key(topic, partition))?
+            .get_pinned_cf(self.cf(cf), offset_key(topic, partition))?
             .and_then(|v| v.as_ref().try_into().ok().map(i64::from_be_bytes)))
     }
 
@@ -229,7 +272,7 @@ impl Store {
     }
 
     pub fn flush(&self) -> Result<(), StoreError> {
-        for cf in [CF_USERS, CF_ITEMS, CF_GENRES, CF_OFFSETS] {
+        for cf in ALL_CFS {
             self.db.flush_cf(self.cf(cf))?;
         }
         Ok(())
@@ -237,7 +280,7 @@ impl Store {
 
     pub fn stats(&self) -> StoreStats {
         let prop = |name: &str| -> u64 {
-            [CF_USERS, CF_ITEMS, CF_GENRES, CF_OFFSETS]
+            ALL_CFS
                 .iter()
                 .filter_map(|cf| {
                     self.db
@@ -318,5 +361,13 @@ mod tests {
         assert_eq!(store.items().unwrap()[&42].count, 3);
         assert_eq!(store.offset("in", 1).unwrap(), Some(99));
         assert_eq!(store.offset("in", 2).unwrap(), None);
+        assert_eq!(
+            store.resume_offset("in", 1).unwrap(),
+            Some(0),
+            "applied, never published"
+        );
+        store.mark_published(&[("in".into(), 1, 90)]).unwrap();
+        assert_eq!(store.resume_offset("in", 1).unwrap(), Some(90));
+        assert_eq!(store.resume_offset("in", 2).unwrap(), None);
     }
 }

@@ -7,6 +7,7 @@ Reads JSON lines from a file: {"key": str|null, "value": <any JSON or a raw stri
 import argparse
 import json
 import sys
+import time
 
 from confluent_kafka import Producer
 
@@ -16,7 +17,9 @@ def main() -> int:
     ap.add_argument("--brokers", required=True)
     ap.add_argument("--topic", required=True)
     ap.add_argument("--file", required=True)
+    ap.add_argument("--rate", type=float, default=0.0, help="records per second; 0 = as fast as possible")
     args = ap.parse_args()
+    started = time.monotonic()
     producer = Producer({"bootstrap.servers": args.brokers, "acks": "all", "linger.ms": 5})
     failures = []
 
@@ -36,6 +39,10 @@ def main() -> int:
                              value=value.encode(), on_delivery=on_delivery)
             producer.poll(0)
             count += 1
+            if args.rate > 0:
+                ahead = count / args.rate - (time.monotonic() - started)
+                if ahead > 0:
+                    time.sleep(ahead)
     remaining = producer.flush(30)
     if remaining or failures:
         print(f"produce failed: {remaining} undelivered, errors: {failures[:3]}", file=sys.stderr)

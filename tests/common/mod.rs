@@ -141,7 +141,11 @@ pub struct EngineProcess {
 
 impl EngineProcess {
     pub fn spawn(config: &Path, log: PathBuf) -> EngineProcess {
-        let log_file = std::fs::File::create(&log).unwrap();
+        let log_file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
         let child = Command::new(engine_bin())
             .args(["run", "--config"])
             .arg(config)
@@ -151,6 +155,12 @@ impl EngineProcess {
             .spawn()
             .expect("spawn engine");
         EngineProcess { child, log }
+    }
+
+    /// SIGKILL: no chance to flush or commit anything.
+    pub fn kill9(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     /// SIGTERM, then wait for a clean exit.
@@ -183,18 +193,43 @@ impl Drop for EngineProcess {
     }
 }
 
-/// Produces JSON-lines records through the Python confluent-kafka client.
-pub fn python_produce(brokers: &str, topic: &str, records: &[serde_json::Value], dir: &Path) {
+fn python_producer(
+    brokers: &str,
+    topic: &str,
+    records: &[serde_json::Value],
+    dir: &Path,
+) -> Command {
     let file = dir.join(format!("{topic}-{}.jsonl", records.len()));
     let mut f = std::fs::File::create(&file).unwrap();
     for r in records {
         writeln!(f, "{r}").unwrap();
     }
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/produce.py");
-    let out = Command::new("python3")
-        .arg(script)
+    let mut cmd = Command::new("python3");
+    cmd.arg(script)
         .args(["--brokers", brokers, "--topic", topic, "--file"])
-        .arg(&file)
+        .arg(&file);
+    cmd
+}
+
+/// Streams records at `rate` per second through the Python client, in the background.
+pub fn python_produce_in_background(
+    brokers: &str,
+    topic: &str,
+    records: &[serde_json::Value],
+    rate: u32,
+    dir: &Path,
+) -> Child {
+    python_producer(brokers, topic, records, dir)
+        .args(["--rate", &rate.to_string()])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("python3 with confluent-kafka (run .ci/install.sh)")
+}
+
+/// Produces JSON-lines records through the Python confluent-kafka client.
+pub fn python_produce(brokers: &str, topic: &str, records: &[serde_json::Value], dir: &Path) {
+    let out = python_producer(brokers, topic, records, dir)
         .output()
         .expect("python3 with confluent-kafka (run .ci/install.sh)");
     assert!(
@@ -242,6 +277,13 @@ pub fn write_config(
 [kafka]
 brokers = "{brokers}"
 group_id = "{group}"
+
+[kafka.client]
+# A killed instance's membership expires quickly, so restarts rebalance fast.
+"session.timeout.ms" = "6000"
+"heartbeat.interval.ms" = "1000"
+# Static membership: a restarted instance takes over its own previous membership.
+"group.instance.id" = "{group}-0"
 
 [state]
 dir = "{state}"
