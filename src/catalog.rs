@@ -174,6 +174,50 @@ impl Catalog {
         set.iter().map(|g| self.genre_name(g).to_string()).collect()
     }
 
+    /// Genre names in id order: user state stores genre weights by id, so this
+    /// vocabulary is persisted with the state.
+    pub fn genre_vocabulary(&self) -> Vec<String> {
+        self.genre_names.iter().map(|g| g.to_string()).collect()
+    }
+
+    /// Renumbers genres to follow a persisted vocabulary (its ids keep their
+    /// meaning; genres it lacks are appended), whatever order the catalog
+    /// sources listed them in.
+    pub fn adopt_genre_vocabulary(&mut self, vocabulary: &[String]) -> Result<(), CatalogError> {
+        let mut names: Vec<Arc<str>> = vocabulary.iter().map(|g| Arc::from(g.as_str())).collect();
+        for g in &self.genre_names {
+            if !names.contains(g) {
+                names.push(g.clone());
+            }
+        }
+        if names.len() > MAX_GENRES {
+            return Err(CatalogError::Record(format!(
+                "{} distinct genres exceed the limit of {MAX_GENRES}",
+                names.len()
+            )));
+        }
+        let new_id: Vec<u8> = self
+            .genre_names
+            .iter()
+            .map(|g| names.iter().position(|n| n == g).expect("appended above") as u8)
+            .collect();
+        for movie in self.movies.values_mut() {
+            let mut remapped = GenreSet::default();
+            for g in movie.genres.iter() {
+                remapped.insert(new_id[g as usize]);
+            }
+            movie.genres = remapped;
+            movie.genre_names = remapped.iter().map(|g| names[g as usize].clone()).collect();
+        }
+        self.genre_ids = names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.to_string(), i as u8))
+            .collect();
+        self.genre_names = names;
+        Ok(())
+    }
+
     /// Inserts or replaces a movie from a catalog-topic record.
     pub fn upsert(&mut self, record: CatalogRecord) -> Result<(), CatalogError> {
         if record.movie_id == 0 || record.title.trim().is_empty() {
@@ -814,6 +858,38 @@ mod tests {
                 vec!["Comedy", "Romance"]
             );
         }
+    }
+
+    #[test]
+    fn a_persisted_genre_vocabulary_keeps_ids_stable() {
+        let record = |id: u32, genres: &[&str]| CatalogRecord {
+            movie_id: id,
+            title: format!("M{id}"),
+            genres: genres.iter().map(|g| g.to_string()).collect(),
+            year: None,
+            tmdb_id: None,
+            imdb_id: None,
+            tags: vec![],
+        };
+        let mut first = Catalog::default();
+        first.upsert(record(1, &["Drama", "Comedy"])).unwrap();
+        let vocabulary = first.genre_vocabulary();
+        // The same catalog listed in another order interns genres differently...
+        let mut second = Catalog::default();
+        second.upsert(record(2, &["Horror"])).unwrap();
+        second.upsert(record(1, &["Comedy", "Drama"])).unwrap();
+        assert_ne!(second.genre_id("Drama"), first.genre_id("Drama"));
+        // ...until it adopts the persisted vocabulary.
+        second.adopt_genre_vocabulary(&vocabulary).unwrap();
+        for g in ["Drama", "Comedy"] {
+            assert_eq!(second.genre_id(g), first.genre_id(g));
+        }
+        assert_eq!(second.genre_id("Horror"), Some(2));
+        assert_eq!(
+            second.genre_names(second.get(2).unwrap().genres),
+            vec!["Horror"]
+        );
+        assert_eq!(&*second.get(1).unwrap().genre_names[0], "Drama");
     }
 
     #[test]

@@ -27,7 +27,7 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run the engine against a Kafka cluster (see config/recstream.example.toml).
+    /// Run the engine against a Kafka cluster (see ops/recstream.example.toml).
     Run(RunArgs),
     /// Self-contained demo: embedded broker, sample catalog, a scripted user.
     Demo(crate::demo::DemoArgs),

@@ -50,6 +50,10 @@ pub struct Config {
 pub struct KafkaConfig {
     pub brokers: String,
     pub group_id: String,
+    /// Static group membership (`group.instance.id`), unique per instance: a
+    /// restarted instance takes its partitions back at once instead of waiting
+    /// for its old membership to expire. Recommended (e.g. the pod name).
+    pub instance_id: Option<String>,
     /// Passed through to librdkafka verbatim (e.g. `security.protocol`, `sasl.*`, `ssl.*`).
     pub client: BTreeMap<String, String>,
 }
@@ -59,6 +63,7 @@ impl Default for KafkaConfig {
         KafkaConfig {
             brokers: "127.0.0.1:9092".into(),
             group_id: "recstream".into(),
+            instance_id: None,
             client: BTreeMap::new(),
         }
     }
@@ -337,6 +342,14 @@ impl Config {
         }
         if self.kafka.group_id.trim().is_empty() {
             return Err(invalid("kafka.group_id", "must not be empty"));
+        }
+        if self
+            .kafka
+            .instance_id
+            .as_ref()
+            .is_some_and(|i| i.trim().is_empty())
+        {
+            return Err(invalid("kafka.instance_id", "must not be empty when set"));
         }
         for (field, name) in [
             ("topics.interactions", &self.topics.interactions),

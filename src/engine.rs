@@ -23,6 +23,8 @@ pub enum EngineError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Score(#[from] ScoreError),
+    #[error(transparent)]
+    Catalog(#[from] crate::catalog::CatalogError),
 }
 
 /// Where a record came from; its offset is committed with the state it changed.
@@ -80,8 +82,9 @@ pub struct BatchResult {
     pub event_times: Vec<i64>,
     /// When the oldest record of the batch was received.
     pub oldest_received: Option<Instant>,
-    /// A refresh of every user was requested; see [`Engine::refresh_page`].
-    pub refresh_all: bool,
+    /// Partitions whose users all must be refreshed (the refresh topic is
+    /// co-partitioned with the input); see [`Engine::refresh_page`].
+    pub refresh_all: Vec<u32>,
 }
 
 pub struct Engine {
@@ -106,8 +109,13 @@ impl Engine {
     pub fn new(
         config: EngineConfig,
         store: Store,
-        catalog: Catalog,
+        mut catalog: Catalog,
     ) -> Result<Engine, EngineError> {
+        // Genre ids in stored user state keep their meaning across restarts.
+        if let Some(vocabulary) = store.genre_vocabulary()? {
+            catalog.adopt_genre_vocabulary(&vocabulary)?;
+        }
+        store.set_genre_vocabulary(&catalog.genre_vocabulary())?;
         let items = store.items()?;
         let genres = store.genres()?;
         let watermark = items.values().map(|m| m.long.as_of).max().unwrap_or(0);
@@ -161,6 +169,13 @@ impl Engine {
         }
         self.sims.clear();
         metrics::catalog_size(self.catalog.len());
+        // New genres are appended, so persisting the grown vocabulary suffices.
+        if let Err(e) = self
+            .store
+            .set_genre_vocabulary(&self.catalog.genre_vocabulary())
+        {
+            errors.push(format!("persisting the genre vocabulary: {e}"));
+        }
         errors
     }
 
@@ -250,7 +265,9 @@ impl Engine {
                     // is not resumed (send it again).
                     None if !replayed => {
                         metrics::refresh("all");
-                        result.refresh_all = true;
+                        if !result.refresh_all.contains(&partition) {
+                            result.refresh_all.push(partition);
+                        }
                     }
                     None => {}
                 },

@@ -241,8 +241,12 @@ pub async fn run(
     health.catalog_loaded.store(true, Ordering::Relaxed);
     info!(movies = engine.catalog().len(), "catalog loaded");
 
+    let mut consumer_settings = consumer_config(&config);
+    if let Some(id) = &config.kafka.instance_id {
+        consumer_settings.set("group.instance.id", id);
+    }
     let consumer: Arc<StreamConsumer<EngineContext>> = Arc::new(
-        consumer_config(&config)
+        consumer_settings
             .set("group.id", &config.kafka.group_id)
             .set("enable.auto.commit", "true")
             .set("auto.commit.interval.ms", "1000")
@@ -256,6 +260,9 @@ pub async fn run(
             })?,
     );
     consumer.subscribe(&[&config.topics.interactions, &config.topics.refresh])?;
+    if config.kafka.instance_id.is_none() {
+        info!("kafka.instance_id not set: after a crash, partitions return only when the old membership expires");
+    }
 
     let (work_tx, work_rx) = mpsc::channel::<Work>(STAGE_QUEUE);
     let (publish_tx, publish_rx) = mpsc::channel::<Publish>(STAGE_QUEUE);
@@ -387,6 +394,19 @@ async fn send_batch(
         .map_err(|_| PipelineError::EngineGone)
 }
 
+/// Largest payload copied into a dead letter (default broker limit is 1 MiB).
+const MAX_DEAD_LETTER_PAYLOAD: usize = 900 * 1024;
+
+/// How far ahead of this host's clock an event time may be.
+const MAX_FUTURE_MS: i64 = 24 * 3_600_000;
+
+fn wall_clock_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or_default()
+}
+
 /// Decodes one input record; anything invalid becomes a rejection, never an error.
 pub fn decode(
     source: SourcePos,
@@ -395,7 +415,7 @@ pub fn decode(
     is_refresh: bool,
     max_bytes: usize,
 ) -> Record {
-    let body = if is_refresh {
+    let mut body = if is_refresh {
         match parse_refresh(payload, max_bytes) {
             Ok(cmd) => Body::Refresh(cmd),
             Err(e) => Body::Invalid(Rejection {
@@ -405,6 +425,18 @@ pub fn decode(
         }
     } else {
         match decode_interaction(key, payload, max_bytes) {
+            // One event from the far future would move the event-time watermark
+            // and decay every counter to nothing; the clock only bounds input.
+            Ok(event) if event.ts > wall_clock_ms() + MAX_FUTURE_MS => {
+                metrics::event(event.kind.as_str(), "dead_lettered");
+                Body::Invalid(Rejection {
+                    reason: "out_of_range",
+                    detail: format!(
+                        "field `ts` out of range: {} is more than 24 h in the future",
+                        event.ts
+                    ),
+                })
+            }
             Ok(event) => Body::Event(event),
             Err(e) => {
                 metrics::event("invalid", "dead_lettered");
@@ -415,8 +447,16 @@ pub fn decode(
             }
         }
     };
-    // Oversized payloads are not copied: the dead letter keeps only a prefix.
-    let kept = payload.len().min(max_bytes.max(1024));
+    // The dead letter carries the original bytes, up to what fits in one
+    // default-sized Kafka record; the detail says when it was cut.
+    let kept = payload.len().min(MAX_DEAD_LETTER_PAYLOAD);
+    if let Body::Invalid(rejection) = &mut body {
+        if kept < payload.len() {
+            rejection
+                .detail
+                .push_str(&format!(" (payload truncated to its first {kept} bytes)"));
+        }
+    }
     Record {
         source,
         key: key.map(<[u8]>::to_vec),
@@ -446,22 +486,6 @@ fn engine_loop(
             Work::Batch(records) => {
                 let received: Vec<Instant> = records.iter().map(|r| r.received).collect();
                 let result = engine.process(records)?;
-                if result.refresh_all {
-                    for partition in engine.store().user_partitions()? {
-                        let mut after: Option<String> = None;
-                        loop {
-                            let (outputs, last) =
-                                engine.refresh_page(partition, after.as_deref(), REFRESH_PAGE)?;
-                            if outputs.is_empty() {
-                                break;
-                            }
-                            if publish_tx.blocking_send(Publish::Outputs(outputs)).is_err() {
-                                return Ok(engine);
-                            }
-                            after = last;
-                        }
-                    }
-                }
                 let msg = Publish::Batch {
                     outputs: result.outputs,
                     dead_letters: result.dead_letters,
@@ -471,6 +495,23 @@ fn engine_loop(
                 };
                 if publish_tx.blocking_send(msg).is_err() {
                     break;
+                }
+                // After the batch's own outputs, so the refreshed (higher) versions
+                // are the last ones on the compacted topics. Best-effort: a crash
+                // part-way does not resume it.
+                for partition in result.refresh_all {
+                    let mut after: Option<String> = None;
+                    loop {
+                        let (outputs, last) =
+                            engine.refresh_page(partition, after.as_deref(), REFRESH_PAGE)?;
+                        if outputs.is_empty() {
+                            break;
+                        }
+                        if publish_tx.blocking_send(Publish::Outputs(outputs)).is_err() {
+                            return Ok(engine);
+                        }
+                        after = last;
+                    }
                 }
             }
         }
@@ -514,10 +555,7 @@ async fn publish_loop(
                 for r in received {
                     metrics::processing_latency(r.elapsed().as_secs_f64());
                 }
-                let now_ms = SystemTime::now()
-                    .duration_since(UNIX_EPOCH)
-                    .map(|d| d.as_millis() as i64)
-                    .unwrap_or_default();
+                let now_ms = wall_clock_ms();
                 for ts in event_times {
                     metrics::event_to_publish_lag((now_ms - ts) as f64 / 1000.0);
                 }
@@ -780,5 +818,48 @@ async fn forward_catalog(mut updates: mpsc::Receiver<CatalogUpdates>, work_tx: m
         if work_tx.send(Work::Catalog(u)).await.is_err() {
             break;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn source() -> SourcePos {
+        SourcePos {
+            topic: Arc::from("in"),
+            partition: 0,
+            offset: 7,
+        }
+    }
+
+    #[test]
+    fn bad_records_become_rejections_with_their_bytes() {
+        let r = decode(source(), Some(b"u1"), b"{oops", false, 1024);
+        match r.body {
+            Body::Invalid(rej) => assert_eq!(rej.reason, "malformed_json"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(r.payload, b"{oops");
+        assert_eq!(r.key.as_deref(), Some(&b"u1"[..]));
+        let r = decode(source(), Some(b"*"), b"{}", true, 1024);
+        assert!(matches!(r.body, Body::Invalid(ref rej) if rej.reason == "schema_violation"));
+    }
+
+    #[test]
+    fn events_from_the_far_future_are_rejected() {
+        let ts = wall_clock_ms() + 2 * MAX_FUTURE_MS;
+        let payload =
+            format!(r#"{{"event_id":"e","user_id":"u1","movie_id":1,"type":"like","ts":{ts}}}"#);
+        let r = decode(source(), Some(b"u1"), payload.as_bytes(), false, 1024);
+        assert!(
+            matches!(r.body, Body::Invalid(ref rej) if rej.reason == "out_of_range"),
+            "{:?}",
+            r.body
+        );
+        let payload =
+            r#"{"event_id":"e","user_id":"u1","movie_id":1,"type":"like","ts":1700000000000}"#;
+        let r = decode(source(), Some(b"u1"), payload.as_bytes(), false, 1024);
+        assert!(matches!(r.body, Body::Event(_)));
     }
 }

@@ -9,6 +9,8 @@
 //!   acknowledged. Records between it and `offsets` are recomputed and
 //!   republished after a restart, never applied twice.
 //!
+//! - `meta`: the genre vocabulary that user state's genre ids refer to.
+//!
 //! Values are postcard-encoded (compact varints).
 
 use std::collections::HashMap;
@@ -25,7 +27,16 @@ const CF_ITEMS: &str = "items";
 const CF_GENRES: &str = "genres";
 const CF_OFFSETS: &str = "offsets";
 const CF_PUBLISHED: &str = "published";
-const ALL_CFS: [&str; 5] = [CF_USERS, CF_ITEMS, CF_GENRES, CF_OFFSETS, CF_PUBLISHED];
+const CF_META: &str = "meta";
+const ALL_CFS: [&str; 6] = [
+    CF_USERS,
+    CF_ITEMS,
+    CF_GENRES,
+    CF_OFFSETS,
+    CF_PUBLISHED,
+    CF_META,
+];
+const GENRE_VOCABULARY: &[u8] = b"genre_vocabulary";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -204,6 +215,20 @@ impl Store {
     /// The next offset to apply for a partition, if this store has processed it.
     pub fn offset(&self, topic: &str, partition: i32) -> Result<Option<i64>, StoreError> {
         self.read_offset(CF_OFFSETS, topic, partition)
+    }
+
+    /// Genre names in id order, as user state was written with them.
+    pub fn genre_vocabulary(&self) -> Result<Option<Vec<String>>, StoreError> {
+        self.db
+            .get_pinned_cf(self.cf(CF_META), GENRE_VOCABULARY)?
+            .map(|v| decode(&v, "meta"))
+            .transpose()
+    }
+
+    pub fn set_genre_vocabulary(&self, names: &[String]) -> Result<(), StoreError> {
+        self.db
+            .put_cf(self.cf(CF_META), GENRE_VOCABULARY, encode(&names))?;
+        Ok(())
     }
 
     /// The first offset whose outputs were not yet acknowledged by the broker.

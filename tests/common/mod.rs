@@ -277,13 +277,12 @@ pub fn write_config(
 [kafka]
 brokers = "{brokers}"
 group_id = "{group}"
+instance_id = "{group}-0"
 
 [kafka.client]
 # A killed instance's membership expires quickly, so restarts rebalance fast.
 "session.timeout.ms" = "6000"
 "heartbeat.interval.ms" = "1000"
-# Static membership: a restarted instance takes over its own previous membership.
-"group.instance.id" = "{group}-0"
 
 [state]
 dir = "{state}"
