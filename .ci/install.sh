@@ -13,7 +13,7 @@ export PATH="$HOME/.cargo/bin:$HOME/.local/bin:$PATH"
 
 need_apt=()
 # libclang for the rocksdb crate's bindgen; cmake/g++/make for bundled librdkafka.
-for pkg in libclang-dev clang cmake g++ make pkg-config zlib1g-dev prometheus curl; do
+for pkg in libclang-dev clang cmake g++ make pkg-config zlib1g-dev curl; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
 done
 if [ ${#need_apt[@]} -gt 0 ]; then
@@ -32,8 +32,18 @@ if ! (command -v tansu >/dev/null 2>&1 && tansu --version 2>/dev/null | grep -q 
   cargo install --quiet "tansu@$TANSU_VERSION" --locked --features dynostore,libsql
 fi
 
+# rustfmt and clippy back the lint steps of the test command.
+for component in rustfmt clippy; do
+  if ! rustup component list --installed 2>/dev/null | grep -q "^$component"; then
+    echo "install: rustup component $component"
+    rustup component add "$component"
+  fi
+done
+
 if ! python3 -c "import confluent_kafka, jsonschema" >/dev/null 2>&1; then
   echo "install: python confluent-kafka, jsonschema"
+  # A Debian system Python refuses plain pip installs (PEP 668); the user site is ours.
   python3 -m pip install --quiet --user "confluent-kafka>=2.10" jsonschema 2>/dev/null \
-    || python3 -m pip install --quiet "confluent-kafka>=2.10" jsonschema
+    || python3 -m pip install --quiet "confluent-kafka>=2.10" jsonschema 2>/dev/null \
+    || python3 -m pip install --quiet --user --break-system-packages "confluent-kafka>=2.10" jsonschema
 fi
