@@ -686,8 +686,16 @@ fn records_from_batches(
         let text_col = |name: &str| -> Result<Option<ArrayRef>, CatalogError> {
             match b.column_by_name(name) {
                 None => Ok(None),
+                // Lists (of any string type) become List<Utf8>.
                 Some(c) if matches!(c.data_type(), DataType::List(_) | DataType::LargeList(_)) => {
-                    Ok(Some(c.clone()))
+                    let utf8_list =
+                        DataType::List(Arc::new(Field::new("item", DataType::Utf8, true)));
+                    arrow::compute::cast(c, &utf8_list)
+                        .map(Some)
+                        .map_err(|source| CatalogError::Arrow {
+                            path: path.into(),
+                            source,
+                        })
                 }
                 Some(c) => arrow::compute::cast(c, &DataType::Utf8)
                     .map(Some)

@@ -360,6 +360,7 @@ impl Engine {
         ItemIndex::build(
             &self.catalog,
             &self.items,
+            &self.genres,
             self.watermark,
             self.config.decay.item_half_lives(),
             self.config.lists.candidates_per_source,
@@ -562,6 +563,36 @@ mod tests {
             .process(vec![record(1, "a", 4, EventType::Like, 6000)])
             .unwrap();
         assert_eq!(next.outputs[0].1.recommendations.version, 2);
+    }
+
+    #[test]
+    fn a_new_user_sees_the_genres_trending_now() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut e = engine(dir.path());
+        let batch = (0..6)
+            .map(|i| record(i, &format!("c{i}"), 1 + i as u32, EventType::Play, 10))
+            .collect();
+        e.process(batch).unwrap();
+        let newbie = Record {
+            body: Body::Refresh(RefreshCommand {
+                user_id: Some("newbie".into()),
+                all: false,
+            }),
+            ..record(6, "newbie", 1, EventType::Play, 10)
+        };
+        let out = e.process(vec![newbie]).unwrap();
+        let rows: Vec<&str> = out.outputs[0]
+            .1
+            .carousels
+            .rows
+            .iter()
+            .map(|r| r.id.as_str())
+            .collect();
+        assert!(rows.contains(&"trending-genre:Comedy"), "{rows:?}");
+        assert_eq!(
+            out.outputs[0].1.recommendations.version, 1,
+            "a refresh bumps the version"
+        );
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Candidate generation, scoring and the three outputs for one user: pure
 //! functions of the user's state, the item counters and the event time `now`.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::blend::{self, Dominant, Scored, Signals};
@@ -40,6 +41,8 @@ pub struct ItemIndex {
     pub trending_max: f64,
     /// Normalized (popularity, trending) of every catalog item at `now`.
     pub signals: IdMap<(f64, f64)>,
+    /// Genres by their own trending score, hottest first (cold-start rows).
+    pub trending_genres: Vec<u8>,
 }
 
 impl ItemIndex {
@@ -48,10 +51,18 @@ impl ItemIndex {
     pub fn build(
         catalog: &Catalog,
         items: &IdMap<Momentum>,
+        genres: &HashMap<String, Momentum>,
         now: i64,
         hl: HalfLives,
         per_source: usize,
     ) -> ItemIndex {
+        let mut hot: Vec<(u8, f64)> = genres
+            .iter()
+            .filter_map(|(name, m)| Some((catalog.genre_id(name)?, m.trending_at(now, hl))))
+            .filter(|(_, t)| *t > 0.0)
+            .collect();
+        hot.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        let trending_genres = hot.into_iter().map(|(g, _)| g).collect();
         let mut rows: Vec<(u32, f64, f64, GenreSet)> = catalog
             .movies()
             .map(|m| {
@@ -101,6 +112,7 @@ impl ItemIndex {
             popularity_max,
             trending_max,
             signals,
+            trending_genres,
         }
     }
 }
@@ -234,6 +246,17 @@ pub fn build_outputs(
         weights.iter().copied().filter(|g| g.weight > 0.0).collect();
     top_genres.sort_by(|a, b| b.weight.total_cmp(&a.weight).then(a.genre.cmp(&b.genre)));
     top_genres.truncate(lists.genre_rows);
+    // A user without positive tastes yet gets the genres trending right now.
+    let cold_genres: Vec<u8> = if top_genres.is_empty() {
+        ctx.index
+            .trending_genres
+            .iter()
+            .take(lists.genre_rows)
+            .copied()
+            .collect()
+    } else {
+        Vec::new()
+    };
 
     let seeds: Vec<u32> = state
         .positive_recent()
@@ -267,14 +290,12 @@ pub fn build_outputs(
     for &id in &ctx.index.trending {
         propose(id, Source::Trending);
     }
-    for g in &top_genres {
-        for &id in ctx
-            .index
-            .by_genre
-            .get(g.genre as usize)
-            .into_iter()
-            .flatten()
-        {
+    for g in top_genres
+        .iter()
+        .map(|g| g.genre)
+        .chain(cold_genres.iter().copied())
+    {
+        for &id in ctx.index.by_genre.get(g as usize).into_iter().flatten() {
             propose(id, Source::Genre);
         }
     }
@@ -379,6 +400,25 @@ pub fn build_outputs(
             title: format!("Because you like {name}"),
             kind: "genre".into(),
             items: row,
+        });
+    }
+    for &genre in &cold_genres {
+        let name = ctx.catalog.genre_name(genre);
+        let mut row: Vec<Scored> = candidates
+            .iter()
+            .filter(|c| {
+                ctx.catalog
+                    .get(c.movie_id)
+                    .is_some_and(|m| m.genres.contains(genre))
+            })
+            .map(|c| scored(c, c.signals.trending))
+            .collect();
+        blend::top_k(&mut row, lists.row_size);
+        rows.push(CarouselRow {
+            id: format!("trending-genre:{name}"),
+            title: format!("Trending in {name}"),
+            kind: "trending_genre".into(),
+            items: row.iter().map(|s| item(s.movie_id)).collect(),
         });
     }
     if let Some((seed, similar)) = seed_lists.first() {

@@ -43,6 +43,22 @@ fn invalid_samples_are_rejected_with_a_reason() {
     for (name, payload) in invalid {
         let err =
             decode_interaction(Some(b"u1"), &payload, DEFAULT_MAX_EVENT_BYTES).expect_err(&name);
-        assert!(!err.reason().is_empty(), "{name}");
+        assert_eq!(err.reason(), expected_reason(&name), "{name}: {err}");
+    }
+}
+
+/// The reason each invalid sample must be dead-lettered with.
+fn expected_reason(file: &str) -> &'static str {
+    match file.trim_end_matches(".json") {
+        "malformed_json" => "malformed_json",
+        "unknown_event_type" => "unknown_event_type",
+        "rating_out_of_range" | "negative_ts" | "progress_out_of_range" => "out_of_range",
+        "wrong_type"
+        | "rate_without_value"
+        | "unknown_field"
+        | "missing_event_id"
+        | "unknown_context_field"
+        | "not_an_object" => "schema_violation",
+        other => panic!("add {other} to expected_reason"),
     }
 }
