@@ -187,7 +187,14 @@ async fn state_survives_repeated_kill_9_exactly_once() {
     let brokers = broker.bootstrap();
     let catalog = synthetic_catalog(dir.path(), &["Comedy", "Drama", "Sci-Fi", "Horror"], 15);
     let http_port = free_port();
-    let config = write_config(dir.path(), &brokers, &catalog, http_port, "crash-engine");
+    let config = write_config(
+        dir.path(),
+        &brokers,
+        &catalog,
+        http_port,
+        "crash-engine",
+        true,
+    );
     recstream(&["topics", "apply", "--config", config.to_str().unwrap()]);
     let log = dir.path().join("engine.log");
 

@@ -58,7 +58,14 @@ async fn a_fans_genre_rises_and_bad_input_is_dead_lettered() {
     let brokers = broker.bootstrap();
     let catalog = synthetic_catalog(dir.path(), &GENRES, PER_GENRE);
     let http_port = free_port();
-    let config = write_config(dir.path(), &brokers, &catalog, http_port, "e2e-engine");
+    let config = write_config(
+        dir.path(),
+        &brokers,
+        &catalog,
+        http_port,
+        "e2e-engine",
+        false,
+    );
     let config_arg = config.to_str().unwrap();
 
     let first = recstream(&["topics", "apply", "--config", config_arg]);
@@ -341,7 +348,11 @@ async fn a_fans_genre_rises_and_bad_input_is_dead_lettered() {
     );
     assert!(metrics.contains("recstream_dead_letters_total{reason=\"malformed_json\"} 1"));
     assert!(metrics.contains("recstream_processing_seconds_bucket"));
-    assert!(http_get(http_port, "/readyz").contains("200 OK"));
+    let ready_deadline = Instant::now() + Duration::from_secs(30);
+    while !http_get(http_port, "/readyz").contains("200 OK") {
+        assert!(Instant::now() < ready_deadline, "engine never ready");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 
     // A refresh command republishes the fan with a new version and no new events.
     let before = recs["version"].as_u64().unwrap();

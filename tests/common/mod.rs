@@ -268,8 +268,17 @@ pub fn write_config(
     catalog: &Path,
     http_port: u16,
     group: &str,
+    static_membership: bool,
 ) -> PathBuf {
     let path = dir.join("recstream.toml");
+    // Static membership lets a SIGKILLed instance take its partitions back at
+    // once; tansu never expires a dead dynamic member's assignment. Off by
+    // default: with it tansu revokes once after the first join and pauses ~9 s.
+    let instance = if static_membership {
+        format!("instance_id = \"{group}-0\"")
+    } else {
+        String::new()
+    };
     std::fs::write(
         &path,
         format!(
@@ -277,7 +286,7 @@ pub fn write_config(
 [kafka]
 brokers = "{brokers}"
 group_id = "{group}"
-instance_id = "{group}-0"
+{instance}
 
 [kafka.client]
 # A killed instance's membership expires quickly, so restarts rebalance fast.
