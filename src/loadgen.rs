@@ -196,7 +196,8 @@ pub async fn run(args: LoadgenArgs) -> Result<()> {
             _ => String::new(),
         };
         let payload = format!(
-            r#"{{"event_id":"lg-{}-{i}","user_id":"{user}","movie_id":{movie},"type":"{kind}","ts":{ts}{value}}}"#,
+            // Unique per run: a repeated id would (rightly) be applied once.
+            r#"{{"event_id":"lg-{}-{started_ms}-{i}","user_id":"{user}","movie_id":{movie},"type":"{kind}","ts":{ts}{value}}}"#,
             args.seed
         );
         last_ts.insert(user.clone(), ts);
