@@ -10,4 +10,8 @@ cargo fmt --check
 cargo clippy --quiet --all-targets -- -D warnings
 python3 tests/clients/check_schemas.py samples
 cargo test --benches   # the criterion benches run once as smoke tests
-cargo test
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+cargo test 2>&1 | tee "$log"
+# One closing line over every test binary above.
+awk '/^test result:/ { p += $4; f += $6 } END { printf "all tests: %d passed, %d failed\n", p, f }' "$log"
