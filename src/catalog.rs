@@ -128,6 +128,16 @@ pub struct CatalogRecord {
     pub tags: Vec<String>,
 }
 
+/// Decodes and checks a catalog-topic payload.
+pub fn parse_record(payload: &[u8]) -> Result<CatalogRecord, String> {
+    let record: CatalogRecord =
+        serde_json::from_slice(payload).map_err(|e| format!("invalid catalog record: {e}"))?;
+    if record.movie_id == 0 || record.title.trim().is_empty() {
+        return Err("a catalog record needs movie_id >= 1 and a non-empty title".into());
+    }
+    Ok(record)
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct Catalog {
     movies: IdMap<Movie>,

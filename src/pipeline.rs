@@ -785,19 +785,15 @@ async fn catalog_update(
             reason: "missing_key",
             detail: "a catalog tombstone needs the movie id as key".into(),
         },
-        (key, Some(payload)) => match serde_json::from_slice::<CatalogRecord>(payload) {
-            Ok(r) if r.movie_id == 0 || r.title.trim().is_empty() => Rejection {
-                reason: "schema_violation",
-                detail: "a catalog record needs movie_id >= 1 and a non-empty title".into(),
-            },
+        (key, Some(payload)) => match crate::catalog::parse_record(payload) {
             Ok(r) if key.is_none_or(|k| k == r.movie_id) => return Ok(Some((r.movie_id, Some(r)))),
             Ok(r) => Rejection {
                 reason: "key_mismatch",
                 detail: format!("key {key:?} does not match movie_id {}", r.movie_id),
             },
-            Err(e) => Rejection {
+            Err(detail) => Rejection {
                 reason: "schema_violation",
-                detail: format!("invalid catalog record: {e}"),
+                detail,
             },
         },
     };

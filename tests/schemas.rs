@@ -1,21 +1,25 @@
-//! The committed sample payloads go through the engine's decoder: valid ones
-//! decode, invalid ones are rejected with a reason. (`tests/clients/check_schemas.py
-//! samples` checks the same files against the JSON Schema.)
+//! The committed sample payloads go through the engine's decoders: valid ones
+//! decode, invalid ones are rejected (interactions with the reason the file
+//! name implies). `tests/clients/check_schemas.py samples` checks the same files
+//! against the JSON Schemas.
 
 use std::path::Path;
 
-use recstream::event::{decode_interaction, DEFAULT_MAX_EVENT_BYTES};
+use recstream::catalog::parse_record;
+use recstream::event::{decode_interaction, parse_refresh, DEFAULT_MAX_EVENT_BYTES};
 
-fn samples(kind: &str) -> Vec<(String, Vec<u8>)> {
+fn samples(kind: &str, validity: &str) -> Vec<(String, Vec<u8>)> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("schemas/samples/interaction")
-        .join(kind);
+        .join("schemas/samples")
+        .join(kind)
+        .join(validity);
     let mut files: Vec<_> = std::fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap().path())
         .filter(|p| p.extension().is_some_and(|e| e == "json"))
         .collect();
     files.sort();
+    assert!(!files.is_empty(), "no {kind}/{validity} samples");
     files
         .into_iter()
         .map(|p| {
@@ -28,26 +32,37 @@ fn samples(kind: &str) -> Vec<(String, Vec<u8>)> {
 
 #[test]
 fn valid_samples_decode() {
-    let valid = samples("valid");
-    assert!(valid.len() >= 5);
-    for (name, payload) in valid {
+    for (name, payload) in samples("interaction", "valid") {
         decode_interaction(Some(b"u1"), &payload, DEFAULT_MAX_EVENT_BYTES)
             .unwrap_or_else(|e| panic!("{name}: {e}"));
+    }
+    for (name, payload) in samples("refresh", "valid") {
+        parse_refresh(&payload, DEFAULT_MAX_EVENT_BYTES).unwrap_or_else(|e| panic!("{name}: {e}"));
+    }
+    for (name, payload) in samples("catalog", "valid") {
+        parse_record(&payload).unwrap_or_else(|e| panic!("{name}: {e}"));
     }
 }
 
 #[test]
 fn invalid_samples_are_rejected_with_a_reason() {
-    let invalid = samples("invalid");
-    assert!(invalid.len() >= 10);
-    for (name, payload) in invalid {
+    for (name, payload) in samples("interaction", "invalid") {
         let err =
             decode_interaction(Some(b"u1"), &payload, DEFAULT_MAX_EVENT_BYTES).expect_err(&name);
         assert_eq!(err.reason(), expected_reason(&name), "{name}: {err}");
     }
+    for (name, payload) in samples("refresh", "invalid") {
+        assert!(
+            parse_refresh(&payload, DEFAULT_MAX_EVENT_BYTES).is_err(),
+            "{name}"
+        );
+    }
+    for (name, payload) in samples("catalog", "invalid") {
+        assert!(parse_record(&payload).is_err(), "{name}");
+    }
 }
 
-/// The reason each invalid sample must be dead-lettered with.
+/// The reason each invalid interaction sample must be dead-lettered with.
 fn expected_reason(file: &str) -> &'static str {
     match file.trim_end_matches(".json") {
         "malformed_json" => "malformed_json",

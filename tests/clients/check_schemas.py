@@ -34,11 +34,24 @@ def validator(file_name: str, reg: Registry) -> Draft202012Validator:
     return Draft202012Validator(schema, registry=reg)
 
 
+SAMPLES = {
+    "interaction": "interaction.v1.schema.json",
+    "refresh": "refresh.v1.schema.json",
+    "catalog": "catalog.v1.schema.json",
+}
+
+
 def samples(reg: Registry) -> int:
-    v = validator("interaction.v1.schema.json", reg)
+    failures = 0
+    for folder, schema in SAMPLES.items():
+        failures += sample_folder(folder, validator(schema, reg))
+    return failures
+
+
+def sample_folder(folder: str, v: Draft202012Validator) -> int:
     failures = 0
     for kind in ("valid", "invalid"):
-        for path in sorted((ROOT / "samples" / "interaction" / kind).glob("*.json")):
+        for path in sorted((ROOT / "samples" / folder / kind).glob("*.json")):
             text = path.read_text().splitlines()[0]
             try:
                 errors = list(v.iter_errors(json.loads(text)))
@@ -47,7 +60,7 @@ def samples(reg: Registry) -> int:
             ok = (not errors) if kind == "valid" else bool(errors)
             if not ok:
                 failures += 1
-                print(f"FAIL {kind}/{path.name}: {errors[:1]}")
+                print(f"FAIL {folder}/{kind}/{path.name}: {errors[:1]}")
     return failures
 
 
