@@ -180,6 +180,71 @@ fn users(store: &Store) -> BTreeMap<(u32, String), UserState> {
     out
 }
 
+/// Waits until every user's latest recommendation carries the version a clean
+/// replay computes, stops the engine, and compares every user's state with the
+/// replay's bit for bit. Returns (records read back, events applied, users).
+async fn verify_against_replay(
+    brokers: &str,
+    catalog: &std::path::Path,
+    dir: &std::path::Path,
+    engine: EngineProcess,
+) -> (usize, u64, usize) {
+    let input = read_input(brokers);
+    let produced: usize = input.values().map(Vec::len).sum();
+    let expected = replay(&input, catalog, &dir.join("verifier"));
+
+    let consumer: rdkafka::consumer::StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "crash-reader")
+        .set("auto.offset.reset", "earliest")
+        .set("fetch.wait.max.ms", "10")
+        .create()
+        .unwrap();
+    consumer.subscribe(&["reco.recommendations.v1"]).unwrap();
+    let want: HashMap<String, u64> = expected
+        .iter()
+        .map(|((_, u), s)| (u.clone(), s.version))
+        .collect();
+    let mut latest: HashMap<String, u64> = HashMap::new();
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while want.iter().any(|(u, v)| latest.get(u) != Some(v)) {
+        let missing: Vec<_> = want
+            .iter()
+            .filter(|(u, v)| latest.get(*u) != Some(v))
+            .collect();
+        assert!(
+            Instant::now() < deadline,
+            "final versions missing for {} users, e.g. {:?}\n{}",
+            missing.len(),
+            missing
+                .iter()
+                .take(3)
+                .map(|(u, v)| (u, v, latest.get(*u)))
+                .collect::<Vec<_>>(),
+            engine.log_text()
+        );
+        let Ok(Ok(m)) = tokio::time::timeout(Duration::from_secs(2), consumer.recv()).await else {
+            continue;
+        };
+        let v: Value = serde_json::from_slice(m.payload().unwrap()).unwrap();
+        let user = v["user_id"].as_str().unwrap().to_string();
+        let version = v["version"].as_u64().unwrap();
+        let entry = latest.entry(user).or_insert(0);
+        *entry = (*entry).max(version);
+    }
+    let status = engine.terminate();
+    assert!(status.success(), "engine exit {status:?}");
+
+    let actual = users(&Store::open(&dir.join("state"), 8).unwrap());
+    assert_eq!(actual.len(), expected.len(), "same users");
+    for (key, want) in &expected {
+        let got = actual.get(key).unwrap_or_else(|| panic!("{key:?} missing"));
+        assert_eq!(got, want, "state of {key:?} differs from the clean replay");
+    }
+    let applied: u64 = actual.values().map(|s| s.events_total()).sum();
+    (produced, applied, actual.len())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn state_survives_repeated_kill_9_exactly_once() {
     let dir = tempfile::tempdir().unwrap();
@@ -219,75 +284,12 @@ async fn state_survives_repeated_kill_9_exactly_once() {
     }
     assert!(producer.wait().unwrap().success(), "producer failed");
 
-    let input = read_input(&brokers);
-    let produced: usize = input.values().map(Vec::len).sum();
-    for (p, r) in &input {
-        eprintln!(
-            "partition {p}: read {} records, offsets {:?}..{:?}",
-            r.len(),
-            r.first().map(|x| x.0),
-            r.last().map(|x| x.0)
-        );
-    }
+    let (produced, applied, users) =
+        verify_against_replay(&brokers, &catalog, dir.path(), engine).await;
     assert_eq!(produced, records.len());
-    let expected = replay(&input, &catalog, &dir.path().join("verifier"));
-
-    // Wait until every user's latest recommendation carries the final version.
-    let consumer: rdkafka::consumer::StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &brokers)
-        .set("group.id", "crash-reader")
-        .set("auto.offset.reset", "earliest")
-        .set("fetch.wait.max.ms", "10")
-        .create()
-        .unwrap();
-    consumer.subscribe(&["reco.recommendations.v1"]).unwrap();
-    eprintln!(
-        "verifier: {} users; waiting for their final versions",
-        expected.len()
-    );
-    let want: HashMap<String, u64> = expected
-        .iter()
-        .map(|((_, u), s)| (u.clone(), s.version))
-        .collect();
-    let mut latest: HashMap<String, u64> = HashMap::new();
-    let deadline = Instant::now() + Duration::from_secs(180);
-    while want.iter().any(|(u, v)| latest.get(u) != Some(v)) {
-        assert!(
-            Instant::now() < deadline,
-            "final versions missing for {} users, e.g. {:?}\n{}",
-            want.iter()
-                .filter(|(u, v)| latest.get(*u) != Some(v))
-                .count(),
-            want.iter()
-                .filter(|(u, v)| latest.get(*u) != Some(v))
-                .take(3)
-                .map(|(u, v)| (u, v, latest.get(u)))
-                .collect::<Vec<_>>(),
-            engine.log_text()
-        );
-        let Ok(Ok(m)) = tokio::time::timeout(Duration::from_secs(2), consumer.recv()).await else {
-            continue;
-        };
-        let v: Value = serde_json::from_slice(m.payload().unwrap()).unwrap();
-        let user = v["user_id"].as_str().unwrap().to_string();
-        let version = v["version"].as_u64().unwrap();
-        let entry = latest.entry(user).or_insert(0);
-        *entry = (*entry).max(version);
-    }
-    let status = engine.terminate();
-    assert!(status.success(), "engine exit {status:?}");
-
-    let actual = users(&Store::open(&dir.path().join("state"), 8).unwrap());
-    assert_eq!(actual.len(), expected.len(), "same users");
-    for (key, want) in &expected {
-        let got = actual.get(key).unwrap_or_else(|| panic!("{key:?} missing"));
-        assert_eq!(got, want, "state of {key:?} differs from the clean replay");
-    }
-    let applied: u64 = actual.values().map(|s| s.events_total()).sum();
     println!(
-        "crash test: {crashes} SIGKILLs, {produced} records ({} duplicates), {applied} events applied once, {} users identical",
-        produced - EVENTS,
-        actual.len()
+        "crash test: {crashes} SIGKILLs, {produced} records ({} duplicates), {applied} events applied once, {users} users identical",
+        produced - EVENTS
     );
     assert_eq!(applied, EVENTS as u64, "every event applied exactly once");
 }

@@ -52,24 +52,24 @@ pub struct Broker {
     child: Child,
     pub port: u16,
     storage: String,
+    workdir: PathBuf,
 }
 
 impl Broker {
     pub fn start_memory() -> Broker {
-        Broker::start("memory://tansu/".into(), free_port())
+        Broker::start("memory://tansu/".into(), free_port(), std::env::temp_dir())
     }
 
-    /// A broker with file-backed storage (survives a restart).
+    /// A broker with file-backed storage (survives a restart). tansu resolves
+    /// the sqlite path against its working directory.
     pub fn start_sqlite(dir: &Path) -> Broker {
-        Broker::start(
-            format!("sqlite://{}", dir.join("tansu.db").display()),
-            free_port(),
-        )
+        Broker::start("sqlite://tansu.db".into(), free_port(), dir.to_path_buf())
     }
 
-    fn start(storage: String, port: u16) -> Broker {
+    fn start(storage: String, port: u16, workdir: PathBuf) -> Broker {
         let url = format!("tcp://127.0.0.1:{port}");
         let child = Command::new(tansu_bin())
+            .current_dir(&workdir)
             .args([
                 "broker",
                 "--listener-url",
@@ -90,6 +90,7 @@ impl Broker {
             child,
             port,
             storage,
+            workdir,
         }
     }
 
@@ -99,7 +100,7 @@ impl Broker {
 
     pub fn restart(&mut self) {
         self.stop();
-        *self = Broker::start(self.storage.clone(), self.port);
+        *self = Broker::start(self.storage.clone(), self.port, self.workdir.clone());
     }
 
     pub fn stop(&mut self) {
