@@ -227,8 +227,18 @@ pub async fn run(
     health: Arc<Health>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), PipelineError> {
-    let store = Store::open(&config.state.dir, config.state.block_cache_mb)?;
-    let mut engine = Engine::new(config.engine.clone(), store, catalog)?;
+    // Opening RocksDB and loading the item counters is disk work: off the runtime.
+    let (dir, cache_mb, engine_config) = (
+        config.state.dir.clone(),
+        config.state.block_cache_mb,
+        config.engine.clone(),
+    );
+    let mut engine = tokio::task::spawn_blocking(move || -> Result<Engine, PipelineError> {
+        let store = Store::open(&dir, cache_mb)?;
+        Ok(Engine::new(engine_config, store, catalog)?)
+    })
+    .await
+    .map_err(|_| PipelineError::EngineGone)??;
     let store = engine.store_handle();
     let producer = producer(&config)?;
 
@@ -302,17 +312,27 @@ pub async fn run(
     consumed?;
     published?;
     match engine_result {
-        Some(Ok(engine)) => engine.store().flush()?,
+        Some(Ok(engine)) => tokio::task::spawn_blocking(move || engine.store().flush())
+            .await
+            .map_err(|_| PipelineError::EngineGone)??,
         Some(Err(e)) => return Err(e.into()),
         None => return Err(PipelineError::EngineGone),
     }
-    if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
-        // Nothing stored since the last auto-commit is not an error.
-        if e.rdkafka_error_code() != Some(RDKafkaErrorCode::NoOffset) {
-            warn!(%e, "final offset commit failed; the last batch may be redelivered");
+    // The final commit, the producer flush and closing the consumer (leaving the
+    // group) all block on the network: do them off the runtime.
+    tokio::task::spawn_blocking(move || {
+        if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
+            // Nothing stored since the last auto-commit is not an error; the
+            // group's offsets only serve lag monitoring anyway.
+            if e.rdkafka_error_code() != Some(RDKafkaErrorCode::NoOffset) {
+                warn!(%e, "final offset commit failed");
+            }
         }
-    }
-    producer.flush(Duration::from_secs(5))?;
+        drop(consumer);
+        producer.flush(Duration::from_secs(5))
+    })
+    .await
+    .map_err(|_| PipelineError::EngineGone)??;
     info!("pipeline stopped cleanly");
     Ok(())
 }
