@@ -56,13 +56,8 @@ fn catalog(n: u32) -> Catalog {
 
 /// A deterministic stream: Zipf-like item popularity, a realistic event mix.
 fn events(n: usize, users: u32, items: u32) -> Vec<Interaction> {
-    let mut s: u64 = 42;
-    let mut next = move || {
-        s ^= s << 13;
-        s ^= s >> 7;
-        s ^= s << 17;
-        s
-    };
+    let mut rng = recstream::rng::Rng::new(42);
+    let mut next = move || rng.next_u64();
     let kinds = [
         EventType::View,
         EventType::Click,

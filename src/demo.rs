@@ -330,7 +330,7 @@ struct Background {
     last_ts: i64,
 }
 
-/// Synthetic users with skewed tastes (a deterministic xorshift, no dependency).
+/// Synthetic users with skewed tastes, from a deterministic stream.
 async fn synthetic_crowd(
     producer: &FutureProducer,
     config: &Config,
@@ -338,13 +338,8 @@ async fn synthetic_crowd(
     users: usize,
 ) -> Result<Background> {
     let ids = catalog.ids();
-    let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
-    let mut next = move || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        state
-    };
+    let mut rng = crate::rng::Rng::new(0x9e37_79b9_7f4a_7c15);
+    let mut next = move || rng.next_u64();
     let kinds = ["play", "complete", "like", "rate", "click", "skip"];
     let mut t = DEMO_EPOCH_MS;
     let mut sends = Vec::new();

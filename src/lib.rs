@@ -22,6 +22,7 @@ pub mod output;
 pub mod pipeline;
 pub mod ratings;
 pub mod recommend;
+pub mod rng;
 pub mod state;
 pub mod store;
 pub mod topics;

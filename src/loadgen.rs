@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
 use clap::Args;
@@ -15,7 +15,8 @@ use rdkafka::producer::FutureRecord;
 use serde::Serialize;
 
 use crate::cli::KafkaArgs;
-use crate::pipeline;
+use crate::pipeline::{self, wall_clock_ms};
+use crate::rng::Rng;
 
 #[derive(Debug, Args)]
 pub struct LoadgenArgs {
@@ -62,28 +63,6 @@ pub struct LoadReport {
     pub latency_ms_max: f64,
 }
 
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or_default()
-}
-
-/// xorshift64*: deterministic and dependency-free.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn unit(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
-    }
-}
-
 const EVENT_MIX: [(&str, f64); 9] = [
     ("play", 0.28),
     ("complete", 0.14),
@@ -110,7 +89,7 @@ pub async fn run(args: LoadgenArgs) -> Result<()> {
         total += 1.0 / (rank as f64).powf(args.zipf);
         cdf.push(total);
     }
-    let mut rng = Rng(args.seed.max(1));
+    let mut rng = Rng::new(args.seed);
 
     // Watch outputs from the current end of every partition, resolved before
     // anything is produced (a lazily resolved "latest" could skip early outputs).
@@ -147,7 +126,7 @@ pub async fn run(args: LoadgenArgs) -> Result<()> {
             let Ok(m) = consumer.recv().await else {
                 continue;
             };
-            let seen_ms = now_ms();
+            let seen_ms = wall_clock_ms();
             let seen_at = Instant::now();
             let Some(user) = m.key().map(|k| String::from_utf8_lossy(k).into_owned()) else {
                 continue;
@@ -167,7 +146,7 @@ pub async fn run(args: LoadgenArgs) -> Result<()> {
     let producer = pipeline::producer(&config)?;
     let mut last_ts: HashMap<String, i64> = HashMap::new();
     let started = Instant::now();
-    let started_ms = now_ms();
+    let started_ms = wall_clock_ms();
     let mut pending = Vec::new();
     for i in 0..args.events {
         if args.rate > 0 {
@@ -176,7 +155,7 @@ pub async fn run(args: LoadgenArgs) -> Result<()> {
                 tokio::time::sleep(wait).await;
             }
         }
-        let user = format!("load-{}", rng.next() % args.users as u64);
+        let user = format!("load-{}", rng.next_u64() % args.users as u64);
         let r = rng.unit() * total;
         let movie = ids[cdf.partition_point(|c| *c < r).min(ids.len() - 1)];
         let mut p = rng.unit();
@@ -188,11 +167,11 @@ pub async fn run(args: LoadgenArgs) -> Result<()> {
             })
             .map(|(k, _)| *k)
             .unwrap_or("play");
-        let ts = now_ms().max(last_ts.get(&user).copied().unwrap_or(0));
+        let ts = wall_clock_ms().max(last_ts.get(&user).copied().unwrap_or(0));
         let value = match kind {
-            "rate" => format!(",\"value\":{}", 1 + rng.next() % 5),
+            "rate" => format!(",\"value\":{}", 1 + rng.next_u64() % 5),
             "progress" => format!(",\"value\":{:.2}", rng.unit()),
-            "play" | "complete" => format!(",\"value\":{}", 60 + rng.next() % 7200),
+            "play" | "complete" => format!(",\"value\":{}", 60 + rng.next_u64() % 7200),
             _ => String::new(),
         };
         let payload = format!(

@@ -420,7 +420,8 @@ const MAX_DEAD_LETTER_PAYLOAD: usize = 900 * 1024;
 /// How far ahead of this host's clock an event time may be.
 const MAX_FUTURE_MS: i64 = 24 * 3_600_000;
 
-fn wall_clock_ms() -> i64 {
+/// Wall-clock milliseconds: for input bounds and latency metrics, never for decay.
+pub fn wall_clock_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)

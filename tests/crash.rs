@@ -26,13 +26,8 @@ const USERS: u64 = 300;
 
 /// A deterministic stream with a realistic mix and some redelivered duplicates.
 fn stream(movies: u64) -> Vec<Value> {
-    let mut s: u64 = 0x2545_f491;
-    let mut next = move || {
-        s ^= s << 13;
-        s ^= s >> 7;
-        s ^= s << 17;
-        s
-    };
+    let mut rng = recstream::rng::Rng::new(0x2545_f491);
+    let mut next = move || rng.next_u64();
     let kinds = [
         "play", "complete", "like", "dislike", "rate", "click", "view", "skip", "progress",
     ];
@@ -268,13 +263,10 @@ async fn state_survives_repeated_kill_9_exactly_once() {
         python_produce_in_background(&brokers, INTERACTIONS, &records, 2_000, dir.path());
     let mut engine = EngineProcess::spawn(&config, log.clone());
     let mut crashes = 0;
-    let mut rng: u64 = 0x9e37_79b9;
+    let mut rng = recstream::rng::Rng::new(0x9e37_79b9);
     // Kill at pseudo-random points while the producer streams.
     while producer.try_wait().unwrap().is_none() || crashes < 3 {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        tokio::time::sleep(Duration::from_millis(700 + rng % 1500)).await;
+        tokio::time::sleep(Duration::from_millis(700 + rng.next_u64() % 1500)).await;
         engine.kill9();
         crashes += 1;
         engine = EngineProcess::spawn(&config, log.clone());
