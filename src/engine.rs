@@ -80,8 +80,6 @@ pub struct BatchResult {
     pub offsets: Vec<(Arc<str>, i32, i64)>,
     /// Event times of applied events (for the event-to-publish lag metric).
     pub event_times: Vec<i64>,
-    /// When the oldest record of the batch was received.
-    pub oldest_received: Option<Instant>,
     /// Partitions whose users all must be refreshed (the refresh topic is
     /// co-partitioned with the input); see [`Engine::refresh_page`].
     pub refresh_all: Vec<u32>,
@@ -183,10 +181,7 @@ impl Engine {
     pub fn process(&mut self, records: Vec<Record>) -> Result<BatchResult, EngineError> {
         let started = Instant::now();
         metrics::batch(records.len());
-        let mut result = BatchResult {
-            oldest_received: records.iter().map(|r| r.received).min(),
-            ..Default::default()
-        };
+        let mut result = BatchResult::default();
         let mut users: BTreeMap<(u32, String), UserState> = BTreeMap::new();
         let mut touched_items: Vec<u32> = Vec::new();
         let mut touched_genres: Vec<String> = Vec::new();
