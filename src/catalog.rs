@@ -363,25 +363,10 @@ pub fn load(path: &Path) -> Result<Catalog, CatalogError> {
         ("movies.dat", _) => read_ml1m(path)?,
         ("movies.csv", _) => read_ml_latest(path)?,
         (_, "csv") => read_canonical_csv(path)?,
-        (_, "parquet") => {
-            let file = open(path)?;
-            let reader =
-                parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
-                    .and_then(|b| b.build())
-                    .map_err(|source| CatalogError::Parquet {
-                        path: path.into(),
-                        source,
-                    })?;
-            let batches =
-                reader
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(|source| CatalogError::Arrow {
-                        path: path.into(),
-                        source,
-                    })?;
-            records_from_batches(path, &batches)?
+        (_, "parquet") => records_from_batches(path, &read_parquet_batches(path)?)?,
+        (_, "arrow" | "arrows" | "ipc" | "feather") => {
+            records_from_batches(path, &read_ipc_batches(path)?)?
         }
-        (_, "arrow" | "arrows" | "ipc" | "feather") => read_ipc(path)?,
         _ => {
             return Err(CatalogError::Format {
                 path: path.into(),
@@ -662,7 +647,25 @@ fn read_canonical_csv(path: &Path) -> Result<Vec<CatalogRecord>, CatalogError> {
     records_from_batches(path, &batches)
 }
 
-fn read_ipc(path: &Path) -> Result<Vec<CatalogRecord>, CatalogError> {
+/// Reads every record batch of a Parquet file.
+pub(crate) fn read_parquet_batches(path: &Path) -> Result<Vec<RecordBatch>, CatalogError> {
+    let file = open(path)?;
+    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+        .and_then(|b| b.build())
+        .map_err(|source| CatalogError::Parquet {
+            path: path.into(),
+            source,
+        })?;
+    reader
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|source| CatalogError::Arrow {
+            path: path.into(),
+            source,
+        })
+}
+
+/// Reads every record batch of an Arrow IPC file or stream.
+pub(crate) fn read_ipc_batches(path: &Path) -> Result<Vec<RecordBatch>, CatalogError> {
     let arrow_err = |source| CatalogError::Arrow {
         path: path.into(),
         source,
@@ -671,18 +674,17 @@ fn read_ipc(path: &Path) -> Result<Vec<CatalogRecord>, CatalogError> {
     let mut magic = [0u8; 6];
     let is_file_format = file.read_exact(&mut magic).is_ok() && &magic == b"ARROW1";
     let file = open(path)?;
-    let batches = if is_file_format {
+    if is_file_format {
         arrow::ipc::reader::FileReader::try_new(file, None)
             .map_err(arrow_err)?
             .collect::<Result<Vec<_>, _>>()
-            .map_err(arrow_err)?
+            .map_err(arrow_err)
     } else {
         arrow::ipc::reader::StreamReader::try_new(file, None)
             .map_err(arrow_err)?
             .collect::<Result<Vec<_>, _>>()
-            .map_err(arrow_err)?
-    };
-    records_from_batches(path, &batches)
+            .map_err(arrow_err)
+    }
 }
 
 /// Converts batches with the canonical column names (any integer or string types;

@@ -55,6 +55,10 @@ pub enum Command {
     },
     /// Produce synthetic load and measure throughput and event-to-output latency.
     Loadgen(crate::loadgen::LoadgenArgs),
+    /// Train a NeuMF model and export it to ONNX with its model card.
+    Train(TrainArgs),
+    /// Evaluate NCF against baselines and peers on MovieLens; writes a markdown table.
+    Eval(crate::ncf::bench::EvalArgs),
     /// Validate a config file and print it with every default filled in.
     CheckConfig {
         #[arg(long)]
@@ -162,6 +166,8 @@ pub async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Loadgen(args) => crate::loadgen::run(args).await,
+        Command::Train(args) => train(args),
+        Command::Eval(args) => crate::ncf::bench::run(&args),
         Command::CheckConfig { config } => {
             let config = Config::from_file(&config)?;
             print!("{}", toml::to_string_pretty(&config)?);
@@ -277,4 +283,138 @@ pub async fn send_refresh(
         }
         _ => bail!("give exactly one of --user or --all"),
     }
+}
+
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// Training interactions: a MovieLens ratings file or directory (u.data,
+    /// uN.base, ratings.dat, ratings.csv) or an interaction dump (.parquet, .arrow).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// A test file in the same format (e.g. u1.test); without it 20 % of the
+    /// ratings (explicit) or each user's latest interaction (implicit) is held out.
+    #[arg(long)]
+    pub test: Option<PathBuf>,
+    #[arg(long, value_enum, default_value = "implicit")]
+    pub objective: ObjectiveArg,
+    /// Output stem: writes STEM.onnx, STEM.card.json, STEM.users.f32,
+    /// STEM.report.json and STEM.curve.png.
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long)]
+    pub gmf_dim: Option<usize>,
+    #[arg(long)]
+    pub mlp_dim: Option<usize>,
+    /// Hidden layer widths, e.g. 64,32,16.
+    #[arg(long, value_delimiter = ',')]
+    pub hidden: Option<Vec<usize>>,
+    #[arg(long)]
+    pub residual: bool,
+    #[arg(long)]
+    pub batch_norm: bool,
+    #[arg(long)]
+    pub dropout: Option<f32>,
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    #[arg(long)]
+    pub lr: Option<f64>,
+    #[arg(long)]
+    pub l2: Option<f64>,
+    #[arg(long)]
+    pub negatives: Option<usize>,
+    #[arg(long)]
+    pub patience: Option<usize>,
+    #[arg(long)]
+    pub validation_fraction: Option<f64>,
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// No progress bars.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum ObjectiveArg {
+    Explicit,
+    Implicit,
+}
+
+impl From<ObjectiveArg> for crate::ncf::model::Objective {
+    fn from(o: ObjectiveArg) -> Self {
+        match o {
+            ObjectiveArg::Explicit => crate::ncf::model::Objective::Explicit,
+            ObjectiveArg::Implicit => crate::ncf::model::Objective::Implicit,
+        }
+    }
+}
+
+impl TrainArgs {
+    /// The objective's defaults with every given flag on top.
+    pub fn config(&self) -> crate::ncf::train::TrainConfig {
+        let mut c = crate::ncf::train::TrainConfig::defaults(self.objective.into());
+        macro_rules! set {
+            ($($field:ident),*) => { $( if let Some(v) = self.$field.clone() { c.$field = v; } )* };
+        }
+        set!(
+            gmf_dim,
+            mlp_dim,
+            hidden,
+            dropout,
+            epochs,
+            batch_size,
+            l2,
+            negatives,
+            patience,
+            validation_fraction,
+            seed
+        );
+        if let Some(lr) = self.lr {
+            c.learning_rate = lr;
+        }
+        c.residual |= self.residual;
+        c.batch_norm |= self.batch_norm;
+        c
+    }
+}
+
+fn train(args: TrainArgs) -> Result<()> {
+    use crate::ncf::{data, eval};
+    let config = args.config();
+    config.validate()?;
+    let train = data::load_interactions(&args.data)?;
+    let test = args
+        .test
+        .as_deref()
+        .map(data::load_interactions)
+        .transpose()?;
+    let run = eval::run(eval::RunInput {
+        config,
+        train: &train,
+        test: test.as_deref(),
+        data_name: args.data.display().to_string(),
+        out: args.out.clone(),
+        progress: !args.quiet,
+    })?;
+    let r = &run.report;
+    println!(
+        "trained {} on {} interactions ({} users, {} items): best epoch {} of {}, {:.1}s, {:.0} samples/s",
+        r.model_version,
+        r.train_interactions,
+        r.users,
+        r.items,
+        r.best_epoch,
+        r.epochs.len(),
+        r.train_seconds,
+        r.samples_per_second
+    );
+    println!(
+        "test (through tract): {}",
+        serde_json::Value::Object(r.test.clone())
+    );
+    for f in &r.files {
+        println!("wrote {f}");
+    }
+    Ok(())
 }

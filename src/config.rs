@@ -43,6 +43,17 @@ pub struct Config {
     pub catalog: CatalogConfig,
     pub http: HttpConfig,
     pub engine: EngineConfig,
+    pub model: ModelConfig,
+}
+
+/// The NCF model re-scoring candidates (see `models/README.md`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelConfig {
+    /// `NAME.onnx`, with `NAME.card.json` and `NAME.users.f32` beside it.
+    /// Without a model the blend uses the other signals only.
+    pub path: Option<PathBuf>,
+    pub fold_in: crate::ncf::foldin::FoldInConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -337,6 +348,19 @@ impl Config {
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
+        let f = &self.model.fold_in;
+        if !(f.learning_rate.is_finite() && f.learning_rate > 0.0) {
+            return Err(invalid("model.fold_in.learning_rate", "must be positive"));
+        }
+        if !(f.l2.is_finite() && f.l2 >= 0.0) {
+            return Err(invalid("model.fold_in.l2", "must be zero or positive"));
+        }
+        if f.steps > 1000 || f.max_history > 1000 || f.negatives > 100 {
+            return Err(invalid(
+                "model.fold_in",
+                "steps and max_history must be at most 1000, negatives at most 100",
+            ));
+        }
         if self.kafka.brokers.trim().is_empty() {
             return Err(invalid("kafka.brokers", "must name at least one broker"));
         }

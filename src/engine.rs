@@ -3,7 +3,7 @@
 //! deterministic; the Kafka pipeline runs it on a dedicated thread, and
 //! in-process callers (tests, benchmarks, the demo) call it directly.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -186,6 +186,8 @@ impl Engine {
         let mut touched_items: Vec<u32> = Vec::new();
         let mut touched_genres: Vec<String> = Vec::new();
         let mut offsets: BTreeMap<(Arc<str>, i32), i64> = BTreeMap::new();
+        // Users whose events were applied in this batch (their model vector moves).
+        let mut learned: BTreeSet<(u32, String)> = BTreeSet::new();
         let hl = self.config.decay.item_half_lives();
 
         for record in records {
@@ -231,6 +233,7 @@ impl Engine {
                         Applied::Duplicate => metrics::event(event.kind.as_str(), "duplicate"),
                         Applied::Applied => {
                             metrics::event(event.kind.as_str(), "applied");
+                            learned.insert((partition, event.user_id.clone()));
                             result.event_times.push(event.ts);
                             self.watermark = self.watermark.max(event.ts);
                             // Popularity counts engagement, not its sign.
@@ -266,6 +269,13 @@ impl Engine {
                     }
                     None => {}
                 },
+            }
+        }
+        if let Some(scorer) = &self.scorer {
+            for key in &learned {
+                if let Some(state) = users.get_mut(key) {
+                    scorer.observe(&key.1, state);
+                }
             }
         }
         metrics::stage("apply", started.elapsed().as_secs_f64());

@@ -18,6 +18,7 @@ pub mod event;
 pub mod http;
 pub mod loadgen;
 pub mod metrics;
+pub mod ncf;
 pub mod output;
 pub mod pipeline;
 pub mod ratings;

@@ -30,6 +30,9 @@ pub struct Metrics {
     kafka_errors: IntCounterVec,
     assigned_partitions: IntGauge,
     scorer_seconds: Histogram,
+    inference_seconds: Histogram,
+    inference_batch: Histogram,
+    fold_in_seconds: Histogram,
 }
 
 fn build() -> Metrics {
@@ -137,6 +140,21 @@ fn build() -> Metrics {
         scorer_seconds: reg!(hist(
             "scorer_seconds",
             "Model re-scoring time per user.",
+            latency_buckets.clone()
+        )),
+        inference_seconds: reg!(hist(
+            "ncf_inference_seconds",
+            "NCF model (tract) run time per scored batch.",
+            latency_buckets.clone()
+        )),
+        inference_batch: reg!(hist(
+            "ncf_inference_batch_size",
+            "Pairs scored per NCF model run.",
+            vec![1.0, 10.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 5000.0]
+        )),
+        fold_in_seconds: reg!(hist(
+            "ncf_fold_in_seconds",
+            "Time to fold one user's new interactions into their NCF vector.",
             latency_buckets
         )),
         registry: r,
@@ -212,6 +230,15 @@ pub fn assigned_partitions(n: usize) {
 
 pub fn scorer_latency(seconds: f64) {
     METRICS.scorer_seconds.observe(seconds);
+}
+
+pub fn inference(seconds: f64, batch: usize) {
+    METRICS.inference_seconds.observe(seconds);
+    METRICS.inference_batch.observe(batch as f64);
+}
+
+pub fn fold_in(seconds: f64) {
+    METRICS.fold_in_seconds.observe(seconds);
 }
 
 pub fn rocksdb(stats: &StoreStats) {

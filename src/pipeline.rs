@@ -14,6 +14,7 @@
 //! (at-least-once); redelivered events are recognised by their `event_id` and
 //! applied once, and their users' outputs are republished with a new version.
 
+use crate::ncf::serve::{NcfModel, NcfScorer};
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -52,6 +53,8 @@ pub enum PipelineError {
     Store(#[from] StoreError),
     #[error("engine: {0}")]
     Engine(#[from] EngineError),
+    #[error("loading the NCF model: {0}")]
+    Model(#[from] crate::ncf::serve::ModelError),
     #[error(
         "publishing outputs failed; offsets were not stored, the batch will be redelivered: {0}"
     )]
@@ -233,9 +236,16 @@ pub async fn run(
         config.state.block_cache_mb,
         config.engine.clone(),
     );
+    let model = config.model.clone();
     let mut engine = tokio::task::spawn_blocking(move || -> Result<Engine, PipelineError> {
         let store = Store::open(&dir, cache_mb)?;
-        Ok(Engine::new(engine_config, store, catalog)?)
+        let mut engine = Engine::new(engine_config, store, catalog)?;
+        if let Some(path) = &model.path {
+            let loaded = NcfModel::load(path, model.fold_in)?;
+            tracing::info!(model = %loaded.card.model_version, path = %path.display(), "NCF model loaded");
+            engine.set_scorer(Some(Arc::new(NcfScorer { model: Arc::new(loaded) })));
+        }
+        Ok(engine)
     })
     .await
     .map_err(|_| PipelineError::EngineGone)??;

@@ -23,6 +23,9 @@ pub trait Scorer: Send + Sync {
         state: &UserState,
         items: &[u32],
     ) -> Result<Vec<f32>, ScoreError>;
+    /// Updates the user's model state after new events (NCF fold-in). Must be
+    /// deterministic: replays after a crash recompute it.
+    fn observe(&self, _user_id: &str, _state: &mut UserState) {}
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -348,8 +351,9 @@ pub fn build_outputs(
         Some(scorer) => {
             let ids: Vec<u32> = candidates.iter().map(|c| c.movie_id).collect();
             let scores = scorer.score(user_id, state, &ids)?;
+            // NaN: the model does not know the item.
             for (c, s) in candidates.iter_mut().zip(scores) {
-                c.signals.ncf = Some(s as f64);
+                c.signals.ncf = (!s.is_nan()).then_some(s as f64);
             }
             Some(scorer.info())
         }

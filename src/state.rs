@@ -29,6 +29,10 @@ pub struct UserState {
     pub counters: Counters,
     /// Hashes of the most recent event ids, newest last.
     pub recent_event_ids: Vec<u64>,
+    /// The user's NCF vector folded in from their interactions (empty without
+    /// a model), and the id of the model whose space it lives in.
+    pub latent: Vec<f32>,
+    pub latent_model: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]

@@ -1,0 +1,128 @@
+//! The model card: a JSON file beside the ONNX model that says how to feed it
+//! (input/output names and shapes), which ids its rows mean, how it was
+//! trained and how well it did.
+//!
+//! Files of one model `NAME`: `NAME.onnx`, `NAME.card.json` and
+//! `NAME.users.f32` (the trained user vectors, little-endian float32,
+//! row-major `[users.len()][user_vector.dim]`).
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::model::Objective;
+
+pub const CARD_FORMAT: &str = "recstream-ncf/1";
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TensorSpec {
+    pub name: String,
+    pub dtype: String,
+    /// `"N"` is the symbolic batch dimension.
+    pub shape: Vec<serde_json::Value>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UserVectorLayout {
+    pub dim: usize,
+    /// Half-open ranges of the GMF and MLP parts, and the bias position.
+    pub gmf: [usize; 2],
+    pub mlp: [usize; 2],
+    pub bias: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelCard {
+    pub format: String,
+    pub model_version: String,
+    pub objective: Objective,
+    pub inputs: Vec<TensorSpec>,
+    pub outputs: Vec<TensorSpec>,
+    pub user_vector: UserVectorLayout,
+    /// Catalog movie id of each item index.
+    pub item_ids: Vec<u32>,
+    /// External user id of each row of the user-vector file.
+    pub user_ids: Vec<String>,
+    /// Explicit models: the rating scale, used to normalise scores for the blend.
+    pub rating_scale: Option<[f32; 2]>,
+    /// The architecture and training settings.
+    pub training: serde_json::Value,
+    /// FNV-1a 64 of the training interactions (user, movie, rating, time).
+    pub training_data_hash: String,
+    pub training_data: String,
+    /// Validation/test metrics by name.
+    pub metrics: serde_json::Map<String, serde_json::Value>,
+}
+
+/// The three files of a model, from the path of any of them or of its stem.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelFiles {
+    pub onnx: PathBuf,
+    pub card: PathBuf,
+    pub users: PathBuf,
+}
+
+impl ModelFiles {
+    pub fn new(path: &Path) -> ModelFiles {
+        let s = path.to_string_lossy();
+        let stem = s
+            .strip_suffix(".onnx")
+            .or_else(|| s.strip_suffix(".card.json"))
+            .or_else(|| s.strip_suffix(".users.f32"))
+            .unwrap_or(&s)
+            .to_string();
+        ModelFiles {
+            onnx: PathBuf::from(format!("{stem}.onnx")),
+            card: PathBuf::from(format!("{stem}.card.json")),
+            users: PathBuf::from(format!("{stem}.users.f32")),
+        }
+    }
+}
+
+impl ModelCard {
+    pub fn io_specs(user_dim: usize) -> (Vec<TensorSpec>, Vec<TensorSpec>) {
+        let n = serde_json::Value::from("N");
+        (
+            vec![
+                TensorSpec {
+                    name: "user".into(),
+                    dtype: "float32".into(),
+                    shape: vec![n.clone(), user_dim.into()],
+                },
+                TensorSpec {
+                    name: "item".into(),
+                    dtype: "int64".into(),
+                    shape: vec![n.clone()],
+                },
+            ],
+            vec![TensorSpec {
+                name: "score".into(),
+                dtype: "float32".into(),
+                shape: vec![n],
+            }],
+        )
+    }
+}
+
+/// FNV-1a 64, for data fingerprints.
+#[derive(Debug, Clone, Copy)]
+pub struct Fnv(pub u64);
+
+impl Default for Fnv {
+    fn default() -> Self {
+        Fnv(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Fnv {
+    pub fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 ^= *b as u64;
+            self.0 = self.0.wrapping_mul(0x100_0000_01b3);
+        }
+    }
+
+    pub fn hex(&self) -> String {
+        format!("{:016x}", self.0)
+    }
+}

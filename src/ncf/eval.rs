@@ -1,0 +1,308 @@
+//! Training runs end to end (data → model files → metrics through tract) and
+//! the evaluation protocols behind `recstream eval`.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use super::card::{Fnv, ModelCard, ModelFiles, UserVectorLayout, CARD_FORMAT};
+use super::data::{self, Dataset, RankingCase, RawInteraction, Row};
+use super::foldin::FoldInConfig;
+use super::model::Objective;
+use super::serve::{ModelError, NcfModel};
+use super::train::{self, EpochReport, TrainConfig, TrainError, Validation};
+
+#[derive(Debug, thiserror::Error)]
+pub enum EvalError {
+    #[error(transparent)]
+    Data(#[from] crate::catalog::CatalogError),
+    #[error(transparent)]
+    Train(#[from] TrainError),
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Other(String),
+}
+
+fn write(path: &Path, bytes: &[u8]) -> Result<(), EvalError> {
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(|source| EvalError::Write {
+            path: parent.into(),
+            source,
+        })?;
+    }
+    std::fs::write(path, bytes).map_err(|source| EvalError::Write {
+        path: path.into(),
+        source,
+    })
+}
+
+/// What a training run measured; written as `NAME.report.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunReport {
+    pub model_version: String,
+    pub config: TrainConfig,
+    pub training_data: String,
+    pub training_data_hash: String,
+    pub users: usize,
+    pub items: usize,
+    pub train_interactions: usize,
+    pub best_epoch: usize,
+    pub epochs: Vec<EpochReport>,
+    pub train_seconds: f64,
+    pub samples_per_second: f64,
+    /// Test metrics computed through tract on the exported model.
+    pub test: serde_json::Map<String, serde_json::Value>,
+    pub files: Vec<String>,
+}
+
+/// Input of one training run.
+pub struct RunInput<'a> {
+    pub config: TrainConfig,
+    /// Training interactions, and an optional test file's (explicit).
+    pub train: &'a [RawInteraction],
+    pub test: Option<&'a [RawInteraction]>,
+    pub data_name: String,
+    /// Model files go to `out.onnx`, `out.card.json`, …
+    pub out: PathBuf,
+    pub progress: bool,
+}
+
+fn data_hash(rows: &[Row], dataset: &Dataset) -> String {
+    let mut h = Fnv::default();
+    for r in rows {
+        h.write(dataset.user_ids[r.user as usize].as_bytes());
+        h.write(&dataset.item_ids[r.item as usize].to_le_bytes());
+        h.write(&r.rating.to_le_bytes());
+        h.write(&r.ts.to_le_bytes());
+    }
+    h.hex()
+}
+
+/// A trained, exported and reloaded model with its test metrics.
+pub struct Run {
+    pub report: RunReport,
+    pub model: NcfModel,
+    pub dataset: Dataset,
+    /// Leave-one-out test cases (implicit runs without a test file).
+    pub cases: Vec<RankingCase>,
+    pub train_rows: Vec<Row>,
+    pub test_rows: Vec<Row>,
+}
+
+/// Trains, exports the model files, reloads them through tract and measures
+/// the test split with the served model.
+pub fn run(input: RunInput) -> Result<Run, EvalError> {
+    let config = input.config.clone();
+    config.validate()?;
+    let parts: Vec<&[RawInteraction]> = match input.test {
+        Some(t) => vec![input.train, t],
+        None => vec![input.train],
+    };
+    let (dataset, mut rows) = Dataset::index(&parts);
+    let all_train = rows.remove(0);
+    let given_test = rows.pop().unwrap_or_default();
+    let (n_users, n_items) = (dataset.n_users(), dataset.n_items());
+    let seed = config.seed;
+    // Test split: the given file (explicit) or each user's latest interaction.
+    let (train_pool, test_rows, cases) = match (config.objective, input.test) {
+        (Objective::Explicit, Some(_)) => (all_train, given_test, Vec::new()),
+        (Objective::Explicit, None) => {
+            let (a, b) = data::random_split(&all_train, 0.2, seed ^ 0x7e57);
+            (a, b, Vec::new())
+        }
+        (Objective::Implicit, _) => {
+            let (a, c) = data::leave_one_out(&all_train, n_users, n_items, 99, seed ^ 0x7e57);
+            (a, Vec::new(), c)
+        }
+    };
+    // Validation for early stopping comes out of the training data only.
+    let (train_rows, validation) = match config.objective {
+        Objective::Explicit => {
+            let (a, b) = data::random_split(&train_pool, config.validation_fraction, seed ^ 0x5a1);
+            (a, Validation::Ratings(b))
+        }
+        Objective::Implicit => {
+            let (a, c) = data::leave_one_out(&train_pool, n_users, n_items, 99, seed ^ 0x5a1);
+            (a, Validation::Ranking(c))
+        }
+    };
+    let started = std::time::Instant::now();
+    let trained = train::train(
+        &config,
+        n_users,
+        n_items,
+        &train_rows,
+        &validation,
+        input.progress,
+    )?;
+    let train_seconds = started.elapsed().as_secs_f64();
+    let hash = data_hash(&train_rows, &dataset);
+    let mut version_hash = Fnv::default();
+    version_hash.write(
+        serde_json::to_string(&config)
+            .unwrap_or_default()
+            .as_bytes(),
+    );
+    version_hash.write(hash.as_bytes());
+    let model_version = format!(
+        "ncf-{}-{}",
+        config.objective.as_str(),
+        &version_hash.hex()[..10]
+    );
+
+    // Export: ONNX, user vectors and the card.
+    let files = ModelFiles::new(&input.out);
+    let w = &trained.weights;
+    let d = w.user_dim();
+    write(&files.onnx, &super::onnx::export(w, &model_version))?;
+    let users_bytes: Vec<u8> = trained
+        .user_vectors
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
+    write(&files.users, &users_bytes)?;
+    let (inputs, outputs) = ModelCard::io_specs(d);
+    let rating_scale = (config.objective == Objective::Explicit).then(|| {
+        let lo = train_rows
+            .iter()
+            .map(|r| r.rating)
+            .fold(f32::INFINITY, f32::min);
+        let hi = train_rows
+            .iter()
+            .map(|r| r.rating)
+            .fold(f32::NEG_INFINITY, f32::max);
+        [lo, hi]
+    });
+    let mut card = ModelCard {
+        format: CARD_FORMAT.into(),
+        model_version: model_version.clone(),
+        objective: config.objective,
+        inputs,
+        outputs,
+        user_vector: UserVectorLayout {
+            dim: d,
+            gmf: [0, w.gmf_dim],
+            mlp: [w.gmf_dim, w.gmf_dim + w.mlp_dim],
+            bias: w.gmf_dim + w.mlp_dim,
+        },
+        item_ids: dataset.item_ids.clone(),
+        user_ids: dataset.user_ids.clone(),
+        rating_scale,
+        training: serde_json::to_value(&config).unwrap_or_default(),
+        training_data_hash: hash.clone(),
+        training_data: input.data_name.clone(),
+        metrics: serde_json::Map::new(),
+    };
+    card.metrics.insert(
+        format!("validation_{}", trained.validation_metric),
+        json!(trained.epochs[trained.best_epoch - 1].validation),
+    );
+    write(
+        &files.card,
+        &serde_json::to_vec_pretty(&card).unwrap_or_default(),
+    )?;
+
+    // Test metrics through the served model (tract), not the trainer.
+    let model = NcfModel::load(&files.onnx, FoldInConfig::default())?;
+    let predict = |u: &[u32], i: &[u32]| tract_scores(&model, u, i);
+    let mut test = serde_json::Map::new();
+    match config.objective {
+        Objective::Explicit => {
+            let scale = rating_scale.map_or((1.0, 5.0), |s| (s[0], s[1]));
+            let (rmse, mae) = train::rating_errors(predict, &test_rows, scale);
+            test.insert("rmse".into(), json!(rmse));
+            test.insert("mae".into(), json!(mae));
+            test.insert("test_ratings".into(), json!(test_rows.len()));
+        }
+        Objective::Implicit => {
+            let (hr, ndcg) = train::ranking_metrics(predict, &cases);
+            test.insert("hr@10".into(), json!(hr));
+            test.insert("ndcg@10".into(), json!(ndcg));
+            test.insert("test_users".into(), json!(cases.len()));
+        }
+    }
+    for (k, v) in &test {
+        card.metrics.insert(format!("test_{k}"), v.clone());
+    }
+    write(
+        &files.card,
+        &serde_json::to_vec_pretty(&card).unwrap_or_default(),
+    )?;
+    let model = NcfModel::load(&files.onnx, FoldInConfig::default())?;
+
+    let samples: f64 = trained
+        .epochs
+        .iter()
+        .map(|e| e.samples_per_second * e.seconds)
+        .sum();
+    let curve = input.out.with_extension("curve.png");
+    let report_path = input.out.with_extension("report.json");
+    let report = RunReport {
+        model_version,
+        config: config.clone(),
+        training_data: input.data_name,
+        training_data_hash: hash,
+        users: n_users,
+        items: n_items,
+        train_interactions: train_rows.len(),
+        best_epoch: trained.best_epoch,
+        epochs: trained.epochs.clone(),
+        train_seconds,
+        samples_per_second: samples / train_seconds,
+        test,
+        files: [&files.onnx, &files.card, &files.users, &curve, &report_path]
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect(),
+    };
+    let metric_name = if trained.validation_metric == "rmse" {
+        "validation RMSE"
+    } else {
+        "validation HR@10"
+    };
+    if let Err(e) = super::plot::training_curve(
+        &curve,
+        &format!(
+            "NeuMF {} on {}",
+            config.objective.as_str(),
+            report.training_data
+        ),
+        metric_name,
+        &trained.epochs,
+        trained.best_epoch,
+    ) {
+        tracing::warn!("training curve not drawn: {e}");
+    }
+    write(
+        &report_path,
+        &serde_json::to_vec_pretty(&report).unwrap_or_default(),
+    )?;
+    Ok(Run {
+        report,
+        model,
+        dataset,
+        cases,
+        train_rows,
+        test_rows,
+    })
+}
+
+/// Scores dense (user index, item index) pairs with the served model.
+pub fn tract_scores(model: &NcfModel, users: &[u32], items: &[u32]) -> Vec<f32> {
+    let d = model.user_dim();
+    let mut vectors = Vec::with_capacity(users.len() * d);
+    for &u in users {
+        vectors.extend_from_slice(model.prior(&model.card.user_ids[u as usize]));
+    }
+    let items: Vec<i64> = items.iter().map(|&i| i as i64).collect();
+    model
+        .score_pairs(&vectors, &items)
+        .expect("a loaded model scores its own item indices")
+}

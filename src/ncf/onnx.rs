@@ -1,0 +1,365 @@
+//! ONNX export of [`NcfWeights`] and the way back (for fold-in of a loaded
+//! model). The graph is written with the protobuf types tract itself parses.
+//!
+//! Contract (see `models/README.md`): inputs `user` float32 `[N, D]` and `item`
+//! int64 `[N]`, output `score` float32 `[N]`; `N` is symbolic.
+
+use std::collections::HashMap;
+
+use prost::Message;
+use tract_onnx::pb;
+
+use super::model::{Dense, NcfWeights, Objective};
+
+#[derive(Debug, thiserror::Error)]
+pub enum OnnxError {
+    #[error("cannot decode the ONNX model: {0}")]
+    Decode(#[from] prost::DecodeError),
+    #[error("ONNX model does not follow the NeuMF contract: {0}")]
+    Contract(String),
+}
+
+const OPSET: i64 = 13;
+const META_PREFIX: &str = "recstream.";
+
+fn float_tensor(name: &str, dims: &[usize], data: &[f32]) -> pb::TensorProto {
+    pb::TensorProto {
+        name: name.into(),
+        dims: dims.iter().map(|&d| d as i64).collect(),
+        data_type: pb::tensor_proto::DataType::Float as i32,
+        raw_data: data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        ..Default::default()
+    }
+}
+
+fn int_tensor(name: &str, data: &[i64]) -> pb::TensorProto {
+    pb::TensorProto {
+        name: name.into(),
+        dims: vec![data.len() as i64],
+        data_type: pb::tensor_proto::DataType::Int64 as i32,
+        raw_data: data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        ..Default::default()
+    }
+}
+
+fn node(
+    op: &str,
+    inputs: &[&str],
+    output: &str,
+    attributes: Vec<pb::AttributeProto>,
+) -> pb::NodeProto {
+    pb::NodeProto {
+        op_type: op.into(),
+        name: output.into(),
+        input: inputs.iter().map(|s| s.to_string()).collect(),
+        output: vec![output.into()],
+        attribute: attributes,
+        ..Default::default()
+    }
+}
+
+fn int_attribute(name: &str, value: i64) -> pb::AttributeProto {
+    pb::AttributeProto {
+        name: name.into(),
+        r#type: pb::attribute_proto::AttributeType::Int as i32,
+        i: value,
+        ..Default::default()
+    }
+}
+
+fn value_info(
+    name: &str,
+    elem: pb::tensor_proto::DataType,
+    dims: &[Result<i64, &str>],
+) -> pb::ValueInfoProto {
+    use pb::tensor_shape_proto::dimension::Value;
+    pb::ValueInfoProto {
+        name: name.into(),
+        r#type: Some(pb::TypeProto {
+            value: Some(pb::type_proto::Value::TensorType(pb::type_proto::Tensor {
+                elem_type: elem as i32,
+                shape: Some(pb::TensorShapeProto {
+                    dim: dims
+                        .iter()
+                        .map(|d| pb::tensor_shape_proto::Dimension {
+                            value: Some(match d {
+                                Ok(v) => Value::DimValue(*v),
+                                Err(p) => Value::DimParam(p.to_string()),
+                            }),
+                            ..Default::default()
+                        })
+                        .collect(),
+                }),
+            })),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// Serialises the model to ONNX bytes. `metadata` goes into the model's
+/// metadata properties (the model card repeats it).
+pub fn export(weights: &NcfWeights, model_version: &str) -> Vec<u8> {
+    let (g, m) = (weights.gmf_dim, weights.mlp_dim);
+    let d = weights.user_dim();
+    let n = weights.n_items;
+    let mut init = Vec::new();
+    let mut nodes = Vec::new();
+    let axes = int_tensor("axis_1", &[1]);
+    init.push(axes);
+    let mut slice = |name: &str, from: usize, to: usize, nodes: &mut Vec<pb::NodeProto>| {
+        init.push(int_tensor(&format!("{name}_from"), &[from as i64]));
+        init.push(int_tensor(&format!("{name}_to"), &[to as i64]));
+        nodes.push(node(
+            "Slice",
+            &[
+                "user",
+                &format!("{name}_from"),
+                &format!("{name}_to"),
+                "axis_1",
+            ],
+            name,
+            vec![],
+        ));
+    };
+    slice("user_gmf", 0, g, &mut nodes);
+    slice("user_mlp", g, g + m, &mut nodes);
+    slice("user_bias", g + m, d, &mut nodes);
+    let mut init = init;
+    init.push(float_tensor("item_gmf", &[n, g], &weights.item_gmf));
+    init.push(float_tensor("item_mlp", &[n, m], &weights.item_mlp));
+    init.push(float_tensor("item_bias", &[n, 1], &weights.item_bias));
+    let gather = |table: &str, out: &str| {
+        node(
+            "Gather",
+            &[table, "item"],
+            out,
+            vec![int_attribute("axis", 0)],
+        )
+    };
+    nodes.push(gather("item_gmf", "item_gmf_rows"));
+    nodes.push(gather("item_mlp", "item_mlp_rows"));
+    nodes.push(gather("item_bias", "item_bias_rows"));
+    nodes.push(node("Mul", &["user_gmf", "item_gmf_rows"], "gmf", vec![]));
+    nodes.push(node(
+        "Concat",
+        &["user_mlp", "item_mlp_rows"],
+        "h0",
+        vec![int_attribute("axis", 1)],
+    ));
+    let mut h = "h0".to_string();
+    for (k, l) in weights.layers.iter().enumerate() {
+        let (w, b) = (format!("mlp.{k}.weight"), format!("mlp.{k}.bias"));
+        init.push(float_tensor(&w, &[l.inp, l.out], &l.w));
+        init.push(float_tensor(&b, &[l.out], &l.b));
+        let (z, zb, a) = (format!("z{k}"), format!("zb{k}"), format!("a{k}"));
+        nodes.push(node("MatMul", &[&h, &w], &z, vec![]));
+        nodes.push(node("Add", &[&z, &b], &zb, vec![]));
+        nodes.push(node("Relu", &[&zb], &a, vec![]));
+        h = if l.residual {
+            let r = format!("r{k}");
+            nodes.push(node("Add", &[&a, &h], &r, vec![]));
+            r
+        } else {
+            a
+        };
+    }
+    nodes.push(node(
+        "Concat",
+        &["gmf", &h],
+        "features",
+        vec![int_attribute("axis", 1)],
+    ));
+    init.push(float_tensor(
+        "out.weight",
+        &[weights.out_w.len(), 1],
+        &weights.out_w,
+    ));
+    init.push(float_tensor("out.bias", &[1], &[weights.out_b]));
+    nodes.push(node("MatMul", &["features", "out.weight"], "o0", vec![]));
+    nodes.push(node("Add", &["o0", "out.bias"], "o1", vec![]));
+    nodes.push(node("Add", &["o1", "user_bias"], "o2", vec![]));
+    nodes.push(node("Add", &["o2", "item_bias_rows"], "logit", vec![]));
+    match weights.objective {
+        Objective::Implicit => nodes.push(node("Sigmoid", &["logit"], "s", vec![])),
+        Objective::Explicit => {
+            init.push(float_tensor("global_mean", &[1], &[weights.global_mean]));
+            nodes.push(node("Add", &["logit", "global_mean"], "s", vec![]));
+        }
+    }
+    init.push(int_tensor("flat", &[-1]));
+    nodes.push(node("Reshape", &["s", "flat"], "score", vec![]));
+
+    let residual: Vec<String> = weights
+        .layers
+        .iter()
+        .map(|l| u8::from(l.residual).to_string())
+        .collect();
+    let metadata = [
+        ("objective", weights.objective.as_str().to_string()),
+        ("gmf_dim", g.to_string()),
+        ("mlp_dim", m.to_string()),
+        ("residual", residual.join(",")),
+        ("model_version", model_version.to_string()),
+    ];
+    let model = pb::ModelProto {
+        ir_version: 7,
+        opset_import: vec![pb::OperatorSetIdProto {
+            domain: String::new(),
+            version: OPSET,
+        }],
+        producer_name: "recstream".into(),
+        producer_version: env!("CARGO_PKG_VERSION").into(),
+        model_version: 1,
+        doc_string: "NeuMF (GMF + MLP) recommendation scorer; see models/README.md".into(),
+        metadata_props: metadata
+            .iter()
+            .map(|(k, v)| pb::StringStringEntryProto {
+                key: format!("{META_PREFIX}{k}"),
+                value: v.clone(),
+            })
+            .collect(),
+        graph: Some(pb::GraphProto {
+            name: "neumf".into(),
+            node: nodes,
+            initializer: init,
+            input: vec![
+                value_info(
+                    "user",
+                    pb::tensor_proto::DataType::Float,
+                    &[Err("N"), Ok(d as i64)],
+                ),
+                value_info("item", pb::tensor_proto::DataType::Int64, &[Err("N")]),
+            ],
+            output: vec![value_info(
+                "score",
+                pb::tensor_proto::DataType::Float,
+                &[Err("N")],
+            )],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    model.encode_to_vec()
+}
+
+fn floats(t: &pb::TensorProto) -> Result<Vec<f32>, OnnxError> {
+    if t.data_type != pb::tensor_proto::DataType::Float as i32 {
+        return Err(OnnxError::Contract(format!("`{}` is not float32", t.name)));
+    }
+    if !t.float_data.is_empty() {
+        return Ok(t.float_data.clone());
+    }
+    if t.raw_data.len() % 4 != 0 {
+        return Err(OnnxError::Contract(format!(
+            "`{}` has a ragged buffer",
+            t.name
+        )));
+    }
+    Ok(t.raw_data
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect())
+}
+
+/// Reads the NeuMF weights back from an ONNX model that follows the contract's
+/// initializer names (our exporter's, or a PyTorch model named the same way).
+pub fn read_weights(bytes: &[u8]) -> Result<(NcfWeights, String), OnnxError> {
+    let model = pb::ModelProto::decode(bytes)?;
+    let meta: HashMap<&str, &str> = model
+        .metadata_props
+        .iter()
+        .filter_map(|p| {
+            p.key
+                .strip_prefix(META_PREFIX)
+                .map(|k| (k, p.value.as_str()))
+        })
+        .collect();
+    let graph = model
+        .graph
+        .as_ref()
+        .ok_or_else(|| OnnxError::Contract("no graph".into()))?;
+    let tensors: HashMap<&str, &pb::TensorProto> = graph
+        .initializer
+        .iter()
+        .map(|t| (t.name.as_str(), t))
+        .collect();
+    let get = |name: &str| -> Result<(Vec<f32>, Vec<i64>), OnnxError> {
+        let t = tensors
+            .get(name)
+            .ok_or_else(|| OnnxError::Contract(format!("missing initializer `{name}`")))?;
+        Ok((floats(t)?, t.dims.clone()))
+    };
+    let number = |key: &str| -> Result<usize, OnnxError> {
+        meta.get(key)
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| OnnxError::Contract(format!("missing metadata `{META_PREFIX}{key}`")))
+    };
+    let objective = match meta.get("objective") {
+        Some(&"implicit") => Objective::Implicit,
+        Some(&"explicit") => Objective::Explicit,
+        other => {
+            return Err(OnnxError::Contract(format!(
+                "metadata `{META_PREFIX}objective` is {other:?}, expected implicit or explicit"
+            )))
+        }
+    };
+    let residual: Vec<bool> = meta
+        .get("residual")
+        .filter(|s| !s.is_empty())
+        .map(|s| s.split(',').map(|v| v == "1").collect())
+        .unwrap_or_default();
+    let (item_bias, bias_dims) = get("item_bias")?;
+    let mut layers = Vec::new();
+    while let Ok((w, dims)) = get(&format!("mlp.{}.weight", layers.len())) {
+        let k = layers.len();
+        let (b, _) = get(&format!("mlp.{k}.bias"))?;
+        let [inp, out] = dims[..] else {
+            return Err(OnnxError::Contract(format!(
+                "mlp.{k}.weight is not a matrix"
+            )));
+        };
+        layers.push(Dense {
+            inp: inp as usize,
+            out: out as usize,
+            w,
+            b,
+            residual: residual.get(k).copied().unwrap_or(false),
+        });
+    }
+    let weights = NcfWeights {
+        objective,
+        gmf_dim: number("gmf_dim")?,
+        mlp_dim: number("mlp_dim")?,
+        n_items: bias_dims.first().copied().unwrap_or(0) as usize,
+        item_gmf: get("item_gmf")?.0,
+        item_mlp: get("item_mlp")?.0,
+        item_bias,
+        layers,
+        out_w: get("out.weight")?.0,
+        out_b: get("out.bias")?.0.first().copied().unwrap_or(0.0),
+        global_mean: match objective {
+            Objective::Explicit => get("global_mean")?.0.first().copied().unwrap_or(0.0),
+            Objective::Implicit => 0.0,
+        },
+    };
+    weights.validate().map_err(OnnxError::Contract)?;
+    let version = meta.get("model_version").unwrap_or(&"unknown").to_string();
+    Ok((weights, version))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ncf::model::tests::random_weights;
+
+    #[test]
+    fn weights_survive_the_round_trip() {
+        for objective in [Objective::Implicit, Objective::Explicit] {
+            let w = random_weights(objective, true, 3);
+            let (back, version) = read_weights(&export(&w, "v-test")).unwrap();
+            assert_eq!(back, w);
+            assert_eq!(version, "v-test");
+        }
+    }
+}

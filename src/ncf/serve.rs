@@ -1,0 +1,341 @@
+//! NCF serving: the ONNX model loaded once into tract (symbolic batch size) and
+//! the per-user latent vectors that make it reflect a user from their first
+//! event on (see [`super::foldin`]).
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tract_onnx::prelude::*;
+
+use super::card::{ModelCard, ModelFiles, CARD_FORMAT};
+use super::foldin::{self, Example, FoldInConfig};
+use super::model::{NcfWeights, Objective};
+use super::onnx;
+use crate::catalog::IdMap;
+use crate::metrics;
+use crate::output::ModelInfo;
+use crate::recommend::{ScoreError, Scorer};
+use crate::state::{UserState, FLAG_COMPLETED, FLAG_DISLIKED, FLAG_LIKED};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("model card {path}: {detail}")]
+    Card { path: String, detail: String },
+    #[error(transparent)]
+    Onnx(#[from] onnx::OnnxError),
+    #[error("tract cannot load or run the model: {0}")]
+    Tract(String),
+}
+
+type Plan = TypedSimplePlan<TypedModel>;
+
+/// A loaded model: the tract plan for scoring and the plain weights for fold-in.
+pub struct NcfModel {
+    pub card: ModelCard,
+    pub weights: NcfWeights,
+    plan: Plan,
+    /// Identifies the model whose space a stored user vector lives in.
+    pub model_id: u64,
+    items: IdMap<u32>,
+    users: HashMap<String, u32>,
+    user_vectors: Vec<f32>,
+    /// The mean trained user: the prior of users the model never saw.
+    mean_user: Vec<f32>,
+    pub fold_in: FoldInConfig,
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, ModelError> {
+    std::fs::read(path).map_err(|source| ModelError::Io {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+impl NcfModel {
+    /// Loads `NAME.onnx` with its card and user vectors.
+    pub fn load(path: &Path, fold_in: FoldInConfig) -> Result<NcfModel, ModelError> {
+        let files = ModelFiles::new(path);
+        let card_err = |detail: String| ModelError::Card {
+            path: files.card.display().to_string(),
+            detail,
+        };
+        let card: ModelCard =
+            serde_json::from_slice(&read(&files.card)?).map_err(|e| card_err(e.to_string()))?;
+        if card.format != CARD_FORMAT {
+            return Err(card_err(format!(
+                "format is {:?}, expected {CARD_FORMAT:?}",
+                card.format
+            )));
+        }
+        let bytes = read(&files.onnx)?;
+        let (weights, _) = onnx::read_weights(&bytes)?;
+        let d = weights.user_dim();
+        if card.user_vector.dim != d || card.item_ids.len() != weights.n_items {
+            return Err(card_err(format!(
+                "card says {} dims and {} items, the model has {d} and {}",
+                card.user_vector.dim,
+                card.item_ids.len(),
+                weights.n_items
+            )));
+        }
+        let raw = read(&files.users)?;
+        if raw.len() != card.user_ids.len() * d * 4 {
+            return Err(card_err(format!(
+                "{} holds {} bytes, expected {} users × {d} floats",
+                files.users.display(),
+                raw.len(),
+                card.user_ids.len()
+            )));
+        }
+        let user_vectors: Vec<f32> = raw
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        let plan = tract_onnx::onnx()
+            .model_for_read(&mut bytes.as_slice())
+            .and_then(|m| m.into_optimized())
+            .and_then(|m| m.into_runnable())
+            .map_err(|e| ModelError::Tract(format!("{e:#}")))?;
+        let mut mean_user = vec![0.0f32; d];
+        let n = card.user_ids.len().max(1) as f32;
+        for row in user_vectors.chunks_exact(d) {
+            for (m, v) in mean_user.iter_mut().zip(row) {
+                *m += v / n;
+            }
+        }
+        let mut hash = super::card::Fnv::default();
+        hash.write(card.model_version.as_bytes());
+        hash.write(&bytes);
+        Ok(NcfModel {
+            items: card
+                .item_ids
+                .iter()
+                .enumerate()
+                .map(|(i, &m)| (m, i as u32))
+                .collect(),
+            users: card
+                .user_ids
+                .iter()
+                .enumerate()
+                .map(|(i, u)| (u.clone(), i as u32))
+                .collect(),
+            card,
+            weights,
+            plan,
+            model_id: hash.0,
+            user_vectors,
+            mean_user,
+            fold_in,
+        })
+    }
+
+    pub fn user_dim(&self) -> usize {
+        self.weights.user_dim()
+    }
+
+    pub fn item_index(&self, movie_id: u32) -> Option<u32> {
+        self.items.get(&movie_id).copied()
+    }
+
+    /// The trained vector of a known user, else the mean trained user.
+    pub fn prior(&self, user_id: &str) -> &[f32] {
+        let d = self.user_dim();
+        match self.users.get(user_id) {
+            Some(&i) => &self.user_vectors[i as usize * d..(i as usize + 1) * d],
+            None => &self.mean_user,
+        }
+    }
+
+    /// Scores `(user vector, item index)` pairs in one tract run; `users` is
+    /// row-major `[items.len()][user_dim]`.
+    pub fn score_pairs(&self, users: &[f32], items: &[i64]) -> Result<Vec<f32>, ModelError> {
+        let n = items.len();
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        let tract = |e: TractError| ModelError::Tract(format!("{e:#}"));
+        let user = Tensor::from_shape(&[n, self.user_dim()], users).map_err(tract)?;
+        let item = Tensor::from_shape(&[n], items).map_err(tract)?;
+        let out = self
+            .plan
+            .run(tvec!(user.into(), item.into()))
+            .map_err(tract)?;
+        let scores = out[0].as_slice::<f32>().map_err(tract)?;
+        Ok(scores.to_vec())
+    }
+
+    /// The user's vector in this model's space: the folded-in one from the
+    /// state when it belongs to this model, else the prior.
+    pub fn user_vector<'a>(&'a self, user_id: &str, state: &'a UserState) -> &'a [f32] {
+        if state.latent_model == self.model_id && state.latent.len() == self.user_dim() {
+            &state.latent
+        } else {
+            self.prior(user_id)
+        }
+    }
+
+    /// The fold-in examples of a user: their recent interactions, plus sampled
+    /// negatives for implicit models (deterministic: hashed from the user and
+    /// the item, so replays give the same vector).
+    pub fn examples(&self, user_id: &str, state: &UserState) -> Vec<Example> {
+        let mut out = Vec::new();
+        let cap = self.fold_in.max_history;
+        match self.weights.objective {
+            Objective::Implicit => {
+                for r in state.recent.iter().take(cap) {
+                    let Some(item) = self.item_index(r.movie_id) else {
+                        continue;
+                    };
+                    let positive = r.weight > 0.0;
+                    out.push(Example {
+                        item: item as usize,
+                        target: if positive { 1.0 } else { 0.0 },
+                        weight: 1.0,
+                    });
+                    if positive {
+                        for j in 0..self.fold_in.negatives {
+                            if let Some(neg) = self.sampled_negative(user_id, r.movie_id, j, state)
+                            {
+                                out.push(Example {
+                                    item: neg,
+                                    target: 0.0,
+                                    weight: 1.0,
+                                });
+                            }
+                        }
+                    }
+                }
+            }
+            Objective::Explicit => {
+                let recent: Vec<u32> = state.recent.iter().take(cap).map(|r| r.movie_id).collect();
+                for s in state.seen.iter().filter(|s| recent.contains(&s.movie_id)) {
+                    let Some(item) = self.item_index(s.movie_id) else {
+                        continue;
+                    };
+                    // Ratings speak for themselves; judgements without a
+                    // rating stand for a high or low one.
+                    let (lo, hi) = self.card.rating_scale.map_or((1.0, 5.0), |s| (s[0], s[1]));
+                    let target = if s.rating_x2 > 0 {
+                        s.rating_x2 as f32 / 2.0
+                    } else if s.flags & FLAG_DISLIKED != 0 {
+                        lo + 0.1 * (hi - lo)
+                    } else if s.flags & FLAG_LIKED != 0 {
+                        hi - 0.1 * (hi - lo)
+                    } else if s.flags & FLAG_COMPLETED != 0 {
+                        hi - 0.25 * (hi - lo)
+                    } else {
+                        continue;
+                    };
+                    out.push(Example {
+                        item: item as usize,
+                        target,
+                        weight: 1.0,
+                    });
+                }
+            }
+        }
+        out
+    }
+
+    fn sampled_negative(
+        &self,
+        user_id: &str,
+        movie_id: u32,
+        j: usize,
+        state: &UserState,
+    ) -> Option<usize> {
+        let n = self.weights.n_items as u64;
+        let mut h = super::card::Fnv::default();
+        h.write(user_id.as_bytes());
+        h.write(&movie_id.to_le_bytes());
+        h.write(&(j as u64).to_le_bytes());
+        let mut x = h.0;
+        // A few probes skip items the user has seen.
+        for _ in 0..8 {
+            let item = (x % n) as usize;
+            if !state.is_seen(self.card.item_ids[item]) {
+                return Some(item);
+            }
+            x = x.rotate_left(17).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+        None
+    }
+
+    /// Moves the user's vector to fit their interactions (after new events).
+    pub fn fold_in_user(&self, user_id: &str, state: &mut UserState) {
+        let examples = self.examples(user_id, state);
+        let prior = self.prior(user_id);
+        let start = self.user_vector(user_id, state).to_vec();
+        let folded = foldin::fold_in(&self.weights, prior, &start, &examples, &self.fold_in);
+        state.latent = folded;
+        state.latent_model = self.model_id;
+    }
+
+    /// The model's score mapped to 0..1 for the blend.
+    pub fn normalized(&self, score: f32) -> f32 {
+        match (self.weights.objective, self.card.rating_scale) {
+            (Objective::Implicit, _) => score,
+            (Objective::Explicit, Some([lo, hi])) => ((score - lo) / (hi - lo)).clamp(0.0, 1.0),
+            (Objective::Explicit, None) => ((score - 1.0) / 4.0).clamp(0.0, 1.0),
+        }
+    }
+}
+
+/// The NCF model behind the engine's scorer seam.
+pub struct NcfScorer {
+    pub model: Arc<NcfModel>,
+}
+
+impl Scorer for NcfScorer {
+    fn info(&self) -> ModelInfo {
+        ModelInfo {
+            name: "ncf".into(),
+            version: self.model.card.model_version.clone(),
+        }
+    }
+
+    /// Scores all of one user's candidates in one tract run; items the model
+    /// does not know get NaN (no NCF signal).
+    fn score(
+        &self,
+        user_id: &str,
+        state: &UserState,
+        items: &[u32],
+    ) -> Result<Vec<f32>, ScoreError> {
+        let m = &self.model;
+        let user = m.user_vector(user_id, state);
+        let known: Vec<(usize, i64)> = items
+            .iter()
+            .enumerate()
+            .filter_map(|(k, id)| m.item_index(*id).map(|i| (k, i as i64)))
+            .collect();
+        let mut users = Vec::with_capacity(known.len() * user.len());
+        for _ in &known {
+            users.extend_from_slice(user);
+        }
+        let indices: Vec<i64> = known.iter().map(|k| k.1).collect();
+        let started = Instant::now();
+        let scores = m
+            .score_pairs(&users, &indices)
+            .map_err(|e| ScoreError(e.to_string()))?;
+        metrics::inference(started.elapsed().as_secs_f64(), indices.len());
+        let mut out = vec![f32::NAN; items.len()];
+        for ((k, _), s) in known.iter().zip(scores) {
+            out[*k] = m.normalized(s);
+        }
+        Ok(out)
+    }
+
+    fn observe(&self, user_id: &str, state: &mut UserState) {
+        let started = Instant::now();
+        self.model.fold_in_user(user_id, state);
+        metrics::fold_in(started.elapsed().as_secs_f64());
+    }
+}
