@@ -12,8 +12,9 @@ TANSU_VERSION=0.6.0
 export PATH="$HOME/.cargo/bin:$HOME/.local/bin:$PATH"
 
 need_apt=()
-# libclang for the rocksdb crate's bindgen; cmake/g++/make for bundled librdkafka.
-for pkg in libclang-dev clang cmake g++ make pkg-config zlib1g-dev curl; do
+# libclang for the rocksdb crate's bindgen; cmake/g++/make for bundled librdkafka;
+# fonts-dejavu-core for the training-curve PNG.
+for pkg in libclang-dev clang cmake g++ make pkg-config zlib1g-dev curl fonts-dejavu-core; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
 done
 if [ ${#need_apt[@]} -gt 0 ]; then

@@ -289,8 +289,14 @@ pub async fn send_refresh(
 pub struct TrainArgs {
     /// Training interactions: a MovieLens ratings file or directory (u.data,
     /// uN.base, ratings.dat, ratings.csv) or an interaction dump (.parquet, .arrow).
+    #[arg(long, required_unless_present = "synthetic_users")]
+    pub data: Option<PathBuf>,
+    /// Train on synthetic interactions of this many users over --catalog instead.
+    #[arg(long, requires = "catalog")]
+    pub synthetic_users: Option<usize>,
+    /// The catalog the synthetic users interact with.
     #[arg(long)]
-    pub data: PathBuf,
+    pub catalog: Option<PathBuf>,
     /// A test file in the same format (e.g. u1.test); without it 20 % of the
     /// ratings (explicit) or each user's latest interaction (implicit) is held out.
     #[arg(long)]
@@ -383,7 +389,21 @@ fn train(args: TrainArgs) -> Result<()> {
     use crate::ncf::{data, eval};
     let config = args.config();
     config.validate()?;
-    let train = data::load_interactions(&args.data)?;
+    let (train, data_name) = match (&args.data, args.synthetic_users) {
+        (Some(path), _) => (data::load_interactions(path)?, path.display().to_string()),
+        (None, Some(users)) => {
+            let path = args
+                .catalog
+                .as_deref()
+                .context("--synthetic-users needs --catalog")?;
+            let catalog = catalog::load(path)?;
+            (
+                crate::ncf::synthetic::interactions(&catalog, users, 40, config.seed),
+                format!("synthetic: {users} users over {}", path.display()),
+            )
+        }
+        (None, None) => bail!("--data or --synthetic-users is required"),
+    };
     let test = args
         .test
         .as_deref()
@@ -393,7 +413,7 @@ fn train(args: TrainArgs) -> Result<()> {
         config,
         train: &train,
         test: test.as_deref(),
-        data_name: args.data.display().to_string(),
+        data_name,
         out: args.out.clone(),
         progress: !args.quiet,
     })?;

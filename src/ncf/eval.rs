@@ -94,6 +94,9 @@ pub struct Run {
     pub cases: Vec<RankingCase>,
     pub train_rows: Vec<Row>,
     pub test_rows: Vec<Row>,
+    /// The trainer's model as training left it (the parity reference).
+    pub trainer: train::Model,
+    pub files: ModelFiles,
 }
 
 /// Trains, exports the model files, reloads them through tract and measures
@@ -291,6 +294,8 @@ pub fn run(input: RunInput) -> Result<Run, EvalError> {
         cases,
         train_rows,
         test_rows,
+        trainer: trained.model,
+        files,
     })
 }
 

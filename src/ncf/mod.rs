@@ -12,4 +12,5 @@ pub mod model;
 pub mod onnx;
 pub mod plot;
 pub mod serve;
+pub mod synthetic;
 pub mod train;

@@ -125,7 +125,6 @@ pub fn export(weights: &NcfWeights, model_version: &str) -> Vec<u8> {
     slice("user_gmf", 0, g, &mut nodes);
     slice("user_mlp", g, g + m, &mut nodes);
     slice("user_bias", g + m, d, &mut nodes);
-    let mut init = init;
     init.push(float_tensor("item_gmf", &[n, g], &weights.item_gmf));
     init.push(float_tensor("item_mlp", &[n, m], &weights.item_mlp));
     init.push(float_tensor("item_bias", &[n, 1], &weights.item_bias));

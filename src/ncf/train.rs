@@ -126,7 +126,7 @@ impl TrainConfig {
         if self.epochs == 0 {
             return bad("epochs", "must be positive");
         }
-        if !(self.learning_rate > 0.0) {
+        if !self.learning_rate.is_finite() || self.learning_rate <= 0.0 {
             return bad("learning_rate", "must be positive");
         }
         if self.objective == Objective::Implicit && self.negatives == 0 {
