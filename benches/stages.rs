@@ -166,6 +166,60 @@ fn bench(c: &mut Criterion) {
         b.iter(|| black_box(&outputs).encode())
     });
     g.finish();
+
+    // NCF at the default implicit architecture (GMF 16, MLP 32, tower 64-32-16),
+    // trained briefly on synthetic users over the same catalog.
+    let model_dir = tempfile::tempdir().unwrap();
+    let ncf_catalog = catalog(items);
+    let data = recstream::ncf::synthetic::interactions(&ncf_catalog, 2_000, 20, 1);
+    let mut config =
+        recstream::ncf::train::TrainConfig::defaults(recstream::ncf::model::Objective::Implicit);
+    config.epochs = 1;
+    let run = recstream::ncf::eval::run(recstream::ncf::eval::RunInput {
+        config,
+        train: &data,
+        test: None,
+        data_name: "bench".into(),
+        out: model_dir.path().join("bench"),
+        progress: false,
+    })
+    .unwrap();
+    let model = Arc::new(
+        recstream::ncf::serve::NcfModel::load(&run.files.onnx, Default::default()).unwrap(),
+    );
+    let mut g = c.benchmark_group("ncf");
+    let n = 500;
+    let vectors: Vec<f32> = (0..n).flat_map(|_| model.prior("x").to_vec()).collect();
+    let idx: Vec<i64> = (0..n as i64)
+        .map(|i| (i * 7919) % model.card.item_ids.len() as i64)
+        .collect();
+    g.throughput(Throughput::Elements(n as u64));
+    g.bench_function("tract_score_batch_500_pairs", |b| {
+        b.iter(|| {
+            model
+                .score_pairs(black_box(&vectors), black_box(&idx))
+                .unwrap()
+        })
+    });
+    let mut state = engine.store().user(0, "u7").unwrap().unwrap_or_default();
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("fold_in_one_user", |b| {
+        b.iter(|| model.fold_in_user(black_box("u7"), &mut state))
+    });
+    g.finish();
+
+    let mut g = c.benchmark_group("engine");
+    g.sample_size(10);
+    g.throughput(Throughput::Elements(batch.len() as u64));
+    engine.set_scorer(Some(Arc::new(recstream::ncf::serve::NcfScorer { model })));
+    g.bench_function("process_batch_500_events_with_ncf", |b| {
+        b.iter_batched(
+            || records(&batch),
+            |r| engine.process(r).unwrap(),
+            BatchSize::LargeInput,
+        )
+    });
+    g.finish();
 }
 
 criterion_group!(benches, bench);

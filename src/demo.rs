@@ -47,6 +47,10 @@ pub struct DemoArgs {
     /// Keep the engine and /metrics running after the script, until Ctrl-C.
     #[arg(long)]
     pub keep_running: bool,
+    /// NCF model re-scoring candidates (the synthetic demo model by default;
+    /// it knows only the sample catalog, so it is skipped with --movielens).
+    #[arg(long, default_value = "models/demo/ncf-demo.onnx")]
+    pub model: PathBuf,
     /// Address for /metrics, /healthz, /readyz.
     #[arg(long, default_value = "127.0.0.1:0")]
     pub http_listen: String,
@@ -80,6 +84,9 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     config.validate()?;
 
     let (catalog, catalog_path) = load_catalog(&args, &work)?;
+    if args.movielens.is_none() && args.model.exists() {
+        config.model.path = Some(args.model.clone());
+    }
     config.catalog.path = Some(catalog_path);
     let genre = catalog
         .genre_id(&args.genre)
@@ -100,6 +107,16 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         catalog.genre_count()
     );
     println!("  state     : RocksDB in {}", config.state.dir.display());
+    println!(
+        "  model     : {}",
+        match &config.model.path {
+            Some(p) => format!(
+                "NCF {} (tract; new users folded in from their first event)",
+                p.display()
+            ),
+            None => "none (blend without the NCF signal)".into(),
+        }
+    );
     let decls = topics::with_names(topics::builtin(), &config.topics);
     match &mock {
         // librdkafka's mock broker has no CreateTopics; it creates them directly.
