@@ -15,6 +15,7 @@ pub mod decay;
 pub mod demo;
 pub mod engine;
 pub mod event;
+pub mod fnv;
 pub mod http;
 pub mod loadgen;
 pub mod metrics;

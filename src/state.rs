@@ -250,12 +250,9 @@ impl UserState {
 
 /// FNV-1a: stable across processes and versions, unlike `DefaultHasher`.
 pub fn event_id_hash(id: &str) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in id.as_bytes() {
-        h ^= *b as u64;
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    h
+    let mut h = crate::fnv::Fnv::default();
+    h.write(id.as_bytes());
+    h.0
 }
 
 #[cfg(test)]

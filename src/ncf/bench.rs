@@ -322,14 +322,13 @@ pub fn run(args: &EvalArgs) -> Result<()> {
 
     // Implicit: leave-one-out with 99 negatives.
     let mut implicit_runs = Vec::new();
-    for (name, path) in [
-        ("ml-100k", ml100k.join("u.data")),
-        ("ml-latest-small", small.join("ratings.csv")),
-    ] {
-        let raw = load(&path)?;
+    // ML-100K's interactions also feed the cold-start protocol below.
+    let ml100k_all = load(&ml100k.join("u.data"))?;
+    let small_all = load(&small.join("ratings.csv"))?;
+    for (name, raw) in [("ml-100k", &ml100k_all), ("ml-latest-small", &small_all)] {
         let run = eval::run(RunInput {
             config: config(Objective::Implicit, args),
-            train: &raw,
+            train: raw,
             test: None,
             data_name: name.into(),
             out: args.work_dir.join(format!("models/{name}-implicit")),
@@ -343,7 +342,7 @@ pub fn run(args: &EvalArgs) -> Result<()> {
 
     // Cold start.
     let catalog = catalog::load(&ml100k.join("u.item"))?;
-    let cold = cold_start(args, &load(&ml100k.join("u.data"))?, &catalog, 5)?;
+    let cold = cold_start(args, &ml100k_all, &catalog, 5)?;
 
     // Peers, on the files written above.
     let peers: Value = if args.no_peers {

@@ -18,14 +18,13 @@ pub struct Row {
     pub ts: i64,
 }
 
-/// Interactions plus the id spaces they index.
+/// The id spaces interactions are indexed in.
 #[derive(Debug, Clone, Default)]
 pub struct Dataset {
     /// External user ids, by index.
     pub user_ids: Vec<String>,
     /// Catalog movie ids, by index.
     pub item_ids: Vec<u32>,
-    pub rows: Vec<Row>,
 }
 
 /// A raw interaction before indexing.
@@ -102,7 +101,6 @@ impl Dataset {
         let dataset = Dataset {
             user_ids: users.iter().map(|u| u.to_string()).collect(),
             item_ids: items.into_iter().collect(),
-            rows: Vec::new(),
         };
         (dataset, rows)
     }

@@ -6,12 +6,13 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use super::card::{Fnv, ModelCard, ModelFiles, UserVectorLayout, CARD_FORMAT};
+use super::card::{ModelCard, ModelFiles, UserVectorLayout, CARD_FORMAT};
 use super::data::{self, Dataset, RankingCase, RawInteraction, Row};
 use super::foldin::FoldInConfig;
 use super::model::Objective;
 use super::serve::{ModelError, NcfModel};
 use super::train::{self, EpochReport, TrainConfig, TrainError, Validation};
+use crate::fnv::Fnv;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EvalError {
@@ -213,7 +214,7 @@ pub fn run(input: RunInput) -> Result<Run, EvalError> {
     )?;
 
     // Test metrics through the served model (tract), not the trainer.
-    let model = NcfModel::load(&files.onnx, FoldInConfig::default())?;
+    let mut model = NcfModel::load(&files.onnx, FoldInConfig::default())?;
     let predict = |u: &[u32], i: &[u32]| tract_scores(&model, u, i);
     let mut test = serde_json::Map::new();
     match config.objective {
@@ -231,14 +232,15 @@ pub fn run(input: RunInput) -> Result<Run, EvalError> {
             test.insert("test_users".into(), json!(cases.len()));
         }
     }
+    // The loaded model's card gains the test metrics too; no second load.
     for (k, v) in &test {
         card.metrics.insert(format!("test_{k}"), v.clone());
     }
+    model.card.metrics = card.metrics.clone();
     write(
         &files.card,
         &serde_json::to_vec_pretty(&card).unwrap_or_default(),
     )?;
-    let model = NcfModel::load(&files.onnx, FoldInConfig::default())?;
 
     let samples: f64 = trained
         .epochs

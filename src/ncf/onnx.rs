@@ -97,8 +97,8 @@ fn value_info(
     }
 }
 
-/// Serialises the model to ONNX bytes. `metadata` goes into the model's
-/// metadata properties (the model card repeats it).
+/// Serialises the model to ONNX bytes; the architecture and `model_version`
+/// go into the model's metadata properties (the model card repeats them).
 pub fn export(weights: &NcfWeights, model_version: &str) -> Vec<u8> {
     let (g, m) = (weights.gmf_dim, weights.mlp_dim);
     let d = weights.user_dim();

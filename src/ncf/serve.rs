@@ -14,6 +14,7 @@ use super::foldin::{self, Example, FoldInConfig};
 use super::model::{NcfWeights, Objective};
 use super::onnx;
 use crate::catalog::IdMap;
+use crate::fnv::Fnv;
 use crate::metrics;
 use crate::output::ModelInfo;
 use crate::recommend::{ScoreError, Scorer};
@@ -110,7 +111,7 @@ impl NcfModel {
                 *m += v / n;
             }
         }
-        let mut hash = super::card::Fnv::default();
+        let mut hash = Fnv::default();
         hash.write(card.model_version.as_bytes());
         hash.write(&bytes);
         Ok(NcfModel {
@@ -252,7 +253,7 @@ impl NcfModel {
         state: &UserState,
     ) -> Option<usize> {
         let n = self.weights.n_items as u64;
-        let mut h = super::card::Fnv::default();
+        let mut h = Fnv::default();
         h.write(user_id.as_bytes());
         h.write(&movie_id.to_le_bytes());
         h.write(&(j as u64).to_le_bytes());

@@ -60,42 +60,37 @@ pub struct TrainConfig {
 
 impl TrainConfig {
     pub fn defaults(objective: Objective) -> TrainConfig {
+        let explicit = TrainConfig {
+            objective,
+            gmf_dim: 32,
+            mlp_dim: 32,
+            hidden: vec![64, 32, 16],
+            residual: false,
+            batch_norm: false,
+            dropout: 0.0,
+            epochs: 40,
+            batch_size: 512,
+            learning_rate: 0.002,
+            l2: 0.05,
+            negatives: 0,
+            patience: 4,
+            validation_fraction: 0.05,
+            seed: 42,
+            init_std: 0.01,
+        };
         match objective {
-            Objective::Explicit => TrainConfig {
-                objective,
-                gmf_dim: 32,
-                mlp_dim: 32,
-                hidden: vec![64, 32, 16],
-                residual: false,
-                batch_norm: false,
-                dropout: 0.0,
-                epochs: 40,
-                batch_size: 512,
-                learning_rate: 0.002,
-                l2: 0.05,
-                negatives: 0,
-                patience: 4,
-                validation_fraction: 0.05,
-                seed: 42,
-                init_std: 0.01,
-            },
+            Objective::Explicit => explicit,
+            // The NCF paper's setting: log loss on 4 negatives per positive,
+            // batch 256, lr 0.001; validation is a held-out interaction per user.
             Objective::Implicit => TrainConfig {
-                objective,
                 gmf_dim: 16,
-                mlp_dim: 32,
-                hidden: vec![64, 32, 16],
-                residual: false,
-                batch_norm: false,
-                dropout: 0.0,
                 epochs: 30,
                 batch_size: 256,
                 learning_rate: 0.001,
                 l2: 0.0,
                 negatives: 4,
-                patience: 4,
                 validation_fraction: 0.0,
-                seed: 42,
-                init_std: 0.01,
+                ..explicit
             },
         }
     }
