@@ -90,6 +90,8 @@ pub struct TopicNames {
     pub insights: String,
     pub refresh: String,
     pub dead_letters: String,
+    /// Compacted; partitioned like `interactions`. Internal to the engine.
+    pub changelog: String,
 }
 
 impl Default for TopicNames {
@@ -102,6 +104,7 @@ impl Default for TopicNames {
             insights: "reco.insights.v1".into(),
             refresh: "reco.refresh.v1".into(),
             dead_letters: "reco.dead-letters.v1".into(),
+            changelog: "reco.state-changelog.v1".into(),
         }
     }
 }
@@ -383,6 +386,7 @@ impl Config {
             ("topics.insights", &self.topics.insights),
             ("topics.refresh", &self.topics.refresh),
             ("topics.dead_letters", &self.topics.dead_letters),
+            ("topics.changelog", &self.topics.changelog),
         ] {
             crate::topics::validate_topic_name(name).map_err(|reason| invalid(field, reason))?;
         }

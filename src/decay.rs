@@ -31,6 +31,15 @@ impl Decayed {
         self.value * decay_factor(t - self.as_of, half_life_ms)
     }
 
+    /// The sum of two decayed values, anchored at the later of the two.
+    pub fn merge(self, other: Decayed, half_life_ms: f64) -> Decayed {
+        let as_of = self.as_of.max(other.as_of);
+        Decayed {
+            value: self.value_at(as_of, half_life_ms) + other.value_at(as_of, half_life_ms),
+            as_of,
+        }
+    }
+
     /// Adds `amount` observed at event time `t`.
     pub fn add(self, amount: f64, t: i64, half_life_ms: f64) -> Decayed {
         if t >= self.as_of {
@@ -65,6 +74,15 @@ pub struct HalfLives {
 }
 
 impl Momentum {
+    /// The counters of two disjoint event sets (e.g. two partitions) combined.
+    pub fn merge(self, other: Momentum, hl: HalfLives) -> Momentum {
+        Momentum {
+            long: self.long.merge(other.long, hl.long_ms),
+            short: self.short.merge(other.short, hl.short_ms),
+            count: self.count + other.count,
+        }
+    }
+
     pub fn add(self, amount: f64, t: i64, hl: HalfLives) -> Momentum {
         Momentum {
             long: self.long.add(amount, t, hl.long_ms),
@@ -135,6 +153,18 @@ mod tests {
             let now = 2_000_000;
             let a = fold(&events).value_at(now, HL);
             let b = fold(&sorted).value_at(now, HL);
+            prop_assert!((a - b).abs() <= 1e-9 * (1.0 + a.abs()), "{} vs {}", a, b);
+        }
+
+        #[test]
+        fn merging_split_streams_equals_one_stream(events in prop::collection::vec((0i64..1_000_000, 0.0f64..10.0, any::<bool>()), 1..40)) {
+            let fold = |evs: &mut dyn Iterator<Item = &(i64, f64, bool)>| evs.fold(Decayed::default(), |d, &(t, a, _)| d.add(a, t, HL));
+            let whole = fold(&mut events.iter());
+            let left = fold(&mut events.iter().filter(|e| e.2));
+            let right = fold(&mut events.iter().filter(|e| !e.2));
+            let merged = left.merge(right, HL);
+            let now = 2_000_000;
+            let (a, b) = (whole.value_at(now, HL), merged.value_at(now, HL));
             prop_assert!((a - b).abs() <= 1e-9 * (1.0 + a.abs()), "{} vs {}", a, b);
         }
 

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::catalog::{Catalog, CatalogRecord, IdMap};
+use crate::changelog;
 use crate::config::EngineConfig;
 use crate::decay::Momentum;
 use crate::event::{Interaction, RefreshCommand};
@@ -15,7 +16,7 @@ use crate::metrics;
 use crate::output::UserOutputs;
 use crate::recommend::{self, Context, ItemIndex, ScoreError, Scorer, SimilarityCache};
 use crate::state::{Applied, UserState};
-use crate::store::{Changes, Store, StoreError};
+use crate::store::{Changes, PartitionMeta, Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -25,6 +26,8 @@ pub enum EngineError {
     Score(#[from] ScoreError),
     #[error(transparent)]
     Catalog(#[from] crate::catalog::CatalogError),
+    #[error("restored state of partition {partition} is unusable: {detail}")]
+    Restore { partition: u32, detail: String },
 }
 
 /// Where a record came from; its offset is committed with the state it changed.
@@ -83,6 +86,18 @@ pub struct BatchResult {
     /// Partitions whose users all must be refreshed (the refresh topic is
     /// co-partitioned with the input); see [`Engine::refresh_page`].
     pub refresh_all: Vec<u32>,
+    /// Changelog records of this batch's state changes (when the store's
+    /// changelog is on), one batch per touched partition.
+    pub changelog: Vec<changelog::Batch>,
+}
+
+/// One page of a refresh of everyone.
+#[derive(Debug, Default)]
+pub struct RefreshPage {
+    pub outputs: UserOutputList,
+    /// The last user of the page, to continue after.
+    pub last: Option<String>,
+    pub changelog: Vec<changelog::Batch>,
 }
 
 pub struct Engine {
@@ -90,6 +105,11 @@ pub struct Engine {
     /// Shared with the consumer, which resumes partitions at their stored offsets.
     store: Arc<Store>,
     catalog: Catalog,
+    /// Item and genre counters per input partition: they move with their
+    /// partition when it changes owner.
+    item_parts: HashMap<u32, IdMap<Momentum>>,
+    genre_parts: HashMap<u32, HashMap<String, Momentum>>,
+    /// Their sums over the partitions this instance holds: what candidates see.
     items: IdMap<Momentum>,
     genres: HashMap<String, Momentum>,
     sims: SimilarityCache,
@@ -98,6 +118,9 @@ pub struct Engine {
     genre_share_ewma: BTreeMap<String, f64>,
     /// Next offset to apply per input partition, as committed with the state.
     applied: HashMap<(Arc<str>, i32), i64>,
+    /// Partitions this instance may change (`None`: all, for in-process use).
+    /// Records of others are left to their owner.
+    owned: Option<BTreeSet<u32>>,
 }
 
 /// Weight of the newest batch in the genre drift gauge.
@@ -114,22 +137,129 @@ impl Engine {
             catalog.adopt_genre_vocabulary(&vocabulary)?;
         }
         store.set_genre_vocabulary(&catalog.genre_vocabulary())?;
-        let items = store.items()?;
-        let genres = store.genres()?;
-        let watermark = items.values().map(|m| m.long.as_of).max().unwrap_or(0);
+        let item_parts = store.items()?;
+        let genre_parts = store.genres()?;
         metrics::catalog_size(catalog.len());
-        Ok(Engine {
+        let mut engine = Engine {
             config,
             store: Arc::new(store),
             catalog,
-            items,
-            genres,
+            item_parts,
+            genre_parts,
+            items: IdMap::default(),
+            genres: HashMap::new(),
             sims: SimilarityCache::default(),
             scorer: None,
-            watermark,
+            watermark: 0,
             genre_share_ewma: BTreeMap::new(),
             applied: HashMap::new(),
-        })
+            owned: None,
+        };
+        engine.sum_partitions();
+        Ok(engine)
+    }
+
+    /// Recomputes the counters candidates see from the per-partition ones.
+    fn sum_partitions(&mut self) {
+        let hl = self.config.decay.item_half_lives();
+        self.items.clear();
+        for part in self.item_parts.values() {
+            for (id, m) in part.iter() {
+                let total = self.items.entry(*id).or_default();
+                *total = total.merge(*m, hl);
+            }
+        }
+        self.genres.clear();
+        for part in self.genre_parts.values() {
+            for (g, m) in part {
+                let total = self.genres.entry(g.clone()).or_default();
+                *total = total.merge(*m, hl);
+            }
+        }
+        self.watermark = self
+            .items
+            .values()
+            .map(|m| m.long.as_of)
+            .max()
+            .unwrap_or(0)
+            .max(self.watermark);
+    }
+
+    /// Restricts processing to these partitions (the consumer's assignment).
+    pub fn set_owned(&mut self, partitions: Option<BTreeSet<u32>>) {
+        self.owned = partitions;
+    }
+
+    fn owns(&self, partition: u32) -> bool {
+        self.owned.as_ref().is_none_or(|o| o.contains(&partition))
+    }
+
+    /// Forgets a partition this instance lost: its state, counters and offsets.
+    pub fn drop_partition(
+        &mut self,
+        partition: u32,
+        input_topics: &[&str],
+    ) -> Result<(), EngineError> {
+        self.store.drop_partition(partition, input_topics)?;
+        self.forget_in_memory(partition);
+        Ok(())
+    }
+
+    fn forget_in_memory(&mut self, partition: u32) {
+        self.item_parts.remove(&partition);
+        self.genre_parts.remove(&partition);
+        self.applied.retain(|(_, p), _| *p as u32 != partition);
+        self.sum_partitions();
+    }
+
+    /// Replaces a partition's state with one restored from the changelog.
+    pub fn install_partition(
+        &mut self,
+        partition: u32,
+        restored: &changelog::Restored,
+        meta: PartitionMeta,
+        input_topics: &[&str],
+    ) -> Result<(), EngineError> {
+        let bad = |detail: String| EngineError::Restore { partition, detail };
+        // Genre ids inside user states must keep their meaning here.
+        if let Some(marker) = &restored.marker {
+            let ours = self.catalog.genre_vocabulary();
+            let theirs = &marker.genre_vocabulary;
+            if ours.iter().zip(theirs).any(|(a, b)| a != b) {
+                return Err(bad(format!(
+                    "its genre ids follow the vocabulary {theirs:?}, which disagrees with this instance's {ours:?}"
+                )));
+            }
+            if theirs.len() > ours.len() {
+                self.catalog
+                    .adopt_genre_vocabulary(&marker.genre_vocabulary)
+                    .map_err(|e| bad(format!("genre vocabulary: {e}")))?;
+                self.store
+                    .set_genre_vocabulary(&self.catalog.genre_vocabulary())?;
+            }
+        }
+        let mut items = IdMap::default();
+        for (id, v) in &restored.items {
+            let m: Momentum =
+                postcard::from_bytes(v).map_err(|e| bad(format!("item {id}: {e}")))?;
+            items.insert(*id, m);
+        }
+        let mut genres = HashMap::new();
+        for (g, v) in &restored.genres {
+            let m: Momentum =
+                postcard::from_bytes(v).map_err(|e| bad(format!("genre {g}: {e}")))?;
+            genres.insert(g.clone(), m);
+        }
+        for (user, v) in &restored.users {
+            postcard::from_bytes::<UserState>(v).map_err(|e| bad(format!("user {user}: {e}")))?;
+        }
+        self.store
+            .install(partition, restored, meta, input_topics)?;
+        self.forget_in_memory(partition);
+        self.item_parts.insert(partition, items);
+        self.genre_parts.insert(partition, genres);
+        self.sum_partitions();
+        Ok(())
     }
 
     pub fn set_scorer(&mut self, scorer: Option<Arc<dyn Scorer>>) {
@@ -183,8 +313,8 @@ impl Engine {
         metrics::batch(records.len());
         let mut result = BatchResult::default();
         let mut users: BTreeMap<(u32, String), UserState> = BTreeMap::new();
-        let mut touched_items: Vec<u32> = Vec::new();
-        let mut touched_genres: Vec<String> = Vec::new();
+        let mut touched_items: Vec<(u32, u32)> = Vec::new();
+        let mut touched_genres: Vec<(u32, String)> = Vec::new();
         let mut offsets: BTreeMap<(Arc<str>, i32), i64> = BTreeMap::new();
         // Users whose events were applied in this batch (their model vector moves).
         let mut learned: BTreeSet<(u32, String)> = BTreeSet::new();
@@ -192,6 +322,12 @@ impl Engine {
 
         for record in records {
             let partition = record.source.partition.max(0) as u32;
+            if !self.owns(partition) {
+                // Consumed just before its partition was revoked: the new owner
+                // reads it again from the offsets in the changelog.
+                metrics::record_not_owned();
+                continue;
+            }
             // Records below the offset stored with the state were applied before a
             // restart, but their outputs may not have been published: recompute
             // and republish them (same version), never apply them twice.
@@ -238,14 +374,20 @@ impl Engine {
                             self.watermark = self.watermark.max(event.ts);
                             // Popularity counts engagement, not its sign.
                             if self.config.event_weights.weight(event.kind, event.value) > 0.0 {
+                                let part = self.item_parts.entry(partition).or_default();
+                                let m = part.entry(movie.id).or_default();
+                                *m = m.add(1.0, event.ts, hl);
                                 let m = self.items.entry(movie.id).or_default();
                                 *m = m.add(1.0, event.ts, hl);
-                                touched_items.push(movie.id);
+                                touched_items.push((partition, movie.id));
                                 for g in movie.genres.iter() {
                                     let name = self.catalog.genre_name(g).to_string();
+                                    let part = self.genre_parts.entry(partition).or_default();
+                                    let m = part.entry(name.clone()).or_default();
+                                    *m = m.add(1.0, event.ts, hl);
                                     let m = self.genres.entry(name.clone()).or_default();
                                     *m = m.add(1.0, event.ts, hl);
-                                    touched_genres.push(name);
+                                    touched_genres.push((partition, name));
                                 }
                             }
                         }
@@ -298,11 +440,14 @@ impl Engine {
         touched_genres.dedup();
         changes.items = touched_items
             .iter()
-            .map(|id| (*id, self.items[id]))
+            .map(|(p, id)| (*p, *id, self.item_parts[p][id]))
             .collect();
         changes.genres = touched_genres
-            .iter()
-            .map(|g| (g.clone(), self.genres[g]))
+            .into_iter()
+            .map(|(p, g)| {
+                let m = self.genre_parts[&p][&g];
+                (p, g, m)
+            })
             .collect();
         // A replayed batch must not move the applied offset back.
         for ((t, p), o) in &offsets {
@@ -312,7 +457,7 @@ impl Engine {
         }
         result.offsets = offsets.into_iter().map(|((t, p), o)| (t, p, o)).collect();
         let commit_started = Instant::now();
-        self.store.commit(&changes)?;
+        result.changelog = self.store.commit(&changes)?;
         metrics::stage("commit", commit_started.elapsed().as_secs_f64());
         Ok(result)
     }
@@ -338,7 +483,7 @@ impl Engine {
         partition: u32,
         after: Option<&str>,
         limit: usize,
-    ) -> Result<(UserOutputList, Option<String>), EngineError> {
+    ) -> Result<RefreshPage, EngineError> {
         let page = self.store.users_page(partition, after, limit)?;
         let last = page.last().map(|(u, _)| u.clone());
         let index = self.index();
@@ -349,9 +494,13 @@ impl Engine {
             outputs.push((user.clone(), self.outputs_for(&index, &user, &state)?));
             changes.users.push((partition, user, state));
         }
-        self.store.commit(&changes)?;
+        let changelog = self.store.commit(&changes)?;
         metrics::users_recomputed(outputs.len() as u64);
-        Ok((outputs, last))
+        Ok(RefreshPage {
+            outputs,
+            last,
+            changelog,
+        })
     }
 
     /// The outputs a user would get now, without changing any state.
@@ -611,20 +760,140 @@ mod tests {
         let mut after = None;
         let mut seen = Vec::new();
         loop {
-            let (page, last) = e.refresh_page(2, after.as_deref(), 3).unwrap();
-            if page.is_empty() {
+            let page = e.refresh_page(2, after.as_deref(), 3).unwrap();
+            if page.outputs.is_empty() {
                 break;
             }
             seen.extend(
-                page.into_iter()
+                page.outputs
+                    .into_iter()
                     .map(|(u, o)| (u, o.recommendations.version)),
             );
-            after = last;
+            after = page.last;
         }
         assert_eq!(seen.len(), 7);
         assert!(
             seen.iter().all(|(_, v)| *v == 2),
             "a refresh bumps the version"
         );
+    }
+
+    fn changelog_engine(dir: &std::path::Path) -> Engine {
+        let mut store = Store::open(dir, 8).unwrap();
+        store.enable_changelog();
+        Engine::new(EngineConfig::default(), store, catalog()).unwrap()
+    }
+
+    #[test]
+    fn a_partition_restored_from_the_changelog_equals_the_original() {
+        let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let mut a = changelog_engine(a_dir.path());
+        let mut log: Vec<changelog::Batch> = Vec::new();
+        for round in 0..4i64 {
+            let batch = (0..8)
+                .map(|i| {
+                    let o = round * 8 + i;
+                    record(
+                        o,
+                        &format!("u{}", o % 5),
+                        1 + (o * 7 % 30) as u32,
+                        EventType::Complete,
+                        1000 + o,
+                    )
+                })
+                .collect();
+            log.extend(a.process(batch).unwrap().changelog);
+        }
+        assert_eq!(
+            log.len(),
+            4,
+            "one changelog batch per commit of the partition"
+        );
+        assert!(log.windows(2).all(|w| w[1].seq == w[0].seq + 1));
+        assert_eq!(
+            a.store().outbox(2).unwrap().len(),
+            4,
+            "unacknowledged batches wait in the outbox"
+        );
+        a.store()
+            .acknowledge(&[(2, 1, 10), (2, 2, 20)], &[])
+            .unwrap();
+        assert_eq!(a.store().outbox(2).unwrap().len(), 2);
+
+        // A second batch that only half landed: it must not show up.
+        let half = a
+            .process(vec![
+                record(32, "u0", 30, EventType::Like, 5000),
+                record(33, "u9", 29, EventType::Like, 5001),
+            ])
+            .unwrap()
+            .changelog;
+        let mut restorer = changelog::Restorer::default();
+        for b in &log {
+            for (k, v) in &b.records {
+                restorer.push(k, Some(v)).unwrap();
+            }
+        }
+        for (k, v) in half[0].records.iter().take(2) {
+            restorer.push(k, Some(v)).unwrap();
+        }
+        let restored = restorer.finish().unwrap();
+        assert!(!restored.repairs.is_empty());
+
+        let mut b = changelog_engine(b_dir.path());
+        let meta = PartitionMeta {
+            seq: restored.max_seq + 1,
+            changelog_next: 0,
+        };
+        b.install_partition(2, &restored, meta, &["in"]).unwrap();
+        // What A had after its fourth batch, before the half-landed one.
+        let c_dir = tempfile::tempdir().unwrap();
+        let mut c = changelog_engine(c_dir.path());
+        for round in 0..4i64 {
+            let batch = (0..8)
+                .map(|i| {
+                    let o = round * 8 + i;
+                    record(
+                        o,
+                        &format!("u{}", o % 5),
+                        1 + (o * 7 % 30) as u32,
+                        EventType::Complete,
+                        1000 + o,
+                    )
+                })
+                .collect();
+            c.process(batch).unwrap();
+        }
+        assert_eq!(
+            b.store().users_page(2, None, 100).unwrap(),
+            c.store().users_page(2, None, 100).unwrap()
+        );
+        assert_eq!(b.store().items().unwrap(), c.store().items().unwrap());
+        assert_eq!(b.store().genres().unwrap(), c.store().genres().unwrap());
+        assert_eq!(b.store().offset("in", 2).unwrap(), Some(32));
+        assert_eq!(b.items, c.items, "the counters candidates see");
+
+        // B continues where the restored marker says; dropping forgets it all.
+        let next = b
+            .process(vec![record(32, "u0", 30, EventType::Like, 5000)])
+            .unwrap();
+        assert_eq!(next.changelog[0].seq, restored.max_seq + 2);
+        b.drop_partition(2, &["in"]).unwrap();
+        assert!(b.store().users_page(2, None, 10).unwrap().is_empty());
+        assert!(b.store().partition_meta(2).unwrap().is_none());
+        assert_eq!(b.store().offset("in", 2).unwrap(), None);
+        assert!(b.items.is_empty());
+    }
+
+    #[test]
+    fn records_of_partitions_held_elsewhere_are_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut e = engine(dir.path());
+        e.set_owned(Some([1].into_iter().collect()));
+        let result = e
+            .process(vec![record(0, "a", 3, EventType::Like, 10)])
+            .unwrap();
+        assert!(result.outputs.is_empty() && result.offsets.is_empty());
+        assert!(e.store().user(2, "a").unwrap().is_none());
     }
 }

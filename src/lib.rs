@@ -9,6 +9,7 @@
 
 pub mod blend;
 pub mod catalog;
+pub mod changelog;
 pub mod cli;
 pub mod config;
 pub mod decay;
@@ -16,6 +17,7 @@ pub mod demo;
 pub mod engine;
 pub mod event;
 pub mod fnv;
+pub mod handover;
 pub mod http;
 pub mod loadgen;
 pub mod metrics;

@@ -33,6 +33,13 @@ pub struct Metrics {
     inference_seconds: Histogram,
     inference_batch: Histogram,
     fold_in_seconds: Histogram,
+    not_owned: IntCounter,
+    partition_handovers: IntCounterVec,
+    restore_records: IntCounter,
+    restore_remaining: IntGauge,
+    restore_seconds: Histogram,
+    changelog_records: IntCounter,
+    broker_up: IntGauge,
 }
 
 fn build() -> Metrics {
@@ -157,6 +164,44 @@ fn build() -> Metrics {
             "Time to fold one user's new interactions into their NCF vector.",
             latency_buckets
         )),
+        not_owned: reg!(IntCounter::new(
+            "records_not_owned_total",
+            "Records consumed just before their partition was revoked; left to the new owner."
+        )
+        .unwrap()),
+        partition_handovers: reg!(IntCounterVec::new(
+            Opts::new(
+                "partition_handovers_total",
+                "Partition state on assignment: kept (local copy current), restored (from the changelog), dropped (lost to another instance)."
+            ),
+            &["outcome"]
+        )
+        .unwrap()),
+        restore_records: reg!(IntCounter::new(
+            "restore_records_total",
+            "Changelog records read while restoring partitions."
+        )
+        .unwrap()),
+        restore_remaining: reg!(IntGauge::new(
+            "restore_remaining_records",
+            "Changelog records still to read before the partitions being restored can be processed (0: none in progress)."
+        )
+        .unwrap()),
+        restore_seconds: reg!(hist(
+            "restore_seconds",
+            "Time to restore one partition's state from the changelog.",
+            vec![0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0]
+        )),
+        changelog_records: reg!(IntCounter::new(
+            "changelog_records_total",
+            "State changes written to the changelog topic (acknowledged)."
+        )
+        .unwrap()),
+        broker_up: reg!(IntGauge::new(
+            "broker_up",
+            "1 while librdkafka reports at least one broker connection up, 0 during an outage."
+        )
+        .unwrap()),
         registry: r,
     }
 }
@@ -222,6 +267,36 @@ pub fn catalog_size(n: usize) {
 
 pub fn kafka_error(op: &str) {
     METRICS.kafka_errors.with_label_values(&[op]).inc();
+}
+
+pub fn record_not_owned() {
+    METRICS.not_owned.inc();
+}
+
+/// `outcome`: kept, restored or dropped.
+pub fn partition_handover(outcome: &'static str) {
+    METRICS
+        .partition_handovers
+        .with_label_values(&[outcome])
+        .inc();
+}
+
+pub fn restore_progress(read: u64, remaining: i64) {
+    METRICS.restore_records.inc_by(read);
+    METRICS.restore_remaining.set(remaining.max(0));
+}
+
+pub fn restore_finished(seconds: f64) {
+    METRICS.restore_seconds.observe(seconds);
+    METRICS.restore_remaining.set(0);
+}
+
+pub fn changelog_written(records: u64) {
+    METRICS.changelog_records.inc_by(records);
+}
+
+pub fn broker_up(up: bool) {
+    METRICS.broker_up.set(up as i64);
 }
 
 pub fn assigned_partitions(n: usize) {

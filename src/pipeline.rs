@@ -15,10 +15,11 @@
 //! applied once, and their users' outputs are republished with a new version.
 
 use crate::ncf::serve::{NcfModel, NcfScorer};
+use std::collections::BTreeSet;
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures::future::join_all;
@@ -37,11 +38,13 @@ use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
 use crate::catalog::{Catalog, CatalogRecord};
+use crate::changelog;
 use crate::config::{Config, TopicNames};
 use crate::engine::{
     Body, DeadLetter, Engine, EngineError, Record, Rejection, SourcePos, UserOutputList,
 };
 use crate::event::{decode_interaction, parse_refresh};
+use crate::handover::Handover;
 use crate::metrics;
 use crate::store::{Store, StoreError};
 
@@ -63,6 +66,10 @@ pub enum PipelineError {
     EngineGone,
     #[error("shutdown did not finish within {0:?}")]
     ShutdownTimeout(Duration),
+    #[error("taking over assigned partitions failed; stopping so that another instance (or a restart) takes them: {0}")]
+    Handover(String),
+    #[error("the pipeline needs tokio's multi-thread runtime: rebalances block while state is handed over")]
+    NeedsMultiThreadRuntime,
 }
 
 /// Shared with the HTTP server: ready once the catalog is loaded and partitions are assigned.
@@ -103,6 +110,20 @@ fn base_config(config: &Config, defaults: &[(&str, &str)]) -> ClientConfig {
     c
 }
 
+/// The changelog's producer: one request in flight per connection, so a
+/// retried request can never land after a later one (a partition's batches
+/// must stay in order; the broker need not support idempotence).
+fn changelog_producer(config: &Config) -> Result<FutureProducer, KafkaError> {
+    client_config(config)
+        .set("acks", "all")
+        .set("linger.ms", "2")
+        .set("compression.type", "lz4")
+        .set("max.in.flight.requests.per.connection", "1")
+        .set("message.timeout.ms", "60000")
+        .set("queue.buffering.max.messages", "200000")
+        .create()
+}
+
 pub fn producer(config: &Config) -> Result<FutureProducer, KafkaError> {
     client_config(config)
         .set("acks", "all")
@@ -113,11 +134,49 @@ pub fn producer(config: &Config) -> Result<FutureProducer, KafkaError> {
         .create()
 }
 
-/// Consumer context: resumes assigned partitions where the local state says,
-/// reports partition lag from librdkafka statistics, tracks the assignment.
+/// Consumer context: hands partitions over on every rebalance (through the
+/// engine thread, see [`crate::handover`]), resumes assigned partitions where
+/// the local state says, reports lag and broker outages, tracks the assignment.
 struct EngineContext {
     health: Arc<Health>,
     store: Arc<Store>,
+    /// Weak: the engine thread stops when the consume loop drops its sender.
+    work_tx: mpsc::WeakSender<Work>,
+    /// Set when a handover failed; the consume loop then stops the job.
+    failure: Arc<Mutex<Option<String>>>,
+    failed: Arc<tokio::sync::Notify>,
+}
+
+impl EngineContext {
+    /// Asks the engine thread to do `work` and waits for its answer. Rebalance
+    /// callbacks run inside `recv()`; nothing else may happen on the consumer
+    /// until the handover is complete, so blocking here is the point.
+    fn ask_engine(
+        &self,
+        work: impl FnOnce(std::sync::mpsc::Sender<Result<(), String>>) -> Work,
+    ) -> Result<(), String> {
+        let Some(tx) = self.work_tx.upgrade() else {
+            return Ok(()); // shutting down
+        };
+        let (reply_tx, reply_rx) = std::sync::mpsc::channel();
+        let wait = move || {
+            tx.blocking_send(work(reply_tx))
+                .map_err(|_| "the engine thread stopped".to_string())?;
+            reply_rx
+                .recv()
+                .unwrap_or_else(|_| Err("the engine thread stopped".to_string()))
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(_) => tokio::task::block_in_place(wait),
+            Err(_) => wait(),
+        }
+    }
+
+    fn fail(&self, reason: String) {
+        tracing::error!(%reason, "partition handover failed");
+        *self.failure.lock().expect("not poisoned") = Some(reason);
+        self.failed.notify_one();
+    }
 }
 
 impl EngineContext {
@@ -139,7 +198,13 @@ impl EngineContext {
                         warn!(%e, %topic, partition, "cannot set resume offset");
                     }
                 }
-                Ok(None) => {}
+                // Never processed here or restored: from the start of the log;
+                // the group's committed offsets serve lag monitoring only.
+                Ok(None) => {
+                    if let Err(e) = tpl.set_partition_offset(&topic, partition, Offset::Beginning) {
+                        warn!(%e, %topic, partition, "cannot set resume offset");
+                    }
+                }
                 Err(e) => {
                     warn!(%e, %topic, partition, "cannot read resume offset; using the group's")
                 }
@@ -161,7 +226,12 @@ impl ClientContext for EngineContext {
 
     fn error(&self, error: KafkaError, reason: &str) {
         metrics::kafka_error("client");
-        warn!(%error, reason, "kafka client error");
+        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) {
+            metrics::broker_up(false);
+            warn!(%error, reason, "all brokers are down; retrying until they are back");
+        } else {
+            warn!(%error, reason, "kafka client error");
+        }
     }
 }
 
@@ -176,12 +246,35 @@ impl ConsumerContext for EngineContext {
     ) {
         let outcome = match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
-                self.resume(tpl);
-                info!(partitions = tpl.count(), "partitions assigned");
-                consumer.assign(tpl)
+                // Input and refresh topics are co-partitioned: a partition
+                // number is the unit of state.
+                let partitions: BTreeSet<u32> = tpl
+                    .elements()
+                    .iter()
+                    .map(|e| e.partition().max(0) as u32)
+                    .collect();
+                info!(?partitions, "partitions assigned; handing state over");
+                match self.ask_engine(|reply| Work::Assign { partitions, reply }) {
+                    Ok(()) => {
+                        self.resume(tpl);
+                        consumer.assign(tpl)
+                    }
+                    Err(reason) => {
+                        self.fail(reason);
+                        consumer.unassign()
+                    }
+                }
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
-                info!(partitions = tpl.count(), "partitions revoked");
+                info!(
+                    partitions = tpl.count(),
+                    "partitions revoked; finishing their in-flight batches"
+                );
+                // Everything consumed so far is applied, published and in the
+                // changelog before the next owner restores it.
+                if let Err(reason) = self.ask_engine(|reply| Work::Revoke { reply }) {
+                    warn!(%reason, "revoke without a flush");
+                }
                 consumer.unassign()
             }
             other => {
@@ -199,23 +292,40 @@ impl ConsumerContext for EngineContext {
     }
 }
 
+type Reply = std::sync::mpsc::Sender<Result<(), String>>;
+
 /// What the engine thread is asked to do.
 enum Work {
     Batch(Vec<Record>),
     Catalog(Vec<(u32, Option<CatalogRecord>)>),
+    /// Take these partitions over (keep, restore or drop state), then answer.
+    Assign {
+        partitions: BTreeSet<u32>,
+        reply: Reply,
+    },
+    /// Finish and publish everything queued, stop processing, then answer.
+    Revoke {
+        reply: Reply,
+    },
 }
 
 /// What the publisher is handed.
 enum Publish {
     /// Outputs that carry no offsets (pages of a refresh of everyone).
-    Outputs(UserOutputList),
+    Outputs {
+        outputs: UserOutputList,
+        changelog: Vec<changelog::Batch>,
+    },
     Batch {
         outputs: UserOutputList,
         dead_letters: Vec<DeadLetter>,
+        changelog: Vec<changelog::Batch>,
         offsets: Vec<(Arc<str>, i32, i64)>,
         received: Vec<Instant>,
         event_times: Vec<i64>,
     },
+    /// Answered once everything before it is acknowledged.
+    Barrier(std::sync::mpsc::Sender<()>),
 }
 
 /// Bounded hand-off between stages: at most this many batches wait at each.
@@ -230,6 +340,11 @@ pub async fn run(
     health: Arc<Health>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), PipelineError> {
+    if tokio::runtime::Handle::current().runtime_flavor()
+        != tokio::runtime::RuntimeFlavor::MultiThread
+    {
+        return Err(PipelineError::NeedsMultiThreadRuntime);
+    }
     // Opening RocksDB and loading the item counters is disk work: off the runtime.
     let (dir, cache_mb, engine_config) = (
         config.state.dir.clone(),
@@ -238,8 +353,11 @@ pub async fn run(
     );
     let model = config.model.clone();
     let mut engine = tokio::task::spawn_blocking(move || -> Result<Engine, PipelineError> {
-        let store = Store::open(&dir, cache_mb)?;
+        let mut store = Store::open(&dir, cache_mb)?;
+        store.enable_changelog();
         let mut engine = Engine::new(engine_config, store, catalog)?;
+        // Nothing is processed before the group assigns partitions.
+        engine.set_owned(Some(BTreeSet::new()));
         if let Some(path) = &model.path {
             let loaded = NcfModel::load(path, model.fold_in)?;
             tracing::info!(model = %loaded.card.model_version, path = %path.display(), "NCF model loaded");
@@ -261,6 +379,10 @@ pub async fn run(
     health.catalog_loaded.store(true, Ordering::Relaxed);
     info!(movies = engine.catalog().len(), "catalog loaded");
 
+    let (work_tx, work_rx) = mpsc::channel::<Work>(STAGE_QUEUE);
+    let (publish_tx, publish_rx) = mpsc::channel::<Publish>(STAGE_QUEUE);
+    let failure = Arc::new(Mutex::new(None));
+    let failed = Arc::new(tokio::sync::Notify::new());
     let mut consumer_settings = consumer_config(&config);
     if let Some(id) = &config.kafka.instance_id {
         consumer_settings.set("group.instance.id", id);
@@ -277,6 +399,9 @@ pub async fn run(
             .create_with_context(EngineContext {
                 health: health.clone(),
                 store: store.clone(),
+                work_tx: work_tx.downgrade(),
+                failure: failure.clone(),
+                failed: failed.clone(),
             })?,
     );
     consumer.subscribe(&[&config.topics.interactions, &config.topics.refresh])?;
@@ -284,14 +409,25 @@ pub async fn run(
         info!("kafka.instance_id not set: after a crash, partitions return only when the old membership expires");
     }
 
-    let (work_tx, work_rx) = mpsc::channel::<Work>(STAGE_QUEUE);
-    let (publish_tx, publish_rx) = mpsc::channel::<Publish>(STAGE_QUEUE);
+    let changelog_producer = changelog_producer(&config)?;
+    let handover = Handover {
+        reader_config: consumer_config(&config),
+        producer: changelog_producer.clone(),
+        changelog_topic: config.topics.changelog.clone(),
+        input_topics: vec![
+            config.topics.interactions.clone(),
+            config.topics.refresh.clone(),
+        ],
+    };
     let engine_thread = std::thread::Builder::new()
         .name("engine".into())
-        .spawn(move || engine_loop(engine, work_rx, publish_tx))
+        .spawn(move || engine_loop(engine, handover, work_rx, publish_tx))
         .expect("spawn engine thread");
     let publisher = tokio::spawn(publish_loop(
-        producer.clone(),
+        Producers {
+            outputs: producer.clone(),
+            changelog: changelog_producer.clone(),
+        },
         consumer.clone(),
         store,
         config.topics.clone(),
@@ -299,7 +435,15 @@ pub async fn run(
     ));
     let catalog_task = tokio::spawn(forward_catalog(catalog_updates, work_tx.clone()));
 
-    let consumed = consume_loop(&config, &consumer, work_tx, shutdown).await;
+    let failure_signal = async {
+        failed.notified().await;
+        failure
+            .lock()
+            .expect("not poisoned")
+            .clone()
+            .unwrap_or_default()
+    };
+    let consumed = consume_loop(&config, &consumer, work_tx, shutdown, failure_signal).await;
     catalog_task.abort();
     if let Some(follower) = catalog_follower {
         follower.abort();
@@ -339,6 +483,7 @@ pub async fn run(
             }
         }
         drop(consumer);
+        changelog_producer.flush(Duration::from_secs(5))?;
         producer.flush(Duration::from_secs(5))
     })
     .await
@@ -353,8 +498,10 @@ async fn consume_loop(
     consumer: &StreamConsumer<EngineContext>,
     work_tx: mpsc::Sender<Work>,
     shutdown: impl Future<Output = ()>,
+    handover_failed: impl Future<Output = String>,
 ) -> Result<(), PipelineError> {
     tokio::pin!(shutdown);
+    tokio::pin!(handover_failed);
     let max_records = config.processing.batch_max_records;
     let max_wait = Duration::from_millis(config.processing.batch_max_wait_ms);
     let mut batch: Vec<Record> = Vec::with_capacity(max_records);
@@ -372,13 +519,20 @@ async fn consume_loop(
                 info!("shutdown requested; draining");
                 break;
             }
+            reason = &mut handover_failed => {
+                send_batch(&work_tx, &mut batch).await?;
+                return Err(PipelineError::Handover(reason));
+            }
             _ = tokio::time::sleep_until(flush_at), if batch_deadline.is_some() => {
                 send_batch(&work_tx, &mut batch).await?;
                 batch_deadline = None;
             }
             message = consumer.recv() => {
                 let message = match message {
-                    Ok(m) => m,
+                    Ok(m) => {
+                        metrics::broker_up(true);
+                        m
+                    }
                     Err(e) => {
                         metrics::kafka_error("consume");
                         warn!(%e, "consume error");
@@ -499,6 +653,7 @@ pub fn decode(
 
 fn engine_loop(
     mut engine: Engine,
+    handover: Handover,
     mut work_rx: mpsc::Receiver<Work>,
     publish_tx: mpsc::Sender<Publish>,
 ) -> Result<Engine, EngineError> {
@@ -514,12 +669,30 @@ fn engine_loop(
                     warn!(error = %e, "catalog record rejected");
                 }
             }
+            Work::Assign { partitions, reply } => {
+                let result = handover
+                    .assign(&mut engine, &partitions)
+                    .map_err(|e| e.to_string());
+                let _ = reply.send(result);
+            }
+            Work::Revoke { reply } => {
+                // Batches queued before the revoke are processed by now; wait
+                // until their outputs and changelog records are acknowledged.
+                let (done_tx, done_rx) = std::sync::mpsc::channel();
+                if publish_tx.blocking_send(Publish::Barrier(done_tx)).is_err() {
+                    break;
+                }
+                let _ = done_rx.recv();
+                engine.set_owned(Some(BTreeSet::new()));
+                let _ = reply.send(Ok(()));
+            }
             Work::Batch(records) => {
                 let received: Vec<Instant> = records.iter().map(|r| r.received).collect();
                 let result = engine.process(records)?;
                 let msg = Publish::Batch {
                     outputs: result.outputs,
                     dead_letters: result.dead_letters,
+                    changelog: result.changelog,
                     offsets: result.offsets,
                     received,
                     event_times: result.event_times,
@@ -533,15 +706,19 @@ fn engine_loop(
                 for partition in result.refresh_all {
                     let mut after: Option<String> = None;
                     loop {
-                        let (outputs, last) =
+                        let page =
                             engine.refresh_page(partition, after.as_deref(), REFRESH_PAGE)?;
-                        if outputs.is_empty() {
+                        if page.outputs.is_empty() {
                             break;
                         }
-                        if publish_tx.blocking_send(Publish::Outputs(outputs)).is_err() {
+                        after = page.last;
+                        let msg = Publish::Outputs {
+                            outputs: page.outputs,
+                            changelog: page.changelog,
+                        };
+                        if publish_tx.blocking_send(msg).is_err() {
                             return Ok(engine);
                         }
-                        after = last;
                     }
                 }
             }
@@ -550,8 +727,13 @@ fn engine_loop(
     Ok(engine)
 }
 
+struct Producers {
+    outputs: FutureProducer,
+    changelog: FutureProducer,
+}
+
 async fn publish_loop(
-    producer: FutureProducer,
+    producers: Producers,
     consumer: Arc<StreamConsumer<EngineContext>>,
     store: Arc<Store>,
     topics: TopicNames,
@@ -559,23 +741,40 @@ async fn publish_loop(
 ) -> Result<(), PipelineError> {
     while let Some(msg) = publish_rx.recv().await {
         match msg {
-            Publish::Outputs(outputs) => {
-                publish_outputs(&producer, &topics, &outputs, &[]).await?;
+            Publish::Barrier(done) => {
+                let _ = done.send(());
+            }
+            Publish::Outputs { outputs, changelog } => {
+                let sent =
+                    publish_changelog(&producers.changelog, &topics.changelog, &changelog).await?;
+                publish_outputs(&producers.outputs, &topics, &outputs, &[]).await?;
+                let acked = await_changelog(sent).await?;
+                store.acknowledge(&acked, &[])?;
             }
             Publish::Batch {
                 outputs,
                 dead_letters,
+                changelog,
                 offsets,
                 received,
                 event_times,
             } => {
-                publish_outputs(&producer, &topics, &outputs, &dead_letters).await?;
+                let sent =
+                    publish_changelog(&producers.changelog, &topics.changelog, &changelog).await?;
+                publish_outputs(&producers.outputs, &topics, &outputs, &dead_letters).await?;
+                let acked = await_changelog(sent).await?;
                 // A few keys without fsync: microseconds, fine on the runtime.
                 let published: Vec<(String, i32, i64)> = offsets
                     .iter()
                     .map(|(t, p, o)| (t.to_string(), *p, *o))
                     .collect();
-                store.mark_published(&published)?;
+                store.acknowledge(&acked, &published)?;
+                publish_published_markers(
+                    &producers.changelog,
+                    &topics.changelog,
+                    &store,
+                    &published,
+                );
                 for (topic, partition, next) in offsets {
                     // Fails only for partitions revoked meanwhile; their new owner
                     // re-reads them and de-duplicates by event id.
@@ -594,6 +793,99 @@ async fn publish_loop(
         }
     }
     Ok(())
+}
+
+type SentChangelog = Vec<(u32, u64, Vec<DeliveryFuture>)>;
+
+/// Enqueues changelog batches to their partitions (in order: the producer has
+/// one request in flight per connection).
+async fn publish_changelog(
+    producer: &FutureProducer,
+    topic: &str,
+    batches: &[changelog::Batch],
+) -> Result<SentChangelog, PipelineError> {
+    let mut sent = Vec::with_capacity(batches.len());
+    for batch in batches {
+        let mut futures = Vec::with_capacity(batch.records.len());
+        for (key, value) in &batch.records {
+            let record = FutureRecord::to(topic)
+                .partition(batch.partition as i32)
+                .key(key)
+                .payload(value);
+            futures.push(
+                enqueue(producer, record)
+                    .await
+                    .map_err(PipelineError::Publish)?,
+            );
+        }
+        sent.push((batch.partition, batch.seq, futures));
+    }
+    Ok(sent)
+}
+
+/// Waits for changelog deliveries: `(partition, seq, next changelog offset)`.
+async fn await_changelog(sent: SentChangelog) -> Result<Vec<(u32, u64, i64)>, PipelineError> {
+    let mut acked = Vec::with_capacity(sent.len());
+    for (partition, seq, futures) in sent {
+        let records = futures.len() as u64;
+        let mut next = 0;
+        for delivery in join_all(futures).await {
+            match delivery {
+                Ok(Ok(d)) => next = next.max(d.offset + 1),
+                Ok(Err((e, _))) => {
+                    metrics::kafka_error("produce");
+                    return Err(PipelineError::Publish(e));
+                }
+                Err(_) => return Err(PipelineError::Publish(KafkaError::Canceled)),
+            }
+        }
+        metrics::changelog_written(records);
+        acked.push((partition, seq, next));
+    }
+    Ok(acked)
+}
+
+/// Tells a future owner of each partition how far outputs are published, so it
+/// republishes less after a handover. Advisory: not awaited, never rolled back.
+fn publish_published_markers(
+    producer: &FutureProducer,
+    topic: &str,
+    store: &Store,
+    published: &[(String, i32, i64)],
+) {
+    let mut by_partition: std::collections::BTreeMap<i32, Vec<(String, i64)>> = Default::default();
+    for (t, p, o) in published {
+        by_partition.entry(*p).or_default().push((t.clone(), *o));
+    }
+    for (partition, mut offsets) in by_partition {
+        // Both input topics of the partition, not just the ones in this batch.
+        for (t, o) in &mut offsets {
+            *o = store
+                .published_offset(t, partition)
+                .ok()
+                .flatten()
+                .unwrap_or(*o);
+        }
+        let seq = store
+            .partition_meta(partition as u32)
+            .ok()
+            .flatten()
+            .map_or(0, |m| m.seq);
+        let entry = changelog::Entry {
+            writer: store.writer_id(),
+            seq,
+            value: Some(postcard::to_stdvec(&offsets).expect("offsets encode")),
+            prev: None,
+        }
+        .encode();
+        let record = FutureRecord::to(topic)
+            .partition(partition)
+            .key(changelog::PUBLISHED_KEY)
+            .payload(&entry);
+        if producer.send_result(record).is_err() {
+            debug!(partition, "published marker not sent (queue full)");
+        }
+    }
 }
 
 /// Sends every record of a batch and waits until the broker acknowledged all.

@@ -1,24 +1,31 @@
 //! Embedded RocksDB state. Column families:
 //! - `users`: `partition (u32 BE) ++ user_id` → [`UserState`]; partitioned like the input
 //!   so a partition's state can be iterated, restored or dropped as a unit.
-//! - `items`: `movie_id (u32 BE)` → [`Momentum`]
-//! - `genres`: genre name → [`Momentum`]
+//! - `items`: `partition (u32 BE) ++ movie_id (u32 BE)` → [`Momentum`] of that
+//!   partition's events: popularity moves with its partition.
+//! - `genres`: `partition (u32 BE) ++ genre name` → [`Momentum`]
 //! - `offsets`: `topic \0 partition (u32 BE)` → next offset to apply (i64 BE),
 //!   written in the same batch as the state changes it caused.
 //! - `published`: same key → next offset whose outputs the broker has not yet
 //!   acknowledged. Records between it and `offsets` are recomputed and
 //!   republished after a restart, never applied twice.
 //!
-//! - `meta`: the genre vocabulary that user state's genre ids refer to.
+//! - `meta`: the genre vocabulary that user state's genre ids refer to, this
+//!   store's writer id and the layout version.
+//! - `partitions`: `partition (u32 BE)` → [`PartitionMeta`]: present exactly for
+//!   the partitions whose state this store holds.
+//! - `outbox`: `partition ++ seq (u64 BE)` → changelog records committed with
+//!   the state but not yet acknowledged by the broker (when the changelog is on).
 //!
 //! Values are postcard-encoded (compact varints).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use rocksdb::{BlockBasedOptions, Cache, ColumnFamilyDescriptor, Options, WriteBatch, DB};
 
 use crate::catalog::IdMap;
+use crate::changelog::{self, Entry, Key, Marker, APPLIED_KEY};
 use crate::decay::Momentum;
 use crate::state::UserState;
 
@@ -28,15 +35,23 @@ const CF_GENRES: &str = "genres";
 const CF_OFFSETS: &str = "offsets";
 const CF_PUBLISHED: &str = "published";
 const CF_META: &str = "meta";
-const ALL_CFS: [&str; 6] = [
+const CF_PARTITIONS: &str = "partitions";
+const CF_OUTBOX: &str = "outbox";
+const ALL_CFS: [&str; 8] = [
     CF_USERS,
     CF_ITEMS,
     CF_GENRES,
     CF_OFFSETS,
     CF_PUBLISHED,
     CF_META,
+    CF_PARTITIONS,
+    CF_OUTBOX,
 ];
 const GENRE_VOCABULARY: &[u8] = b"genre_vocabulary";
+const WRITER_ID: &[u8] = b"writer_id";
+const LAYOUT: &[u8] = b"layout";
+/// Bumped when keys change meaning; older state directories are refused.
+const LAYOUT_VERSION: u32 = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -47,19 +62,38 @@ pub enum StoreError {
         what: &'static str,
         source: postcard::Error,
     },
+    #[error("{path}: state directory of an older recstream layout; delete it (a partition's state is restored from the changelog topic)")]
+    OldLayout { path: String },
 }
 
 pub struct Store {
     db: DB,
     statistics: Options,
+    /// Random per state directory; stamped on every changelog record.
+    writer: u64,
+    /// Whether commits also write changelog records to the outbox.
+    changelog: bool,
+}
+
+/// What the store knows about a partition whose state it holds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PartitionMeta {
+    /// The last changelog batch committed for it.
+    pub seq: u64,
+    /// Changelog offset up to which every record is known (ours, acknowledged,
+    /// or read in a restore). Records past it written by another store mean
+    /// this store's copy is stale.
+    pub changelog_next: i64,
 }
 
 /// All changes of one micro-batch, written atomically.
 #[derive(Debug, Default)]
 pub struct Changes {
     pub users: Vec<(u32, String, UserState)>,
-    pub items: Vec<(u32, Momentum)>,
-    pub genres: Vec<(String, Momentum)>,
+    /// `(partition, movie id, counters)`.
+    pub items: Vec<(u32, u32, Momentum)>,
+    /// `(partition, genre, counters)`.
+    pub genres: Vec<(u32, String, Momentum)>,
     /// `(topic, partition, next offset)`.
     pub offsets: Vec<(String, i32, i64)>,
 }
@@ -78,6 +112,14 @@ pub fn user_key(partition: u32, user_id: &str) -> Vec<u8> {
     k.extend_from_slice(&partition.to_be_bytes());
     k.extend_from_slice(user_id.as_bytes());
     k
+}
+
+fn partition_prefixed(partition: u32, rest: &[u8]) -> Vec<u8> {
+    [&partition.to_be_bytes()[..], rest].concat()
+}
+
+fn outbox_key(partition: u32, seq: u64) -> Vec<u8> {
+    partition_prefixed(partition, &seq.to_be_bytes())
 }
 
 fn offset_key(topic: &str, partition: i32) -> Vec<u8> {
@@ -104,10 +146,55 @@ impl Store {
         cf_opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
         let cfs = ALL_CFS.map(|name| ColumnFamilyDescriptor::new(name, cf_opts.clone()));
         let db = DB::open_cf_descriptors(&opts, path, cfs)?;
+        let meta = db.cf_handle(CF_META).expect("created at open");
+        match db.get_cf(meta, LAYOUT)? {
+            Some(v) if v.as_slice() == LAYOUT_VERSION.to_be_bytes() => {}
+            Some(_) => {
+                return Err(StoreError::OldLayout {
+                    path: path.display().to_string(),
+                })
+            }
+            None => {
+                let users = db.cf_handle(CF_USERS).expect("created at open");
+                let empty = db
+                    .iterator_cf(users, rocksdb::IteratorMode::Start)
+                    .next()
+                    .is_none()
+                    && db.get_cf(meta, GENRE_VOCABULARY)?.is_none();
+                if !empty {
+                    return Err(StoreError::OldLayout {
+                        path: path.display().to_string(),
+                    });
+                }
+                db.put_cf(meta, LAYOUT, LAYOUT_VERSION.to_be_bytes())?;
+            }
+        }
+        let writer = match db.get_cf(meta, WRITER_ID)? {
+            Some(v) if v.len() == 8 => {
+                u64::from_be_bytes(v.as_slice().try_into().expect("8 bytes"))
+            }
+            _ => {
+                let id = new_writer_id(path);
+                db.put_cf(meta, WRITER_ID, id.to_be_bytes())?;
+                id
+            }
+        };
         Ok(Store {
             db,
             statistics: opts,
+            writer,
+            changelog: false,
         })
+    }
+
+    /// From now on, every commit also writes its changelog records to the
+    /// outbox (the Kafka pipeline publishes and then clears them).
+    pub fn enable_changelog(&mut self) {
+        self.changelog = true;
+    }
+
+    pub fn writer_id(&self) -> u64 {
+        self.writer
     }
 
     fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
@@ -180,36 +267,210 @@ impl Store {
         Ok(parts)
     }
 
-    pub fn items(&self) -> Result<IdMap<Momentum>, StoreError> {
-        let mut out = IdMap::default();
+    /// Item counters per partition.
+    pub fn items(&self) -> Result<HashMap<u32, IdMap<Momentum>>, StoreError> {
+        let mut out: HashMap<u32, IdMap<Momentum>> = HashMap::new();
         for kv in self
             .db
             .iterator_cf(self.cf(CF_ITEMS), rocksdb::IteratorMode::Start)
         {
             let (k, v) = kv?;
-            if k.len() == 4 {
-                out.insert(
-                    u32::from_be_bytes([k[0], k[1], k[2], k[3]]),
-                    decode(&v, "items")?,
+            if k.len() == 8 {
+                let partition = u32::from_be_bytes([k[0], k[1], k[2], k[3]]);
+                let id = u32::from_be_bytes([k[4], k[5], k[6], k[7]]);
+                out.entry(partition)
+                    .or_default()
+                    .insert(id, decode(&v, "items")?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Genre counters per partition.
+    pub fn genres(&self) -> Result<HashMap<u32, HashMap<String, Momentum>>, StoreError> {
+        let mut out: HashMap<u32, HashMap<String, Momentum>> = HashMap::new();
+        for kv in self
+            .db
+            .iterator_cf(self.cf(CF_GENRES), rocksdb::IteratorMode::Start)
+        {
+            let (k, v) = kv?;
+            if k.len() > 4 {
+                let partition = u32::from_be_bytes([k[0], k[1], k[2], k[3]]);
+                out.entry(partition).or_default().insert(
+                    String::from_utf8_lossy(&k[4..]).into_owned(),
+                    decode(&v, "genres")?,
                 );
             }
         }
         Ok(out)
     }
 
-    pub fn genres(&self) -> Result<HashMap<String, Momentum>, StoreError> {
-        let mut out = HashMap::new();
+    /// The partitions whose state this store holds, with what it knows of them.
+    pub fn partitions(&self) -> Result<Vec<(u32, PartitionMeta)>, StoreError> {
+        let mut out = Vec::new();
         for kv in self
             .db
-            .iterator_cf(self.cf(CF_GENRES), rocksdb::IteratorMode::Start)
+            .iterator_cf(self.cf(CF_PARTITIONS), rocksdb::IteratorMode::Start)
         {
             let (k, v) = kv?;
-            out.insert(
-                String::from_utf8_lossy(&k).into_owned(),
-                decode(&v, "genres")?,
-            );
+            if let Ok(p) = <[u8; 4]>::try_from(&k[..]) {
+                out.push((u32::from_be_bytes(p), decode(&v, "partitions")?));
+            }
         }
         Ok(out)
+    }
+
+    pub fn partition_meta(&self, partition: u32) -> Result<Option<PartitionMeta>, StoreError> {
+        self.db
+            .get_pinned_cf(self.cf(CF_PARTITIONS), partition.to_be_bytes())?
+            .map(|v| decode(&v, "partitions"))
+            .transpose()
+    }
+
+    /// Changelog batches of a partition committed but not yet acknowledged, oldest first.
+    pub fn outbox(&self, partition: u32) -> Result<Vec<changelog::Batch>, StoreError> {
+        let prefix = partition.to_be_bytes();
+        let mut out = Vec::new();
+        for kv in self.db.iterator_cf(
+            self.cf(CF_OUTBOX),
+            rocksdb::IteratorMode::From(&prefix, rocksdb::Direction::Forward),
+        ) {
+            let (k, v) = kv?;
+            if !k.starts_with(&prefix) || k.len() != 12 {
+                break;
+            }
+            let seq = u64::from_be_bytes(k[4..].try_into().expect("8 bytes"));
+            out.push(changelog::Batch {
+                partition,
+                seq,
+                records: decode(&v, "outbox")?,
+            });
+        }
+        Ok(out)
+    }
+
+    /// After the broker acknowledged changelog batches and a batch's outputs:
+    /// clears them from the outbox, moves each partition's known changelog end
+    /// and the published offsets, in one write.
+    pub fn acknowledge(
+        &self,
+        changelog: &[(u32, u64, i64)],
+        published: &[(String, i32, i64)],
+    ) -> Result<(), StoreError> {
+        let mut batch = WriteBatch::default();
+        let mut ends: HashMap<u32, i64> = HashMap::new();
+        for (partition, seq, next) in changelog {
+            batch.delete_cf(self.cf(CF_OUTBOX), outbox_key(*partition, *seq));
+            let end = ends.entry(*partition).or_insert(*next);
+            *end = (*end).max(*next);
+        }
+        for (partition, next) in ends {
+            if let Some(mut meta) = self.partition_meta(partition)? {
+                meta.changelog_next = meta.changelog_next.max(next);
+                batch.put_cf(
+                    self.cf(CF_PARTITIONS),
+                    partition.to_be_bytes(),
+                    encode(&meta),
+                );
+            }
+        }
+        let cf = self.cf(CF_PUBLISHED);
+        for (topic, partition, offset) in published {
+            batch.put_cf(cf, offset_key(topic, *partition), offset.to_be_bytes());
+        }
+        self.db.write(batch)?;
+        Ok(())
+    }
+
+    /// Forgets everything about a partition (it moved to another instance).
+    pub fn drop_partition(&self, partition: u32, input_topics: &[&str]) -> Result<(), StoreError> {
+        let mut batch = WriteBatch::default();
+        self.drop_into(&mut batch, partition, input_topics);
+        self.db.write(batch)?;
+        Ok(())
+    }
+
+    fn drop_into(&self, batch: &mut WriteBatch, partition: u32, input_topics: &[&str]) {
+        // Every key of partition p starts with its 4 big-endian bytes, so it
+        // sorts below the next partition's prefix.
+        let to = match partition.checked_add(1) {
+            Some(next) => next.to_be_bytes().to_vec(),
+            None => vec![0xff; 5],
+        };
+        for cf in [CF_USERS, CF_ITEMS, CF_GENRES, CF_OUTBOX] {
+            batch.delete_range_cf(self.cf(cf), &partition.to_be_bytes()[..], &to[..]);
+        }
+        batch.delete_cf(self.cf(CF_PARTITIONS), partition.to_be_bytes());
+        for topic in input_topics {
+            batch.delete_cf(self.cf(CF_OFFSETS), offset_key(topic, partition as i32));
+            batch.delete_cf(self.cf(CF_PUBLISHED), offset_key(topic, partition as i32));
+        }
+    }
+
+    /// Replaces a partition's state with one restored from the changelog, atomically.
+    pub fn install(
+        &self,
+        partition: u32,
+        restored: &changelog::Restored,
+        meta: PartitionMeta,
+        input_topics: &[&str],
+    ) -> Result<(), StoreError> {
+        let mut batch = WriteBatch::default();
+        self.drop_into(&mut batch, partition, input_topics);
+        for (user, v) in &restored.users {
+            batch.put_cf(self.cf(CF_USERS), user_key(partition, user), v);
+        }
+        for (id, v) in &restored.items {
+            batch.put_cf(
+                self.cf(CF_ITEMS),
+                partition_prefixed(partition, &id.to_be_bytes()),
+                v,
+            );
+        }
+        for (genre, v) in &restored.genres {
+            batch.put_cf(
+                self.cf(CF_GENRES),
+                partition_prefixed(partition, genre.as_bytes()),
+                v,
+            );
+        }
+        if let Some(marker) = &restored.marker {
+            for (topic, next) in &marker.offsets {
+                batch.put_cf(
+                    self.cf(CF_OFFSETS),
+                    offset_key(topic, partition as i32),
+                    next.to_be_bytes(),
+                );
+            }
+        }
+        for (topic, next) in &restored.published {
+            batch.put_cf(
+                self.cf(CF_PUBLISHED),
+                offset_key(topic, partition as i32),
+                next.to_be_bytes(),
+            );
+        }
+        batch.put_cf(
+            self.cf(CF_PARTITIONS),
+            partition.to_be_bytes(),
+            encode(&meta),
+        );
+        self.db.write(batch)?;
+        Ok(())
+    }
+
+    /// Moves a partition's known changelog end (after a check found nothing new).
+    pub fn set_partition_meta(
+        &self,
+        partition: u32,
+        meta: PartitionMeta,
+    ) -> Result<(), StoreError> {
+        self.db.put_cf(
+            self.cf(CF_PARTITIONS),
+            partition.to_be_bytes(),
+            encode(&meta),
+        )?;
+        Ok(())
     }
 
     /// The next offset to apply for a partition, if this store has processed it.
@@ -238,13 +499,7 @@ impl Store {
 
     /// Records that outputs of everything before these offsets were acknowledged.
     pub fn mark_published(&self, offsets: &[(String, i32, i64)]) -> Result<(), StoreError> {
-        let mut batch = WriteBatch::default();
-        let cf = self.cf(CF_PUBLISHED);
-        for (topic, partition, offset) in offsets {
-            batch.put_cf(cf, offset_key(topic, *partition), offset.to_be_bytes());
-        }
-        self.db.write(batch)?;
-        Ok(())
+        self.acknowledge(&[], offsets)
     }
 
     /// Where consumption of a partition resumes: the first record whose outputs
@@ -273,27 +528,139 @@ impl Store {
             .and_then(|v| v.as_ref().try_into().ok().map(i64::from_be_bytes)))
     }
 
-    /// Writes one micro-batch of changes atomically.
-    pub fn commit(&self, changes: &Changes) -> Result<(), StoreError> {
+    /// Writes one micro-batch of changes atomically. With the changelog on,
+    /// the same write puts one changelog batch per touched partition into the
+    /// outbox (returned, for the publisher): every changed key with its value
+    /// before and after, then the partition's applied offsets.
+    pub fn commit(&self, changes: &Changes) -> Result<Vec<changelog::Batch>, StoreError> {
         let mut batch = WriteBatch::default();
-        let users = self.cf(CF_USERS);
+        // Per partition: (key, value before, value after).
+        type Pending = Vec<(Key, Option<Vec<u8>>, Vec<u8>)>;
+        let mut records: BTreeMap<u32, Pending> = BTreeMap::new();
+        let mut change = |cf: &str,
+                          partition: u32,
+                          store_key: Vec<u8>,
+                          key: Key,
+                          value: Vec<u8>|
+         -> Result<(), StoreError> {
+            if self.changelog {
+                let prev = self.db.get_cf(self.cf(cf), &store_key)?;
+                records
+                    .entry(partition)
+                    .or_default()
+                    .push((key, prev, value.clone()));
+            }
+            batch.put_cf(self.cf(cf), store_key, value);
+            Ok(())
+        };
         for (partition, user, state) in &changes.users {
-            batch.put_cf(users, user_key(*partition, user), encode(state));
+            let key = user_key(*partition, user);
+            change(
+                CF_USERS,
+                *partition,
+                key,
+                Key::User(user.clone()),
+                encode(state),
+            )?;
         }
-        let items = self.cf(CF_ITEMS);
-        for (id, m) in &changes.items {
-            batch.put_cf(items, id.to_be_bytes(), encode(m));
+        for (partition, id, m) in &changes.items {
+            let key = partition_prefixed(*partition, &id.to_be_bytes());
+            change(CF_ITEMS, *partition, key, Key::Item(*id), encode(m))?;
         }
-        let genres = self.cf(CF_GENRES);
-        for (name, m) in &changes.genres {
-            batch.put_cf(genres, name.as_bytes(), encode(m));
+        for (partition, name, m) in &changes.genres {
+            let key = partition_prefixed(*partition, name.as_bytes());
+            change(
+                CF_GENRES,
+                *partition,
+                key,
+                Key::Genre(name.clone()),
+                encode(m),
+            )?;
         }
         let offsets = self.cf(CF_OFFSETS);
         for (topic, partition, offset) in &changes.offsets {
             batch.put_cf(offsets, offset_key(topic, *partition), offset.to_be_bytes());
+            if self.changelog {
+                records.entry(*partition as u32).or_default();
+            }
+        }
+        let mut out = Vec::new();
+        if self.changelog {
+            let vocabulary = self.genre_vocabulary()?.unwrap_or_default();
+            for (partition, pending) in records {
+                let mut meta = self.partition_meta(partition)?.unwrap_or_default();
+                meta.seq += 1;
+                let mut recs: Vec<(Vec<u8>, Vec<u8>)> = pending
+                    .into_iter()
+                    .map(|(key, prev, value)| {
+                        let entry = Entry {
+                            writer: self.writer,
+                            seq: meta.seq,
+                            value: Some(value),
+                            prev,
+                        };
+                        (key.encode(), entry.encode())
+                    })
+                    .collect();
+                let mut applied: BTreeMap<String, i64> = self.stored_offsets(partition)?;
+                for (topic, p, offset) in &changes.offsets {
+                    if *p as u32 == partition {
+                        applied.insert(topic.clone(), *offset);
+                    }
+                }
+                let marker = Marker {
+                    offsets: applied.into_iter().collect(),
+                    genre_vocabulary: vocabulary.clone(),
+                };
+                recs.push((
+                    APPLIED_KEY.to_vec(),
+                    Entry {
+                        writer: self.writer,
+                        seq: meta.seq,
+                        value: Some(encode(&marker)),
+                        prev: None,
+                    }
+                    .encode(),
+                ));
+                batch.put_cf(
+                    self.cf(CF_PARTITIONS),
+                    partition.to_be_bytes(),
+                    encode(&meta),
+                );
+                batch.put_cf(
+                    self.cf(CF_OUTBOX),
+                    outbox_key(partition, meta.seq),
+                    encode(&recs),
+                );
+                out.push(changelog::Batch {
+                    partition,
+                    seq: meta.seq,
+                    records: recs,
+                });
+            }
         }
         self.db.write(batch)?;
-        Ok(())
+        Ok(out)
+    }
+
+    /// Applied offsets of one partition's input topics.
+    fn stored_offsets(&self, partition: u32) -> Result<BTreeMap<String, i64>, StoreError> {
+        let mut out = BTreeMap::new();
+        for kv in self
+            .db
+            .iterator_cf(self.cf(CF_OFFSETS), rocksdb::IteratorMode::Start)
+        {
+            let (k, v) = kv?;
+            if k.len() > 5 && k[k.len() - 4..] == partition.to_be_bytes() && k[k.len() - 5] == 0 {
+                if let Ok(bytes) = <[u8; 8]>::try_from(&v[..]) {
+                    out.insert(
+                        String::from_utf8_lossy(&k[..k.len() - 5]).into_owned(),
+                        i64::from_be_bytes(bytes),
+                    );
+                }
+            }
+        }
+        Ok(out)
     }
 
     pub fn flush(&self) -> Result<(), StoreError> {
@@ -329,6 +696,19 @@ impl Store {
     }
 }
 
+/// A writer id that differs between state directories and between
+/// re-creations of the same directory.
+fn new_writer_id(path: &Path) -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    let seed = format!("{}:{}:{nanos}", path.display(), std::process::id());
+    let mut h = crate::fnv::Fnv::default();
+    h.write(seed.as_bytes());
+    h.0
+}
+
 fn encode<T: serde::Serialize>(value: &T) -> Vec<u8> {
     postcard::to_stdvec(value).expect("state values always encode")
 }
@@ -362,6 +742,7 @@ mod tests {
             changes.users.push((p, u.to_string(), s));
         }
         changes.items.push((
+            7,
             42,
             Momentum {
                 count: 3,
@@ -383,7 +764,7 @@ mod tests {
         let page = store.users_page(0, Some("a"), 10).unwrap();
         assert_eq!(page.len(), 1);
         assert_eq!(store.user_partitions().unwrap(), vec![0, 1, 7]);
-        assert_eq!(store.items().unwrap()[&42].count, 3);
+        assert_eq!(store.items().unwrap()[&7][&42].count, 3);
         assert_eq!(store.offset("in", 1).unwrap(), Some(99));
         assert_eq!(store.offset("in", 2).unwrap(), None);
         assert_eq!(

@@ -46,6 +46,7 @@ pub enum Role {
     Insights,
     Refresh,
     DeadLetters,
+    Changelog,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -133,9 +134,10 @@ impl TopicDecl {
 /// The declarations in this repository's `topics/`, compiled in so the binary
 /// can apply them from anywhere.
 pub fn builtin() -> Vec<TopicDecl> {
-    const FILES: [(&str, &str); 7] = [
+    const FILES: [(&str, &str); 8] = [
         ("carousels.toml", include_str!("../topics/carousels.toml")),
         ("catalog.toml", include_str!("../topics/catalog.toml")),
+        ("changelog.toml", include_str!("../topics/changelog.toml")),
         (
             "dead_letters.toml",
             include_str!("../topics/dead_letters.toml"),
@@ -209,6 +211,7 @@ pub fn with_names(mut decls: Vec<TopicDecl>, names: &TopicNames) -> Vec<TopicDec
             Role::Insights => names.insights.clone(),
             Role::Refresh => names.refresh.clone(),
             Role::DeadLetters => names.dead_letters.clone(),
+            Role::Changelog => names.changelog.clone(),
         };
     }
     decls
@@ -302,7 +305,7 @@ mod tests {
     fn the_committed_declarations_are_valid_and_cover_every_role() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("topics");
         let decls = load_dir(&dir).unwrap();
-        assert_eq!(decls.len(), 7);
+        assert_eq!(decls.len(), 8);
         assert_eq!(
             builtin(),
             decls,
@@ -328,6 +331,12 @@ mod tests {
             interactions.partitions, refresh.partitions,
             "refresh is co-partitioned"
         );
+        let changelog = decls.iter().find(|d| d.role == Role::Changelog).unwrap();
+        assert_eq!(
+            interactions.partitions, changelog.partitions,
+            "the changelog is partitioned like the input"
+        );
+        assert_eq!(changelog.cleanup_policy, "compact");
     }
 
     #[test]

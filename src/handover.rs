@@ -1,0 +1,338 @@
+//! Partition handover, run on the engine thread when the consumer group
+//! assigns partitions: each assigned partition's local state is kept when it is
+//! current, or restored from the changelog topic before any of its records are
+//! processed; partitions this instance no longer holds are dropped. The format
+//! and the roll-back rule are in [`crate::changelog`].
+//!
+//! "Current" means: every changelog record after the last one this store knows
+//! of was written by this store itself (its unacknowledged outbox, which is
+//! then sent again). Anything written by another instance means it processed
+//! the partition meanwhile, so the local copy is stale.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use futures::future::join_all;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::Message;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Offset, TopicPartitionList};
+use tracing::{info, warn};
+
+use crate::changelog::{self, ChangelogError, Entry, Key, Marker, Restorer, APPLIED_KEY};
+use crate::engine::{Engine, EngineError};
+use crate::metrics;
+use crate::store::{PartitionMeta, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum HandoverError {
+    #[error("kafka, partition {partition}: {source}")]
+    Kafka { partition: u32, source: KafkaError },
+    #[error("changelog partition {partition}: {source}")]
+    Changelog {
+        partition: u32,
+        source: ChangelogError,
+    },
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// How long to wait for the broker's end offset of a changelog partition to
+/// reach an acknowledged write (tansu's high watermark trails briefly).
+const END_OFFSET_GRACE: Duration = Duration::from_secs(3);
+/// How long a restore keeps polling past the end offset it saw at the start.
+const TAIL_POLL: Duration = Duration::from_millis(300);
+const KAFKA_TIMEOUT: Duration = Duration::from_secs(15);
+
+pub struct Handover {
+    /// Consumer settings for changelog readers (brokers, security).
+    pub reader_config: ClientConfig,
+    pub producer: FutureProducer,
+    pub changelog_topic: String,
+    pub input_topics: Vec<String>,
+}
+
+impl Handover {
+    /// Applies a new assignment: drops partitions no longer held, keeps or
+    /// restores the assigned ones, and restricts processing to them.
+    pub fn assign(
+        &self,
+        engine: &mut Engine,
+        partitions: &BTreeSet<u32>,
+    ) -> Result<(), HandoverError> {
+        let topics: Vec<&str> = self.input_topics.iter().map(String::as_str).collect();
+        for (p, _) in engine.store().partitions()? {
+            if !partitions.contains(&p) {
+                engine.drop_partition(p, &topics)?;
+                metrics::partition_handover("dropped");
+                info!(
+                    partition = p,
+                    "dropped the state of a partition now held elsewhere"
+                );
+            }
+        }
+        for p in partitions {
+            self.take_over(engine, *p)?;
+        }
+        engine.set_owned(Some(partitions.clone()));
+        Ok(())
+    }
+
+    fn take_over(&self, engine: &mut Engine, partition: u32) -> Result<(), HandoverError> {
+        let kafka = |source| HandoverError::Kafka { partition, source };
+        let reader: BaseConsumer = self
+            .reader_config
+            .clone()
+            .set("group.id", "recstream-changelog-reader")
+            .set("enable.auto.commit", "false")
+            .set("enable.partition.eof", "false")
+            .create()
+            .map_err(kafka)?;
+        let (low, high) = reader
+            .fetch_watermarks(&self.changelog_topic, partition as i32, KAFKA_TIMEOUT)
+            .map_err(kafka)?;
+        let writer = engine.store().writer_id();
+        if let Some(meta) = engine.store().partition_meta(partition)? {
+            if self.is_current(&reader, writer, partition, meta.changelog_next, high)? {
+                let pending = engine.store().outbox(partition)?;
+                let acked = send(&self.producer, &self.changelog_topic, &pending).map_err(kafka)?;
+                engine.store().acknowledge(&acked, &[])?;
+                metrics::partition_handover("kept");
+                return Ok(());
+            }
+        }
+
+        let started = Instant::now();
+        let mut restorer = Restorer::default();
+        let read_to = self.read(&reader, partition, low, high, |key, value| {
+            restorer.push(key, value)
+        })?;
+        let restored = restorer
+            .finish()
+            .map_err(|source| HandoverError::Changelog { partition, source })?;
+        let mut meta = PartitionMeta {
+            seq: restored.max_seq,
+            changelog_next: read_to,
+        };
+        if !restored.repairs.is_empty() {
+            // Rewrite what an unfinished batch left behind, so every later
+            // restore sees the same state without relying on `prev`.
+            meta.seq += 1;
+            let repair = repair_batch(partition, meta.seq, writer, &restored, engine);
+            let acked = send(&self.producer, &self.changelog_topic, &[repair]).map_err(kafka)?;
+            if let Some((_, _, next)) = acked.first() {
+                meta.changelog_next = meta.changelog_next.max(*next);
+            }
+            warn!(
+                partition,
+                keys = restored.repairs.len(),
+                "rolled back a half-written changelog batch left by a crashed owner"
+            );
+        }
+        let topics: Vec<&str> = self.input_topics.iter().map(String::as_str).collect();
+        engine.install_partition(partition, &restored, meta, &topics)?;
+        let seconds = started.elapsed().as_secs_f64();
+        metrics::restore_finished(seconds);
+        metrics::partition_handover("restored");
+        info!(
+            partition,
+            users = restored.users.len(),
+            records = restored.records,
+            seconds,
+            "restored partition state from the changelog"
+        );
+        Ok(())
+    }
+
+    /// Whether every changelog record past `known_end` was written by `writer`.
+    fn is_current(
+        &self,
+        reader: &BaseConsumer,
+        writer: u64,
+        partition: u32,
+        known_end: i64,
+        mut high: i64,
+    ) -> Result<bool, HandoverError> {
+        let kafka = |source| HandoverError::Kafka { partition, source };
+        let waited = Instant::now();
+        while high < known_end && waited.elapsed() < END_OFFSET_GRACE {
+            std::thread::sleep(Duration::from_millis(100));
+            high = reader
+                .fetch_watermarks(&self.changelog_topic, partition as i32, KAFKA_TIMEOUT)
+                .map_err(kafka)?
+                .1;
+        }
+        if high < known_end {
+            // The changelog lost records this store saw acknowledged
+            // (recreated topic?): trust the changelog, not the local copy.
+            warn!(
+                partition,
+                known_end, high, "changelog ends before what this instance wrote"
+            );
+            return Ok(false);
+        }
+        let mut foreign = false;
+        self.read(reader, partition, known_end, high, |key, value| {
+            let ours = value
+                .map(|v| Entry::decode(key, v).is_ok_and(|e| e.writer == writer))
+                .unwrap_or(false);
+            foreign |= !ours;
+            Ok(())
+        })?;
+        Ok(!foreign)
+    }
+
+    /// Reads a changelog partition from `from` to at least `to`, plus whatever
+    /// arrives within a short grace; returns the offset after the last record.
+    fn read(
+        &self,
+        reader: &BaseConsumer,
+        partition: u32,
+        from: i64,
+        to: i64,
+        mut each: impl FnMut(&[u8], Option<&[u8]>) -> Result<(), ChangelogError>,
+    ) -> Result<i64, HandoverError> {
+        let kafka = |source| HandoverError::Kafka { partition, source };
+        if to <= from {
+            return Ok(from.max(to));
+        }
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(
+            &self.changelog_topic,
+            partition as i32,
+            Offset::Offset(from),
+        )
+        .map_err(kafka)?;
+        reader.assign(&tpl).map_err(kafka)?;
+        let mut next = from;
+        let mut read = 0u64;
+        let mut idle_since: Option<Instant> = None;
+        let deadline_without_progress = Duration::from_secs(60);
+        let mut last_progress = Instant::now();
+        loop {
+            match reader.poll(Duration::from_millis(100)) {
+                Some(Ok(m)) => {
+                    each(m.key().unwrap_or_default(), m.payload())
+                        .map_err(|source| HandoverError::Changelog { partition, source })?;
+                    next = m.offset() + 1;
+                    read += 1;
+                    last_progress = Instant::now();
+                    idle_since = None;
+                    if read % 10_000 == 0 {
+                        metrics::restore_progress(10_000, to - next);
+                    }
+                }
+                Some(Err(KafkaError::PartitionEOF(_))) => {}
+                Some(Err(e))
+                    if e.rdkafka_error_code() == Some(RDKafkaErrorCode::OperationTimedOut) => {}
+                Some(Err(e)) => return Err(kafka(e)),
+                None => {
+                    if next >= to {
+                        let since = *idle_since.get_or_insert_with(Instant::now);
+                        if since.elapsed() >= TAIL_POLL {
+                            break;
+                        }
+                    } else if last_progress.elapsed() > deadline_without_progress {
+                        return Err(kafka(KafkaError::Canceled));
+                    }
+                }
+            }
+        }
+        metrics::restore_progress(read % 10_000, 0);
+        reader.unassign().map_err(kafka)?;
+        Ok(next)
+    }
+}
+
+/// The records that put rolled-back keys back to their restored values, and a
+/// marker that commits them.
+fn repair_batch(
+    partition: u32,
+    seq: u64,
+    writer: u64,
+    restored: &changelog::Restored,
+    engine: &Engine,
+) -> changelog::Batch {
+    let mut records: Vec<(Vec<u8>, Vec<u8>)> = restored
+        .repairs
+        .iter()
+        .map(|(key, value)| {
+            let entry = Entry {
+                writer,
+                seq,
+                value: value.clone(),
+                prev: value.clone(),
+            };
+            (key.encode(), entry.encode())
+        })
+        .collect();
+    let marker = restored.marker.clone().unwrap_or_else(|| Marker {
+        offsets: Vec::new(),
+        genre_vocabulary: engine.catalog().genre_vocabulary(),
+    });
+    let entry = Entry {
+        writer,
+        seq,
+        value: Some(postcard::to_stdvec(&marker).expect("markers encode")),
+        prev: None,
+    };
+    debug_assert_eq!(Key::Applied.encode(), APPLIED_KEY);
+    records.push((APPLIED_KEY.to_vec(), entry.encode()));
+    changelog::Batch {
+        partition,
+        seq,
+        records,
+    }
+}
+
+/// Sends changelog batches from a plain thread and waits for the broker;
+/// returns `(partition, seq, next changelog offset)` per batch.
+pub fn send(
+    producer: &FutureProducer,
+    topic: &str,
+    batches: &[changelog::Batch],
+) -> Result<Vec<(u32, u64, i64)>, KafkaError> {
+    let mut pending = Vec::new();
+    for batch in batches {
+        let mut futures = Vec::with_capacity(batch.records.len());
+        for (key, value) in &batch.records {
+            let mut record = FutureRecord::to(topic)
+                .partition(batch.partition as i32)
+                .key(key)
+                .payload(value);
+            loop {
+                match producer.send_result(record) {
+                    Ok(f) => {
+                        futures.push(f);
+                        break;
+                    }
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                        record = r;
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    Err((e, _)) => return Err(e),
+                }
+            }
+        }
+        pending.push((batch.partition, batch.seq, futures));
+    }
+    let mut acked = Vec::with_capacity(pending.len());
+    for (partition, seq, futures) in pending {
+        let records = futures.len() as u64;
+        let mut next = 0;
+        for delivery in futures::executor::block_on(join_all(futures)) {
+            match delivery {
+                Ok(Ok(d)) => next = next.max(d.offset + 1),
+                Ok(Err((e, _))) => return Err(e),
+                Err(_) => return Err(KafkaError::Canceled),
+            }
+        }
+        metrics::changelog_written(records);
+        acked.push((partition, seq, next));
+    }
+    Ok(acked)
+}
