@@ -102,6 +102,11 @@ impl Handover {
                 let acked = send(&self.producer, &self.changelog_topic, &pending).map_err(kafka)?;
                 engine.store().acknowledge(&acked, &[])?;
                 metrics::partition_handover("kept");
+                info!(
+                    partition,
+                    resent = pending.len(),
+                    "kept local partition state (the changelog has nothing newer)"
+                );
                 return Ok(());
             }
         }

@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod verifier;
+
 use std::io::Write;
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
