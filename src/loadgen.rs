@@ -43,6 +43,10 @@ pub struct LoadgenArgs {
     /// Seed of the event stream.
     #[arg(long, default_value_t = 7)]
     pub seed: u64,
+    /// Only produce (e.g. to build a backlog for a flood test); do not wait
+    /// for outputs.
+    #[arg(long)]
+    pub produce_only: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -75,6 +79,44 @@ const EVENT_MIX: [(&str, f64); 9] = [
     ("dislike", 0.02),
 ];
 
+/// The `i`-th synthetic event: `(user, event time, JSON payload)`. Event time is the wall
+/// clock (so latency can be read off the outputs' `as_of`).
+fn next_event(
+    rng: &mut Rng,
+    args: &LoadgenArgs,
+    ids: &[u32],
+    cdf: &[f64],
+    total: f64,
+    started_ms: i64,
+    i: usize,
+) -> (String, i64, String) {
+    let user = format!("load-{}", rng.next_u64() % args.users as u64);
+    let r = rng.unit() * total;
+    let movie = ids[cdf.partition_point(|c| *c < r).min(ids.len() - 1)];
+    let mut p = rng.unit();
+    let kind = EVENT_MIX
+        .iter()
+        .find(|(_, share)| {
+            p -= share;
+            p < 0.0
+        })
+        .map(|(k, _)| *k)
+        .unwrap_or("play");
+    let ts = wall_clock_ms();
+    let value = match kind {
+        "rate" => format!(",\"value\":{}", 1 + rng.next_u64() % 5),
+        "progress" => format!(",\"value\":{:.2}", rng.unit()),
+        "play" | "complete" => format!(",\"value\":{}", 60 + rng.next_u64() % 7200),
+        _ => String::new(),
+    };
+    let payload = format!(
+        // Unique per run: a repeated id would (rightly) be applied once.
+        r#"{{"event_id":"lg-{}-{started_ms}-{i}","user_id":"{user}","movie_id":{movie},"type":"{kind}","ts":{ts}{value}}}"#,
+        args.seed
+    );
+    (user, ts, payload)
+}
+
 pub async fn run(args: LoadgenArgs) -> Result<()> {
     if args.events == 0 || args.users == 0 {
         bail!("--events and --users must be at least 1");
@@ -90,6 +132,30 @@ pub async fn run(args: LoadgenArgs) -> Result<()> {
         cdf.push(total);
     }
     let mut rng = Rng::new(args.seed);
+
+    if args.produce_only {
+        let producer = pipeline::producer(&config)?;
+        let started = Instant::now();
+        let started_ms = wall_clock_ms();
+        let mut pending = Vec::new();
+        for i in 0..args.events {
+            let (user, _, payload) = next_event(&mut rng, &args, &ids, &cdf, total, started_ms, i);
+            let record = FutureRecord::to(&config.topics.interactions)
+                .key(&user)
+                .payload(&payload);
+            pending.push(pipeline::enqueue(&producer, record).await?);
+            if pending.len() >= 10_000 {
+                pipeline::await_deliveries(std::mem::take(&mut pending)).await?;
+            }
+        }
+        pipeline::await_deliveries(pending).await?;
+        let seconds = started.elapsed().as_secs_f64();
+        println!(
+            "{}",
+            serde_json::json!({"events": args.events, "produce_seconds": seconds, "input_rate": args.events as f64 / seconds})
+        );
+        return Ok(());
+    }
 
     // Watch outputs from the current end of every partition, resolved before
     // anything is produced (a lazily resolved "latest" could skip early outputs).
@@ -155,30 +221,7 @@ pub async fn run(args: LoadgenArgs) -> Result<()> {
                 tokio::time::sleep(wait).await;
             }
         }
-        let user = format!("load-{}", rng.next_u64() % args.users as u64);
-        let r = rng.unit() * total;
-        let movie = ids[cdf.partition_point(|c| *c < r).min(ids.len() - 1)];
-        let mut p = rng.unit();
-        let kind = EVENT_MIX
-            .iter()
-            .find(|(_, share)| {
-                p -= share;
-                p < 0.0
-            })
-            .map(|(k, _)| *k)
-            .unwrap_or("play");
-        let ts = wall_clock_ms().max(last_ts.get(&user).copied().unwrap_or(0));
-        let value = match kind {
-            "rate" => format!(",\"value\":{}", 1 + rng.next_u64() % 5),
-            "progress" => format!(",\"value\":{:.2}", rng.unit()),
-            "play" | "complete" => format!(",\"value\":{}", 60 + rng.next_u64() % 7200),
-            _ => String::new(),
-        };
-        let payload = format!(
-            // Unique per run: a repeated id would (rightly) be applied once.
-            r#"{{"event_id":"lg-{}-{started_ms}-{i}","user_id":"{user}","movie_id":{movie},"type":"{kind}","ts":{ts}{value}}}"#,
-            args.seed
-        );
+        let (user, ts, payload) = next_event(&mut rng, &args, &ids, &cdf, total, started_ms, i);
         last_ts.insert(user.clone(), ts);
         let record = FutureRecord::to(&config.topics.interactions)
             .key(&user)
