@@ -88,6 +88,9 @@ impl Handover {
             .reader_config
             .clone()
             .set("group.id", "recstream-changelog-reader")
+            // A restore reads whole partitions: big fetches, a deep queue.
+            .set("queued.max.messages.kbytes", "65536")
+            .set("max.partition.fetch.bytes", "8388608")
             .set("enable.auto.commit", "false")
             .set("enable.partition.eof", "false")
             .create()

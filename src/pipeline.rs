@@ -94,7 +94,16 @@ pub fn client_config(config: &Config) -> ClientConfig {
 pub fn consumer_config(config: &Config) -> ClientConfig {
     // Freshness: brokers without fetch long-poll wake-up (tansu) hold a fetch
     // for the whole wait; 10 ms bounds that.
-    base_config(config, &[("fetch.wait.max.ms", "10")])
+    // Memory: librdkafka pre-fetches up to `queued.max.messages.kbytes` per
+    // assigned partition (64 MiB by default); 8 MiB keeps a flood's backlog
+    // at the broker, where it belongs, and still saturates the engine.
+    base_config(
+        config,
+        &[
+            ("fetch.wait.max.ms", "10"),
+            ("queued.max.messages.kbytes", "8192"),
+        ],
+    )
 }
 
 fn base_config(config: &Config, defaults: &[(&str, &str)]) -> ClientConfig {

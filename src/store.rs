@@ -50,6 +50,7 @@ const ALL_CFS: [&str; 8] = [
 const GENRE_VOCABULARY: &[u8] = b"genre_vocabulary";
 const WRITER_ID: &[u8] = b"writer_id";
 const LAYOUT: &[u8] = b"layout";
+const MEMTABLE_BUDGET: usize = 64 * 1024 * 1024;
 /// Bumped when keys change meaning; older state directories are refused.
 const LAYOUT_VERSION: u32 = 2;
 
@@ -136,6 +137,9 @@ impl Store {
         opts.create_missing_column_families(true);
         opts.enable_statistics();
         opts.set_max_background_jobs(2);
+        // All column families' memtables together stay under this; without it
+        // each of the 8 could hold 2 x 64 MiB under a write flood.
+        opts.set_db_write_buffer_size(MEMTABLE_BUDGET);
         opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
         let cache = Cache::new_lru_cache(block_cache_mb * 1024 * 1024);
         let mut table = BlockBasedOptions::default();

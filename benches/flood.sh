@@ -1,0 +1,102 @@
+#!/usr/bin/env bash
+# Flood and restore benchmark against a real tansu broker process.
+#   1. flood: EVENTS events (default 1M) for USERS users wait in the input topic;
+#      the engine starts and consumes them as fast as the broker delivers. Reports
+#      the consume time and rate, and the engine's peak RSS (VmHWM) sampled from
+#      /proc while it runs: memory must stay bounded (bounded queues), not grow
+#      with the backlog.
+#   2. restore: a second instance with an empty state directory joins the same
+#      group after the first stops; it restores every partition's state from the
+#      changelog topic. Reports restore seconds and seconds per 100k users.
+# Usage: benches/flood.sh   (env: EVENTS, USERS, CATALOG)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash .ci/install.sh >/dev/null
+export PATH="$HOME/.cargo/bin:$PATH"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/recstream/target}"
+cargo build --release --quiet --bin recstream
+BIN="$CARGO_TARGET_DIR/release/recstream"
+
+EVENTS=${EVENTS:-1000000}
+USERS=${USERS:-100000}
+CATALOG=${CATALOG:-../shared/data/movielens/ml-latest-small/movies.csv}
+if [ ! -f "$CATALOG" ]; then
+  echo "catalog $CATALOG not found (set CATALOG=...)" >&2
+  exit 1
+fi
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+work=$(mktemp -d)
+kport=$(free_port)
+tansu broker --listener-url "tcp://127.0.0.1:$kport" --advertised-listener-url "tcp://127.0.0.1:$kport" \
+  --storage-engine memory://tansu/ >"$work/tansu.log" 2>&1 &
+TANSU=$!
+ENGINE=""
+cleanup() { [ -n "$ENGINE" ] && kill "$ENGINE" 2>/dev/null; kill "$TANSU" 2>/dev/null; wait 2>/dev/null; rm -rf "$work"; }
+trap cleanup EXIT
+for _ in $(seq 100); do (echo >"/dev/tcp/127.0.0.1/$kport") 2>/dev/null && break; sleep 0.1; done
+brokers="127.0.0.1:$kport"
+"$BIN" topics apply --brokers "$brokers" >/dev/null
+
+metric() { # sum of a metric's samples (optionally filtered by a label regex)
+  curl -sf "http://127.0.0.1:$1/metrics" | awk -v m="$2" -v f="${3:-}" \
+    '$1 ~ "^"m && $1 ~ f {s += $2} END {printf "%.0f\n", s}'
+}
+start_engine() { # state dir, http port
+  "$BIN" run --brokers "$brokers" --catalog "$CATALOG" --state-dir "$1" \
+    --http-listen "127.0.0.1:$2" >>"$work/engine.log" 2>&1 &
+  ENGINE=$!
+  for _ in $(seq 600); do
+    curl -sf "http://127.0.0.1:$2/metrics" >/dev/null 2>&1 && return
+    sleep 0.1
+  done
+  echo "engine did not start" >&2; exit 1
+}
+
+echo "# machine: $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB; catalog: $CATALOG"
+echo "# backlog: $EVENTS events for $USERS users"
+"$BIN" loadgen --brokers "$brokers" --catalog "$CATALOG" --events "$EVENTS" --users "$USERS" \
+  --rate 0 --seed 11 --produce-only
+
+hport=$(free_port)
+t0=$(date +%s.%N)
+start_engine "$work/state-a" "$hport"
+peak=0
+while :; do
+  done_events=$(metric "$hport" recstream_events_total 'outcome="(applied|duplicate|dead_lettered)"')
+  rss=$(awk '/VmHWM/{print $2}' "/proc/$ENGINE/status")
+  [ "$rss" -gt "$peak" ] && peak=$rss
+  [ "$done_events" -ge "$EVENTS" ] && break
+  sleep 0.5
+done
+t1=$(date +%s.%N)
+rss_now=$(awk '/VmRSS/{print $2}' "/proc/$ENGINE/status")
+users_state=$(metric "$hport" recstream_users_recomputed_total)
+live=$(metric "$hport" recstream_rocksdb_bytes 'measure="live"')
+python3 - "$EVENTS" "$t0" "$t1" "$peak" "$rss_now" <<'EOF'
+import json, sys
+events, t0, t1, peak, now = int(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+s = t1 - t0
+print(json.dumps({"phase": "flood", "events": events, "seconds": round(s, 1), "events_per_s": round(events / s),
+                  "peak_rss_mb": round(peak / 1024), "rss_after_mb": round(now / 1024)}))
+EOF
+echo "# rocksdb live bytes: $live; users recomputed: $users_state"
+kill -TERM "$ENGINE"; wait "$ENGINE" || true
+ENGINE=""
+
+# Restore: a fresh instance in the same group takes every partition over.
+hport=$(free_port)
+start_engine "$work/state-b" "$hport"
+for _ in $(seq 1200); do
+  restored=$(metric "$hport" recstream_partition_handovers_total 'outcome="restored"')
+  [ "$restored" -ge 6 ] && break
+  sleep 0.5
+done
+seconds=$(curl -sf "http://127.0.0.1:$hport/metrics" | awk '$1=="recstream_restore_seconds_sum"{print $2}')
+records=$(metric "$hport" recstream_restore_records_total)
+python3 - "$seconds" "$records" "$USERS" <<'EOF'
+import json, sys
+s, records, users = float(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+print(json.dumps({"phase": "restore", "partitions": 6, "changelog_records": records, "seconds": round(s, 2),
+                  "seconds_per_100k_users": round(s * 100000 / users, 2)}))
+EOF
