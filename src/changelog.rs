@@ -23,6 +23,10 @@ use serde::{Deserialize, Serialize};
 
 pub const APPLIED_KEY: &[u8] = b"m";
 pub const PUBLISHED_KEY: &[u8] = b"p";
+/// A record an instance appends before reading a partition: once it is read
+/// back, everything acknowledged before it has been read too (a broker's end
+/// offset can trail acknowledged writes). Carries no state.
+pub const PROBE_KEY: &[u8] = b"n";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ChangelogError {
@@ -43,6 +47,7 @@ pub enum Key {
     Genre(String),
     Applied,
     Published,
+    Probe,
 }
 
 impl Key {
@@ -53,6 +58,7 @@ impl Key {
             Key::Genre(g) => [b"g", g.as_bytes()].concat(),
             Key::Applied => APPLIED_KEY.to_vec(),
             Key::Published => PUBLISHED_KEY.to_vec(),
+            Key::Probe => PROBE_KEY.to_vec(),
         }
     }
 
@@ -65,6 +71,7 @@ impl Key {
             (b'g', g) => Key::Genre(String::from_utf8(g.to_vec()).map_err(|_| unknown())?),
             (b'm', []) => Key::Applied,
             (b'p', []) => Key::Published,
+            (b'n', []) => Key::Probe,
             _ => return Err(unknown()),
         })
     }
@@ -151,7 +158,9 @@ impl Restorer {
         let Some(value) = value else { return Ok(()) };
         let k = Key::decode(key)?;
         let entry = Entry::decode(key, value)?;
-        self.latest.insert(k, entry);
+        if k != Key::Probe {
+            self.latest.insert(k, entry);
+        }
         Ok(())
     }
 
@@ -254,6 +263,7 @@ mod tests {
             Key::Genre("Drama".into()),
             Key::Applied,
             Key::Published,
+            Key::Probe,
         ] {
             assert_eq!(Key::decode(&k.encode()).unwrap(), k);
         }

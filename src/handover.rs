@@ -41,11 +41,6 @@ pub enum HandoverError {
     Store(#[from] StoreError),
 }
 
-/// How long to wait for the broker's end offset of a changelog partition to
-/// reach an acknowledged write (tansu's high watermark trails briefly).
-const END_OFFSET_GRACE: Duration = Duration::from_secs(3);
-/// How long a restore keeps polling past the end offset it saw at the start.
-const TAIL_POLL: Duration = Duration::from_millis(300);
 const KAFKA_TIMEOUT: Duration = Duration::from_secs(15);
 
 pub struct Handover {
@@ -95,12 +90,37 @@ impl Handover {
             .set("enable.partition.eof", "false")
             .create()
             .map_err(kafka)?;
-        let (low, high) = reader
+        let writer = engine.store().writer_id();
+        // The broker's end offset can trail acknowledged writes (tansu's does):
+        // read up to a probe of our own instead.
+        let probe = changelog::Batch {
+            partition,
+            seq: 0,
+            records: vec![(
+                changelog::PROBE_KEY.to_vec(),
+                Entry {
+                    writer,
+                    seq: 0,
+                    value: None,
+                    prev: None,
+                }
+                .encode(),
+            )],
+        };
+        let high = produce_and_wait(
+            &self.producer,
+            &self.changelog_topic,
+            partition,
+            &probe.records,
+        )
+        .map_err(kafka)?;
+        let (low, _) = reader
             .fetch_watermarks(&self.changelog_topic, partition as i32, KAFKA_TIMEOUT)
             .map_err(kafka)?;
-        let writer = engine.store().writer_id();
         if let Some(meta) = engine.store().partition_meta(partition)? {
-            if self.is_current(&reader, writer, partition, meta.changelog_next, high)? {
+            if meta.changelog_next >= low
+                && self.is_current(&reader, writer, partition, meta.changelog_next, high)?
+            {
                 let pending = engine.store().outbox(partition)?;
                 let acked = send(&self.producer, &self.changelog_topic, &pending).map_err(kafka)?;
                 engine.store().acknowledge(&acked, &[])?;
@@ -156,24 +176,15 @@ impl Handover {
         Ok(())
     }
 
-    /// Whether every changelog record past `known_end` was written by `writer`.
+    /// Whether every changelog record from `known_end` to `high` was written by `writer`.
     fn is_current(
         &self,
         reader: &BaseConsumer,
         writer: u64,
         partition: u32,
         known_end: i64,
-        mut high: i64,
+        high: i64,
     ) -> Result<bool, HandoverError> {
-        let kafka = |source| HandoverError::Kafka { partition, source };
-        let waited = Instant::now();
-        while high < known_end && waited.elapsed() < END_OFFSET_GRACE {
-            std::thread::sleep(Duration::from_millis(100));
-            high = reader
-                .fetch_watermarks(&self.changelog_topic, partition as i32, KAFKA_TIMEOUT)
-                .map_err(kafka)?
-                .1;
-        }
         if high < known_end {
             // The changelog lost records this store saw acknowledged
             // (recreated topic?): trust the changelog, not the local copy.
@@ -194,8 +205,8 @@ impl Handover {
         Ok(!foreign)
     }
 
-    /// Reads a changelog partition from `from` to at least `to`, plus whatever
-    /// arrives within a short grace; returns the offset after the last record.
+    /// Reads a changelog partition from `from` up to `to` (exclusive; `to` is
+    /// known to exist: our probe's offset + 1); returns the offset reached.
     fn read(
         &self,
         reader: &BaseConsumer,
@@ -218,18 +229,17 @@ impl Handover {
         reader.assign(&tpl).map_err(kafka)?;
         let mut next = from;
         let mut read = 0u64;
-        let mut idle_since: Option<Instant> = None;
-        let deadline_without_progress = Duration::from_secs(60);
         let mut last_progress = Instant::now();
-        loop {
+        while next < to {
             match reader.poll(Duration::from_millis(100)) {
                 Some(Ok(m)) => {
-                    each(m.key().unwrap_or_default(), m.payload())
-                        .map_err(|source| HandoverError::Changelog { partition, source })?;
+                    if m.offset() < to {
+                        each(m.key().unwrap_or_default(), m.payload())
+                            .map_err(|source| HandoverError::Changelog { partition, source })?;
+                        read += 1;
+                    }
                     next = m.offset() + 1;
-                    read += 1;
                     last_progress = Instant::now();
-                    idle_since = None;
                     if read % 10_000 == 0 {
                         metrics::restore_progress(10_000, to - next);
                     }
@@ -238,16 +248,10 @@ impl Handover {
                 Some(Err(e))
                     if e.rdkafka_error_code() == Some(RDKafkaErrorCode::OperationTimedOut) => {}
                 Some(Err(e)) => return Err(kafka(e)),
-                None => {
-                    if next >= to {
-                        let since = *idle_since.get_or_insert_with(Instant::now);
-                        if since.elapsed() >= TAIL_POLL {
-                            break;
-                        }
-                    } else if last_progress.elapsed() > deadline_without_progress {
-                        return Err(kafka(KafkaError::Canceled));
-                    }
+                None if last_progress.elapsed() > NO_PROGRESS => {
+                    return Err(kafka(KafkaError::Canceled));
                 }
+                None => {}
             }
         }
         metrics::restore_progress(read % 10_000, 0);
@@ -255,6 +259,9 @@ impl Handover {
         Ok(next)
     }
 }
+
+/// A changelog read that gets no record for this long fails the handover.
+const NO_PROGRESS: Duration = Duration::from_secs(60);
 
 /// The records that put rolled-back keys back to their restored values, and a
 /// marker that commits them.
@@ -297,50 +304,66 @@ fn repair_batch(
     }
 }
 
-/// Sends changelog batches from a plain thread and waits for the broker;
-/// returns `(partition, seq, next changelog offset)` per batch.
+/// Sends changelog batches from a plain thread and waits for the broker:
+/// each batch's data records, then (once they are acknowledged) its marker.
+/// Returns `(partition, seq, next changelog offset)` per batch.
 pub fn send(
     producer: &FutureProducer,
     topic: &str,
     batches: &[changelog::Batch],
 ) -> Result<Vec<(u32, u64, i64)>, KafkaError> {
-    let mut pending = Vec::new();
+    let mut acked = Vec::with_capacity(batches.len());
     for batch in batches {
-        let mut futures = Vec::with_capacity(batch.records.len());
-        for (key, value) in &batch.records {
-            let mut record = FutureRecord::to(topic)
-                .partition(batch.partition as i32)
-                .key(key)
-                .payload(value);
-            loop {
-                match producer.send_result(record) {
-                    Ok(f) => {
-                        futures.push(f);
-                        break;
-                    }
-                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
-                        record = r;
-                        std::thread::sleep(Duration::from_millis(5));
-                    }
-                    Err((e, _)) => return Err(e),
-                }
-            }
-        }
-        pending.push((batch.partition, batch.seq, futures));
-    }
-    let mut acked = Vec::with_capacity(pending.len());
-    for (partition, seq, futures) in pending {
-        let records = futures.len() as u64;
-        let mut next = 0;
-        for delivery in futures::executor::block_on(join_all(futures)) {
-            match delivery {
-                Ok(Ok(d)) => next = next.max(d.offset + 1),
-                Ok(Err((e, _))) => return Err(e),
-                Err(_) => return Err(KafkaError::Canceled),
-            }
-        }
-        metrics::changelog_written(records);
-        acked.push((partition, seq, next));
+        let Some((marker, data)) = batch.records.split_last() else {
+            continue;
+        };
+        produce_and_wait(producer, topic, batch.partition, data)?;
+        let next = produce_and_wait(
+            producer,
+            topic,
+            batch.partition,
+            std::slice::from_ref(marker),
+        )?;
+        metrics::changelog_written(batch.records.len() as u64);
+        acked.push((batch.partition, batch.seq, next));
     }
     Ok(acked)
+}
+
+/// Produces records to one partition and waits; returns the offset after the last.
+fn produce_and_wait(
+    producer: &FutureProducer,
+    topic: &str,
+    partition: u32,
+    records: &[(Vec<u8>, Vec<u8>)],
+) -> Result<i64, KafkaError> {
+    let mut futures = Vec::with_capacity(records.len());
+    for (key, value) in records {
+        let mut record = FutureRecord::to(topic)
+            .partition(partition as i32)
+            .key(key)
+            .payload(value);
+        loop {
+            match producer.send_result(record) {
+                Ok(f) => {
+                    futures.push(f);
+                    break;
+                }
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                    record = r;
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err((e, _)) => return Err(e),
+            }
+        }
+    }
+    let mut next = 0;
+    for delivery in futures::executor::block_on(join_all(futures)) {
+        match delivery {
+            Ok(Ok(d)) => next = next.max(d.offset + 1),
+            Ok(Err((e, _))) => return Err(e),
+            Err(_) => return Err(KafkaError::Canceled),
+        }
+    }
+    Ok(next)
 }

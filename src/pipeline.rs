@@ -121,7 +121,8 @@ fn base_config(config: &Config, defaults: &[(&str, &str)]) -> ClientConfig {
 
 /// The changelog's producer: one request in flight per connection, so a
 /// retried request can never land after a later one (a partition's batches
-/// must stay in order; the broker need not support idempotence).
+/// must stay in order; the broker need not support idempotence). Markers are
+/// sent only after their batch's data records are acknowledged.
 fn changelog_producer(config: &Config) -> Result<FutureProducer, KafkaError> {
     client_config(config)
         .set("acks", "all")
@@ -154,6 +155,9 @@ struct EngineContext {
     /// Set when a handover failed; the consume loop then stops the job.
     failure: Arc<Mutex<Option<String>>>,
     failed: Arc<tokio::sync::Notify>,
+    /// Bumped on every assignment: records the consume loop buffered before
+    /// it belong to an older assignment and are re-read from the resume offsets.
+    assignments: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl EngineContext {
@@ -266,6 +270,7 @@ impl ConsumerContext for EngineContext {
                 match self.ask_engine(|reply| Work::Assign { partitions, reply }) {
                     Ok(()) => {
                         self.resume(tpl);
+                        self.assignments.fetch_add(1, Ordering::SeqCst);
                         consumer.assign(tpl)
                     }
                     Err(reason) => {
@@ -392,6 +397,7 @@ pub async fn run(
     let (publish_tx, publish_rx) = mpsc::channel::<Publish>(STAGE_QUEUE);
     let failure = Arc::new(Mutex::new(None));
     let failed = Arc::new(tokio::sync::Notify::new());
+    let assignments = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let mut consumer_settings = consumer_config(&config);
     if let Some(id) = &config.kafka.instance_id {
         consumer_settings.set("group.instance.id", id);
@@ -411,6 +417,7 @@ pub async fn run(
                 work_tx: work_tx.downgrade(),
                 failure: failure.clone(),
                 failed: failed.clone(),
+                assignments: assignments.clone(),
             })?,
     );
     consumer.subscribe(&[&config.topics.interactions, &config.topics.refresh])?;
@@ -452,7 +459,15 @@ pub async fn run(
             .clone()
             .unwrap_or_default()
     };
-    let consumed = consume_loop(&config, &consumer, work_tx, shutdown, failure_signal).await;
+    let consumed = consume_loop(
+        &config,
+        &consumer,
+        &assignments,
+        work_tx,
+        shutdown,
+        failure_signal,
+    )
+    .await;
     catalog_task.abort();
     if let Some(follower) = catalog_follower {
         follower.abort();
@@ -505,6 +520,7 @@ pub async fn run(
 async fn consume_loop(
     config: &Config,
     consumer: &StreamConsumer<EngineContext>,
+    assignments: &std::sync::atomic::AtomicU64,
     work_tx: mpsc::Sender<Work>,
     shutdown: impl Future<Output = ()>,
     handover_failed: impl Future<Output = String>,
@@ -515,6 +531,7 @@ async fn consume_loop(
     let max_wait = Duration::from_millis(config.processing.batch_max_wait_ms);
     let mut batch: Vec<Record> = Vec::with_capacity(max_records);
     let mut batch_deadline: Option<tokio::time::Instant> = None;
+    let mut batch_assignment = assignments.load(Ordering::SeqCst);
     let topics: HashMap<String, Arc<str>> = [&config.topics.interactions, &config.topics.refresh]
         .into_iter()
         .map(|t| (t.clone(), Arc::from(t.as_str())))
@@ -537,6 +554,16 @@ async fn consume_loop(
                 batch_deadline = None;
             }
             message = consumer.recv() => {
+                let assignment = assignments.load(Ordering::SeqCst);
+                if assignment != batch_assignment {
+                    // A rebalance ran inside recv(): what was buffered before it
+                    // is re-read from the new assignment's resume offsets.
+                    for _ in batch.drain(..) {
+                        metrics::record_not_owned();
+                    }
+                    batch_deadline = None;
+                    batch_assignment = assignment;
+                }
                 let message = match message {
                     Ok(m) => {
                         metrics::broker_up(true);
@@ -757,7 +784,7 @@ async fn publish_loop(
                 let sent =
                     publish_changelog(&producers.changelog, &topics.changelog, &changelog).await?;
                 publish_outputs(&producers.outputs, &topics, &outputs, &[]).await?;
-                let acked = await_changelog(sent).await?;
+                let acked = await_changelog(&producers.changelog, &topics.changelog, sent).await?;
                 store.acknowledge(&acked, &[])?;
             }
             Publish::Batch {
@@ -771,7 +798,7 @@ async fn publish_loop(
                 let sent =
                     publish_changelog(&producers.changelog, &topics.changelog, &changelog).await?;
                 publish_outputs(&producers.outputs, &topics, &outputs, &dead_letters).await?;
-                let acked = await_changelog(sent).await?;
+                let acked = await_changelog(&producers.changelog, &topics.changelog, sent).await?;
                 // A few keys without fsync: microseconds, fine on the runtime.
                 let published: Vec<(String, i32, i64)> = offsets
                     .iter()
@@ -804,10 +831,12 @@ async fn publish_loop(
     Ok(())
 }
 
-type SentChangelog = Vec<(u32, u64, Vec<DeliveryFuture>)>;
+/// Changelog batches whose data records are on their way: `(partition, seq,
+/// deliveries, the marker to send once they are acknowledged)`.
+type SentChangelog = Vec<(u32, u64, Vec<DeliveryFuture>, (Vec<u8>, Vec<u8>))>;
 
-/// Enqueues changelog batches to their partitions (in order: the producer has
-/// one request in flight per connection).
+/// Enqueues the data records of changelog batches to their partitions. The
+/// markers wait (see [`await_changelog`]).
 async fn publish_changelog(
     producer: &FutureProducer,
     topic: &str,
@@ -815,8 +844,11 @@ async fn publish_changelog(
 ) -> Result<SentChangelog, PipelineError> {
     let mut sent = Vec::with_capacity(batches.len());
     for batch in batches {
-        let mut futures = Vec::with_capacity(batch.records.len());
-        for (key, value) in &batch.records {
+        let Some((marker, data)) = batch.records.split_last() else {
+            continue;
+        };
+        let mut futures = Vec::with_capacity(data.len());
+        for (key, value) in data {
             let record = FutureRecord::to(topic)
                 .partition(batch.partition as i32)
                 .key(key)
@@ -827,31 +859,55 @@ async fn publish_changelog(
                     .map_err(PipelineError::Publish)?,
             );
         }
-        sent.push((batch.partition, batch.seq, futures));
+        sent.push((batch.partition, batch.seq, futures, marker.clone()));
     }
     Ok(sent)
 }
 
-/// Waits for changelog deliveries: `(partition, seq, next changelog offset)`.
-async fn await_changelog(sent: SentChangelog) -> Result<Vec<(u32, u64, i64)>, PipelineError> {
-    let mut acked = Vec::with_capacity(sent.len());
-    for (partition, seq, futures) in sent {
-        let records = futures.len() as u64;
-        let mut next = 0;
-        for delivery in join_all(futures).await {
-            match delivery {
-                Ok(Ok(d)) => next = next.max(d.offset + 1),
-                Ok(Err((e, _))) => {
-                    metrics::kafka_error("produce");
-                    return Err(PipelineError::Publish(e));
-                }
-                Err(_) => return Err(PipelineError::Publish(KafkaError::Canceled)),
-            }
-        }
+/// Waits for the data records, then sends each batch's marker and waits for
+/// it: a marker never lands without its batch, whatever the broker drops or
+/// reorders. Returns `(partition, seq, next changelog offset)`.
+async fn await_changelog(
+    producer: &FutureProducer,
+    topic: &str,
+    sent: SentChangelog,
+) -> Result<Vec<(u32, u64, i64)>, PipelineError> {
+    let mut markers = Vec::with_capacity(sent.len());
+    for (partition, seq, futures, (key, value)) in sent {
+        let records = futures.len() as u64 + 1;
+        await_offsets(futures).await?;
+        let record = FutureRecord::to(topic)
+            .partition(partition as i32)
+            .key(&key)
+            .payload(&value);
+        let marker = enqueue(producer, record)
+            .await
+            .map_err(PipelineError::Publish)?;
+        markers.push((partition, seq, records, marker));
+    }
+    let mut acked = Vec::with_capacity(markers.len());
+    for (partition, seq, records, marker) in markers {
+        let next = await_offsets(vec![marker]).await?;
         metrics::changelog_written(records);
         acked.push((partition, seq, next));
     }
     Ok(acked)
+}
+
+/// Waits for deliveries; returns the offset after the last one.
+async fn await_offsets(futures: Vec<DeliveryFuture>) -> Result<i64, PipelineError> {
+    let mut next = 0;
+    for delivery in join_all(futures).await {
+        match delivery {
+            Ok(Ok(d)) => next = next.max(d.offset + 1),
+            Ok(Err((e, _))) => {
+                metrics::kafka_error("produce");
+                return Err(PipelineError::Publish(e));
+            }
+            Err(_) => return Err(PipelineError::Publish(KafkaError::Canceled)),
+        }
+    }
+    Ok(next)
 }
 
 /// Tells a future owner of each partition how far outputs are published, so it

@@ -74,6 +74,9 @@ pub struct Store {
     writer: u64,
     /// Whether commits also write changelog records to the outbox.
     changelog: bool,
+    /// Serialises read-modify-writes of `partitions` metadata: the engine
+    /// thread commits batch N+1 while the publisher acknowledges batch N.
+    meta_lock: std::sync::Mutex<()>,
 }
 
 /// What the store knows about a partition whose state it holds.
@@ -188,6 +191,7 @@ impl Store {
             statistics: opts,
             writer,
             changelog: false,
+            meta_lock: std::sync::Mutex::new(()),
         })
     }
 
@@ -361,6 +365,7 @@ impl Store {
         changelog: &[(u32, u64, i64)],
         published: &[(String, i32, i64)],
     ) -> Result<(), StoreError> {
+        let _meta = self.meta_lock.lock().expect("not poisoned");
         let mut batch = WriteBatch::default();
         let mut ends: HashMap<u32, i64> = HashMap::new();
         for (partition, seq, next) in changelog {
@@ -419,6 +424,7 @@ impl Store {
         meta: PartitionMeta,
         input_topics: &[&str],
     ) -> Result<(), StoreError> {
+        let _meta = self.meta_lock.lock().expect("not poisoned");
         let mut batch = WriteBatch::default();
         self.drop_into(&mut batch, partition, input_topics);
         for (user, v) in &restored.users {
@@ -469,6 +475,7 @@ impl Store {
         partition: u32,
         meta: PartitionMeta,
     ) -> Result<(), StoreError> {
+        let _meta = self.meta_lock.lock().expect("not poisoned");
         self.db.put_cf(
             self.cf(CF_PARTITIONS),
             partition.to_be_bytes(),
@@ -537,6 +544,7 @@ impl Store {
     /// outbox (returned, for the publisher): every changed key with its value
     /// before and after, then the partition's applied offsets.
     pub fn commit(&self, changes: &Changes) -> Result<Vec<changelog::Batch>, StoreError> {
+        let _meta = self.meta_lock.lock().expect("not poisoned");
         let mut batch = WriteBatch::default();
         // Per partition: (key, value before, value after).
         type Pending = Vec<(Key, Option<Vec<u8>>, Vec<u8>)>;
