@@ -70,15 +70,11 @@ impl Handover {
                 );
             }
         }
-        for p in partitions {
-            self.take_over(engine, *p)?;
+        if partitions.is_empty() {
+            engine.set_owned(Some(BTreeSet::new()));
+            return Ok(());
         }
-        engine.set_owned(Some(partitions.clone()));
-        Ok(())
-    }
-
-    fn take_over(&self, engine: &mut Engine, partition: u32) -> Result<(), HandoverError> {
-        let kafka = |source| HandoverError::Kafka { partition, source };
+        let first = *partitions.iter().next().expect("not empty");
         let reader: BaseConsumer = self
             .reader_config
             .clone()
@@ -88,38 +84,62 @@ impl Handover {
             .set("max.partition.fetch.bytes", "8388608")
             .set("enable.auto.commit", "false")
             .set("enable.partition.eof", "false")
+            .set("auto.offset.reset", "earliest")
             .create()
-            .map_err(kafka)?;
-        let writer = engine.store().writer_id();
+            .map_err(|source| HandoverError::Kafka {
+                partition: first,
+                source,
+            })?;
         // The broker's end offset can trail acknowledged writes (tansu's does):
-        // read up to a probe of our own instead.
-        let probe = changelog::Batch {
-            partition,
-            seq: 0,
-            records: vec![(
-                changelog::PROBE_KEY.to_vec(),
-                Entry {
-                    writer,
-                    seq: 0,
-                    value: None,
-                    prev: None,
-                }
-                .encode(),
-            )],
-        };
-        let high = produce_and_wait(
-            &self.producer,
-            &self.changelog_topic,
-            partition,
-            &probe.records,
-        )
-        .map_err(kafka)?;
+        // each partition is read up to a probe of our own, all sent at once.
+        let writer = engine.store().writer_id();
+        let probe = vec![(
+            changelog::PROBE_KEY.to_vec(),
+            Entry {
+                writer,
+                seq: 0,
+                value: None,
+                prev: None,
+            }
+            .encode(),
+        )];
+        let probes: Vec<changelog::Batch> = partitions
+            .iter()
+            .map(|p| changelog::Batch {
+                partition: *p,
+                seq: 0,
+                records: probe.clone(),
+            })
+            .collect();
+        let ends = send_all(&self.producer, &self.changelog_topic, &probes).map_err(|source| {
+            HandoverError::Kafka {
+                partition: first,
+                source,
+            }
+        })?;
+        for (p, high) in ends {
+            self.take_over(engine, &reader, p, high)?;
+        }
+        engine.set_owned(Some(partitions.clone()));
+        Ok(())
+    }
+
+    /// Keeps or restores one partition; `high` is the offset after our probe.
+    fn take_over(
+        &self,
+        engine: &mut Engine,
+        reader: &BaseConsumer,
+        partition: u32,
+        high: i64,
+    ) -> Result<(), HandoverError> {
+        let kafka = |source| HandoverError::Kafka { partition, source };
+        let writer = engine.store().writer_id();
         let (low, _) = reader
             .fetch_watermarks(&self.changelog_topic, partition as i32, KAFKA_TIMEOUT)
             .map_err(kafka)?;
         if let Some(meta) = engine.store().partition_meta(partition)? {
             if meta.changelog_next >= low
-                && self.is_current(&reader, writer, partition, meta.changelog_next, high)?
+                && self.is_current(reader, writer, partition, meta.changelog_next, high)?
             {
                 let pending = engine.store().outbox(partition)?;
                 let acked = send(&self.producer, &self.changelog_topic, &pending).map_err(kafka)?;
@@ -136,7 +156,7 @@ impl Handover {
 
         let started = Instant::now();
         let mut restorer = Restorer::default();
-        let read_to = self.read(&reader, partition, low, high, |key, value| {
+        let read_to = self.read(reader, partition, low, high, |key, value| {
             restorer.push(key, value)
         })?;
         let restored = restorer
@@ -330,6 +350,26 @@ pub fn send(
     Ok(acked)
 }
 
+/// Produces one record batch per partition, all at once, and waits;
+/// returns `(partition, offset after its last record)`.
+fn send_all(
+    producer: &FutureProducer,
+    topic: &str,
+    batches: &[changelog::Batch],
+) -> Result<Vec<(u32, i64)>, KafkaError> {
+    let mut pending = Vec::with_capacity(batches.len());
+    for batch in batches {
+        pending.push((
+            batch.partition,
+            enqueue_sync(producer, topic, batch.partition, &batch.records)?,
+        ));
+    }
+    pending
+        .into_iter()
+        .map(|(p, futures)| Ok((p, wait_sync(futures)?)))
+        .collect()
+}
+
 /// Produces records to one partition and waits; returns the offset after the last.
 fn produce_and_wait(
     producer: &FutureProducer,
@@ -337,6 +377,16 @@ fn produce_and_wait(
     partition: u32,
     records: &[(Vec<u8>, Vec<u8>)],
 ) -> Result<i64, KafkaError> {
+    wait_sync(enqueue_sync(producer, topic, partition, records)?)
+}
+
+/// Enqueues records from a plain thread, waiting while the queue is full.
+fn enqueue_sync(
+    producer: &FutureProducer,
+    topic: &str,
+    partition: u32,
+    records: &[(Vec<u8>, Vec<u8>)],
+) -> Result<Vec<rdkafka::producer::DeliveryFuture>, KafkaError> {
     let mut futures = Vec::with_capacity(records.len());
     for (key, value) in records {
         let mut record = FutureRecord::to(topic)
@@ -357,6 +407,11 @@ fn produce_and_wait(
             }
         }
     }
+    Ok(futures)
+}
+
+/// Waits for deliveries from a plain thread; returns the offset after the last.
+fn wait_sync(futures: Vec<rdkafka::producer::DeliveryFuture>) -> Result<i64, KafkaError> {
     let mut next = 0;
     for delivery in futures::executor::block_on(join_all(futures)) {
         match delivery {
