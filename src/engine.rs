@@ -784,24 +784,33 @@ mod tests {
         Engine::new(EngineConfig::default(), store, catalog()).unwrap()
     }
 
+    /// 32 events of 5 users on partition 2, in four batches.
+    fn four_batches() -> Vec<Vec<Record>> {
+        (0..4i64)
+            .map(|round| {
+                (0..8)
+                    .map(|i| {
+                        let o = round * 8 + i;
+                        let user = format!("u{}", o % 5);
+                        record(
+                            o,
+                            &user,
+                            1 + (o * 7 % 30) as u32,
+                            EventType::Complete,
+                            1000 + o,
+                        )
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
     #[test]
     fn a_partition_restored_from_the_changelog_equals_the_original() {
         let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
         let mut a = changelog_engine(a_dir.path());
         let mut log: Vec<changelog::Batch> = Vec::new();
-        for round in 0..4i64 {
-            let batch = (0..8)
-                .map(|i| {
-                    let o = round * 8 + i;
-                    record(
-                        o,
-                        &format!("u{}", o % 5),
-                        1 + (o * 7 % 30) as u32,
-                        EventType::Complete,
-                        1000 + o,
-                    )
-                })
-                .collect();
+        for batch in four_batches() {
             log.extend(a.process(batch).unwrap().changelog);
         }
         assert_eq!(
@@ -849,19 +858,7 @@ mod tests {
         // What A had after its fourth batch, before the half-landed one.
         let c_dir = tempfile::tempdir().unwrap();
         let mut c = changelog_engine(c_dir.path());
-        for round in 0..4i64 {
-            let batch = (0..8)
-                .map(|i| {
-                    let o = round * 8 + i;
-                    record(
-                        o,
-                        &format!("u{}", o % 5),
-                        1 + (o * 7 % 30) as u32,
-                        EventType::Complete,
-                        1000 + o,
-                    )
-                })
-                .collect();
+        for batch in four_batches() {
             c.process(batch).unwrap();
         }
         assert_eq!(

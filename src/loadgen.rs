@@ -84,12 +84,11 @@ const EVENT_MIX: [(&str, f64); 9] = [
 fn next_event(
     rng: &mut Rng,
     args: &LoadgenArgs,
-    ids: &[u32],
-    cdf: &[f64],
-    total: f64,
+    synth: &Synth,
     started_ms: i64,
     i: usize,
 ) -> (String, i64, String) {
+    let Synth { ids, cdf, total } = synth;
     let user = format!("load-{}", rng.next_u64() % args.users as u64);
     let r = rng.unit() * total;
     let movie = ids[cdf.partition_point(|c| *c < r).min(ids.len() - 1)];
@@ -117,6 +116,60 @@ fn next_event(
     (user, ts, payload)
 }
 
+/// Catalog ids with their Zipf cumulative weights.
+struct Synth {
+    ids: Vec<u32>,
+    cdf: Vec<f64>,
+    total: f64,
+}
+
+struct Produced {
+    /// Each user's last event time.
+    last_ts: HashMap<String, i64>,
+    started: Instant,
+    started_ms: i64,
+    seconds: f64,
+}
+
+/// Produces `args.events` events at `args.rate` (0: as fast as the broker
+/// takes them) and waits until the broker acknowledged all.
+async fn produce(
+    args: &LoadgenArgs,
+    config: &crate::config::Config,
+    rng: &mut Rng,
+    synth: &Synth,
+) -> Result<Produced> {
+    let producer = pipeline::producer(config)?;
+    let mut last_ts: HashMap<String, i64> = HashMap::new();
+    let started = Instant::now();
+    let started_ms = wall_clock_ms();
+    let mut pending = Vec::new();
+    for i in 0..args.events {
+        if args.rate > 0 {
+            let due = started + Duration::from_secs_f64(i as f64 / args.rate as f64);
+            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                tokio::time::sleep(wait).await;
+            }
+        }
+        let (user, ts, payload) = next_event(rng, args, synth, started_ms, i);
+        last_ts.insert(user.clone(), ts);
+        let record = FutureRecord::to(&config.topics.interactions)
+            .key(&user)
+            .payload(&payload);
+        pending.push(pipeline::enqueue(&producer, record).await?);
+        if pending.len() >= 10_000 {
+            pipeline::await_deliveries(std::mem::take(&mut pending)).await?;
+        }
+    }
+    pipeline::await_deliveries(pending).await?;
+    Ok(Produced {
+        last_ts,
+        started,
+        started_ms,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
 pub async fn run(args: LoadgenArgs) -> Result<()> {
     if args.events == 0 || args.users == 0 {
         bail!("--events and --users must be at least 1");
@@ -133,26 +186,12 @@ pub async fn run(args: LoadgenArgs) -> Result<()> {
     }
     let mut rng = Rng::new(args.seed);
 
+    let synth = Synth { ids, cdf, total };
     if args.produce_only {
-        let producer = pipeline::producer(&config)?;
-        let started = Instant::now();
-        let started_ms = wall_clock_ms();
-        let mut pending = Vec::new();
-        for i in 0..args.events {
-            let (user, _, payload) = next_event(&mut rng, &args, &ids, &cdf, total, started_ms, i);
-            let record = FutureRecord::to(&config.topics.interactions)
-                .key(&user)
-                .payload(&payload);
-            pending.push(pipeline::enqueue(&producer, record).await?);
-            if pending.len() >= 10_000 {
-                pipeline::await_deliveries(std::mem::take(&mut pending)).await?;
-            }
-        }
-        pipeline::await_deliveries(pending).await?;
-        let seconds = started.elapsed().as_secs_f64();
+        let produced = produce(&args, &config, &mut rng, &synth).await?;
         println!(
             "{}",
-            serde_json::json!({"events": args.events, "produce_seconds": seconds, "input_rate": args.events as f64 / seconds})
+            serde_json::json!({"events": args.events, "produce_seconds": produced.seconds, "input_rate": args.events as f64 / produced.seconds})
         );
         return Ok(());
     }
@@ -209,30 +248,12 @@ pub async fn run(args: LoadgenArgs) -> Result<()> {
         }
     });
 
-    let producer = pipeline::producer(&config)?;
-    let mut last_ts: HashMap<String, i64> = HashMap::new();
-    let started = Instant::now();
-    let started_ms = wall_clock_ms();
-    let mut pending = Vec::new();
-    for i in 0..args.events {
-        if args.rate > 0 {
-            let due = started + Duration::from_secs_f64(i as f64 / args.rate as f64);
-            if let Some(wait) = due.checked_duration_since(Instant::now()) {
-                tokio::time::sleep(wait).await;
-            }
-        }
-        let (user, ts, payload) = next_event(&mut rng, &args, &ids, &cdf, total, started_ms, i);
-        last_ts.insert(user.clone(), ts);
-        let record = FutureRecord::to(&config.topics.interactions)
-            .key(&user)
-            .payload(&payload);
-        pending.push(pipeline::enqueue(&producer, record).await?);
-        if pending.len() >= 10_000 {
-            pipeline::await_deliveries(std::mem::take(&mut pending)).await?;
-        }
-    }
-    pipeline::await_deliveries(pending).await?;
-    let produce_seconds = started.elapsed().as_secs_f64();
+    let Produced {
+        last_ts,
+        started,
+        started_ms,
+        seconds: produce_seconds,
+    } = produce(&args, &config, &mut rng, &synth).await?;
 
     // Until every user's output reflects their last event.
     let mut waiting = last_ts.clone();
