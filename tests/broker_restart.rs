@@ -42,11 +42,12 @@ async fn the_engine_rides_out_a_broker_restart() {
     let mut broker = Broker::start_sqlite(dir.path());
     let brokers = broker.bootstrap();
     let catalog = synthetic_catalog(dir.path(), &["Comedy", "Drama", "Sci-Fi", "Horror"], 15);
+    let http_port = free_port();
     let config = write_config(
         dir.path(),
         &brokers,
         &catalog,
-        free_port(),
+        http_port,
         "restart-engine",
         false,
     );
@@ -74,7 +75,10 @@ async fn the_engine_rides_out_a_broker_restart() {
         "the broker lost records: {} of {EVENTS}",
         expected.records
     );
-    verifier::await_final_versions(&brokers, &expected, || engine.log_text()).await;
+    verifier::await_final_versions(&brokers, &expected, || {
+        format!("{}\n{}", engine.log_text(), engine_progress(http_port))
+    })
+    .await;
     let text = engine.log_text();
     let status = engine.terminate();
     assert!(status.success(), "engine exit {status:?}");

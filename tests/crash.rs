@@ -82,7 +82,10 @@ async fn state_survives_repeated_kill_9_exactly_once() {
     assert!(producer.wait().unwrap().success(), "producer failed");
 
     let expected = verifier::expected(&brokers, &catalog, &dir.path().join("verifier"));
-    verifier::await_final_versions(&brokers, &expected, || engine.log_text()).await;
+    verifier::await_final_versions(&brokers, &expected, || {
+        format!("{}\n{}", engine.log_text(), engine_progress(http_port))
+    })
+    .await;
     let status = engine.terminate();
     assert!(status.success(), "engine exit {status:?}");
     let applied = verifier::assert_state_equal(&dir.path().join("state"), &expected);

@@ -45,11 +45,13 @@ fn stream(movies: u64) -> Vec<Value> {
     out
 }
 
-/// One instance's own directory and config; all share the consumer group.
-fn instance(root: &Path, name: &str, brokers: &str, catalog: &Path) -> PathBuf {
+/// One instance's own directory, config and HTTP port; all share the consumer group.
+fn instance(root: &Path, name: &str, brokers: &str, catalog: &Path) -> (PathBuf, u16) {
     let dir = root.join(name);
     std::fs::create_dir_all(&dir).unwrap();
-    write_config(&dir, brokers, catalog, free_port(), "scale-engine", false)
+    let port = free_port();
+    let config = write_config(&dir, brokers, catalog, port, "scale-engine", false);
+    (config, port)
 }
 
 fn count(log: &str, needle: &str) -> usize {
@@ -75,24 +77,29 @@ async fn one_to_three_to_one_instances_keep_state_exact() {
     let broker = Broker::start_memory();
     let brokers = broker.bootstrap();
     let catalog = synthetic_catalog(dir.path(), &["Comedy", "Drama", "Sci-Fi", "Horror"], 15);
-    let configs: Vec<PathBuf> = ["i0", "i1", "i2"]
+    let instances: Vec<(PathBuf, u16)> = ["i0", "i1", "i2"]
         .iter()
         .map(|n| instance(dir.path(), n, &brokers, &catalog))
         .collect();
-    recstream(&["topics", "apply", "--config", configs[0].to_str().unwrap()]);
+    recstream(&[
+        "topics",
+        "apply",
+        "--config",
+        instances[0].0.to_str().unwrap(),
+    ]);
     let log = |i: usize| dir.path().join(format!("i{i}/engine.log"));
 
     let records = stream(60);
     let started = Instant::now();
     let mut producer =
         python_produce_in_background(&brokers, INTERACTIONS, &records, 1_500, dir.path());
-    let first = EngineProcess::spawn(&configs[0], log(0));
+    let first = EngineProcess::spawn(&instances[0].0, log(0));
     await_log(&first, "partitions assigned", Duration::from_secs(60)).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
 
     // 1 -> 3: both newcomers must get partitions (and restore their state).
-    let second = EngineProcess::spawn(&configs[1], log(1));
-    let third = EngineProcess::spawn(&configs[2], log(2));
+    let second = EngineProcess::spawn(&instances[1].0, log(1));
+    let third = EngineProcess::spawn(&instances[2].0, log(2));
     for newcomer in [&second, &third] {
         await_log(
             newcomer,
@@ -112,7 +119,10 @@ async fn one_to_three_to_one_instances_keep_state_exact() {
     let streamed = started.elapsed();
 
     let expected = verifier::expected(&brokers, &catalog, &dir.path().join("verifier"));
-    verifier::await_final_versions(&brokers, &expected, || first.log_text()).await;
+    verifier::await_final_versions(&brokers, &expected, || {
+        format!("{}\n{}", first.log_text(), engine_progress(instances[0].1))
+    })
+    .await;
     let status = first.terminate();
     assert!(status.success(), "engine exit {status:?}");
     let applied = verifier::assert_state_equal(&dir.path().join("i0/state"), &expected);

@@ -315,3 +315,48 @@ batch_max_wait_ms = 20
     .unwrap();
     path
 }
+
+/// A plain HTTP/1.1 GET against a local port; the whole response, headers included.
+pub fn http_get(port: u16, path: &str) -> String {
+    try_http_get(port, path).unwrap()
+}
+
+pub fn try_http_get(port: u16, path: &str) -> std::io::Result<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut body = String::new();
+    s.read_to_string(&mut body)?;
+    Ok(body)
+}
+
+/// The engine's own progress counters, for a failing test's message: events,
+/// assignments, handovers, lag and errors.
+pub fn engine_progress(http_port: u16) -> String {
+    match try_http_get(http_port, "/metrics") {
+        Ok(text) => text
+            .lines()
+            .filter(|l| {
+                !l.starts_with('#')
+                    && [
+                        "recstream_events_total",
+                        "recstream_assigned_partitions",
+                        "recstream_partition_handovers_total",
+                        "recstream_consumer_lag",
+                        "recstream_kafka_errors_total",
+                        "recstream_records_not_owned_total",
+                        "recstream_outputs_published_total",
+                        "recstream_broker_up",
+                    ]
+                    .iter()
+                    .any(|m| l.starts_with(m))
+            })
+            .collect::<Vec<_>>()
+            .join("\n"),
+        Err(e) => format!("metrics unavailable: {e}"),
+    }
+}

@@ -155,16 +155,32 @@ pub fn expected(brokers: &str, catalog: &Path, dir: &Path) -> Expected {
 }
 
 /// Waits until every user's latest recommendation record carries the version
-/// the replay computes (panics with `log` after three minutes).
-pub async fn await_final_versions(brokers: &str, expected: &Expected, log: impl Fn() -> String) {
+/// the replay computes (panics with `diagnose()` after three minutes). Reads
+/// every partition by assignment, not through a consumer group, so the check
+/// does not depend on the broker's group coordinator.
+pub async fn await_final_versions(
+    brokers: &str,
+    expected: &Expected,
+    diagnose: impl Fn() -> String,
+) {
+    const OUTPUTS: &str = "reco.recommendations.v1";
     let consumer: rdkafka::consumer::StreamConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", format!("verifier-{}", std::process::id()))
-        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
         .set("fetch.wait.max.ms", "10")
         .create()
         .unwrap();
-    consumer.subscribe(&["reco.recommendations.v1"]).unwrap();
+    let metadata = consumer
+        .fetch_metadata(Some(OUTPUTS), Duration::from_secs(10))
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for p in metadata.topics()[0].partitions() {
+        tpl.add_partition_offset(OUTPUTS, p.id(), Offset::Beginning)
+            .unwrap();
+    }
+    assert!(tpl.count() > 0, "{OUTPUTS} has no partitions");
+    consumer.assign(&tpl).unwrap();
     let want: HashMap<String, u64> = expected
         .users
         .iter()
@@ -173,21 +189,25 @@ pub async fn await_final_versions(brokers: &str, expected: &Expected, log: impl 
     let mut latest: HashMap<String, u64> = HashMap::new();
     let deadline = Instant::now() + Duration::from_secs(180);
     while want.iter().any(|(u, v)| latest.get(u) != Some(v)) {
-        let missing: Vec<_> = want
-            .iter()
-            .filter(|(u, v)| latest.get(*u) != Some(v))
-            .collect();
-        assert!(
-            Instant::now() < deadline,
-            "final versions missing for {} users, e.g. {:?}\n{}",
-            missing.len(),
-            missing
+        if Instant::now() >= deadline {
+            let missing: Vec<_> = want
                 .iter()
-                .take(3)
-                .map(|(u, v)| (u, v, latest.get(*u)))
-                .collect::<Vec<_>>(),
-            log()
-        );
+                .filter(|(u, v)| latest.get(*u) != Some(v))
+                .collect();
+            let examples: Vec<_> = missing
+                .iter()
+                .take(5)
+                .map(|(u, v)| format!("{u}: want {v}, saw {:?}", latest.get(*u)))
+                .collect();
+            // The summary goes last too: long logs get cut from the top.
+            let summary = format!(
+                "final versions missing for {} of {} users ({} users seen at all), e.g. {examples:?}",
+                missing.len(),
+                want.len(),
+                latest.len()
+            );
+            panic!("{summary}\n{}\n{summary}", diagnose());
+        }
         let Ok(Ok(m)) = tokio::time::timeout(Duration::from_secs(2), consumer.recv()).await else {
             continue;
         };
