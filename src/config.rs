@@ -44,6 +44,27 @@ pub struct Config {
     pub http: HttpConfig,
     pub engine: EngineConfig,
     pub model: ModelConfig,
+    pub experiment: ExperimentConfig,
+}
+
+/// A/B variants (see `experiment`): the file is re-read while the engine
+/// runs, as are the model files it names.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ExperimentConfig {
+    /// Without a file, everyone is in one `default` variant.
+    pub file: Option<PathBuf>,
+    /// How often the experiment and model files are checked for changes.
+    pub reload_interval_ms: u64,
+}
+
+impl Default for ExperimentConfig {
+    fn default() -> Self {
+        ExperimentConfig {
+            file: None,
+            reload_interval_ms: 2_000,
+        }
+    }
 }
 
 /// The NCF model re-scoring candidates (see `models/README.md`).
@@ -389,6 +410,16 @@ impl Config {
             ("topics.changelog", &self.topics.changelog),
         ] {
             crate::topics::validate_topic_name(name).map_err(|reason| invalid(field, reason))?;
+        }
+        if !(100..=3_600_000).contains(&self.experiment.reload_interval_ms) {
+            return Err(invalid(
+                "experiment.reload_interval_ms",
+                "must be in 100..=3600000",
+            ));
+        }
+        if let Some(file) = &self.experiment.file {
+            crate::experiment::ExperimentSpec::from_file(file)
+                .map_err(|e| invalid("experiment.file", e.to_string()))?;
         }
         if self.state.block_cache_mb == 0 {
             return Err(invalid("state.block_cache_mb", "must be at least 1"));

@@ -12,6 +12,8 @@ use crate::changelog;
 use crate::config::EngineConfig;
 use crate::decay::Momentum;
 use crate::event::{Interaction, RefreshCommand};
+use crate::experiment::Variants;
+use crate::feedback::Feedback;
 use crate::metrics;
 use crate::output::UserOutputs;
 use crate::recommend::{self, Context, ItemIndex, ScoreError, Scorer, SimilarityCache};
@@ -113,7 +115,9 @@ pub struct Engine {
     items: IdMap<Momentum>,
     genres: HashMap<String, Momentum>,
     sims: SimilarityCache,
-    scorer: Option<Arc<dyn Scorer>>,
+    /// The A/B variants in force (one `default` variant without an experiment).
+    variants: Arc<Variants>,
+    feedback: Feedback,
     watermark: i64,
     genre_share_ewma: BTreeMap<String, f64>,
     /// Next offset to apply per input partition, as committed with the state.
@@ -122,6 +126,9 @@ pub struct Engine {
     /// Records of others are left to their owner.
     owned: Option<BTreeSet<u32>>,
 }
+
+/// Users whose last published lists the feedback metrics remember.
+const FEEDBACK_USERS: usize = 100_000;
 
 /// Weight of the newest batch in the genre drift gauge.
 const DRIFT_SMOOTHING: f64 = 0.05;
@@ -141,15 +148,16 @@ impl Engine {
         let genre_parts = store.genres()?;
         metrics::catalog_size(catalog.len());
         let mut engine = Engine {
-            config,
+            config: config.clone(),
             store: Arc::new(store),
             catalog,
             item_parts,
             genre_parts,
             items: IdMap::default(),
             genres: HashMap::new(),
+            variants: Arc::new(Variants::single(config.blend.clone(), None)),
+            feedback: Feedback::new(FEEDBACK_USERS),
             sims: SimilarityCache::default(),
-            scorer: None,
             watermark: 0,
             genre_share_ewma: BTreeMap::new(),
             applied: HashMap::new(),
@@ -262,8 +270,14 @@ impl Engine {
         Ok(())
     }
 
+    /// One `default` variant with the engine's blend and this scorer.
     pub fn set_scorer(&mut self, scorer: Option<Arc<dyn Scorer>>) {
-        self.scorer = scorer;
+        self.variants = Arc::new(Variants::single(self.config.blend.clone(), scorer));
+    }
+
+    /// Swaps the A/B variants (a new experiment file or model) between batches.
+    pub fn set_variants(&mut self, variants: Arc<Variants>) {
+        self.variants = variants;
     }
 
     pub fn catalog(&self) -> &Catalog {
@@ -369,6 +383,8 @@ impl Engine {
                         Applied::Duplicate => metrics::event(event.kind.as_str(), "duplicate"),
                         Applied::Applied => {
                             metrics::event(event.kind.as_str(), "applied");
+                            let variant = self.variants.assign(&event.user_id);
+                            self.feedback.interaction(&variant.name, &event);
                             learned.insert((partition, event.user_id.clone()));
                             result.event_times.push(event.ts);
                             self.watermark = self.watermark.max(event.ts);
@@ -413,11 +429,12 @@ impl Engine {
                 },
             }
         }
-        if let Some(scorer) = &self.scorer {
-            for key in &learned {
-                if let Some(state) = users.get_mut(key) {
-                    scorer.observe(&key.1, state);
-                }
+        for key in &learned {
+            if let (Some(state), Some(scorer)) = (
+                users.get_mut(key),
+                self.variants.assign(&key.1).scorer.as_ref(),
+            ) {
+                scorer.observe(&key.1, state);
             }
         }
         metrics::stage("apply", started.elapsed().as_secs_f64());
@@ -427,6 +444,7 @@ impl Engine {
         let mut changes = Changes::default();
         for ((partition, user), state) in users {
             let outputs = self.outputs_for(&index, &user, &state)?;
+            self.feedback.published(&user, &outputs);
             result.outputs.push((user.clone(), outputs));
             changes.users.push((partition, user, state));
         }
@@ -491,7 +509,9 @@ impl Engine {
         let mut changes = Changes::default();
         for (user, mut state) in page {
             state.refresh();
-            outputs.push((user.clone(), self.outputs_for(&index, &user, &state)?));
+            let o = self.outputs_for(&index, &user, &state)?;
+            self.feedback.published(&user, &o);
+            outputs.push((user.clone(), o));
             changes.users.push((partition, user, state));
         }
         let changelog = self.store.commit(&changes)?;
@@ -527,16 +547,17 @@ impl Engine {
         user: &str,
         state: &UserState,
     ) -> Result<UserOutputs, EngineError> {
+        let variant = self.variants.assign(user);
         let ctx = Context {
             catalog: &self.catalog,
             items: &self.items,
             index,
             config: &self.config,
-            scorer: self.scorer.as_deref(),
+            variant,
         };
         let started = Instant::now();
         let outputs = recommend::build_outputs(&ctx, &mut self.sims, user, state)?;
-        if self.scorer.is_some() {
+        if variant.scorer.is_some() {
             metrics::scorer_latency(started.elapsed().as_secs_f64());
         }
         Ok(outputs)

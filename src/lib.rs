@@ -16,6 +16,8 @@ pub mod decay;
 pub mod demo;
 pub mod engine;
 pub mod event;
+pub mod experiment;
+pub mod feedback;
 pub mod fnv;
 pub mod handover;
 pub mod http;

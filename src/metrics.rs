@@ -13,6 +13,8 @@ use crate::store::StoreStats;
 
 pub struct Metrics {
     pub registry: Registry,
+    /// Every registered family's full name, gathered or not.
+    names: Vec<String>,
     events: IntCounterVec,
     dead_letters: IntCounterVec,
     processing_seconds: Histogram,
@@ -40,6 +42,15 @@ pub struct Metrics {
     restore_seconds: Histogram,
     changelog_records: IntCounter,
     broker_up: IntGauge,
+    feedback_impressions: IntCounterVec,
+    feedback_clicks: IntCounterVec,
+    feedback_plays: IntCounterVec,
+    feedback_completions: IntCounterVec,
+    feedback_dwell: prometheus::CounterVec,
+    variant_lists: IntCounterVec,
+    experiment_share: GaugeVec,
+    model_loads: IntCounterVec,
+    model_info: IntGaugeVec,
 }
 
 fn build() -> Metrics {
@@ -47,9 +58,15 @@ fn build() -> Metrics {
     let latency_buckets = vec![
         0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
     ];
+    let mut names = Vec::new();
     macro_rules! reg {
         ($m:expr) => {{
             let m = $m;
+            names.extend(
+                prometheus::core::Collector::desc(&m)
+                    .iter()
+                    .map(|d| format!("recstream_{}", d.fq_name)),
+            );
             r.register(Box::new(m.clone())).expect("unique metric");
             m
         }};
@@ -202,7 +219,62 @@ fn build() -> Metrics {
             "1 while librdkafka reports at least one broker connection up, 0 during an outage."
         )
         .unwrap()),
+        feedback_impressions: reg!(IntCounterVec::new(
+            Opts::new(
+                "feedback_impressions_total",
+                "Items published in users' lists, by variant, list (recommendations or carousel row kind) and position."
+            ),
+            &["variant", "list", "position"]
+        )
+        .unwrap()),
+        feedback_clicks: reg!(IntCounterVec::new(
+            Opts::new(
+                "feedback_clicks_total",
+                "Clicks and plays on an item of the user's last published lists, by the variant, list and position it was shown at."
+            ),
+            &["variant", "list", "position"]
+        )
+        .unwrap()),
+        feedback_plays: reg!(IntCounterVec::new(
+            Opts::new("feedback_plays_total", "Plays by the user's variant."),
+            &["variant"]
+        )
+        .unwrap()),
+        feedback_completions: reg!(IntCounterVec::new(
+            Opts::new("feedback_completions_total", "Completions by the user's variant."),
+            &["variant"]
+        )
+        .unwrap()),
+        feedback_dwell: reg!(prometheus::CounterVec::new(
+            Opts::new("feedback_dwell_seconds_total", "Dwell seconds reported by events, by the user's variant."),
+            &["variant"]
+        )
+        .unwrap()),
+        variant_lists: reg!(IntCounterVec::new(
+            Opts::new("variant_lists_total", "Users' output sets computed, by variant."),
+            &["variant"]
+        )
+        .unwrap()),
+        experiment_share: reg!(GaugeVec::new(
+            Opts::new("experiment_share", "Configured traffic share of each variant in force."),
+            &["variant"]
+        )
+        .unwrap()),
+        model_loads: reg!(IntCounterVec::new(
+            Opts::new(
+                "model_loads_total",
+                "Model and experiment loads: loaded, or rejected (the previous one keeps serving)."
+            ),
+            &["outcome"]
+        )
+        .unwrap()),
+        model_info: reg!(IntGaugeVec::new(
+            Opts::new("model_info", "1 for the model version each variant serves."),
+            &["variant", "model_version"]
+        )
+        .unwrap()),
         registry: r,
+        names,
     }
 }
 
@@ -332,6 +404,95 @@ pub fn rocksdb(stats: &StoreStats) {
         m.rocksdb_cache_hit_ratio
             .set(stats.block_cache_hits as f64 / total as f64);
     }
+}
+
+/// Position labels 1..=MAX_POSITION and one for everything beyond.
+static POSITIONS: LazyLock<Vec<String>> = LazyLock::new(|| {
+    let max = crate::feedback::MAX_POSITION;
+    (0..=max + 1)
+        .map(|p| {
+            if p > max {
+                format!("{}+", max + 1)
+            } else {
+                p.to_string()
+            }
+        })
+        .collect()
+});
+
+fn position_label(position: usize) -> &'static str {
+    &POSITIONS[position.min(crate::feedback::MAX_POSITION + 1)]
+}
+
+pub fn feedback_impression(variant: &str, list: &str, position: usize) {
+    METRICS
+        .feedback_impressions
+        .with_label_values(&[variant, list, position_label(position)])
+        .inc();
+}
+
+pub fn feedback_click(variant: &str, list: &str, position: usize) {
+    METRICS
+        .feedback_clicks
+        .with_label_values(&[variant, list, position_label(position)])
+        .inc();
+}
+
+pub fn feedback_play(variant: &str) {
+    METRICS.feedback_plays.with_label_values(&[variant]).inc();
+}
+
+pub fn feedback_completion(variant: &str) {
+    METRICS
+        .feedback_completions
+        .with_label_values(&[variant])
+        .inc();
+}
+
+pub fn feedback_dwell(variant: &str, seconds: f64) {
+    METRICS
+        .feedback_dwell
+        .with_label_values(&[variant])
+        .inc_by(seconds);
+}
+
+pub fn variant_list(variant: &str) {
+    METRICS.variant_lists.with_label_values(&[variant]).inc();
+}
+
+/// The variants now in force: (name, share, model version).
+pub fn experiment(variants: &[(&str, f64, Option<&str>)]) {
+    METRICS.experiment_share.reset();
+    METRICS.model_info.reset();
+    for (name, share, model) in variants {
+        METRICS
+            .experiment_share
+            .with_label_values(&[name])
+            .set(*share);
+        if let Some(version) = model {
+            METRICS
+                .model_info
+                .with_label_values(&[name, version])
+                .set(1);
+        }
+    }
+}
+
+/// `outcome`: loaded or rejected.
+pub fn model_load(outcome: &'static str) {
+    METRICS.model_loads.with_label_values(&[outcome]).inc();
+}
+
+/// The full name of every metric family the engine exports, including
+/// vectors that have no series yet (for dashboard and alert checks).
+pub fn names() -> Vec<String> {
+    let mut names = METRICS.names.clone();
+    for family in METRICS.registry.gather() {
+        names.push(family.name().to_string());
+    }
+    names.sort();
+    names.dedup();
+    names
 }
 
 /// The Prometheus text exposition of every metric.

@@ -53,6 +53,8 @@ pub struct Recommendations {
     pub version: u64,
     /// Event time (ms) of the latest event reflected.
     pub as_of: i64,
+    /// The A/B variant that produced the record.
+    pub variant: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub model: Option<ModelInfo>,
     pub items: Vec<RecommendedItem>,
@@ -72,6 +74,7 @@ pub struct Carousels {
     pub user_id: String,
     pub version: u64,
     pub as_of: i64,
+    pub variant: String,
     pub rows: Vec<CarouselRow>,
 }
 
@@ -118,6 +121,7 @@ pub struct Insights {
     pub user_id: String,
     pub version: u64,
     pub as_of: i64,
+    pub variant: String,
     pub genres: Vec<GenreShare>,
     pub activity: Activity,
     pub engagement: Engagement,

@@ -14,7 +14,7 @@
 //! (at-least-once); redelivered events are recognised by their `event_id` and
 //! applied once, and their users' outputs are republished with a new version.
 
-use crate::ncf::serve::{NcfModel, NcfScorer};
+use crate::experiment::{self, ExperimentError, ExperimentSource, ModelCache, Variants};
 use std::collections::BTreeSet;
 use std::collections::HashMap;
 use std::future::Future;
@@ -56,8 +56,8 @@ pub enum PipelineError {
     Store(#[from] StoreError),
     #[error("engine: {0}")]
     Engine(#[from] EngineError),
-    #[error("loading the NCF model: {0}")]
-    Model(#[from] crate::ncf::serve::ModelError),
+    #[error("loading the experiment or its models: {0}")]
+    Experiment(#[from] ExperimentError),
     #[error(
         "publishing outputs failed; offsets were not stored, the batch will be redelivered: {0}"
     )]
@@ -311,6 +311,8 @@ type Reply = std::sync::mpsc::Sender<Result<(), String>>;
 /// What the engine thread is asked to do.
 enum Work {
     Batch(Vec<Record>),
+    /// Serve these A/B variants from the next batch on.
+    Variants(Arc<Variants>),
     Catalog(Vec<(u32, Option<CatalogRecord>)>),
     /// Take these partitions over (keep, restore or drop state), then answer.
     Assign {
@@ -365,20 +367,26 @@ pub async fn run(
         config.state.block_cache_mb,
         config.engine.clone(),
     );
-    let model = config.model.clone();
-    let mut engine = tokio::task::spawn_blocking(move || -> Result<Engine, PipelineError> {
-        let mut store = Store::open(&dir, cache_mb)?;
-        store.enable_changelog();
-        let mut engine = Engine::new(engine_config, store, catalog)?;
-        // Nothing is processed before the group assigns partitions.
-        engine.set_owned(Some(BTreeSet::new()));
-        if let Some(path) = &model.path {
-            let loaded = NcfModel::load(path, model.fold_in)?;
-            tracing::info!(model = %loaded.card.model_version, path = %path.display(), "NCF model loaded");
-            engine.set_scorer(Some(Arc::new(NcfScorer { model: Arc::new(loaded) })));
-        }
-        Ok(engine)
-    })
+    let experiment = ExperimentSource {
+        file: config.experiment.file.clone(),
+        blend: config.engine.blend.clone(),
+        default_model: config.model.path.clone(),
+        fold_in: config.model.fold_in,
+    };
+    let source = experiment.clone();
+    let (mut engine, models, variants) = tokio::task::spawn_blocking(
+        move || -> Result<(Engine, ModelCache, Arc<Variants>), PipelineError> {
+            let mut store = Store::open(&dir, cache_mb)?;
+            store.enable_changelog();
+            let mut engine = Engine::new(engine_config, store, catalog)?;
+            // Nothing is processed before the group assigns partitions.
+            engine.set_owned(Some(BTreeSet::new()));
+            let mut models = ModelCache::default();
+            let variants = Arc::new(load_variants(&source, &mut models)?);
+            engine.set_variants(variants.clone());
+            Ok((engine, models, variants))
+        },
+    )
     .await
     .map_err(|_| PipelineError::EngineGone)??;
     let store = engine.store_handle();
@@ -450,6 +458,13 @@ pub async fn run(
         publish_rx,
     ));
     let catalog_task = tokio::spawn(forward_catalog(catalog_updates, work_tx.clone()));
+    let experiment_task = tokio::spawn(watch_experiment(
+        experiment,
+        models,
+        variants,
+        Duration::from_millis(config.experiment.reload_interval_ms),
+        work_tx.clone(),
+    ));
 
     let failure_signal = async {
         failed.notified().await;
@@ -469,6 +484,7 @@ pub async fn run(
     )
     .await;
     catalog_task.abort();
+    experiment_task.abort();
     if let Some(follower) = catalog_follower {
         follower.abort();
         let _ = follower.await;
@@ -705,6 +721,7 @@ fn engine_loop(
                     warn!(error = %e, "catalog record rejected");
                 }
             }
+            Work::Variants(variants) => engine.set_variants(variants),
             Work::Assign { partitions, reply } => {
                 let result = handover
                     .assign(&mut engine, &partitions)
@@ -1205,6 +1222,92 @@ async fn forward_catalog(mut updates: mpsc::Receiver<CatalogUpdates>, work_tx: m
     while let Some(u) = updates.recv().await {
         if work_tx.send(Work::Catalog(u)).await.is_err() {
             break;
+        }
+    }
+}
+
+/// Builds the variants (loading new or changed models), logs what is served
+/// and updates the experiment metrics.
+fn load_variants(
+    source: &ExperimentSource,
+    models: &mut ModelCache,
+) -> Result<Variants, ExperimentError> {
+    let built = source.build(models)?;
+    for (variant, version) in &built.newly_loaded {
+        metrics::model_load("loaded");
+        info!(%variant, model = %version, "NCF model loaded and parity-checked against its card");
+    }
+    let served: Vec<(&str, f64, Option<String>)> = built
+        .variants
+        .list()
+        .iter()
+        .map(|v| {
+            (
+                &*v.name,
+                v.share,
+                v.scorer.as_ref().map(|s| s.info().version),
+            )
+        })
+        .collect();
+    metrics::experiment(
+        &served
+            .iter()
+            .map(|(n, s, m)| (*n, *s, m.as_deref()))
+            .collect::<Vec<_>>(),
+    );
+    info!(variants = ?served, "serving variants");
+    Ok(built.variants)
+}
+
+/// Follows the experiment file and the model files of the variants in force:
+/// on a change, builds the new variants off the runtime and hands them to the
+/// engine thread. A file that does not load or a model that fails its parity
+/// check is rejected with a log line and a metric; the old variants keep serving.
+async fn watch_experiment(
+    source: ExperimentSource,
+    mut models: ModelCache,
+    mut variants: Arc<Variants>,
+    interval: Duration,
+    work_tx: mpsc::Sender<Work>,
+) {
+    let mut seen = experiment::fingerprint(&source.watched_files(&variants));
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        let now = experiment::fingerprint(&source.watched_files(&variants));
+        if now == seen {
+            continue;
+        }
+        seen = now;
+        let job = source.clone();
+        let (returned, built) = match tokio::task::spawn_blocking(move || {
+            let built = load_variants(&job, &mut models);
+            (models, built)
+        })
+        .await
+        {
+            Ok(done) => done,
+            Err(_) => return,
+        };
+        models = returned;
+        match built {
+            Ok(new) => {
+                variants = Arc::new(new);
+                // Files named by the new variants are followed from now on.
+                seen = experiment::fingerprint(&source.watched_files(&variants));
+                if work_tx
+                    .send(Work::Variants(variants.clone()))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+            Err(e) => {
+                metrics::model_load("rejected");
+                tracing::error!(error = %e, "new experiment or model rejected; the previous one keeps serving");
+            }
         }
     }
 }

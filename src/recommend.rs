@@ -9,6 +9,7 @@ use crate::catalog::{Catalog, GenreSet, IdMap, Movie};
 use crate::config::EngineConfig;
 use crate::decay::{HalfLives, Momentum};
 use crate::event::EventType;
+use crate::experiment::{source_bit, Variant};
 use crate::output::*;
 use crate::state::{GenreWeight, UserState};
 
@@ -195,7 +196,8 @@ pub struct Context<'a> {
     pub items: &'a IdMap<Momentum>,
     pub index: &'a ItemIndex,
     pub config: &'a EngineConfig,
-    pub scorer: Option<&'a dyn Scorer>,
+    /// The user's A/B variant: its name, blend, model and candidate sources.
+    pub variant: &'a Variant,
 }
 
 /// Candidate sources in publishing order; [`Candidate::sources`] holds them as bits.
@@ -206,8 +208,9 @@ const SOURCES: [Source; 4] = [
     Source::Similar,
 ];
 
-fn source_bit(source: Source) -> u8 {
-    1 << SOURCES.iter().position(|s| *s == source).expect("listed")
+/// Whether the variant draws candidates from `source`.
+fn enabled(variant: &Variant, source: Source) -> bool {
+    variant.sources & source_bit(source) != 0
 }
 
 struct Candidate {
@@ -271,7 +274,11 @@ pub fn build_outputs(
     let mut candidates: Vec<Candidate> = Vec::with_capacity(4 * lists.candidates_per_source);
     let mut slot: IdMap<usize> = IdMap::default();
     let mut propose = |id: u32, source: Source| {
-        if state.is_seen(id) || seeds.contains(&id) || !ctx.catalog.contains(id) {
+        if !enabled(ctx.variant, source)
+            || state.is_seen(id)
+            || seeds.contains(&id)
+            || !ctx.catalog.contains(id)
+        {
             return;
         }
         let i = *slot.entry(id).or_insert_with(|| {
@@ -347,7 +354,7 @@ pub fn build_outputs(
         c.signals.popularity = popularity;
         c.signals.trending = trending;
     }
-    let model = match ctx.scorer {
+    let model = match ctx.variant.scorer.as_deref() {
         Some(scorer) => {
             let ids: Vec<u32> = candidates.iter().map(|c| c.movie_id).collect();
             let scores = scorer.score(user_id, state, &ids)?;
@@ -360,7 +367,7 @@ pub fn build_outputs(
         None => None,
     };
     for c in &mut candidates {
-        c.score = blend::blend(&c.signals, &ctx.config.blend);
+        c.score = blend::blend(&c.signals, &ctx.variant.blend);
     }
 
     // Rank once; rows filter the ranked list or select their own top few.
@@ -465,6 +472,7 @@ pub fn build_outputs(
             user_id: user_id.into(),
             version,
             as_of,
+            variant: ctx.variant.name.to_string(),
             model,
             items: top_items,
         },
@@ -473,9 +481,13 @@ pub fn build_outputs(
             user_id: user_id.into(),
             version,
             as_of,
+            variant: ctx.variant.name.to_string(),
             rows,
         },
-        insights: insights(ctx.catalog, user_id, state, &weights, version, as_of),
+        insights: Insights {
+            variant: ctx.variant.name.to_string(),
+            ..insights(ctx.catalog, user_id, state, &weights, version, as_of)
+        },
     })
 }
 
@@ -502,7 +514,7 @@ fn render(ctx: &Context, c: &Candidate) -> RecommendedItem {
         .iter()
         .next()
         .map(|g| ctx.catalog.genre_name(g));
-    let reason = match blend::dominant(&c.signals, &ctx.config.blend) {
+    let reason = match blend::dominant(&c.signals, &ctx.variant.blend) {
         Dominant::Similarity => match c.because_of.and_then(|s| ctx.catalog.get(s)) {
             Some(seed) => format!("Because you liked {}", seed.title),
             None => "Similar to what you watched".into(),
@@ -580,6 +592,7 @@ fn insights(
         user_id: user_id.into(),
         version,
         as_of: now,
+        variant: String::new(),
         genres,
         activity: Activity {
             events_total: state.events_total(),

@@ -9,6 +9,7 @@ use recstream::catalog::{self, Catalog};
 use recstream::config::EngineConfig;
 use recstream::engine::{Body, Engine, Record, SourcePos};
 use recstream::event::{EventType, Interaction};
+use recstream::ncf::card::ModelCard;
 use recstream::ncf::data::RawInteraction;
 use recstream::ncf::eval::{self, RunInput};
 use recstream::ncf::foldin::FoldInConfig;
@@ -69,6 +70,18 @@ fn tract_matches_the_trainer_within_1e_4() {
         std::fs::write(&run.files.onnx, onnx::export(&weights, "parity")).unwrap();
         let bytes: Vec<u8> = users.iter().flat_map(|v| v.to_le_bytes()).collect();
         std::fs::write(&run.files.users, bytes).unwrap();
+        // The card's reference scores must describe these weights, not the
+        // best epoch's that the run exported.
+        let mut card: ModelCard =
+            serde_json::from_slice(&std::fs::read(&run.files.card).unwrap()).unwrap();
+        let d = weights.user_dim();
+        for c in &mut card.checks {
+            c.score = weights.score(
+                &users[c.user_row * d..(c.user_row + 1) * d],
+                c.item as usize,
+            );
+        }
+        std::fs::write(&run.files.card, serde_json::to_vec(&card).unwrap()).unwrap();
         let served = NcfModel::load(&run.files.onnx, FoldInConfig::default()).unwrap();
 
         let mut rng = Rng::new(3);
@@ -248,4 +261,37 @@ fn the_committed_demo_model_loads_and_scores() {
         .score_pairs(&[v.clone(), v].concat(), &[0, 1])
         .unwrap();
     assert!(scores.iter().all(|s| (0.0..=1.0).contains(s)));
+}
+
+/// A model whose tract output disagrees with its card's reference scores (a
+/// broken export, or the files of two different models) is never served.
+#[test]
+fn a_model_that_fails_its_cards_parity_checks_is_refused() {
+    let catalog = demo_catalog();
+    let data = synthetic::interactions(&catalog, 60, 10, 4);
+    let dir = tempfile::tempdir().unwrap();
+    let run = train(
+        Objective::Implicit,
+        small_config(Objective::Implicit),
+        dir.path(),
+        &data,
+    );
+    NcfModel::load(&run.files.onnx, FoldInConfig::default()).expect("the exported model loads");
+    let pristine = std::fs::read(&run.files.card).unwrap();
+    let mut card: ModelCard = serde_json::from_slice(&pristine).unwrap();
+    card.checks[3].score += 0.01;
+    std::fs::write(&run.files.card, serde_json::to_vec(&card).unwrap()).unwrap();
+    let err = NcfModel::load(&run.files.onnx, FoldInConfig::default())
+        .err()
+        .expect("a tampered card is refused")
+        .to_string();
+    assert!(err.contains("parity check failed"), "{err}");
+
+    card.checks.clear();
+    std::fs::write(&run.files.card, serde_json::to_vec(&card).unwrap()).unwrap();
+    let err = NcfModel::load(&run.files.onnx, FoldInConfig::default())
+        .err()
+        .expect("a card without reference scores is refused")
+        .to_string();
+    assert!(err.contains("no parity checks"), "{err}");
 }

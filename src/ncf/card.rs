@@ -52,6 +52,40 @@ pub struct ModelCard {
     pub training_data: String,
     /// Validation/test metrics by name.
     pub metrics: serde_json::Map<String, serde_json::Value>,
+    /// Reference scores from the framework that trained the model: the engine
+    /// refuses a model whose tract output differs from any of them by more
+    /// than [`PARITY_TOLERANCE`] (a broken export, or files of two models).
+    #[serde(default)]
+    pub checks: Vec<ParityCheck>,
+}
+
+/// Largest accepted difference between a card's reference score and tract's.
+pub const PARITY_TOLERANCE: f32 = 1e-4;
+
+/// One reference score: the user-vector file's row `user_row` against item
+/// index `item`, as the training framework computed it.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct ParityCheck {
+    pub user_row: usize,
+    pub item: u32,
+    pub score: f32,
+}
+
+impl ParityCheck {
+    /// `n` pairs spread over users and items, the same for every export of a
+    /// model's shape.
+    pub fn pairs(n_users: usize, n_items: usize, n: usize) -> Vec<(usize, u32)> {
+        if n_users == 0 || n_items == 0 {
+            return Vec::new();
+        }
+        (0..n)
+            .map(|k| {
+                let user = k * n_users / n;
+                let item = (k * 7919 + 13) % n_items;
+                (user, item as u32)
+            })
+            .collect()
+    }
 }
 
 /// The three files of a model, from the path of any of them or of its stem.

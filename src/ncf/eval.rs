@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use super::card::{ModelCard, ModelFiles, UserVectorLayout, CARD_FORMAT};
+use super::card::{ModelCard, ModelFiles, ParityCheck, UserVectorLayout, CARD_FORMAT};
 use super::data::{self, Dataset, RankingCase, RawInteraction, Row};
 use super::foldin::FoldInConfig;
 use super::model::Objective;
@@ -203,6 +203,18 @@ pub fn run(input: RunInput) -> Result<Run, EvalError> {
         training_data_hash: hash.clone(),
         training_data: input.data_name.clone(),
         metrics: serde_json::Map::new(),
+        // The exported weights' own forward pass is the reference tract must meet.
+        checks: ParityCheck::pairs(n_users, w.n_items, 16)
+            .into_iter()
+            .map(|(user_row, item)| ParityCheck {
+                user_row,
+                item,
+                score: w.score(
+                    &trained.user_vectors[user_row * d..(user_row + 1) * d],
+                    item as usize,
+                ),
+            })
+            .collect(),
     };
     card.metrics.insert(
         format!("validation_{}", trained.validation_metric),

@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use tract_onnx::prelude::*;
 
-use super::card::{ModelCard, ModelFiles, CARD_FORMAT};
+use super::card::{ModelCard, ModelFiles, CARD_FORMAT, PARITY_TOLERANCE};
 use super::foldin::{self, Example, FoldInConfig};
 use super::model::{NcfWeights, Objective};
 use super::onnx;
@@ -114,7 +114,7 @@ impl NcfModel {
         let mut hash = Fnv::default();
         hash.write(card.model_version.as_bytes());
         hash.write(&bytes);
-        Ok(NcfModel {
+        let model = NcfModel {
             items: card
                 .item_ids
                 .iter()
@@ -134,7 +134,46 @@ impl NcfModel {
             user_vectors,
             mean_user,
             fold_in,
-        })
+        };
+        model.check_parity().map_err(card_err)?;
+        Ok(model)
+    }
+
+    /// Runs the card's reference pairs through tract: a model whose scores
+    /// differ from what its trainer computed is never served.
+    fn check_parity(&self) -> Result<(), String> {
+        let checks = &self.card.checks;
+        if checks.is_empty() {
+            return Err("no parity checks: the card must carry reference scores \
+                        (`checks`, see models/README.md)"
+                .into());
+        }
+        let d = self.user_dim();
+        let rows = self.card.user_ids.len();
+        let mut users = Vec::with_capacity(checks.len() * d);
+        for c in checks {
+            if c.user_row >= rows || c.item as usize >= self.weights.n_items {
+                return Err(format!(
+                    "parity check (user row {}, item {}) is outside the model",
+                    c.user_row, c.item
+                ));
+            }
+            users.extend_from_slice(&self.user_vectors[c.user_row * d..(c.user_row + 1) * d]);
+        }
+        let items: Vec<i64> = checks.iter().map(|c| c.item as i64).collect();
+        let scores = self
+            .score_pairs(&users, &items)
+            .map_err(|e| e.to_string())?;
+        for (c, s) in checks.iter().zip(scores) {
+            // NaN fails too.
+            if (s - c.score).abs().is_nan() || (s - c.score).abs() > PARITY_TOLERANCE {
+                return Err(format!(
+                    "parity check failed: user row {} item {}: the card says {}, tract computes {s}",
+                    c.user_row, c.item, c.score
+                ));
+            }
+        }
+        Ok(())
     }
 
     pub fn user_dim(&self) -> usize {
