@@ -12,9 +12,10 @@ TANSU_VERSION=0.6.0
 export PATH="$HOME/.cargo/bin:$HOME/.local/bin:$PATH"
 
 need_apt=()
-# libclang for the rocksdb crate's bindgen; cmake/g++/make for bundled librdkafka;
-# fonts-dejavu-core for the training-curve PNG.
-for pkg in libclang-dev clang cmake g++ make pkg-config zlib1g-dev curl fonts-dejavu-core; do
+# libclang for the rocksdb crate's bindgen; cmake/g++/make for bundled librdkafka,
+# libssl-dev for its SSL/SASL-SCRAM support; fonts-dejavu-core for the
+# training-curve PNG.
+for pkg in libclang-dev clang cmake g++ make pkg-config zlib1g-dev libssl-dev curl fonts-dejavu-core; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
 done
 if [ ${#need_apt[@]} -gt 0 ]; then
@@ -26,6 +27,15 @@ fi
 
 if $BUILD_ONLY; then
   exit 0
+fi
+
+# The Prometheus server and promtool for the operations tests (tests/ops.rs,
+# tests/prometheus.rs).
+if ! (command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1); then
+  echo "install: apt package prometheus"
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
 fi
 
 if ! (command -v tansu >/dev/null 2>&1 && tansu --version 2>/dev/null | grep -q "$TANSU_VERSION"); then
@@ -41,10 +51,10 @@ for component in rustfmt clippy; do
   fi
 done
 
-if ! python3 -c "import confluent_kafka, jsonschema" >/dev/null 2>&1; then
-  echo "install: python confluent-kafka, jsonschema"
+if ! python3 -c "import confluent_kafka, jsonschema, yaml" >/dev/null 2>&1; then
+  echo "install: python confluent-kafka, jsonschema, pyyaml"
   # A Debian system Python refuses plain pip installs (PEP 668); the user site is ours.
-  python3 -m pip install --quiet --user "confluent-kafka>=2.10" jsonschema 2>/dev/null \
-    || python3 -m pip install --quiet "confluent-kafka>=2.10" jsonschema 2>/dev/null \
-    || python3 -m pip install --quiet --user --break-system-packages "confluent-kafka>=2.10" jsonschema
+  python3 -m pip install --quiet --user "confluent-kafka>=2.10" jsonschema pyyaml 2>/dev/null \
+    || python3 -m pip install --quiet "confluent-kafka>=2.10" jsonschema pyyaml 2>/dev/null \
+    || python3 -m pip install --quiet --user --break-system-packages "confluent-kafka>=2.10" jsonschema pyyaml
 fi

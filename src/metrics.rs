@@ -278,7 +278,15 @@ fn build() -> Metrics {
     }
 }
 
-pub static METRICS: LazyLock<Metrics> = LazyLock::new(build);
+pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
+    let m = build();
+    // Both outcomes exist from the start, so the first rejection is an
+    // increase that alerts can see.
+    for outcome in ["loaded", "rejected"] {
+        m.model_loads.with_label_values(&[outcome]);
+    }
+    m
+});
 
 pub fn event(kind: &str, outcome: &str) {
     METRICS.events.with_label_values(&[kind, outcome]).inc();

@@ -228,6 +228,9 @@ impl EngineContext {
 
 impl ClientContext for EngineContext {
     fn stats(&self, stats: Statistics) {
+        // Up while any broker connection is, even with nothing to consume.
+        let up = stats.brokers.values().any(|b| b.state == "UP");
+        metrics::broker_up(up);
         for (topic, t) in &stats.topics {
             for (partition, p) in &t.partitions {
                 if *partition >= 0 && p.consumer_lag >= 0 {
