@@ -147,15 +147,16 @@ impl Engine {
         let item_parts = store.items()?;
         let genre_parts = store.genres()?;
         metrics::catalog_size(catalog.len());
+        let variants = Arc::new(Variants::single(config.blend.clone(), None));
         let mut engine = Engine {
-            config: config.clone(),
+            config,
             store: Arc::new(store),
             catalog,
             item_parts,
             genre_parts,
             items: IdMap::default(),
             genres: HashMap::new(),
-            variants: Arc::new(Variants::single(config.blend.clone(), None)),
+            variants,
             feedback: Feedback::new(FEEDBACK_USERS),
             sims: SimilarityCache::default(),
             watermark: 0,
