@@ -8,6 +8,7 @@ set -euo pipefail
 BUILD_ONLY=false
 [ "${1:-}" = "--build-only" ] && BUILD_ONLY=true
 
+cd "$(dirname "$0")/.."
 TANSU_VERSION=0.6.0
 export PATH="$HOME/.cargo/bin:$HOME/.local/bin:$PATH"
 
@@ -50,6 +51,26 @@ for component in rustfmt clippy; do
     rustup component add "$component"
   fi
 done
+
+# Debian's Chromium for the live page's browser test (tests/browser), driven by
+# playwright-core from the npm registry (tests/browser/package-lock.json).
+if ! command -v chromium >/dev/null 2>&1; then
+  echo "install: apt package chromium"
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium fonts-dejavu-core >/dev/null
+fi
+if [ ! -d tests/browser/node_modules/playwright-core ]; then
+  echo "install: npm playwright-core (tests/browser)"
+  (cd tests/browser && npm ci --silent --no-audit --no-fund)
+fi
+
+if ! python3 -c "import schemathesis" >/dev/null 2>&1; then
+  echo "install: python schemathesis"
+  python3 -m pip install --quiet --user "schemathesis>=3.39,<5" 2>/dev/null \
+    || python3 -m pip install --quiet "schemathesis>=3.39,<5" 2>/dev/null \
+    || python3 -m pip install --quiet --user --break-system-packages "schemathesis>=3.39,<5"
+fi
 
 if ! python3 -c "import confluent_kafka, jsonschema, yaml" >/dev/null 2>&1; then
   echo "install: python confluent-kafka, jsonschema, pyyaml"

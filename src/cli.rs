@@ -2,7 +2,6 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::{bail, Context as _, Result};
 use clap::{Args, Parser, Subcommand};
@@ -11,7 +10,7 @@ use tracing::info;
 
 use crate::catalog::{self, Catalog};
 use crate::config::Config;
-use crate::pipeline::{self, Health};
+use crate::pipeline::{self, JobHandle};
 use crate::topics;
 
 #[derive(Debug, Parser)]
@@ -158,7 +157,14 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Refresh { kafka, user, all } => {
             let config = kafka.load()?;
             let producer = pipeline::producer(&config)?;
-            let sent = send_refresh(&config, &producer, user.as_deref(), all).await?;
+            let command = crate::event::RefreshCommand { user_id: user, all };
+            let sent = crate::api::send_refresh(
+                &producer,
+                &pipeline::client_config(&config),
+                &config.topics.refresh,
+                &command,
+            )
+            .await?;
             println!(
                 "sent {sent} refresh command(s) to {}",
                 config.topics.refresh
@@ -182,7 +188,7 @@ pub async fn run_engine(config: Config) -> Result<()> {
         Some(p) => catalog::load(p).with_context(|| "loading `catalog.path`")?,
         None => Catalog::default(),
     };
-    let health = Arc::new(Health::default());
+    let job = Arc::new(JobHandle::default());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         wait_for_signal().await;
@@ -194,16 +200,20 @@ pub async fn run_engine(config: Config) -> Result<()> {
     });
     if !config.http.listen.is_empty() {
         let addr = config.http.listen.parse().context("`http.listen`")?;
+        let token = crate::api::load_token(&config.http)?;
+        let api = crate::api::Api::new(&config, job.clone(), token, stop_rx.clone())?;
         let mut rx = stop_rx.clone();
-        let (bound, _server) = crate::http::serve(addr, health.clone(), async move {
+        let (bound, _server) = crate::http::serve(addr, api.clone(), async move {
             let _ = rx.wait_for(|s| *s).await;
         })
         .await
         .with_context(|| format!("binding `http.listen` {addr}"))?;
-        info!(%bound, "metrics at http://{bound}/metrics");
+        let url = crate::api::advertised_url(&config.http, bound);
+        info!(%bound, instance = api.instance(), "live page at {url}/, API at {url}/api, metrics at {url}/metrics");
+        api.start_routing(url, stop_rx.clone());
     }
     let mut rx = stop_rx;
-    pipeline::run(config, catalog, health, async move {
+    pipeline::run(config, catalog, job, async move {
         let _ = rx.wait_for(|s| *s).await;
     })
     .await?;
@@ -238,51 +248,6 @@ pub async fn publish_catalog(config: &Config, catalog: &Catalog) -> Result<usize
     }
     pipeline::await_deliveries(pending).await?;
     Ok(catalog.len())
-}
-
-/// A user refresh goes to the user's partition (by key); a refresh of everyone
-/// goes to every partition so that every instance sees it.
-pub async fn send_refresh(
-    config: &Config,
-    producer: &FutureProducer,
-    user: Option<&str>,
-    all: bool,
-) -> Result<usize> {
-    let topic = &config.topics.refresh;
-    match (user, all) {
-        (Some(u), false) => {
-            let payload = serde_json::json!({ "user_id": u }).to_string();
-            producer
-                .send(
-                    FutureRecord::to(topic).key(u).payload(&payload),
-                    Duration::from_secs(30),
-                )
-                .await
-                .map_err(|(e, _)| e)?;
-            Ok(1)
-        }
-        (None, true) => {
-            let partitions = topics::partition_counts(&pipeline::client_config(config))?
-                .get(topic.as_str())
-                .copied()
-                .with_context(|| format!("refresh topic {topic} does not exist"))?;
-            let payload = r#"{"all":true}"#;
-            for p in 0..partitions as i32 {
-                producer
-                    .send(
-                        FutureRecord::to(topic)
-                            .key("*")
-                            .payload(payload)
-                            .partition(p),
-                        Duration::from_secs(30),
-                    )
-                    .await
-                    .map_err(|(e, _)| e)?;
-            }
-            Ok(partitions)
-        }
-        _ => bail!("give exactly one of --user or --all"),
-    }
 }
 
 #[derive(Debug, Args)]

@@ -113,6 +113,8 @@ pub struct TopicNames {
     pub dead_letters: String,
     /// Compacted; partitioned like `interactions`. Internal to the engine.
     pub changelog: String,
+    /// Compacted; which instance owns which partitions (query routing). Internal.
+    pub instances: String,
 }
 
 impl Default for TopicNames {
@@ -126,6 +128,7 @@ impl Default for TopicNames {
             refresh: "reco.refresh.v1".into(),
             dead_letters: "reco.dead-letters.v1".into(),
             changelog: "reco.state-changelog.v1".into(),
+            instances: "reco.instances.v1".into(),
         }
     }
 }
@@ -180,14 +183,32 @@ pub struct CatalogConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HttpConfig {
-    /// Address of `/metrics`, `/healthz` and `/readyz`; empty disables the server.
+    /// Address of the HTTP server (`/metrics`, `/healthz`, `/readyz`, the API
+    /// under `/api` and the live page at `/`); empty disables the server.
     pub listen: String,
+    /// The URL other instances send clients to for the users this instance
+    /// owns. Default: `http://` + the bound address, with an unspecified IP
+    /// (`0.0.0.0`) replaced by the host name.
+    pub advertised_url: Option<String>,
+    /// A file holding the bearer token of the write endpoints (`POST
+    /// /api/track`, `POST /api/refresh`); the environment variable
+    /// `RECSTREAM_API_TOKEN` takes precedence. Without either, the write
+    /// endpoints answer 403.
+    pub api_token_file: Option<PathBuf>,
+    /// Largest accepted request body; larger ones get 413.
+    pub max_body_bytes: usize,
+    /// How often this instance re-announces its partitions on the instances topic.
+    pub announce_interval_ms: u64,
 }
 
 impl Default for HttpConfig {
     fn default() -> Self {
         HttpConfig {
             listen: "127.0.0.1:9898".into(),
+            advertised_url: None,
+            api_token_file: None,
+            max_body_bytes: 64 * 1024,
+            announce_interval_ms: 5_000,
         }
     }
 }
@@ -408,6 +429,7 @@ impl Config {
             ("topics.refresh", &self.topics.refresh),
             ("topics.dead_letters", &self.topics.dead_letters),
             ("topics.changelog", &self.topics.changelog),
+            ("topics.instances", &self.topics.instances),
         ] {
             crate::topics::validate_topic_name(name).map_err(|reason| invalid(field, reason))?;
         }
@@ -421,6 +443,25 @@ impl Config {
             crate::experiment::ExperimentSpec::from_file(file)
                 .map_err(|e| invalid("experiment.file", e.to_string()))?;
         }
+        if !(256..=16 * 1024 * 1024).contains(&self.http.max_body_bytes) {
+            return Err(invalid("http.max_body_bytes", "must be in 256..=16777216"));
+        }
+        if !(100..=600_000).contains(&self.http.announce_interval_ms) {
+            return Err(invalid(
+                "http.announce_interval_ms",
+                "must be in 100..=600000",
+            ));
+        }
+        if let Some(url) = &self.http.advertised_url {
+            if !(url.starts_with("http://") || url.starts_with("https://")) || url.ends_with('/') {
+                return Err(invalid(
+                    "http.advertised_url",
+                    "must start with http:// or https:// and not end with /",
+                ));
+            }
+        }
+        crate::routing::Partitioner::from_client_config(&self.kafka.client)
+            .map_err(|reason| invalid("kafka.client.partitioner", reason))?;
         if self.state.block_cache_mb == 0 {
             return Err(invalid("state.block_cache_mb", "must be at least 1"));
         }

@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 use crate::catalog::{self, Catalog};
 use crate::config::Config;
 use crate::output::{Carousels, Insights};
-use crate::pipeline::{self, Health};
+use crate::pipeline::{self, JobHandle};
 use crate::topics;
 
 const SAMPLE_CATALOG: &str = include_str!("demo/catalog.csv");
@@ -44,14 +44,18 @@ pub struct DemoArgs {
     /// Favourite genre of the scripted user.
     #[arg(long, default_value = "Sci-Fi")]
     pub genre: String,
-    /// Keep the engine and /metrics running after the script, until Ctrl-C.
-    #[arg(long)]
+    /// Keep the engine, the live page and /metrics running after the script,
+    /// until Ctrl-C (the default when the output is a terminal).
+    #[arg(long, conflicts_with = "exit_after_script")]
     pub keep_running: bool,
+    /// Stop after the script even on a terminal.
+    #[arg(long)]
+    pub exit_after_script: bool,
     /// NCF model re-scoring candidates (the synthetic demo model by default;
     /// it knows only the sample catalog, so it is skipped with --movielens).
     #[arg(long, default_value = "models/demo/ncf-demo.onnx")]
     pub model: PathBuf,
-    /// Address for /metrics, /healthz, /readyz.
+    /// Address of the live page, the API and /metrics.
     #[arg(long, default_value = "127.0.0.1:0")]
     pub http_listen: String,
 }
@@ -130,20 +134,27 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         }
     }
 
-    let health = Arc::new(Health::default());
+    let job = Arc::new(JobHandle::default());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let token = random_token()?;
+    let api = crate::api::Api::new(&config, job.clone(), Some(token.clone()), stop_rx.clone())?;
     let mut rx = stop_rx.clone();
-    let (addr, _http) =
-        crate::http::serve(config.http.listen.parse()?, health.clone(), async move {
-            let _ = rx.wait_for(|s| *s).await;
-        })
-        .await?;
+    let (addr, _http) = crate::http::serve(config.http.listen.parse()?, api.clone(), async move {
+        let _ = rx.wait_for(|s| *s).await;
+    })
+    .await?;
+    api.start_routing(
+        crate::api::advertised_url(&config.http, addr),
+        stop_rx.clone(),
+    );
+    let page = format!("http://{addr}/#user={}&token={token}", demo_user());
+    println!("  live page : {page}");
     println!("  metrics   : http://{addr}/metrics");
     let mut rx = stop_rx.clone();
     let engine = tokio::spawn(pipeline::run(
         config.clone(),
         catalog.clone(),
-        health.clone(),
+        job.clone(),
         async move {
             let _ = rx.wait_for(|s| *s).await;
         },
@@ -260,9 +271,12 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     }) {
         println!("  {line}");
     }
-    if args.keep_running {
-        println!("\nengine still running; metrics at http://{addr}/metrics — Ctrl-C to stop");
+    let on_terminal = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    if args.keep_running || (on_terminal && !args.exit_after_script) {
+        println!("\nengine still running: open the live page {page}\n(metrics at http://{addr}/metrics) — Ctrl-C to stop");
         tokio::signal::ctrl_c().await?;
+    } else {
+        println!("\n(the live page stays up with --keep-running)");
     }
     let _ = stop_tx.send(true);
     engine.await??;
@@ -273,6 +287,16 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     println!("\ndemo finished: engine drained and stopped cleanly");
     let _ = std::fs::remove_dir_all(&work);
     Ok(())
+}
+
+/// A bearer token for this run's write endpoints (the page takes it from its URL).
+fn random_token() -> Result<String> {
+    use std::io::Read as _;
+    let mut bytes = [0u8; 16];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .context("reading /dev/urandom for the demo's API token")?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// The scripted user; unique per run so a real cluster's older records never mix in.

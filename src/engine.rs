@@ -199,8 +199,39 @@ impl Engine {
         self.owned = partitions;
     }
 
-    fn owns(&self, partition: u32) -> bool {
+    pub fn owns(&self, partition: u32) -> bool {
         self.owned.as_ref().is_none_or(|o| o.contains(&partition))
+    }
+
+    /// Up to `limit` users with state in owned partitions, by partition and id.
+    pub fn known_users(&self, limit: usize) -> Result<Vec<String>, EngineError> {
+        let partitions: Vec<u32> = match &self.owned {
+            Some(owned) => owned.iter().copied().collect(),
+            None => self.store.user_partitions()?,
+        };
+        let mut users = Vec::new();
+        for p in partitions {
+            if users.len() >= limit {
+                break;
+            }
+            let page = self.store.users_page(p, None, limit - users.len())?;
+            users.extend(page.into_iter().map(|(user, _)| user));
+        }
+        Ok(users)
+    }
+
+    /// The owned partition that holds state for `user_id`, if any.
+    pub fn locate_user(&self, user_id: &str) -> Result<Option<u32>, EngineError> {
+        let partitions: Vec<u32> = match &self.owned {
+            Some(owned) => owned.iter().copied().collect(),
+            None => self.store.user_partitions()?,
+        };
+        for p in partitions {
+            if self.store.user(p, user_id)?.is_some() {
+                return Ok(Some(p));
+            }
+        }
+        Ok(None)
     }
 
     /// Forgets a partition this instance lost: its state, counters and offsets.

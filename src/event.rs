@@ -245,7 +245,8 @@ fn out_of_range(field: &'static str, detail: String) -> DecodeError {
     DecodeError::OutOfRange { field, detail }
 }
 
-fn check_id(field: &'static str, id: &str) -> Result<(), DecodeError> {
+/// The rules every id (event, user) follows.
+pub fn check_id(field: &'static str, id: &str) -> Result<(), DecodeError> {
     if id.is_empty() || id.len() > MAX_ID_LEN {
         return Err(out_of_range(
             field,

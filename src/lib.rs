@@ -7,6 +7,7 @@
 //! back to Kafka. [`engine`] is the synchronous core shared by the Kafka path
 //! and in-process callers.
 
+pub mod api;
 pub mod blend;
 pub mod catalog;
 pub mod changelog;
@@ -20,14 +21,17 @@ pub mod experiment;
 pub mod feedback;
 pub mod fnv;
 pub mod handover;
+pub mod live;
 pub mod http;
 pub mod loadgen;
 pub mod metrics;
 pub mod ncf;
+pub mod openapi;
 pub mod output;
 pub mod pipeline;
 pub mod ratings;
 pub mod recommend;
+pub mod routing;
 pub mod rng;
 pub mod state;
 pub mod store;

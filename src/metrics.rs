@@ -51,6 +51,10 @@ pub struct Metrics {
     experiment_share: GaugeVec,
     model_loads: IntCounterVec,
     model_info: IntGaugeVec,
+    http_requests: IntCounterVec,
+    http_seconds: HistogramVec,
+    api_events: IntCounterVec,
+    live_watchers: IntGauge,
 }
 
 fn build() -> Metrics {
@@ -179,7 +183,7 @@ fn build() -> Metrics {
         fold_in_seconds: reg!(hist(
             "ncf_fold_in_seconds",
             "Time to fold one user's new interactions into their NCF vector.",
-            latency_buckets
+            latency_buckets.clone()
         )),
         not_owned: reg!(IntCounter::new(
             "records_not_owned_total",
@@ -271,6 +275,33 @@ fn build() -> Metrics {
         model_info: reg!(IntGaugeVec::new(
             Opts::new("model_info", "1 for the model version each variant serves."),
             &["variant", "model_version"]
+        )
+        .unwrap()),
+        http_requests: reg!(IntCounterVec::new(
+            Opts::new(
+                "http_requests_total",
+                "HTTP requests by route pattern and status code."
+            ),
+            &["route", "status"]
+        )
+        .unwrap()),
+        http_seconds: reg!(HistogramVec::new(
+            HistogramOpts::new("http_request_seconds", "HTTP request latency by route pattern (SSE streams excluded).")
+                .buckets(latency_buckets.clone()),
+            &["route"]
+        )
+        .unwrap()),
+        api_events: reg!(IntCounterVec::new(
+            Opts::new(
+                "api_events_total",
+                "Interactions sent to POST /api/track: accepted (produced) or rejected with a reason."
+            ),
+            &["outcome"]
+        )
+        .unwrap()),
+        live_watchers: reg!(IntGauge::new(
+            "live_watchers",
+            "Open server-sent-event streams of the live page."
         )
         .unwrap()),
         registry: r,
@@ -489,6 +520,26 @@ pub fn experiment(variants: &[(&str, f64, Option<&str>)]) {
 /// `outcome`: loaded or rejected.
 pub fn model_load(outcome: &'static str) {
     METRICS.model_loads.with_label_values(&[outcome]).inc();
+}
+
+/// `route` is the matched route pattern (bounded), never the raw path.
+pub fn http_request(route: &str, status: u16, seconds: Option<f64>) {
+    METRICS
+        .http_requests
+        .with_label_values(&[route, &status.to_string()])
+        .inc();
+    if let Some(s) = seconds {
+        METRICS.http_seconds.with_label_values(&[route]).observe(s);
+    }
+}
+
+/// `outcome`: accepted, or a decoder reason (a closed set).
+pub fn api_event(outcome: &str) {
+    METRICS.api_events.with_label_values(&[outcome]).inc();
+}
+
+pub fn live_watchers(delta: i64) {
+    METRICS.live_watchers.add(delta);
 }
 
 /// The full name of every metric family the engine exports, including

@@ -18,7 +18,7 @@ use crate::experiment::{self, ExperimentError, ExperimentSource, ModelCache, Var
 use std::collections::BTreeSet;
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -33,7 +33,7 @@ use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use rdkafka::statistics::Statistics;
 use rdkafka::{Offset, TopicPartitionList};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
@@ -43,8 +43,9 @@ use crate::config::{Config, TopicNames};
 use crate::engine::{
     Body, DeadLetter, Engine, EngineError, Record, Rejection, SourcePos, UserOutputList,
 };
-use crate::event::{decode_interaction, parse_refresh};
+use crate::event::{decode_interaction, parse_refresh, Interaction};
 use crate::handover::Handover;
+use crate::routing::Assignment;
 use crate::metrics;
 use crate::store::{Store, StoreError};
 
@@ -64,6 +65,8 @@ pub enum PipelineError {
     Publish(KafkaError),
     #[error("the engine thread stopped unexpectedly")]
     EngineGone,
+    #[error("reading topic metadata: {0}")]
+    Topics(String),
     #[error("shutdown did not finish within {0:?}")]
     ShutdownTimeout(Duration),
     #[error("taking over assigned partitions failed; stopping so that another instance (or a restart) takes them: {0}")]
@@ -72,16 +75,104 @@ pub enum PipelineError {
     NeedsMultiThreadRuntime,
 }
 
-/// Shared with the HTTP server: ready once the catalog is loaded and partitions are assigned.
-#[derive(Debug, Default)]
-pub struct Health {
+/// The running job as the HTTP server sees it: readiness, the input
+/// partitions this instance owns, and interactive queries of its local state.
+#[derive(Debug)]
+pub struct JobHandle {
     catalog_loaded: AtomicBool,
-    assigned: AtomicUsize,
+    assignment: watch::Sender<Assignment>,
+    /// The engine thread's queue while the job runs; queries wait their turn
+    /// between batches, so they see every event applied before them.
+    engine: Mutex<Option<mpsc::WeakSender<Work>>>,
 }
 
-impl Health {
+impl Default for JobHandle {
+    fn default() -> Self {
+        JobHandle {
+            catalog_loaded: AtomicBool::new(false),
+            assignment: watch::channel(Assignment::default()).0,
+            engine: Mutex::new(None),
+        }
+    }
+}
+
+/// Why a query could not be answered here.
+#[derive(Debug, thiserror::Error)]
+pub enum QueryError {
+    #[error("the engine is not running")]
+    NotRunning,
+    #[error("input partition {partition} is not owned by this instance")]
+    NotOwned { partition: u32 },
+    #[error("the input topic's partition count is not known yet")]
+    NoPartitions,
+    #[error("engine: {0}")]
+    Engine(String),
+}
+
+/// A user's outputs computed from this instance's state.
+#[derive(Debug)]
+pub struct UserView {
+    pub partition: u32,
+    /// False for a user without any state: the outputs are cold-start rows.
+    pub known: bool,
+    pub outputs: crate::output::UserOutputs,
+}
+
+impl JobHandle {
     pub fn ready(&self) -> bool {
-        self.catalog_loaded.load(Ordering::Relaxed) && self.assigned.load(Ordering::Relaxed) > 0
+        self.catalog_loaded.load(Ordering::Relaxed)
+            && !self.assignment.borrow().partitions.is_empty()
+    }
+
+    /// Follows the owned input partitions (for the instance announcements).
+    pub fn assignment(&self) -> watch::Receiver<Assignment> {
+        self.assignment.subscribe()
+    }
+
+    /// The user's outputs from this instance's state, as they would be
+    /// published now. `home` is the partition the user's key maps to; a user
+    /// found in another owned partition is answered from there.
+    pub async fn query(&self, user_id: &str, home: u32) -> Result<UserView, QueryError> {
+        let engine = self.engine_queue()?;
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let query = Work::Query {
+            user_id: user_id.to_string(),
+            home,
+            reply,
+        };
+        engine
+            .send(query)
+            .await
+            .map_err(|_| QueryError::NotRunning)?;
+        answer.await.map_err(|_| QueryError::NotRunning)?
+    }
+
+    /// Up to `limit` users with state on this instance (for the live page's picker).
+    pub async fn known_users(&self, limit: usize) -> Result<Vec<String>, QueryError> {
+        let engine = self.engine_queue()?;
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        engine
+            .send(Work::KnownUsers { limit, reply })
+            .await
+            .map_err(|_| QueryError::NotRunning)?;
+        answer.await.map_err(|_| QueryError::NotRunning)?
+    }
+
+    fn engine_queue(&self) -> Result<mpsc::Sender<Work>, QueryError> {
+        self.engine
+            .lock()
+            .expect("not poisoned")
+            .as_ref()
+            .and_then(|w| w.upgrade())
+            .ok_or(QueryError::NotRunning)
+    }
+
+    /// The input topic's partition count, once the job knows it.
+    pub fn partition_count(&self) -> Result<u32, QueryError> {
+        match self.assignment.borrow().partition_count {
+            0 => Err(QueryError::NoPartitions),
+            n => Ok(n),
+        }
     }
 }
 
@@ -148,8 +239,9 @@ pub fn producer(config: &Config) -> Result<FutureProducer, KafkaError> {
 /// engine thread, see [`crate::handover`]), resumes assigned partitions where
 /// the local state says, reports lag and broker outages, tracks the assignment.
 struct EngineContext {
-    health: Arc<Health>,
+    job: Arc<JobHandle>,
     store: Arc<Store>,
+    input_topic: String,
     /// Weak: the engine thread stops when the consume loop drops its sender.
     work_tx: mpsc::WeakSender<Work>,
     /// Set when a handover failed; the consume loop then stops the job.
@@ -303,9 +395,17 @@ impl ConsumerContext for EngineContext {
             metrics::kafka_error("rebalance");
             warn!(%e, "applying the rebalance failed");
         }
-        let n = consumer.assignment().map(|a| a.count()).unwrap_or(0);
-        self.health.assigned.store(n, Ordering::Relaxed);
-        metrics::assigned_partitions(n);
+        let assigned = consumer.assignment().unwrap_or_default();
+        let owned: BTreeSet<u32> = assigned
+            .elements()
+            .iter()
+            .filter(|e| e.topic() == self.input_topic)
+            .map(|e| e.partition().max(0) as u32)
+            .collect();
+        self.job
+            .assignment
+            .send_modify(|a| a.partitions = owned);
+        metrics::assigned_partitions(assigned.count());
     }
 }
 
@@ -325,6 +425,16 @@ enum Work {
     /// Finish and publish everything queued, stop processing, then answer.
     Revoke {
         reply: Reply,
+    },
+    /// An interactive query: the user's outputs from local state.
+    Query {
+        user_id: String,
+        home: u32,
+        reply: tokio::sync::oneshot::Sender<Result<UserView, QueryError>>,
+    },
+    KnownUsers {
+        limit: usize,
+        reply: tokio::sync::oneshot::Sender<Result<Vec<String>, QueryError>>,
     },
 }
 
@@ -356,7 +466,7 @@ const REFRESH_PAGE: usize = 500;
 pub async fn run(
     config: Config,
     catalog: Catalog,
-    health: Arc<Health>,
+    job: Arc<JobHandle>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), PipelineError> {
     if tokio::runtime::Handle::current().runtime_flavor()
@@ -401,10 +511,15 @@ pub async fn run(
     for e in engine.update_catalog(caught_up) {
         warn!(error = %e, "catalog record rejected");
     }
-    health.catalog_loaded.store(true, Ordering::Relaxed);
+    job.catalog_loaded.store(true, Ordering::Relaxed);
     info!(movies = engine.catalog().len(), "catalog loaded");
 
+    let partition_count = input_partition_count(&config).await?;
+    job.assignment
+        .send_modify(|a| a.partition_count = partition_count);
+
     let (work_tx, work_rx) = mpsc::channel::<Work>(STAGE_QUEUE);
+    *job.engine.lock().expect("not poisoned") = Some(work_tx.downgrade());
     let (publish_tx, publish_rx) = mpsc::channel::<Publish>(STAGE_QUEUE);
     let failure = Arc::new(Mutex::new(None));
     let failed = Arc::new(tokio::sync::Notify::new());
@@ -423,8 +538,9 @@ pub async fn run(
             .set("statistics.interval.ms", "5000")
             .set("enable.partition.eof", "false")
             .create_with_context(EngineContext {
-                health: health.clone(),
+                job: job.clone(),
                 store: store.clone(),
+                input_topic: config.topics.interactions.clone(),
                 work_tx: work_tx.downgrade(),
                 failure: failure.clone(),
                 failed: failed.clone(),
@@ -533,6 +649,23 @@ pub async fn run(
     .map_err(|_| PipelineError::EngineGone)??;
     info!("pipeline stopped cleanly");
     Ok(())
+}
+
+/// How many partitions the interactions topic has: a user's partition (for
+/// query routing) follows from it.
+async fn input_partition_count(config: &Config) -> Result<u32, PipelineError> {
+    let client = client_config(config);
+    let topic = config.topics.interactions.clone();
+    let counts = tokio::task::spawn_blocking(move || crate::topics::partition_counts(&client))
+        .await
+        .map_err(|_| PipelineError::EngineGone)?
+        .map_err(|e| PipelineError::Topics(e.to_string()))?;
+    match counts.get(&topic) {
+        Some(&n) => Ok(n as u32),
+        None => Err(PipelineError::Topics(format!(
+            "the interactions topic {topic} does not exist (see `recstream topics apply`)"
+        ))),
+    }
 }
 
 /// One `select!` over incoming records, the batch timer and shutdown.
@@ -648,6 +781,21 @@ pub fn wall_clock_ms() -> i64 {
 }
 
 /// Decodes one input record; anything invalid becomes a rejection, never an error.
+/// One event from the far future would move the event-time watermark and
+/// decay every counter to nothing; the clock only bounds input.
+pub fn check_not_far_future(event: &Interaction, now_ms: i64) -> Result<(), Rejection> {
+    if event.ts > now_ms + MAX_FUTURE_MS {
+        return Err(Rejection {
+            reason: "out_of_range",
+            detail: format!(
+                "field `ts` out of range: {} is more than 24 h in the future",
+                event.ts
+            ),
+        });
+    }
+    Ok(())
+}
+
 pub fn decode(
     source: SourcePos,
     key: Option<&[u8]>,
@@ -665,19 +813,13 @@ pub fn decode(
         }
     } else {
         match decode_interaction(key, payload, max_bytes) {
-            // One event from the far future would move the event-time watermark
-            // and decay every counter to nothing; the clock only bounds input.
-            Ok(event) if event.ts > wall_clock_ms() + MAX_FUTURE_MS => {
-                metrics::event(event.kind.as_str(), "dead_lettered");
-                Body::Invalid(Rejection {
-                    reason: "out_of_range",
-                    detail: format!(
-                        "field `ts` out of range: {} is more than 24 h in the future",
-                        event.ts
-                    ),
-                })
-            }
-            Ok(event) => Body::Event(event),
+            Ok(event) => match check_not_far_future(&event, wall_clock_ms()) {
+                Ok(()) => Body::Event(event),
+                Err(rejection) => {
+                    metrics::event(event.kind.as_str(), "dead_lettered");
+                    Body::Invalid(rejection)
+                }
+            },
             Err(e) => {
                 metrics::event("invalid", "dead_lettered");
                 Body::Invalid(Rejection {
@@ -725,6 +867,19 @@ fn engine_loop(
                 }
             }
             Work::Variants(variants) => engine.set_variants(variants),
+            Work::Query {
+                user_id,
+                home,
+                reply,
+            } => {
+                let _ = reply.send(answer_query(&mut engine, &user_id, home));
+            }
+            Work::KnownUsers { limit, reply } => {
+                let users = engine
+                    .known_users(limit)
+                    .map_err(|e| QueryError::Engine(e.to_string()));
+                let _ = reply.send(users);
+            }
             Work::Assign { partitions, reply } => {
                 let result = handover
                     .assign(&mut engine, &partitions)
@@ -781,6 +936,21 @@ fn engine_loop(
         }
     }
     Ok(engine)
+}
+
+fn answer_query(engine: &mut Engine, user_id: &str, home: u32) -> Result<UserView, QueryError> {
+    let engine_error = |e: EngineError| QueryError::Engine(e.to_string());
+    let (partition, known) = match engine.locate_user(user_id).map_err(engine_error)? {
+        Some(partition) => (partition, true),
+        None if engine.owns(home) => (home, false),
+        None => return Err(QueryError::NotOwned { partition: home }),
+    };
+    let outputs = engine.peek(partition, user_id).map_err(engine_error)?;
+    Ok(UserView {
+        partition,
+        known,
+        outputs,
+    })
 }
 
 struct Producers {

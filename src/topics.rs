@@ -47,6 +47,7 @@ pub enum Role {
     Refresh,
     DeadLetters,
     Changelog,
+    Instances,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -134,7 +135,7 @@ impl TopicDecl {
 /// The declarations in this repository's `topics/`, compiled in so the binary
 /// can apply them from anywhere.
 pub fn builtin() -> Vec<TopicDecl> {
-    const FILES: [(&str, &str); 8] = [
+    const FILES: [(&str, &str); 9] = [
         ("carousels.toml", include_str!("../topics/carousels.toml")),
         ("catalog.toml", include_str!("../topics/catalog.toml")),
         ("changelog.toml", include_str!("../topics/changelog.toml")),
@@ -143,6 +144,7 @@ pub fn builtin() -> Vec<TopicDecl> {
             include_str!("../topics/dead_letters.toml"),
         ),
         ("insights.toml", include_str!("../topics/insights.toml")),
+        ("instances.toml", include_str!("../topics/instances.toml")),
         (
             "interactions.toml",
             include_str!("../topics/interactions.toml"),
@@ -212,6 +214,7 @@ pub fn with_names(mut decls: Vec<TopicDecl>, names: &TopicNames) -> Vec<TopicDec
             Role::Refresh => names.refresh.clone(),
             Role::DeadLetters => names.dead_letters.clone(),
             Role::Changelog => names.changelog.clone(),
+            Role::Instances => names.instances.clone(),
         };
     }
     decls
@@ -305,7 +308,7 @@ mod tests {
     fn the_committed_declarations_are_valid_and_cover_every_role() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("topics");
         let decls = load_dir(&dir).unwrap();
-        assert_eq!(decls.len(), 8);
+        assert_eq!(decls.len(), 9);
         assert_eq!(
             builtin(),
             decls,
