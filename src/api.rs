@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
+use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{MatchedPath, Path, Query, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::Next;
@@ -165,10 +166,11 @@ pub fn load_token(http: &HttpConfig) -> Result<Option<String>, ApiSetupError> {
     let (token, field) = match (std::env::var(TOKEN_ENV), &http.api_token_file) {
         (Ok(t), _) if !t.trim().is_empty() => (t.trim().to_string(), TOKEN_ENV),
         (_, Some(path)) => {
-            let text = std::fs::read_to_string(path).map_err(|source| ApiSetupError::TokenFile {
-                path: path.clone(),
-                source,
-            })?;
+            let text =
+                std::fs::read_to_string(path).map_err(|source| ApiSetupError::TokenFile {
+                    path: path.clone(),
+                    source,
+                })?;
             (text.trim().to_string(), "http.api_token_file")
         }
         _ => {
@@ -187,19 +189,52 @@ pub fn load_token(http: &HttpConfig) -> Result<Option<String>, ApiSetupError> {
 
 // ---------------------------------------------------------------- responses
 
-fn error(status: StatusCode, code: &str, detail: impl Into<String>) -> Response {
-    (status, Json(json!({ "error": code, "detail": detail.into() }))).into_response()
+/// A request the API turns down: `{"error": code, "detail": ...}` with the
+/// status, plus `Retry-After` on 503 and `WWW-Authenticate` on 401.
+#[derive(Debug)]
+struct Refusal {
+    status: StatusCode,
+    code: &'static str,
+    detail: String,
+}
+
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        let body = Json(json!({ "error": self.code, "detail": self.detail }));
+        let mut r = (self.status, body).into_response();
+        let h = r.headers_mut();
+        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+            h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        if self.status == StatusCode::UNAUTHORIZED {
+            h.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        r
+    }
+}
+
+fn refusal(status: StatusCode, code: &'static str, detail: impl Into<String>) -> Refusal {
+    Refusal {
+        status,
+        code,
+        detail: detail.into(),
+    }
+}
+
+fn error(status: StatusCode, code: &'static str, detail: impl Into<String>) -> Response {
+    refusal(status, code, detail).into_response()
 }
 
 fn unavailable(detail: impl Into<String>) -> Response {
-    let mut r = error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", detail);
-    r.headers_mut()
-        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-    r
+    error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", detail)
 }
 
 /// Counts every request by route pattern and status.
-pub async fn record_metrics(matched: Option<MatchedPath>, request: Request, next: Next) -> Response {
+pub async fn record_metrics(
+    matched: Option<MatchedPath>,
+    request: Request,
+    next: Next,
+) -> Response {
     let route = matched
         .as_ref()
         .map(|m| m.as_str().to_string())
@@ -216,9 +251,9 @@ pub async fn record_metrics(matched: Option<MatchedPath>, request: Request, next
 }
 
 /// Checks the bearer token of a write endpoint.
-fn authorize(api: &Api, headers: &HeaderMap) -> Result<(), Response> {
+fn authorize(api: &Api, headers: &HeaderMap) -> Result<(), Refusal> {
     let Some(expected) = &api.token else {
-        return Err(error(
+        return Err(refusal(
             StatusCode::FORBIDDEN,
             "writes_disabled",
             format!("write endpoints are disabled: no API token is configured ({TOKEN_ENV} or http.api_token_file)"),
@@ -230,16 +265,11 @@ fn authorize(api: &Api, headers: &HeaderMap) -> Result<(), Response> {
         .and_then(|v| v.strip_prefix("Bearer "));
     match given {
         Some(g) if constant_time_eq(g.as_bytes(), expected.as_bytes()) => Ok(()),
-        _ => {
-            let mut r = error(
-                StatusCode::UNAUTHORIZED,
-                "unauthorized",
-                "a valid `Authorization: Bearer <token>` header is required",
-            );
-            r.headers_mut()
-                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-            Err(r)
-        }
+        _ => Err(refusal(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "a valid `Authorization: Bearer <token>` header is required",
+        )),
     }
 }
 
@@ -253,7 +283,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 /// `POST /api/track`: one interaction, checked like a record of the topic.
 pub async fn track(State(api): State<Arc<Api>>, headers: HeaderMap, body: Bytes) -> Response {
     if let Err(r) = authorize(&api, &headers) {
-        return r;
+        return r.into_response();
     }
     if body.len() > api.max_event_bytes {
         metrics::api_event("oversized");
@@ -300,7 +330,9 @@ pub async fn track(State(api): State<Arc<Api>>, headers: HeaderMap, body: Bytes)
         Err((e, _)) => {
             metrics::kafka_error("api_produce");
             warn!(%e, "producing a tracked interaction failed");
-            unavailable(format!("the interactions topic did not accept the event: {e}"))
+            unavailable(format!(
+                "the interactions topic did not accept the event: {e}"
+            ))
         }
     }
 }
@@ -308,7 +340,7 @@ pub async fn track(State(api): State<Arc<Api>>, headers: HeaderMap, body: Bytes)
 /// `POST /api/refresh`: `{"user_id": "..."}` or `{"all": true}`.
 pub async fn refresh(State(api): State<Arc<Api>>, headers: HeaderMap, body: Bytes) -> Response {
     if let Err(r) = authorize(&api, &headers) {
-        return r;
+        return r.into_response();
     }
     let command = match parse_refresh(&body, api.max_event_bytes) {
         Ok(c) => c,
@@ -385,8 +417,12 @@ pub async fn send_refresh(
 /// instance's state now; a 307 to the owning instance; or cold-start rows.
 pub async fn user_record(
     State(api): State<Arc<Api>>,
-    Path((user_id, kind)): Path<(String, String)>,
+    path: Result<Path<(String, String)>, PathRejection>,
 ) -> Response {
+    let (user_id, kind) = match path {
+        Ok(Path(p)) => p,
+        Err(e) => return error(StatusCode::BAD_REQUEST, "bad_path", e.body_text()),
+    };
     let kind = match kind.as_str() {
         "recommendations" => OutputKind::Recommendations,
         "carousels" => OutputKind::Carousels,
@@ -400,7 +436,7 @@ pub async fn user_record(
         }
     };
     if let Err(r) = check_user_id(&user_id) {
-        return r;
+        return r.into_response();
     }
     let partitions = match api.job.partition_count() {
         Ok(n) => n,
@@ -409,7 +445,9 @@ pub async fn user_record(
     let home = api.partitioner.partition(user_id.as_bytes(), partitions);
     let view = match api.job.query(&user_id, home).await {
         Ok(v) => v,
-        Err(QueryError::NotOwned { partition }) => return redirect_to_owner(&api, &user_id, partition, kind),
+        Err(QueryError::NotOwned { partition }) => {
+            return redirect_to_owner(&api, &user_id, partition, kind)
+        }
         Err(e @ (QueryError::NotRunning | QueryError::NoPartitions)) => {
             return unavailable(e.to_string())
         }
@@ -476,9 +514,9 @@ fn percent_encode(segment: &str) -> String {
     out
 }
 
-fn check_user_id(user_id: &str) -> Result<(), Response> {
+fn check_user_id(user_id: &str) -> Result<(), Refusal> {
     crate::event::check_id("user_id", user_id)
-        .map_err(|e| error(StatusCode::BAD_REQUEST, e.reason(), e.to_string()))
+        .map_err(|e| refusal(StatusCode::BAD_REQUEST, e.reason(), e.to_string()))
 }
 
 #[derive(Debug, Deserialize)]
@@ -487,8 +525,14 @@ pub struct ListParams {
 }
 
 /// `GET /api/users`: users with state on this instance (the page's picker).
-pub async fn users(State(api): State<Arc<Api>>, Query(params): Query<ListParams>) -> Response {
-    let limit = params.limit.unwrap_or(50);
+pub async fn users(
+    State(api): State<Arc<Api>>,
+    params: Result<Query<ListParams>, QueryRejection>,
+) -> Response {
+    let limit = match params {
+        Ok(Query(p)) => p.limit.unwrap_or(50),
+        Err(e) => return error(StatusCode::BAD_REQUEST, "bad_query", e.body_text()),
+    };
     if !(1..=MAX_LISTED_USERS).contains(&limit) {
         return error(
             StatusCode::BAD_REQUEST,
@@ -519,9 +563,16 @@ pub async fn instances(State(api): State<Arc<Api>>) -> Response {
 /// published for the user from now on (event name: the record kind). The
 /// first event, `ready`, says nothing published later will be missed; `resync`
 /// says some were (the client fell behind) and it should re-read.
-pub async fn stream(State(api): State<Arc<Api>>, Path(user_id): Path<String>) -> Response {
+pub async fn stream(
+    State(api): State<Arc<Api>>,
+    path: Result<Path<String>, PathRejection>,
+) -> Response {
+    let user_id = match path {
+        Ok(Path(u)) => u,
+        Err(e) => return error(StatusCode::BAD_REQUEST, "bad_path", e.body_text()),
+    };
     if let Err(r) = check_user_id(&user_id) {
-        return r;
+        return r.into_response();
     }
     match api.feed.watch(&user_id).await {
         Ok(updates) => Sse::new(events(updates, api.stopping.clone()))
@@ -554,9 +605,9 @@ fn events(
         };
         let event = match received {
             Ok(u) => Event::default().event(u.kind.as_str()).data(&*u.payload),
-            Err(broadcast::error::RecvError::Lagged(n)) => {
-                Event::default().event("resync").data(json!({ "missed": n }).to_string())
-            }
+            Err(broadcast::error::RecvError::Lagged(n)) => Event::default()
+                .event("resync")
+                .data(json!({ "missed": n }).to_string()),
             Err(broadcast::error::RecvError::Closed) => return None,
         };
         Some((Ok(event), (w, stopping)))

@@ -85,16 +85,85 @@ impl EventType {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EventContext {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub device: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub surface: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub carousel_id: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "present_integral",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub position: Option<u32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub variant: Option<String>,
+}
+
+/// An optional field may be absent but never `null`: the schema says so, and
+/// the decoder must accept exactly what the schema accepts.
+fn present<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    T::deserialize(d).map(Some)
+}
+
+/// JSON has numbers, not integers: as in JSON Schema, `52.0` is the integer 52.
+fn integral<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: TryFrom<i128>,
+{
+    use serde::de::{Error, Unexpected, Visitor};
+    struct Integral;
+    impl Visitor<'_> for Integral {
+        type Value = i128;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("an integer")
+        }
+        fn visit_i64<E: Error>(self, v: i64) -> Result<i128, E> {
+            Ok(v.into())
+        }
+        fn visit_u64<E: Error>(self, v: u64) -> Result<i128, E> {
+            Ok(v.into())
+        }
+        fn visit_f64<E: Error>(self, v: f64) -> Result<i128, E> {
+            if v.fract() == 0.0 && v.abs() < 1.8e19 {
+                Ok(v as i128)
+            } else {
+                Err(E::invalid_type(Unexpected::Float(v), &self))
+            }
+        }
+    }
+    let v = d.deserialize_any(Integral)?;
+    T::try_from(v).map_err(|_| D::Error::custom(format!("integer {v} out of range")))
+}
+
+fn present_integral<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: TryFrom<i128>,
+{
+    integral(d).map(Some)
 }
 
 /// A validated interaction.
@@ -117,7 +186,7 @@ pub struct Interaction {
 #[serde(untagged)]
 enum RawUserId {
     Text(String),
-    Number(u64),
+    Number(#[serde(deserialize_with = "integral")] u64),
 }
 
 #[derive(Deserialize)]
@@ -125,13 +194,15 @@ enum RawUserId {
 struct RawInteraction {
     event_id: String,
     user_id: RawUserId,
+    #[serde(deserialize_with = "integral")]
     movie_id: u32,
     #[serde(rename = "type")]
     kind: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     value: Option<f64>,
+    #[serde(deserialize_with = "integral")]
     ts: i64,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     context: Option<EventContext>,
 }
 
@@ -247,7 +318,7 @@ fn out_of_range(field: &'static str, detail: String) -> DecodeError {
 
 /// The rules every id (event, user) follows.
 pub fn check_id(field: &'static str, id: &str) -> Result<(), DecodeError> {
-    if id.is_empty() || id.len() > MAX_ID_LEN {
+    if id.is_empty() || id.chars().count() > MAX_ID_LEN {
         return Err(out_of_range(
             field,
             format!("length must be 1..={MAX_ID_LEN}"),
@@ -302,10 +373,11 @@ fn check_context(ctx: &EventContext) -> Result<(), DecodeError> {
         ("context.variant", &ctx.variant),
     ] {
         if let Some(t) = text {
-            if t.len() > MAX_CONTEXT_STRING {
+            // Characters, as the schema's maxLength counts them.
+            if t.chars().count() > MAX_CONTEXT_STRING {
                 return Err(out_of_range(
                     field,
-                    format!("longer than {MAX_CONTEXT_STRING} bytes"),
+                    format!("longer than {MAX_CONTEXT_STRING} characters"),
                 ));
             }
         }
@@ -317,7 +389,11 @@ fn check_context(ctx: &EventContext) -> Result<(), DecodeError> {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RefreshCommand {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub user_id: Option<String>,
     #[serde(default)]
     pub all: bool,
@@ -358,6 +434,28 @@ mod tests {
         decode_interaction(key, json.as_bytes(), DEFAULT_MAX_EVENT_BYTES)
             .unwrap_err()
             .reason()
+    }
+
+    #[test]
+    fn integral_floats_are_integers_and_nulls_are_not_absent_fields() {
+        let e = ok(
+            r#"{"event_id":"e1","user_id":"u1","movie_id":7.0,"type":"view","ts":1700000000000.0,"context":{"position":3.0}}"#,
+        );
+        assert_eq!((e.movie_id, e.ts), (7, 1_700_000_000_000));
+        assert_eq!(e.context.unwrap().position, Some(3));
+        for bad in [
+            r#"{"event_id":"e1","user_id":"u1","movie_id":7.5,"type":"view","ts":1}"#,
+            r#"{"event_id":"e1","user_id":"u1","movie_id":7,"type":"view","ts":1,"value":null}"#,
+            r#"{"event_id":"e1","user_id":"u1","movie_id":7,"type":"view","ts":1,"context":null}"#,
+            r#"{"event_id":"e1","user_id":"u1","movie_id":7,"type":"view","ts":1,"context":{"device":null}}"#,
+        ] {
+            assert_eq!(reason(Some(b"u1"), bad), "schema_violation", "{bad}");
+        }
+        let numeric = parse_interaction(
+            br#"{"event_id":"e1","user_id":52.0,"movie_id":7,"type":"view","ts":1}"#,
+        )
+        .unwrap();
+        assert_eq!(numeric.user_id, "52");
     }
 
     #[test]

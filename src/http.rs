@@ -26,6 +26,7 @@ pub fn router(api: Arc<Api>) -> Router {
             get(|| asset("text/javascript; charset=utf-8", SCRIPT)),
         )
         .route("/app.css", get(|| asset("text/css; charset=utf-8", STYLE)))
+        .route("/favicon.ico", get(|| asset("image/svg+xml", ICON)))
         .route("/api/openapi.json", get(openapi))
         .route("/api/track", post(api::track))
         .route("/api/refresh", post(api::refresh))
@@ -43,6 +44,7 @@ pub fn router(api: Arc<Api>) -> Router {
 const PAGE: &str = include_str!("web/index.html");
 const SCRIPT: &str = include_str!("web/app.js");
 const STYLE: &str = include_str!("web/app.css");
+const ICON: &str = include_str!("web/icon.svg");
 
 async fn asset(content_type: &'static str, body: &'static str) -> Response {
     (
@@ -128,4 +130,123 @@ pub async fn serve(
             .await
     });
     Ok((bound, handle))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::pipeline::JobHandle;
+    use axum::body::Body;
+    use axum::http::Request;
+    use tower::ServiceExt;
+
+    fn app(token: Option<&str>) -> Router {
+        let config = Config::default();
+        let (_, stopping) = tokio::sync::watch::channel(false);
+        let api = Api::new(
+            &config,
+            Arc::new(JobHandle::default()),
+            token.map(str::to_string),
+            stopping,
+        )
+        .unwrap();
+        router(api)
+    }
+
+    async fn call(
+        app: Router,
+        method: &str,
+        uri: &str,
+        auth: Option<&str>,
+        body: Vec<u8>,
+    ) -> Response {
+        let mut request = Request::builder().method(method).uri(uri);
+        if let Some(a) = auth {
+            request = request.header(header::AUTHORIZATION, a);
+        }
+        app.oneshot(request.body(Body::from(body)).unwrap())
+            .await
+            .unwrap()
+    }
+
+    async fn error_code(response: Response) -> String {
+        let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        v["error"].as_str().unwrap().to_string()
+    }
+
+    #[tokio::test]
+    async fn without_a_token_writes_are_disabled() {
+        let r = call(
+            app(None),
+            "POST",
+            "/api/track",
+            Some("Bearer anything-at-all-x"),
+            b"{}".to_vec(),
+        )
+        .await;
+        assert_eq!(r.status(), StatusCode::FORBIDDEN);
+        assert_eq!(error_code(r).await, "writes_disabled");
+        let r = call(app(None), "POST", "/api/refresh", None, b"{}".to_vec()).await;
+        assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    }
+
+    #[tokio::test]
+    async fn a_wrong_token_or_a_big_body_is_refused() {
+        let token = "0123456789abcdef";
+        let r = call(
+            app(Some(token)),
+            "POST",
+            "/api/track",
+            Some("Bearer 0123456789abcdeX"),
+            b"{}".to_vec(),
+        )
+        .await;
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+        let big = vec![b' '; 65 * 1024];
+        let r = call(
+            app(Some(token)),
+            "POST",
+            "/api/track",
+            Some(&format!("Bearer {token}")),
+            big,
+        )
+        .await;
+        assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
+        let r = call(
+            app(Some(token)),
+            "POST",
+            "/api/track",
+            Some(&format!("Bearer {token}")),
+            b"[1]".to_vec(),
+        )
+        .await;
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+        assert_eq!(error_code(r).await, "schema_violation");
+    }
+
+    #[tokio::test]
+    async fn queries_before_the_job_runs_are_unavailable_not_errors() {
+        let r = call(app(None), "GET", "/api/users/u1/carousels", None, vec![]).await;
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(r.headers()[header::RETRY_AFTER], "1");
+        let r = call(app(None), "GET", "/api/users/u1/nonsense", None, vec![]).await;
+        assert_eq!(r.status(), StatusCode::NOT_FOUND);
+        let r = call(app(None), "GET", "/api/users?limit=0", None, vec![]).await;
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    }
+
+    #[tokio::test]
+    async fn the_page_and_the_bundled_openapi_are_served() {
+        let r = call(app(None), "GET", "/", None, vec![]).await;
+        assert_eq!(r.status(), StatusCode::OK);
+        let r = call(app(None), "GET", "/api/openapi.json", None, vec![]).await;
+        let bytes = axum::body::to_bytes(r.into_body(), 1 << 22).await.unwrap();
+        let doc: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(doc["openapi"], "3.1.0");
+        assert!(doc["components"]["schemas"]["interaction.v1"].is_object());
+    }
 }

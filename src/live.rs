@@ -98,10 +98,7 @@ impl OutputFeed {
     fn consumer(&self) -> Result<StreamConsumer, KafkaError> {
         self.client
             .clone()
-            .set(
-                "group.id",
-                format!("recstream-live-{}", std::process::id()),
-            )
+            .set("group.id", format!("recstream-live-{}", std::process::id()))
             .set("enable.auto.commit", "false")
             .set("enable.partition.eof", "false")
             .set("fetch.wait.max.ms", "50")

@@ -12,7 +12,10 @@ const SCHEMAS: [(&str, &str); 7] = [
         "interaction.v1",
         include_str!("../schemas/interaction.v1.schema.json"),
     ),
-    ("refresh.v1", include_str!("../schemas/refresh.v1.schema.json")),
+    (
+        "refresh.v1",
+        include_str!("../schemas/refresh.v1.schema.json"),
+    ),
     (
         "recommendations.v1",
         include_str!("../schemas/recommendations.v1.schema.json"),
@@ -25,7 +28,10 @@ const SCHEMAS: [(&str, &str); 7] = [
         "insights.v1",
         include_str!("../schemas/insights.v1.schema.json"),
     ),
-    ("common.v1", include_str!("../schemas/common.v1.schema.json")),
+    (
+        "common.v1",
+        include_str!("../schemas/common.v1.schema.json"),
+    ),
     (
         "instance.v1",
         include_str!("../schemas/instance.v1.schema.json"),
@@ -116,10 +122,7 @@ mod tests {
     #[test]
     fn every_schema_file_the_document_names_is_bundled() {
         let mut all = Vec::new();
-        refs(
-            &serde_json::from_str::<Value>(DOCUMENT).unwrap(),
-            &mut all,
-        );
+        refs(&serde_json::from_str::<Value>(DOCUMENT).unwrap(), &mut all);
         for r in all.iter().filter(|r| !r.starts_with('#')) {
             let name = r.split_once(".schema.json").unwrap().0;
             assert!(

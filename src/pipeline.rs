@@ -45,8 +45,8 @@ use crate::engine::{
 };
 use crate::event::{decode_interaction, parse_refresh, Interaction};
 use crate::handover::Handover;
-use crate::routing::Assignment;
 use crate::metrics;
+use crate::routing::Assignment;
 use crate::store::{Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
@@ -402,9 +402,7 @@ impl ConsumerContext for EngineContext {
             .filter(|e| e.topic() == self.input_topic)
             .map(|e| e.partition().max(0) as u32)
             .collect();
-        self.job
-            .assignment
-            .send_modify(|a| a.partitions = owned);
+        self.job.assignment.send_modify(|a| a.partitions = owned);
         metrics::assigned_partitions(assigned.count());
     }
 }

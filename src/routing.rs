@@ -303,7 +303,10 @@ mod tests {
             (b"foobar", -790332482),
             (b"a-little-bit-long-string", -985981536),
             (b"a-little-bit-longer-string", -1486304829),
-            (b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8", -58897971),
+            (
+                b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8",
+                -58897971,
+            ),
         ];
         for (input, expected) in cases {
             assert_eq!(murmur2(input) as i32, expected, "{input:?}");
@@ -387,11 +390,18 @@ mod tests {
         let registry = Registry::new("me", "g", Duration::from_secs(5));
         let a = announcement("a", &[0], 1_000);
         registry.apply("a", Some(&serde_json::to_vec(&a).unwrap()));
-        assert_eq!(registry.owner(0, 1_000).map(|a| a.instance), Some("a".into()));
+        assert_eq!(
+            registry.owner(0, 1_000).map(|a| a.instance),
+            Some("a".into())
+        );
         registry.apply("a", None);
         assert_eq!(registry.owner(0, 1_000), None);
         registry.apply("x", Some(&serde_json::to_vec(&a).unwrap()));
-        assert_eq!(registry.owner(0, 1_000), None, "key and instance must agree");
+        assert_eq!(
+            registry.owner(0, 1_000),
+            None,
+            "key and instance must agree"
+        );
     }
 
     proptest! {

@@ -171,8 +171,8 @@ function card(item, row, position) {
     b.onclick = () => track(el, item, row, position, type, value);
     actions.append(b);
   };
-  button("like", "👍", "Like", "like");
-  button("dislike", "👎", "Dislike", "dislike");
+  button("like", "♥", "Like", "like");
+  button("dislike", "✗", "Dislike", "dislike");
   button("play", "▶", "Play", "play", 60);
   const rate = document.createElement("select");
   rate.className = "rate";
@@ -308,6 +308,7 @@ $("#settings").addEventListener("submit", (e) => {
   if (state.user) { state.versions.carousels = -1; refetch(); }
 });
 
+const initialUser = readHash();
 showWrites();
 loadKnownUsers();
-openUser(readHash());
+openUser(initialUser);
