@@ -15,3 +15,5 @@ trap 'rm -f "$log"' EXIT
 cargo test 2>&1 | tee "$log"
 # One closing line over every test binary above.
 awk '/^test result:/ { p += $4; f += $6 } END { printf "all tests: %d passed, %d failed\n", p, f }' "$log"
+# The live page's browser test keeps its screenshot as an artefact.
+echo "artefacts: ${RECSTREAM_ARTIFACTS:-tests/browser/artifacts}/live_page.png"
