@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
-use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
 use axum::extract::{MatchedPath, Path, Query, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::Next;
@@ -111,13 +111,23 @@ impl Api {
     }
 
     /// Starts following the other instances and announcing this one at
-    /// `http_url` (until `stop` turns true).
-    pub fn start_routing(&self, http_url: String, stop: watch::Receiver<bool>) {
-        tokio::spawn(routing::follow(
+    /// `http_url` until `stop` turns true; the returned task ends once this
+    /// instance's announcement is removed (await it before exiting).
+    pub fn start_routing(
+        &self,
+        http_url: String,
+        stop: watch::Receiver<bool>,
+    ) -> tokio::task::JoinHandle<()> {
+        let (registry, client, topic) = (
             self.registry.clone(),
             self.client.clone(),
             self.topics.instances.clone(),
-        ));
+        );
+        tokio::spawn(async move {
+            if let Err(e) = routing::follow(registry, client, topic).await {
+                warn!(%e, "cannot follow the instances topic: queries for other instances' users get 503");
+            }
+        });
         tokio::spawn(routing::announce(
             self.producer.clone(),
             self.topics.instances.clone(),
@@ -129,7 +139,7 @@ impl Api {
             self.job.assignment(),
             self.announce_interval,
             stop,
-        ));
+        ))
     }
 }
 
@@ -181,7 +191,7 @@ pub fn load_token(http: &HttpConfig) -> Result<Option<String>, ApiSetupError> {
             return Ok(None);
         }
     };
-    if token.len() < MIN_TOKEN_LEN {
+    if token.chars().count() < MIN_TOKEN_LEN {
         return Err(ApiSetupError::TokenTooShort(field));
     }
     Ok(Some(token))
@@ -259,10 +269,13 @@ fn authorize(api: &Api, headers: &HeaderMap) -> Result<(), Refusal> {
             format!("write endpoints are disabled: no API token is configured ({TOKEN_ENV} or http.api_token_file)"),
         ));
     };
+    // The scheme is case-insensitive (RFC 7235).
     let given = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim());
     match given {
         Some(g) if constant_time_eq(g.as_bytes(), expected.as_bytes()) => Ok(()),
         _ => Err(refusal(
@@ -273,6 +286,17 @@ fn authorize(api: &Api, headers: &HeaderMap) -> Result<(), Refusal> {
     }
 }
 
+/// A body over `http.max_body_bytes` (413) or one that could not be read.
+fn body_refused(e: BytesRejection) -> Response {
+    let status = e.status();
+    let code = if status == StatusCode::PAYLOAD_TOO_LARGE {
+        "too_large"
+    } else {
+        "bad_body"
+    };
+    error(status, code, e.body_text())
+}
+
 /// Compares without an early exit, so timing does not leak the token.
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
@@ -281,10 +305,18 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 // ---------------------------------------------------------------- writes
 
 /// `POST /api/track`: one interaction, checked like a record of the topic.
-pub async fn track(State(api): State<Arc<Api>>, headers: HeaderMap, body: Bytes) -> Response {
+pub async fn track(
+    State(api): State<Arc<Api>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
     if let Err(r) = authorize(&api, &headers) {
         return r.into_response();
     }
+    let body = match body {
+        Ok(b) => b,
+        Err(e) => return body_refused(e),
+    };
     if body.len() > api.max_event_bytes {
         metrics::api_event("oversized");
         return error(
@@ -338,10 +370,18 @@ pub async fn track(State(api): State<Arc<Api>>, headers: HeaderMap, body: Bytes)
 }
 
 /// `POST /api/refresh`: `{"user_id": "..."}` or `{"all": true}`.
-pub async fn refresh(State(api): State<Arc<Api>>, headers: HeaderMap, body: Bytes) -> Response {
+pub async fn refresh(
+    State(api): State<Arc<Api>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
     if let Err(r) = authorize(&api, &headers) {
         return r.into_response();
     }
+    let body = match body {
+        Ok(b) => b,
+        Err(e) => return body_refused(e),
+    };
     let command = match parse_refresh(&body, api.max_event_bytes) {
         Ok(c) => c,
         Err(e) => return error(StatusCode::BAD_REQUEST, e.reason(), e.to_string()),
@@ -448,9 +488,12 @@ pub async fn user_record(
         Err(QueryError::NotOwned { partition }) => {
             return redirect_to_owner(&api, &user_id, partition, kind)
         }
-        Err(e @ (QueryError::NotRunning | QueryError::NoPartitions)) => {
-            return unavailable(e.to_string())
-        }
+        Err(
+            e @ (QueryError::NotRunning
+            | QueryError::NoPartitions
+            | QueryError::Busy
+            | QueryError::Timeout(_)),
+        ) => return unavailable(e.to_string()),
         Err(e @ QueryError::Engine(_)) => {
             return error(StatusCode::INTERNAL_SERVER_ERROR, "engine", e.to_string())
         }

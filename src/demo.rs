@@ -143,7 +143,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         let _ = rx.wait_for(|s| *s).await;
     })
     .await?;
-    api.start_routing(
+    let _announcer = api.start_routing(
         crate::api::advertised_url(&config.http, addr),
         stop_rx.clone(),
     );

@@ -125,6 +125,9 @@ pub struct Engine {
     /// Partitions this instance may change (`None`: all, for in-process use).
     /// Records of others are left to their owner.
     owned: Option<BTreeSet<u32>>,
+    /// The item index of the current state, shared by queries until the
+    /// state changes (it ranks the whole catalog: too costly per query).
+    index_cache: Option<Arc<ItemIndex>>,
 }
 
 /// Users whose last published lists the feedback metrics remember.
@@ -163,6 +166,7 @@ impl Engine {
             genre_share_ewma: BTreeMap::new(),
             applied: HashMap::new(),
             owned: None,
+            index_cache: None,
         };
         engine.sum_partitions();
         Ok(engine)
@@ -170,6 +174,7 @@ impl Engine {
 
     /// Recomputes the counters candidates see from the per-partition ones.
     fn sum_partitions(&mut self) {
+        self.index_cache = None;
         let hl = self.config.decay.item_half_lives();
         self.items.clear();
         for part in self.item_parts.values() {
@@ -330,6 +335,7 @@ impl Engine {
 
     /// Applies catalog-topic records (`None` deletes a movie).
     pub fn update_catalog(&mut self, updates: Vec<(u32, Option<CatalogRecord>)>) -> Vec<String> {
+        self.index_cache = None;
         let mut errors = Vec::new();
         for (id, record) in updates {
             match record {
@@ -355,6 +361,7 @@ impl Engine {
 
     /// Applies one micro-batch and computes the outputs of every affected user.
     pub fn process(&mut self, records: Vec<Record>) -> Result<BatchResult, EngineError> {
+        self.index_cache = None;
         let started = Instant::now();
         metrics::batch(records.len());
         let mut result = BatchResult::default();
@@ -472,7 +479,7 @@ impl Engine {
         metrics::stage("apply", started.elapsed().as_secs_f64());
 
         let recompute_started = Instant::now();
-        let index = self.index();
+        let index = self.current_index();
         let mut changes = Changes::default();
         for ((partition, user), state) in users {
             let outputs = self.outputs_for(&index, &user, &state)?;
@@ -536,7 +543,7 @@ impl Engine {
     ) -> Result<RefreshPage, EngineError> {
         let page = self.store.users_page(partition, after, limit)?;
         let last = page.last().map(|(u, _)| u.clone());
-        let index = self.index();
+        let index = self.current_index();
         let mut outputs = Vec::with_capacity(page.len());
         let mut changes = Changes::default();
         for (user, mut state) in page {
@@ -558,19 +565,24 @@ impl Engine {
     /// The outputs a user would get now, without changing any state.
     pub fn peek(&mut self, partition: u32, user_id: &str) -> Result<UserOutputs, EngineError> {
         let state = self.store.user(partition, user_id)?.unwrap_or_default();
-        let index = self.index();
+        let index = self.current_index();
         self.outputs_for(&index, user_id, &state)
     }
 
-    fn index(&self) -> ItemIndex {
-        ItemIndex::build(
+    fn current_index(&mut self) -> Arc<ItemIndex> {
+        if let Some(index) = &self.index_cache {
+            return index.clone();
+        }
+        let index = Arc::new(ItemIndex::build(
             &self.catalog,
             &self.items,
             &self.genres,
             self.watermark,
             self.config.decay.item_half_lives(),
             self.config.lists.candidates_per_source,
-        )
+        ));
+        self.index_cache = Some(index.clone());
+        index
     }
 
     fn outputs_for(

@@ -324,7 +324,11 @@ pub fn check_id(field: &'static str, id: &str) -> Result<(), DecodeError> {
             format!("length must be 1..={MAX_ID_LEN}"),
         ));
     }
-    if id.chars().any(|c| c.is_control() || c.is_whitespace()) {
+    // U+FEFF is whitespace to some regex engines (the schema's `\s`), not to Unicode.
+    if id
+        .chars()
+        .any(|c| c.is_control() || c.is_whitespace() || c == '\u{feff}')
+    {
         return Err(out_of_range(
             field,
             "must not contain whitespace or control characters".into(),

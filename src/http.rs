@@ -35,6 +35,7 @@ pub fn router(api: Arc<Api>) -> Router {
         .route("/api/users/{user_id}/stream", get(api::stream))
         .route("/api/users/{user_id}/{kind}", get(api::user_record))
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .layer(axum::middleware::from_fn(cors))
         .layer(axum::middleware::from_fn(api::record_metrics))
@@ -61,6 +62,14 @@ async fn not_found() -> Response {
     (
         StatusCode::NOT_FOUND,
         Json(serde_json::json!({"error": "not_found", "detail": "no such route (see /api/openapi.json)"})),
+    )
+        .into_response()
+}
+
+async fn method_not_allowed() -> Response {
+    (
+        StatusCode::METHOD_NOT_ALLOWED,
+        Json(serde_json::json!({"error": "method_not_allowed", "detail": "this route does not take that method (see /api/openapi.json)"})),
     )
         .into_response()
 }

@@ -23,6 +23,8 @@ const PER_USER_BUFFER: usize = 64;
 /// The tail stops after this long without watchers.
 const IDLE_STOP: Duration = Duration::from_secs(30);
 const POSITION_TIMEOUT: Duration = Duration::from_secs(15);
+/// Users watched at once per instance (each holds a small channel).
+const MAX_WATCHED_USERS: usize = 10_000;
 
 #[derive(Debug, Clone)]
 pub struct Update {
@@ -35,8 +37,10 @@ pub struct Update {
 pub enum FeedError {
     #[error("kafka: {0}")]
     Kafka(#[from] KafkaError),
-    #[error("the output topics could not be positioned within {0:?}")]
+    #[error("the output topics could not be read from their end within {0:?}")]
     NotPositioned(Duration),
+    #[error("{0} users are watched already")]
+    TooMany(usize),
 }
 
 pub struct OutputFeed {
@@ -69,29 +73,48 @@ impl OutputFeed {
         user_id: &str,
     ) -> Result<broadcast::Receiver<Update>, FeedError> {
         let mut tail = self.tail.lock().await;
-        let receiver = self
-            .watchers
-            .lock()
-            .expect("not poisoned")
-            .entry(user_id.to_string())
-            .or_insert_with(|| broadcast::channel(PER_USER_BUFFER).0)
-            .subscribe();
-        let mut positioned = match tail.as_ref() {
-            Some(p) => p.clone(),
-            None => {
+        let receiver = {
+            let mut watchers = self.watchers.lock().expect("not poisoned");
+            if !watchers.contains_key(user_id) && watchers.len() >= MAX_WATCHED_USERS {
+                return Err(FeedError::TooMany(MAX_WATCHED_USERS));
+            }
+            watchers
+                .entry(user_id.to_string())
+                .or_insert_with(|| broadcast::channel(PER_USER_BUFFER).0)
+                .subscribe()
+        };
+        let started = match tail.as_ref() {
+            Some(p) => Ok(p.clone()),
+            None => self.consumer().map(|consumer| {
                 let (tx, rx) = watch::channel(false);
-                let consumer = self.consumer()?;
                 tokio::spawn(self.clone().run_tail(consumer, tx));
                 *tail = Some(rx.clone());
                 rx
-            }
+            }),
         };
         drop(tail);
-        let waited = tokio::time::timeout(POSITION_TIMEOUT, positioned.wait_for(|p| *p)).await;
-        if matches!(waited, Ok(Ok(_))) {
-            Ok(receiver)
-        } else {
-            Err(FeedError::NotPositioned(POSITION_TIMEOUT))
+        let failure = match started {
+            Ok(mut positioned) => {
+                // Err: the tail gave up (its sender is gone); Elapsed: too slow.
+                match tokio::time::timeout(POSITION_TIMEOUT, positioned.wait_for(|p| *p)).await {
+                    Ok(Ok(_)) => return Ok(receiver),
+                    _ => FeedError::NotPositioned(POSITION_TIMEOUT),
+                }
+            }
+            Err(e) => FeedError::Kafka(e),
+        };
+        drop(receiver);
+        self.forget_unwatched(user_id);
+        Err(failure)
+    }
+
+    fn forget_unwatched(&self, user_id: &str) {
+        let mut watchers = self.watchers.lock().expect("not poisoned");
+        if watchers
+            .get(user_id)
+            .is_some_and(|tx| tx.receiver_count() == 0)
+        {
+            watchers.remove(user_id);
         }
     }
 

@@ -84,7 +84,12 @@ pub struct JobHandle {
     /// The engine thread's queue while the job runs; queries wait their turn
     /// between batches, so they see every event applied before them.
     engine: Mutex<Option<mpsc::WeakSender<Work>>>,
+    pending_queries: tokio::sync::Semaphore,
 }
+
+/// Interactive queries waiting for the engine thread at once; more get 503.
+const MAX_PENDING_QUERIES: usize = 32;
+const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl Default for JobHandle {
     fn default() -> Self {
@@ -92,6 +97,7 @@ impl Default for JobHandle {
             catalog_loaded: AtomicBool::new(false),
             assignment: watch::channel(Assignment::default()).0,
             engine: Mutex::new(None),
+            pending_queries: tokio::sync::Semaphore::new(MAX_PENDING_QUERIES),
         }
     }
 }
@@ -105,6 +111,10 @@ pub enum QueryError {
     NotOwned { partition: u32 },
     #[error("the input topic's partition count is not known yet")]
     NoPartitions,
+    #[error("too many queries are waiting for the engine")]
+    Busy,
+    #[error("the engine did not answer within {0:?} (a partition restore may be running)")]
+    Timeout(Duration),
     #[error("engine: {0}")]
     Engine(String),
 }
@@ -133,29 +143,46 @@ impl JobHandle {
     /// published now. `home` is the partition the user's key maps to; a user
     /// found in another owned partition is answered from there.
     pub async fn query(&self, user_id: &str, home: u32) -> Result<UserView, QueryError> {
-        let engine = self.engine_queue()?;
-        let (reply, answer) = tokio::sync::oneshot::channel();
-        let query = Work::Query {
-            user_id: user_id.to_string(),
+        let user_id = user_id.to_string();
+        self.ask(|reply| Work::Query {
+            user_id,
             home,
             reply,
-        };
-        engine
-            .send(query)
-            .await
-            .map_err(|_| QueryError::NotRunning)?;
-        answer.await.map_err(|_| QueryError::NotRunning)?
+        })
+        .await
     }
 
     /// Up to `limit` users with state on this instance (for the live page's picker).
     pub async fn known_users(&self, limit: usize) -> Result<Vec<String>, QueryError> {
-        let engine = self.engine_queue()?;
+        self.ask(|reply| Work::KnownUsers { limit, reply }).await
+    }
+
+    /// Queues a query between the engine's batches and waits for the answer.
+    /// Bounded in number and time: reads must not stall intake, and a reader
+    /// gets a 503 rather than waiting on a long partition restore.
+    async fn ask<T>(
+        &self,
+        work: impl FnOnce(tokio::sync::oneshot::Sender<Result<T, QueryError>>) -> Work,
+    ) -> Result<T, QueryError> {
+        let _permit = self
+            .pending_queries
+            .try_acquire()
+            .map_err(|_| QueryError::Busy)?;
         let (reply, answer) = tokio::sync::oneshot::channel();
-        engine
-            .send(Work::KnownUsers { limit, reply })
+        let asked = async {
+            let engine = self.engine_queue()?;
+            engine
+                .send(work(reply))
+                .await
+                .map_err(|_| QueryError::NotRunning)?;
+            // Not held while waiting: the engine thread stops when the
+            // consume loop drops the last sender.
+            drop(engine);
+            answer.await.map_err(|_| QueryError::NotRunning)?
+        };
+        tokio::time::timeout(QUERY_TIMEOUT, asked)
             .await
-            .map_err(|_| QueryError::NotRunning)?;
-        answer.await.map_err(|_| QueryError::NotRunning)?
+            .map_err(|_| QueryError::Timeout(QUERY_TIMEOUT))?
     }
 
     fn engine_queue(&self) -> Result<mpsc::Sender<Work>, QueryError> {

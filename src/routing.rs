@@ -131,10 +131,17 @@ impl Registry {
             None => {
                 entries.remove(key);
             }
-            Some(Ok(a)) if a.instance == key && a.schema == INSTANCE_SCHEMA => {
+            Some(Ok(a))
+                if a.instance == key
+                    && a.schema == INSTANCE_SCHEMA
+                    && plausible_url(&a.http_url) =>
+            {
                 entries.insert(key.to_string(), a);
             }
-            Some(Ok(_)) => warn!(key, "instance announcement does not match its key; ignored"),
+            Some(Ok(_)) => warn!(
+                key,
+                "instance announcement does not match its key or has no http(s) URL; ignored"
+            ),
             Some(Err(e)) => warn!(key, %e, "unreadable instance announcement; ignored"),
         }
     }
@@ -163,6 +170,13 @@ impl Registry {
         live.sort_by(|a, b| a.instance.cmp(&b.instance));
         live
     }
+}
+
+/// Clients are redirected to it: an http(s) URL that fits in a header.
+fn plausible_url(url: &str) -> bool {
+    (url.starts_with("http://") || url.starts_with("https://"))
+        && url.len() <= 2048
+        && url.bytes().all(|b| b.is_ascii_graphic())
 }
 
 /// The owner of `partition` among other instances of `group` announced since
@@ -401,6 +415,14 @@ mod tests {
             registry.owner(0, 1_000),
             None,
             "key and instance must agree"
+        );
+        let mut bad_url = announcement("b", &[0], 1_000);
+        bad_url.http_url = "javascript:alert(1)".into();
+        registry.apply("b", Some(&serde_json::to_vec(&bad_url).unwrap()));
+        assert_eq!(
+            registry.owner(0, 1_000),
+            None,
+            "only http(s) URLs are followed"
         );
     }
 

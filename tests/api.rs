@@ -271,6 +271,8 @@ fn schemathesis_finds_no_server_error_or_contract_violation() {
             "SCHEMATHESIS_HOOKS",
             Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/schemathesis_hooks.py"),
         )
+        // Its cache directory stays out of the repository.
+        .current_dir(dir.path())
         .output()
         .expect("run schemathesis (installed by .ci/install.sh)");
     let report = format!(

@@ -274,11 +274,18 @@ async function track(el, item, row, position, type, value) {
   if (value !== undefined) event.value = value;
   el.classList.add("pending");
   state.sentAt = performance.now();
-  const response = await fetch("api/track", {
-    method: "POST",
-    headers: { "content-type": "application/json", authorization: `Bearer ${state.token}` },
-    body: JSON.stringify(event),
-  });
+  let response;
+  try {
+    response = await fetch("api/track", {
+      method: "POST",
+      headers: { "content-type": "application/json", authorization: `Bearer ${state.token}` },
+      body: JSON.stringify(event),
+    });
+  } catch (e) {
+    el.classList.remove("pending");
+    $("#last-update").textContent = `${type} not sent: ${e.message}`;
+    return;
+  }
   if (!response.ok) {
     el.classList.remove("pending");
     const body = await response.json().catch(() => ({}));
