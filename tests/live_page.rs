@@ -1,6 +1,6 @@
 //! The live page in a real browser (Debian's Chromium driven by Playwright)
 //! against the engine and the real tansu broker: liking several titles of one
-//! genre brings that genre's row to the top of the genre rows, and the liked
+//! genre brings that genre's row to the top (below "Top picks"), and the liked
 //! titles leave the rows, each update arriving by server-sent events. The
 //! screenshot is kept as a CI artefact (`tests/browser/artifacts/`, or
 //! `$RECSTREAM_ARTIFACTS`).

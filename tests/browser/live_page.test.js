@@ -43,9 +43,12 @@ async function main() {
       liked.push(id);
     }
     await page.waitForFunction(
+      // Top picks always lead; the genre's row comes right after them.
       (g) => {
-        const first = document.querySelector('section.row[data-kind="genre"]');
-        return first && first.dataset.rowId === `genre:${g}`;
+        const rows = [...document.querySelectorAll("section.row")].map((r) => r.dataset.rowId);
+        const firstGenre = document.querySelector('section.row[data-kind="genre"]');
+        return firstGenre && firstGenre.dataset.rowId === `genre:${g}` &&
+          rows.indexOf(`genre:${g}`) <= 1;
       },
       genre,
       { timeout: 10000 },
