@@ -3,32 +3,13 @@
 # interactive queries, the intake, and like-to-event-stream freshness (what the
 # live page sees). USERS users get state from EVENTS loadgen events first.
 # Usage: benches/api.sh   (env: EVENTS, USERS)
-set -euo pipefail
-cd "$(dirname "$0")/.."
-bash .ci/install.sh >/dev/null
-export PATH="$HOME/.cargo/bin:$PATH"
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/recstream/target}"
-cargo build --release --quiet --bin recstream
-BIN="$CARGO_TARGET_DIR/release/recstream"
+source "$(dirname "$0")/broker.sh"
 
 EVENTS=${EVENTS:-50000}
 USERS=${USERS:-5000}
 CATALOG=src/demo/catalog.csv
 MOVIES=$(($(wc -l <"$CATALOG") - 1))
 TOKEN="bench-token-$(head -c 8 /dev/urandom | od -An -tx1 | tr -d ' \n')"
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-work=$(mktemp -d)
-kport=$(free_port)
-tansu broker --listener-url "tcp://127.0.0.1:$kport" --advertised-listener-url "tcp://127.0.0.1:$kport" \
-  --storage-engine memory://tansu/ >"$work/tansu.log" 2>&1 &
-TANSU=$!
-ENGINE=""
-cleanup() { [ -n "$ENGINE" ] && kill "$ENGINE" 2>/dev/null; kill "$TANSU" 2>/dev/null; wait 2>/dev/null; rm -rf "$work"; }
-trap cleanup EXIT
-for _ in $(seq 100); do (echo >"/dev/tcp/127.0.0.1/$kport") 2>/dev/null && break; sleep 0.1; done
-brokers="127.0.0.1:$kport"
-"$BIN" topics apply --brokers "$brokers" >/dev/null
 
 hport=$(free_port)
 RECSTREAM_API_TOKEN="$TOKEN" "$BIN" run --brokers "$brokers" --catalog "$CATALOG" --state-dir "$work/state" \

@@ -9,13 +9,7 @@
 #      group after the first stops; it restores every partition's state from the
 #      changelog topic. Reports restore seconds and seconds per 100k users.
 # Usage: benches/flood.sh   (env: EVENTS, USERS, CATALOG)
-set -euo pipefail
-cd "$(dirname "$0")/.."
-bash .ci/install.sh >/dev/null
-export PATH="$HOME/.cargo/bin:$PATH"
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/recstream/target}"
-cargo build --release --quiet --bin recstream
-BIN="$CARGO_TARGET_DIR/release/recstream"
+source "$(dirname "$0")/broker.sh"
 
 EVENTS=${EVENTS:-1000000}
 USERS=${USERS:-100000}
@@ -25,18 +19,6 @@ if [ ! -f "$CATALOG" ]; then
   exit 1
 fi
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-work=$(mktemp -d)
-kport=$(free_port)
-tansu broker --listener-url "tcp://127.0.0.1:$kport" --advertised-listener-url "tcp://127.0.0.1:$kport" \
-  --storage-engine memory://tansu/ >"$work/tansu.log" 2>&1 &
-TANSU=$!
-ENGINE=""
-cleanup() { [ -n "$ENGINE" ] && kill "$ENGINE" 2>/dev/null; kill "$TANSU" 2>/dev/null; wait 2>/dev/null; rm -rf "$work"; }
-trap cleanup EXIT
-for _ in $(seq 100); do (echo >"/dev/tcp/127.0.0.1/$kport") 2>/dev/null && break; sleep 0.1; done
-brokers="127.0.0.1:$kport"
-"$BIN" topics apply --brokers "$brokers" >/dev/null
 
 metric() { # sum of a metric's samples (optionally filtered by a label regex)
   curl -sf "http://127.0.0.1:$1/metrics" | awk -v m="$2" -v f="${3:-}" \

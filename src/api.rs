@@ -286,15 +286,23 @@ fn authorize(api: &Api, headers: &HeaderMap) -> Result<(), Refusal> {
     }
 }
 
-/// A body over `http.max_body_bytes` (413) or one that could not be read.
-fn body_refused(e: BytesRejection) -> Response {
-    let status = e.status();
-    let code = if status == StatusCode::PAYLOAD_TOO_LARGE {
-        "too_large"
-    } else {
-        "bad_body"
-    };
-    error(status, code, e.body_text())
+/// A write endpoint's body, once the token is checked: a body over
+/// `http.max_body_bytes` is refused (413), as is one that could not be read.
+fn authorized_body(
+    api: &Api,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Bytes, Refusal> {
+    authorize(api, headers)?;
+    body.map_err(|e| {
+        let status = e.status();
+        let code = if status == StatusCode::PAYLOAD_TOO_LARGE {
+            "too_large"
+        } else {
+            "bad_body"
+        };
+        refusal(status, code, e.body_text())
+    })
 }
 
 /// Compares without an early exit, so timing does not leak the token.
@@ -310,12 +318,9 @@ pub async fn track(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    if let Err(r) = authorize(&api, &headers) {
-        return r.into_response();
-    }
-    let body = match body {
+    let body = match authorized_body(&api, &headers, body) {
         Ok(b) => b,
-        Err(e) => return body_refused(e),
+        Err(r) => return r.into_response(),
     };
     if body.len() > api.max_event_bytes {
         metrics::api_event("oversized");
@@ -375,12 +380,9 @@ pub async fn refresh(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    if let Err(r) = authorize(&api, &headers) {
-        return r.into_response();
-    }
-    let body = match body {
+    let body = match authorized_body(&api, &headers, body) {
         Ok(b) => b,
-        Err(e) => return body_refused(e),
+        Err(r) => return r.into_response(),
     };
     let command = match parse_refresh(&body, api.max_event_bytes) {
         Ok(c) => c,

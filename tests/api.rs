@@ -40,6 +40,20 @@ fn api_config(dir: &Path, brokers: &str, catalog: &Path, port: u16, group: &str)
     config
 }
 
+/// A broker, the topics and one engine with the API token, ready.
+fn one_engine(dir: &Path, group: &str) -> (Broker, EngineProcess, u16) {
+    let broker = Broker::start_memory();
+    let catalog = synthetic_catalog(dir, &GENRES, 10);
+    let port = free_port();
+    let config = api_config(dir, &broker.bootstrap(), &catalog, port, group);
+    recstream(&["topics", "apply", "--config", config.to_str().unwrap()]);
+    let engine = EngineProcess::spawn(&config, dir.join("engine.log"));
+    await_ready(port, || {
+        format!("{}\n{}", engine.log_text(), engine_progress(port))
+    });
+    (broker, engine, port)
+}
+
 fn event(id: &str, user: &str, movie: u32, kind: &str) -> Value {
     json!({"event_id": id, "user_id": user, "movie_id": movie, "type": kind,
            "ts": now_ms() - 60_000, "context": {"device": "test"}})
@@ -113,14 +127,8 @@ fn next_streamed(
 #[test]
 fn intake_queries_refresh_and_live_stream() {
     let dir = tempfile::tempdir().unwrap();
-    let broker = Broker::start_memory();
-    let catalog = synthetic_catalog(dir.path(), &GENRES, 10);
-    let port = free_port();
-    let config = api_config(dir.path(), &broker.bootstrap(), &catalog, port, "api");
-    recstream(&["topics", "apply", "--config", config.to_str().unwrap()]);
-    let engine = EngineProcess::spawn(&config, dir.path().join("engine.log"));
+    let (_broker, engine, port) = one_engine(dir.path(), "api");
     let log = || format!("{}\n{}", engine.log_text(), engine_progress(port));
-    await_ready(port, log);
 
     // A user without state: cold-start rows, clearly marked.
     let cold = http_request(port, "GET", "/api/users/nobody/recommendations", &[], b"");
@@ -249,14 +257,8 @@ fn intake_queries_refresh_and_live_stream() {
 #[test]
 fn schemathesis_finds_no_server_error_or_contract_violation() {
     let dir = tempfile::tempdir().unwrap();
-    let broker = Broker::start_memory();
-    let catalog = synthetic_catalog(dir.path(), &GENRES, 10);
-    let port = free_port();
-    let config = api_config(dir.path(), &broker.bootstrap(), &catalog, port, "contract");
-    recstream(&["topics", "apply", "--config", config.to_str().unwrap()]);
-    let engine = EngineProcess::spawn(&config, dir.path().join("engine.log"));
+    let (_broker, engine, port) = one_engine(dir.path(), "contract");
     let log = || format!("{}\n{}", engine.log_text(), engine_progress(port));
-    await_ready(port, log);
 
     let out = std::process::Command::new("python3")
         .args(["-m", "schemathesis.cli", "run"])

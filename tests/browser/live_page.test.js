@@ -28,7 +28,12 @@ async function main() {
     const liked = [];
     const latencies = [];
     for (let i = 0; i < LIKES; i++) {
-      const card = page.locator(`.card[data-genre-list*="|${genre}|"]:not(.pending)`).first();
+      // Titles of that genre alone where the rows show some, so that the
+      // genre's weight (not a co-genre's) is what the likes raise most.
+      const only = page.locator(`.card[data-genre-list="|${genre}|"]:not(.pending)`);
+      const card = (await only.count()) > 0
+        ? only.first()
+        : page.locator(`.card[data-genre-list*="|${genre}|"]:not(.pending)`).first();
       await card.waitFor({ timeout: 10000 });
       const id = await card.getAttribute("data-movie-id");
       const started = Date.now();
@@ -59,6 +64,12 @@ async function main() {
       liked,
     );
     if (stillShown.length) throw new Error(`liked titles still shown: ${stillShown}`);
+    // The insights record arrives on its own event, just after the rows.
+    await page.waitForFunction(
+      (g) => document.querySelector("#genre-bars .bar")?.dataset.genre === g,
+      genre,
+      { timeout: 10000 },
+    );
     const topBar = await page.getAttribute("#genre-bars .bar", "data-genre");
     await page.screenshot({ path: screenshot, fullPage: true });
     console.log(JSON.stringify({ ok: true, liked, latencies_ms: latencies, rows_before: rowsBefore, rows_after: rowsAfter, top_taste: topBar }));

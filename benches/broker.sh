@@ -1,0 +1,24 @@
+# Sourced by the benchmark scripts: builds the release engine, starts a tansu
+# broker on a free port with the declared topics, and cleans up on exit.
+# Sets BIN, work (a scratch directory), brokers, and free_port; a script sets
+# ENGINE to its engine's pid so that the cleanup stops it too.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+bash .ci/install.sh >/dev/null
+export PATH="$HOME/.cargo/bin:$PATH"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/recstream/target}"
+cargo build --release --quiet --bin recstream
+BIN="$CARGO_TARGET_DIR/release/recstream"
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+work=$(mktemp -d)
+kport=$(free_port)
+tansu broker --listener-url "tcp://127.0.0.1:$kport" --advertised-listener-url "tcp://127.0.0.1:$kport" \
+  --storage-engine memory://tansu/ >"$work/tansu.log" 2>&1 &
+TANSU=$!
+ENGINE=""
+cleanup() { [ -n "$ENGINE" ] && kill "$ENGINE" 2>/dev/null; kill "$TANSU" 2>/dev/null; wait 2>/dev/null; rm -rf "$work"; }
+trap cleanup EXIT
+for _ in $(seq 100); do (echo >"/dev/tcp/127.0.0.1/$kport") 2>/dev/null && break; sleep 0.1; done
+brokers="127.0.0.1:$kport"
+"$BIN" topics apply --brokers "$brokers" >/dev/null
