@@ -87,7 +87,7 @@ impl Api {
                 &config.kafka.group_id,
                 announce_interval,
             )),
-            feed: OutputFeed::new(client.clone(), &config.topics),
+            feed: OutputFeed::new(client.clone(), &config.topics, stopping.clone()),
             producer: pipeline::producer(config)?,
             client,
             topics: config.topics.clone(),
@@ -111,24 +111,19 @@ impl Api {
     }
 
     /// Starts following the other instances and announcing this one at
-    /// `http_url` until `stop` turns true; the returned task ends once this
-    /// instance's announcement is removed (await it before exiting).
-    pub fn start_routing(
-        &self,
-        http_url: String,
-        stop: watch::Receiver<bool>,
-    ) -> tokio::task::JoinHandle<()> {
+    /// `http_url` until `stop` turns true (then see [`Routing::finish`]).
+    pub fn start_routing(&self, http_url: String, stop: watch::Receiver<bool>) -> Routing {
         let (registry, client, topic) = (
             self.registry.clone(),
             self.client.clone(),
             self.topics.instances.clone(),
         );
-        tokio::spawn(async move {
+        let follow = tokio::spawn(async move {
             if let Err(e) = routing::follow(registry, client, topic).await {
                 warn!(%e, "cannot follow the instances topic: queries for other instances' users get 503");
             }
         });
-        tokio::spawn(routing::announce(
+        let announce = tokio::spawn(routing::announce(
             self.producer.clone(),
             self.topics.instances.clone(),
             Identity {
@@ -139,7 +134,25 @@ impl Api {
             self.job.assignment(),
             self.announce_interval,
             stop,
-        ))
+        ));
+        Routing { announce, follow }
+    }
+}
+
+/// The routing tasks of a running instance.
+pub struct Routing {
+    announce: tokio::task::JoinHandle<()>,
+    follow: tokio::task::JoinHandle<()>,
+}
+
+impl Routing {
+    /// After the stop signal: waits (up to 5 s) until this instance's
+    /// announcement is removed, so nobody is sent here any more, then stops
+    /// following the others.
+    pub async fn finish(self) {
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.announce).await;
+        self.follow.abort();
+        let _ = self.follow.await;
     }
 }
 

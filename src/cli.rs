@@ -198,7 +198,7 @@ pub async fn run_engine(config: Config) -> Result<()> {
         eprintln!("second signal: exiting immediately");
         std::process::exit(130);
     });
-    let mut announcer = None;
+    let mut routing = None;
     if !config.http.listen.is_empty() {
         let addr = config.http.listen.parse().context("`http.listen`")?;
         let token = crate::api::load_token(&config.http)?;
@@ -211,16 +211,15 @@ pub async fn run_engine(config: Config) -> Result<()> {
         .with_context(|| format!("binding `http.listen` {addr}"))?;
         let url = crate::api::advertised_url(&config.http, bound);
         info!(%bound, instance = api.instance(), "live page at {url}/, API at {url}/api, metrics at {url}/metrics");
-        announcer = Some(api.start_routing(url, stop_rx.clone()));
+        routing = Some(api.start_routing(url, stop_rx.clone()));
     }
     let mut rx = stop_rx;
     pipeline::run(config, catalog, job, async move {
         let _ = rx.wait_for(|s| *s).await;
     })
     .await?;
-    // The announcement's removal, so that nobody is sent here any more.
-    if let Some(task) = announcer {
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), task).await;
+    if let Some(routing) = routing {
+        routing.finish().await;
     }
     Ok(())
 }

@@ -139,11 +139,11 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     let token = random_token()?;
     let api = crate::api::Api::new(&config, job.clone(), Some(token.clone()), stop_rx.clone())?;
     let mut rx = stop_rx.clone();
-    let (addr, _http) = crate::http::serve(config.http.listen.parse()?, api.clone(), async move {
+    let (addr, http) = crate::http::serve(config.http.listen.parse()?, api.clone(), async move {
         let _ = rx.wait_for(|s| *s).await;
     })
     .await?;
-    let _announcer = api.start_routing(
+    let routing = api.start_routing(
         crate::api::advertised_url(&config.http, addr),
         stop_rx.clone(),
     );
@@ -280,6 +280,10 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     }
     let _ = stop_tx.send(true);
     engine.await??;
+    // Every client of the embedded broker closes before it goes away.
+    routing.finish().await;
+    let _ = http.await;
+    drop(api);
     // Close every client before the embedded broker goes away.
     watcher.abort();
     let _ = watcher.await;

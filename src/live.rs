@@ -49,10 +49,16 @@ pub struct OutputFeed {
     watchers: Mutex<HashMap<String, broadcast::Sender<Update>>>,
     /// `Some` while the tail runs: turns true once it reads from the end.
     tail: tokio::sync::Mutex<Option<watch::Receiver<bool>>>,
+    /// Turns true at shutdown: the tail stops with the engine.
+    stopping: watch::Receiver<bool>,
 }
 
 impl OutputFeed {
-    pub fn new(client: ClientConfig, topics: &TopicNames) -> Arc<OutputFeed> {
+    pub fn new(
+        client: ClientConfig,
+        topics: &TopicNames,
+        stopping: watch::Receiver<bool>,
+    ) -> Arc<OutputFeed> {
         Arc::new(OutputFeed {
             client,
             topics: [
@@ -62,6 +68,7 @@ impl OutputFeed {
             ],
             watchers: Mutex::new(HashMap::new()),
             tail: tokio::sync::Mutex::new(None),
+            stopping,
         })
     }
 
@@ -149,8 +156,11 @@ impl OutputFeed {
         }
         let mut idle_since: Option<tokio::time::Instant> = None;
         let mut sweep = tokio::time::interval(Duration::from_secs(5));
+        let mut stopping = self.stopping.clone();
         loop {
             tokio::select! {
+                // The guard `wait_for` returns must not live across an await.
+                () = async { let _ = stopping.wait_for(|s| *s).await; } => break,
                 received = consumer.recv() => match received {
                     Ok(m) => self.forward(m.topic(), m.key(), m.payload()),
                     Err(e) => {
@@ -172,6 +182,8 @@ impl OutputFeed {
                 }
             }
         }
+        // Shutdown: the consumer closes here, before the engine's clients.
+        *self.tail.lock().await = None;
     }
 
     fn forward(&self, topic: &str, key: Option<&[u8]>, payload: Option<&[u8]>) {
