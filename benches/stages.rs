@@ -188,19 +188,31 @@ fn bench(c: &mut Criterion) {
         recstream::ncf::serve::NcfModel::load(&run.files.onnx, Default::default()).unwrap(),
     );
     let mut g = c.benchmark_group("ncf");
-    let n = 500;
-    let vectors: Vec<f32> = (0..n).flat_map(|_| model.prior("x").to_vec()).collect();
-    let idx: Vec<i64> = (0..n as i64)
-        .map(|i| (i * 7919) % model.card.item_ids.len() as i64)
-        .collect();
-    g.throughput(Throughput::Elements(n as u64));
-    g.bench_function("tract_score_batch_500_pairs", |b| {
-        b.iter(|| {
-            model
-                .score_pairs(black_box(&vectors), black_box(&idx))
-                .unwrap()
-        })
-    });
+    let prior = model.prior("x").to_vec();
+    for n in [1usize, 100, 500] {
+        let vectors: Vec<f32> = (0..n).flat_map(|_| prior.iter().copied()).collect();
+        let idx: Vec<i64> = (0..n as i64)
+            .map(|i| (i * 7919) % model.card.item_ids.len() as i64)
+            .collect();
+        g.throughput(Throughput::Elements(n as u64));
+        // The model's own graph, one user vector per pair.
+        g.bench_function(format!("tract_score_pairs/{n}"), |b| {
+            b.iter(|| {
+                model
+                    .score_pairs(black_box(&vectors), black_box(&idx))
+                    .unwrap()
+            })
+        });
+        // What the engine runs: one user against its candidates, the item
+        // half of the first layer precomputed.
+        g.bench_function(format!("tract_serving_one_user/{n}"), |b| {
+            b.iter(|| {
+                model
+                    .score_user(black_box(&prior), black_box(&idx))
+                    .unwrap()
+            })
+        });
+    }
     let mut state = engine.store().user(0, "u7").unwrap().unwrap_or_default();
     g.throughput(Throughput::Elements(1));
     g.bench_function("fold_in_one_user", |b| {

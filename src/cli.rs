@@ -58,6 +58,8 @@ pub enum Command {
     Train(TrainArgs),
     /// Evaluate NCF against baselines and peers on MovieLens; writes a markdown table.
     Eval(crate::ncf::bench::EvalArgs),
+    /// Time tract's NCF scoring on random models of MovieLens sizes (see benches/scoring.sh).
+    BenchScoring(crate::ncf::scoring::ScoringArgs),
     /// Validate a config file and print it with every default filled in.
     CheckConfig {
         #[arg(long)]
@@ -174,6 +176,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Loadgen(args) => crate::loadgen::run(args).await,
         Command::Train(args) => train(args),
         Command::Eval(args) => crate::ncf::bench::run(&args),
+        Command::BenchScoring(args) => crate::ncf::scoring::run(&args),
         Command::CheckConfig { config } => {
             let config = Config::from_file(&config)?;
             print!("{}", toml::to_string_pretty(&config)?);

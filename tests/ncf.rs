@@ -244,6 +244,33 @@ fn the_engine_folds_new_users_in_from_their_first_event() {
     );
 }
 
+/// The serving form (one user, the item half of the first layer precomputed)
+/// scores exactly what the model does.
+#[test]
+fn the_serving_form_scores_what_the_model_scores() {
+    let catalog = demo_catalog();
+    let data = synthetic::interactions(&catalog, 150, 20, 9);
+    for objective in [Objective::Implicit, Objective::Explicit] {
+        let dir = tempfile::tempdir().unwrap();
+        let run = train(objective, small_config(objective), dir.path(), &data);
+        let model = NcfModel::load(&run.files.onnx, FoldInConfig::default()).unwrap();
+        let mut rng = Rng::new(5);
+        let n_items = model.weights.n_items as u64;
+        for user in 0..20 {
+            let v = model.prior(&format!("u{user}")).to_vec();
+            let items: Vec<i64> = (0..200)
+                .map(|_| (rng.next_u64() % n_items) as i64)
+                .collect();
+            let replicated: Vec<f32> = items.iter().flat_map(|_| v.iter().copied()).collect();
+            let contract = model.score_pairs(&replicated, &items).unwrap();
+            let served = model.score_user(&v, &items).unwrap();
+            for (a, b) in contract.iter().zip(&served) {
+                assert!((a - b).abs() < 1e-5, "{objective:?}: {a} vs {b}");
+            }
+        }
+    }
+}
+
 /// The committed demo model follows the contract and loads.
 #[test]
 fn the_committed_demo_model_loads_and_scores() {

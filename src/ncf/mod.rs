@@ -11,6 +11,7 @@ pub mod foldin;
 pub mod model;
 pub mod onnx;
 pub mod plot;
+pub mod scoring;
 pub mod serve;
 pub mod synthetic;
 pub mod train;

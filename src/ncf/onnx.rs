@@ -242,6 +242,146 @@ pub fn export(weights: &NcfWeights, model_version: &str) -> Vec<u8> {
     model.encode_to_vec()
 }
 
+/// The serving form of a model, for scoring one user's candidates: the same
+/// function as [`export`] for a `user` of shape `[1, user_dim]` (broadcast over
+/// the `N` items), with the item half of the first MLP layer precomputed per
+/// item (`item_mlp · W₁[item rows] + b₁`), so each candidate costs one row
+/// lookup instead of that product. `None` when the first layer is residual
+/// (its input, the concatenation, would be needed per item).
+pub fn export_serving(weights: &NcfWeights) -> Option<Vec<u8>> {
+    let first = weights.layers.first()?;
+    if first.residual {
+        return None;
+    }
+    let (g, m) = (weights.gmf_dim, weights.mlp_dim);
+    let d = weights.user_dim();
+    let n = weights.n_items;
+    let h1 = first.out;
+    let mut init = vec![int_tensor("axis_1", &[1])];
+    let mut nodes = Vec::new();
+    for (name, from, to) in [
+        ("user_gmf", 0, g),
+        ("user_mlp", g, g + m),
+        ("user_bias", g + m, d),
+    ] {
+        init.push(int_tensor(&format!("{name}_from"), &[from as i64]));
+        init.push(int_tensor(&format!("{name}_to"), &[to as i64]));
+        let (f, t) = (format!("{name}_from"), format!("{name}_to"));
+        nodes.push(node("Slice", &["user", &f, &t, "axis_1"], name, vec![]));
+    }
+    // W₁ is [2m][h1]: its first m rows take the user's half, the rest the item's.
+    let item_h1: Vec<f32> = (0..n)
+        .flat_map(|i| {
+            let row = &weights.item_mlp[i * m..(i + 1) * m];
+            (0..h1).map(move |o| {
+                let item_part: f32 = (0..m).map(|k| row[k] * first.w[(m + k) * h1 + o]).sum();
+                item_part + first.b[o]
+            })
+        })
+        .collect();
+    init.push(float_tensor("item_gmf", &[n, g], &weights.item_gmf));
+    init.push(float_tensor("item_h1", &[n, h1], &item_h1));
+    init.push(float_tensor("item_bias", &[n, 1], &weights.item_bias));
+    init.push(float_tensor(
+        "mlp.0.user_weight",
+        &[m, h1],
+        &first.w[..m * h1],
+    ));
+    let gather = |table: &str, out: &str| {
+        node(
+            "Gather",
+            &[table, "item"],
+            out,
+            vec![int_attribute("axis", 0)],
+        )
+    };
+    nodes.push(gather("item_gmf", "item_gmf_rows"));
+    nodes.push(gather("item_h1", "item_h1_rows"));
+    nodes.push(gather("item_bias", "item_bias_rows"));
+    nodes.push(node("Mul", &["user_gmf", "item_gmf_rows"], "gmf", vec![]));
+    nodes.push(node(
+        "MatMul",
+        &["user_mlp", "mlp.0.user_weight"],
+        "z0",
+        vec![],
+    ));
+    nodes.push(node("Add", &["z0", "item_h1_rows"], "zb0", vec![]));
+    nodes.push(node("Relu", &["zb0"], "a0", vec![]));
+    let mut h = "a0".to_string();
+    for (k, l) in weights.layers.iter().enumerate().skip(1) {
+        let (w, b) = (format!("mlp.{k}.weight"), format!("mlp.{k}.bias"));
+        init.push(float_tensor(&w, &[l.inp, l.out], &l.w));
+        init.push(float_tensor(&b, &[l.out], &l.b));
+        let (z, zb, a) = (format!("z{k}"), format!("zb{k}"), format!("a{k}"));
+        nodes.push(node("MatMul", &[&h, &w], &z, vec![]));
+        nodes.push(node("Add", &[&z, &b], &zb, vec![]));
+        nodes.push(node("Relu", &[&zb], &a, vec![]));
+        h = if l.residual {
+            let r = format!("r{k}");
+            nodes.push(node("Add", &[&a, &h], &r, vec![]));
+            r
+        } else {
+            a
+        };
+    }
+    nodes.push(node(
+        "Concat",
+        &["gmf", &h],
+        "features",
+        vec![int_attribute("axis", 1)],
+    ));
+    init.push(float_tensor(
+        "out.weight",
+        &[weights.out_w.len(), 1],
+        &weights.out_w,
+    ));
+    init.push(float_tensor("out.bias", &[1], &[weights.out_b]));
+    nodes.push(node("MatMul", &["features", "out.weight"], "o0", vec![]));
+    nodes.push(node("Add", &["o0", "out.bias"], "o1", vec![]));
+    nodes.push(node("Add", &["o1", "user_bias"], "o2", vec![]));
+    nodes.push(node("Add", &["o2", "item_bias_rows"], "logit", vec![]));
+    match weights.objective {
+        Objective::Implicit => nodes.push(node("Sigmoid", &["logit"], "s", vec![])),
+        Objective::Explicit => {
+            init.push(float_tensor("global_mean", &[1], &[weights.global_mean]));
+            nodes.push(node("Add", &["logit", "global_mean"], "s", vec![]));
+        }
+    }
+    init.push(int_tensor("flat", &[-1]));
+    nodes.push(node("Reshape", &["s", "flat"], "score", vec![]));
+    let model = pb::ModelProto {
+        ir_version: 7,
+        opset_import: vec![pb::OperatorSetIdProto {
+            domain: String::new(),
+            version: OPSET,
+        }],
+        producer_name: "recstream".into(),
+        producer_version: env!("CARGO_PKG_VERSION").into(),
+        doc_string: "NeuMF serving form: one user, many items (built at load, never stored)".into(),
+        graph: Some(pb::GraphProto {
+            name: "neumf-serving".into(),
+            node: nodes,
+            initializer: init,
+            input: vec![
+                value_info(
+                    "user",
+                    pb::tensor_proto::DataType::Float,
+                    &[Ok(1), Ok(d as i64)],
+                ),
+                value_info("item", pb::tensor_proto::DataType::Int64, &[Err("N")]),
+            ],
+            output: vec![value_info(
+                "score",
+                pb::tensor_proto::DataType::Float,
+                &[Err("N")],
+            )],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    Some(model.encode_to_vec())
+}
+
 fn floats(t: &pb::TensorProto) -> Result<Vec<f32>, OnnxError> {
     if t.data_type != pb::tensor_proto::DataType::Float as i32 {
         return Err(OnnxError::Contract(format!("`{}` is not float32", t.name)));

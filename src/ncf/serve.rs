@@ -35,13 +35,17 @@ pub enum ModelError {
     Tract(String),
 }
 
-type Plan = TypedSimplePlan<TypedModel>;
+pub type Plan = TypedSimplePlan<TypedModel>;
 
 /// A loaded model: the tract plan for scoring and the plain weights for fold-in.
 pub struct NcfModel {
     pub card: ModelCard,
     pub weights: NcfWeights,
+    /// The model as given (the contract's graph).
     plan: Plan,
+    /// Its serving form, built from the weights at load (`onnx::export_serving`):
+    /// one user against many items; checked against the card like `plan`.
+    serving: Option<Plan>,
     /// Identifies the model whose space a stored user vector lives in.
     pub model_id: u64,
     items: IdMap<u32>,
@@ -57,6 +61,34 @@ fn read(path: &Path) -> Result<Vec<u8>, ModelError> {
         path: path.display().to_string(),
         source,
     })
+}
+
+/// An ONNX graph, optimised and made runnable by tract.
+pub fn compile(bytes: &[u8]) -> Result<Plan, ModelError> {
+    tract_onnx::onnx()
+        .model_for_read(&mut &bytes[..])
+        .and_then(|m| m.into_optimized())
+        .and_then(|m| m.into_runnable())
+        .map_err(|e| ModelError::Tract(format!("{e:#}")))
+}
+
+/// Runs a scoring graph: `users` is row-major `[user_rows][user_dim]` (one row
+/// per item, or one row for the serving form), `items` the item indices.
+pub fn run_plan(
+    plan: &Plan,
+    users: &[f32],
+    user_rows: usize,
+    items: &[i64],
+) -> Result<Vec<f32>, ModelError> {
+    if items.is_empty() {
+        return Ok(Vec::new());
+    }
+    let tract = |e: TractError| ModelError::Tract(format!("{e:#}"));
+    let dim = users.len() / user_rows.max(1);
+    let user = Tensor::from_shape(&[user_rows, dim], users).map_err(tract)?;
+    let item = Tensor::from_shape(&[items.len()], items).map_err(tract)?;
+    let out = plan.run(tvec!(user.into(), item.into())).map_err(tract)?;
+    Ok(out[0].as_slice::<f32>().map_err(tract)?.to_vec())
 }
 
 impl NcfModel {
@@ -99,11 +131,10 @@ impl NcfModel {
             .chunks_exact(4)
             .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
             .collect();
-        let plan = tract_onnx::onnx()
-            .model_for_read(&mut bytes.as_slice())
-            .and_then(|m| m.into_optimized())
-            .and_then(|m| m.into_runnable())
-            .map_err(|e| ModelError::Tract(format!("{e:#}")))?;
+        let plan = compile(&bytes)?;
+        let serving = onnx::export_serving(&weights)
+            .map(|b| compile(&b))
+            .transpose()?;
         let mut mean_user = vec![0.0f32; d];
         let n = card.user_ids.len().max(1) as f32;
         for row in user_vectors.chunks_exact(d) {
@@ -130,6 +161,7 @@ impl NcfModel {
             card,
             weights,
             plan,
+            serving,
             model_id: hash.0,
             user_vectors,
             mean_user,
@@ -164,16 +196,31 @@ impl NcfModel {
         let scores = self
             .score_pairs(&users, &items)
             .map_err(|e| e.to_string())?;
-        for (c, s) in checks.iter().zip(scores) {
-            // NaN fails too.
-            if (s - c.score).abs().is_nan() || (s - c.score).abs() > PARITY_TOLERANCE {
-                return Err(format!(
-                    "parity check failed: user row {} item {}: the card says {}, tract computes {s}",
-                    c.user_row, c.item, c.score
-                ));
+        for (k, (c, s)) in checks.iter().zip(scores).enumerate() {
+            let served = self
+                .score_user(&users[k * d..(k + 1) * d], &[c.item as i64])
+                .map_err(|e| e.to_string())?[0];
+            for (graph, s) in [("the model", s), ("its serving form", served)] {
+                // NaN fails too.
+                if (s - c.score).abs().is_nan() || (s - c.score).abs() > PARITY_TOLERANCE {
+                    return Err(format!(
+                        "parity check failed: user row {} item {}: the card says {}, tract computes {s} with {graph}",
+                        c.user_row, c.item, c.score
+                    ));
+                }
             }
         }
         Ok(())
+    }
+
+    /// Scores one user's vector against `items` in one tract run, with the
+    /// serving form when the model has one.
+    pub fn score_user(&self, user: &[f32], items: &[i64]) -> Result<Vec<f32>, ModelError> {
+        let Some(serving) = &self.serving else {
+            let users: Vec<f32> = items.iter().flat_map(|_| user.iter().copied()).collect();
+            return self.score_pairs(&users, items);
+        };
+        run_plan(serving, user, 1, items)
     }
 
     pub fn user_dim(&self) -> usize {
@@ -196,19 +243,7 @@ impl NcfModel {
     /// Scores `(user vector, item index)` pairs in one tract run; `users` is
     /// row-major `[items.len()][user_dim]`.
     pub fn score_pairs(&self, users: &[f32], items: &[i64]) -> Result<Vec<f32>, ModelError> {
-        let n = items.len();
-        if n == 0 {
-            return Ok(Vec::new());
-        }
-        let tract = |e: TractError| ModelError::Tract(format!("{e:#}"));
-        let user = Tensor::from_shape(&[n, self.user_dim()], users).map_err(tract)?;
-        let item = Tensor::from_shape(&[n], items).map_err(tract)?;
-        let out = self
-            .plan
-            .run(tvec!(user.into(), item.into()))
-            .map_err(tract)?;
-        let scores = out[0].as_slice::<f32>().map_err(tract)?;
-        Ok(scores.to_vec())
+        run_plan(&self.plan, users, items.len(), items)
     }
 
     /// The user's vector in this model's space: the folded-in one from the
@@ -341,7 +376,8 @@ impl Scorer for NcfScorer {
         }
     }
 
-    /// Scores all of one user's candidates in one tract run; items the model
+    /// Scores all of one user's candidates in one tract run (the serving
+    /// form: the item half of the first layer is precomputed); items the model
     /// does not know get NaN (no NCF signal).
     fn score(
         &self,
@@ -356,14 +392,10 @@ impl Scorer for NcfScorer {
             .enumerate()
             .filter_map(|(k, id)| m.item_index(*id).map(|i| (k, i as i64)))
             .collect();
-        let mut users = Vec::with_capacity(known.len() * user.len());
-        for _ in &known {
-            users.extend_from_slice(user);
-        }
         let indices: Vec<i64> = known.iter().map(|k| k.1).collect();
         let started = Instant::now();
         let scores = m
-            .score_pairs(&users, &indices)
+            .score_user(user, &indices)
             .map_err(|e| ScoreError(e.to_string()))?;
         metrics::inference(started.elapsed().as_secs_f64(), indices.len());
         let mut out = vec![f32::NAN; items.len()];
