@@ -114,6 +114,27 @@ impl NcfWeights {
         Ok(())
     }
 
+    /// The item half of the first MLP layer for every item,
+    /// `item_mlp[i] · W₁[item rows] + b₁`, row-major `[n_items][h₁]`: with it
+    /// a pair's first layer is the user's half plus a row. `None` without
+    /// layers or when the first layer is residual (it needs the whole input).
+    pub fn item_first_layer(&self) -> Option<Vec<f32>> {
+        let first = self.layers.first().filter(|l| !l.residual)?;
+        let (m, h1) = (self.mlp_dim, first.out);
+        let mut table = Vec::with_capacity(self.n_items * h1);
+        for row in self.item_mlp.chunks_exact(m) {
+            let start = table.len();
+            table.extend_from_slice(&first.b);
+            for (k, &x) in row.iter().enumerate() {
+                let w = &first.w[(m + k) * h1..(m + k + 1) * h1];
+                for (t, &wj) in table[start..].iter_mut().zip(w) {
+                    *t += x * wj;
+                }
+            }
+        }
+        Some(table)
+    }
+
     fn trace(&self, user: &[f32], item: usize) -> Trace {
         let (g, m) = (self.gmf_dim, self.mlp_dim);
         let mut h0 = Vec::with_capacity(2 * m);
@@ -152,7 +173,8 @@ impl NcfWeights {
         Trace { acts, pre, logit }
     }
 
-    fn link(&self, logit: f32) -> f32 {
+    /// The score of a logit: sigmoid (implicit) or the global mean plus it.
+    pub fn link(&self, logit: f32) -> f32 {
         match self.objective {
             Objective::Implicit => 1.0 / (1.0 + (-logit).exp()),
             Objective::Explicit => self.global_mean + logit,

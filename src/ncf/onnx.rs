@@ -249,10 +249,8 @@ pub fn export(weights: &NcfWeights, model_version: &str) -> Vec<u8> {
 /// lookup instead of that product. `None` when the first layer is residual
 /// (its input, the concatenation, would be needed per item).
 pub fn export_serving(weights: &NcfWeights) -> Option<Vec<u8>> {
-    let first = weights.layers.first()?;
-    if first.residual {
-        return None;
-    }
+    let item_h1 = weights.item_first_layer()?;
+    let first = &weights.layers[0];
     let (g, m) = (weights.gmf_dim, weights.mlp_dim);
     let d = weights.user_dim();
     let n = weights.n_items;
@@ -270,15 +268,6 @@ pub fn export_serving(weights: &NcfWeights) -> Option<Vec<u8>> {
         nodes.push(node("Slice", &["user", &f, &t, "axis_1"], name, vec![]));
     }
     // W₁ is [2m][h1]: its first m rows take the user's half, the rest the item's.
-    let item_h1: Vec<f32> = (0..n)
-        .flat_map(|i| {
-            let row = &weights.item_mlp[i * m..(i + 1) * m];
-            (0..h1).map(move |o| {
-                let item_part: f32 = (0..m).map(|k| row[k] * first.w[(m + k) * h1 + o]).sum();
-                item_part + first.b[o]
-            })
-        })
-        .collect();
     init.push(float_tensor("item_gmf", &[n, g], &weights.item_gmf));
     init.push(float_tensor("item_h1", &[n, h1], &item_h1));
     init.push(float_tensor("item_bias", &[n, 1], &weights.item_bias));

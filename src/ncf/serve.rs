@@ -46,6 +46,8 @@ pub struct NcfModel {
     /// Its serving form, built from the weights at load (`onnx::export_serving`):
     /// one user against many items; checked against the card like `plan`.
     serving: Option<Plan>,
+    /// [`NcfWeights::item_first_layer`], for fold-in.
+    item_first_layer: Option<Vec<f32>>,
     /// Identifies the model whose space a stored user vector lives in.
     pub model_id: u64,
     items: IdMap<u32>,
@@ -132,6 +134,7 @@ impl NcfModel {
             .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
             .collect();
         let plan = compile(&bytes)?;
+        let item_first_layer = weights.item_first_layer();
         let serving = onnx::export_serving(&weights)
             .map(|b| compile(&b))
             .transpose()?;
@@ -162,6 +165,7 @@ impl NcfModel {
             weights,
             plan,
             serving,
+            item_first_layer,
             model_id: hash.0,
             user_vectors,
             mean_user,
@@ -348,7 +352,14 @@ impl NcfModel {
         let examples = self.examples(user_id, state);
         let prior = self.prior(user_id);
         let start = self.user_vector(user_id, state).to_vec();
-        let folded = foldin::fold_in(&self.weights, prior, &start, &examples, &self.fold_in);
+        let folded = foldin::fold_in(
+            &self.weights,
+            self.item_first_layer.as_deref(),
+            prior,
+            &start,
+            &examples,
+            &self.fold_in,
+        );
         state.latent = folded;
         state.latent_model = self.model_id;
     }
