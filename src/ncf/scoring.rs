@@ -88,7 +88,8 @@ pub fn run(args: &ScoringArgs) -> Result<()> {
         let bytes = onnx::export(&weights, "bench");
         std::fs::write(&path, &bytes).with_context(|| format!("writing {}", path.display()))?;
         let contract = compile(&bytes)?;
-        let serving = compile(&onnx::export_serving(&weights).expect("not residual"))?;
+        let serving_bytes = onnx::export_serving(&weights).expect("not residual");
+        let serving = compile(&serving_bytes)?;
         let d = weights.user_dim();
         let mut rng = Rng::new(11);
         for &batch in &args.batch {
@@ -102,7 +103,15 @@ pub fn run(args: &ScoringArgs) -> Result<()> {
             let one_user = time_per_call(args.seconds, || {
                 super::serve::run_plan(&serving, &users[..d], 1, &items).expect("scores");
             });
-            for (graph, t) in [("tract", pairs), ("tract-serving", one_user)] {
+            let fixed = super::serve::compile_fixed(&serving_bytes, batch)?;
+            let one_user_fixed = time_per_call(args.seconds, || {
+                super::serve::run_plan(&fixed, &users[..d], 1, &items).expect("scores");
+            });
+            for (graph, t) in [
+                ("tract", pairs),
+                ("tract-serving", one_user),
+                ("tract-serving-fixed", one_user_fixed),
+            ] {
                 println!(
                     "{}",
                     serde_json::json!({

@@ -74,6 +74,22 @@ pub fn compile(bytes: &[u8]) -> Result<Plan, ModelError> {
         .map_err(|e| ModelError::Tract(format!("{e:#}")))
 }
 
+/// Like [`compile`], with the symbolic batch size `N` fixed to `n`: tract
+/// then plans every operator for that shape once instead of per call.
+pub fn compile_fixed(bytes: &[u8], n: usize) -> Result<Plan, ModelError> {
+    let tract = |e: TractError| ModelError::Tract(format!("{e:#}"));
+    let model = tract_onnx::onnx()
+        .model_for_read(&mut &bytes[..])
+        .and_then(|m| m.into_typed())
+        .map_err(tract)?;
+    let batch = model.sym("N");
+    model
+        .concretize_dims(&SymbolValues::default().with(&batch, n as i64))
+        .and_then(|m| m.into_optimized())
+        .and_then(|m| m.into_runnable())
+        .map_err(tract)
+}
+
 /// Runs a scoring graph: `users` is row-major `[user_rows][user_dim]` (one row
 /// per item, or one row for the serving form), `items` the item indices.
 pub fn run_plan(
