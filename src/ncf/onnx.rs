@@ -97,98 +97,177 @@ fn value_info(
     }
 }
 
-/// Serialises the model to ONNX bytes; the architecture and `model_version`
-/// go into the model's metadata properties (the model card repeats them).
-pub fn export(weights: &NcfWeights, model_version: &str) -> Vec<u8> {
-    let (g, m) = (weights.gmf_dim, weights.mlp_dim);
-    let d = weights.user_dim();
-    let n = weights.n_items;
-    let mut init = Vec::new();
-    let mut nodes = Vec::new();
-    let axes = int_tensor("axis_1", &[1]);
-    init.push(axes);
-    let mut slice = |name: &str, from: usize, to: usize, nodes: &mut Vec<pb::NodeProto>| {
-        init.push(int_tensor(&format!("{name}_from"), &[from as i64]));
-        init.push(int_tensor(&format!("{name}_to"), &[to as i64]));
-        nodes.push(node(
-            "Slice",
-            &[
-                "user",
-                &format!("{name}_from"),
-                &format!("{name}_to"),
-                "axis_1",
-            ],
-            name,
-            vec![],
-        ));
-    };
-    slice("user_gmf", 0, g, &mut nodes);
-    slice("user_mlp", g, g + m, &mut nodes);
-    slice("user_bias", g + m, d, &mut nodes);
-    init.push(float_tensor("item_gmf", &[n, g], &weights.item_gmf));
-    init.push(float_tensor("item_mlp", &[n, m], &weights.item_mlp));
-    init.push(float_tensor("item_bias", &[n, 1], &weights.item_bias));
-    let gather = |table: &str, out: &str| {
-        node(
+/// Nodes and initializers of a scoring graph, built in order.
+#[derive(Default)]
+struct Graph {
+    init: Vec<pb::TensorProto>,
+    nodes: Vec<pb::NodeProto>,
+}
+
+impl Graph {
+    /// `user_gmf`, `user_mlp` and `user_bias`: slices of the `user` input.
+    fn user_slices(&mut self, weights: &NcfWeights) {
+        let (g, m, d) = (weights.gmf_dim, weights.mlp_dim, weights.user_dim());
+        self.init.push(int_tensor("axis_1", &[1]));
+        for (name, from, to) in [
+            ("user_gmf", 0, g),
+            ("user_mlp", g, g + m),
+            ("user_bias", g + m, d),
+        ] {
+            let (f, t) = (format!("{name}_from"), format!("{name}_to"));
+            self.init.push(int_tensor(&f, &[from as i64]));
+            self.init.push(int_tensor(&t, &[to as i64]));
+            self.nodes
+                .push(node("Slice", &["user", &f, &t, "axis_1"], name, vec![]));
+        }
+    }
+
+    fn gather(&mut self, table: &str, out: &str) {
+        self.nodes.push(node(
             "Gather",
             &[table, "item"],
             out,
             vec![int_attribute("axis", 0)],
-        )
-    };
-    nodes.push(gather("item_gmf", "item_gmf_rows"));
-    nodes.push(gather("item_mlp", "item_mlp_rows"));
-    nodes.push(gather("item_bias", "item_bias_rows"));
-    nodes.push(node("Mul", &["user_gmf", "item_gmf_rows"], "gmf", vec![]));
-    nodes.push(node(
+        ));
+    }
+
+    /// The MLP layers from the `first`-th on, applied to `input`; returns the
+    /// name of the last output.
+    fn tower(&mut self, weights: &NcfWeights, first: usize, input: &str) -> String {
+        let mut h = input.to_string();
+        for (k, l) in weights.layers.iter().enumerate().skip(first) {
+            let (w, b) = (format!("mlp.{k}.weight"), format!("mlp.{k}.bias"));
+            self.init.push(float_tensor(&w, &[l.inp, l.out], &l.w));
+            self.init.push(float_tensor(&b, &[l.out], &l.b));
+            let (z, zb, a) = (format!("z{k}"), format!("zb{k}"), format!("a{k}"));
+            self.nodes.push(node("MatMul", &[&h, &w], &z, vec![]));
+            self.nodes.push(node("Add", &[&z, &b], &zb, vec![]));
+            self.nodes.push(node("Relu", &[&zb], &a, vec![]));
+            h = if l.residual {
+                let r = format!("r{k}");
+                self.nodes.push(node("Add", &[&a, &h], &r, vec![]));
+                r
+            } else {
+                a
+            };
+        }
+        h
+    }
+
+    /// `[gmf, h]·w_out + b_out + user_bias + item_bias`, then the link, as `score`.
+    fn head(&mut self, weights: &NcfWeights, h: &str) {
+        self.nodes.push(node(
+            "Concat",
+            &["gmf", h],
+            "features",
+            vec![int_attribute("axis", 1)],
+        ));
+        self.init.push(float_tensor(
+            "out.weight",
+            &[weights.out_w.len(), 1],
+            &weights.out_w,
+        ));
+        self.init
+            .push(float_tensor("out.bias", &[1], &[weights.out_b]));
+        let nodes = &mut self.nodes;
+        nodes.push(node("MatMul", &["features", "out.weight"], "o0", vec![]));
+        nodes.push(node("Add", &["o0", "out.bias"], "o1", vec![]));
+        nodes.push(node("Add", &["o1", "user_bias"], "o2", vec![]));
+        nodes.push(node("Add", &["o2", "item_bias_rows"], "logit", vec![]));
+        match weights.objective {
+            Objective::Implicit => nodes.push(node("Sigmoid", &["logit"], "s", vec![])),
+            Objective::Explicit => {
+                self.init
+                    .push(float_tensor("global_mean", &[1], &[weights.global_mean]));
+                nodes.push(node("Add", &["logit", "global_mean"], "s", vec![]));
+            }
+        }
+        self.init.push(int_tensor("flat", &[-1]));
+        self.nodes
+            .push(node("Reshape", &["s", "flat"], "score", vec![]));
+    }
+
+    /// The model: inputs `user` `[user_rows, user_dim]` and `item` `[N]`,
+    /// output `score` `[N]`.
+    fn finish(
+        self,
+        name: &str,
+        doc: &str,
+        user_rows: Result<i64, &str>,
+        user_dim: usize,
+        metadata: &[(&str, String)],
+    ) -> Vec<u8> {
+        let model = pb::ModelProto {
+            ir_version: 7,
+            opset_import: vec![pb::OperatorSetIdProto {
+                domain: String::new(),
+                version: OPSET,
+            }],
+            producer_name: "recstream".into(),
+            producer_version: env!("CARGO_PKG_VERSION").into(),
+            model_version: 1,
+            doc_string: doc.into(),
+            metadata_props: metadata
+                .iter()
+                .map(|(k, v)| pb::StringStringEntryProto {
+                    key: format!("{META_PREFIX}{k}"),
+                    value: v.clone(),
+                })
+                .collect(),
+            graph: Some(pb::GraphProto {
+                name: name.into(),
+                node: self.nodes,
+                initializer: self.init,
+                input: vec![
+                    value_info(
+                        "user",
+                        pb::tensor_proto::DataType::Float,
+                        &[user_rows, Ok(user_dim as i64)],
+                    ),
+                    value_info("item", pb::tensor_proto::DataType::Int64, &[Err("N")]),
+                ],
+                output: vec![value_info(
+                    "score",
+                    pb::tensor_proto::DataType::Float,
+                    &[Err("N")],
+                )],
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        model.encode_to_vec()
+    }
+}
+
+/// Serialises the model to ONNX bytes; the architecture and `model_version`
+/// go into the model's metadata properties (the model card repeats them).
+pub fn export(weights: &NcfWeights, model_version: &str) -> Vec<u8> {
+    let (g, m, n) = (weights.gmf_dim, weights.mlp_dim, weights.n_items);
+    let mut graph = Graph::default();
+    graph.user_slices(weights);
+    graph
+        .init
+        .push(float_tensor("item_gmf", &[n, g], &weights.item_gmf));
+    graph
+        .init
+        .push(float_tensor("item_mlp", &[n, m], &weights.item_mlp));
+    graph
+        .init
+        .push(float_tensor("item_bias", &[n, 1], &weights.item_bias));
+    graph.gather("item_gmf", "item_gmf_rows");
+    graph.gather("item_mlp", "item_mlp_rows");
+    graph.gather("item_bias", "item_bias_rows");
+    graph
+        .nodes
+        .push(node("Mul", &["user_gmf", "item_gmf_rows"], "gmf", vec![]));
+    graph.nodes.push(node(
         "Concat",
         &["user_mlp", "item_mlp_rows"],
         "h0",
         vec![int_attribute("axis", 1)],
     ));
-    let mut h = "h0".to_string();
-    for (k, l) in weights.layers.iter().enumerate() {
-        let (w, b) = (format!("mlp.{k}.weight"), format!("mlp.{k}.bias"));
-        init.push(float_tensor(&w, &[l.inp, l.out], &l.w));
-        init.push(float_tensor(&b, &[l.out], &l.b));
-        let (z, zb, a) = (format!("z{k}"), format!("zb{k}"), format!("a{k}"));
-        nodes.push(node("MatMul", &[&h, &w], &z, vec![]));
-        nodes.push(node("Add", &[&z, &b], &zb, vec![]));
-        nodes.push(node("Relu", &[&zb], &a, vec![]));
-        h = if l.residual {
-            let r = format!("r{k}");
-            nodes.push(node("Add", &[&a, &h], &r, vec![]));
-            r
-        } else {
-            a
-        };
-    }
-    nodes.push(node(
-        "Concat",
-        &["gmf", &h],
-        "features",
-        vec![int_attribute("axis", 1)],
-    ));
-    init.push(float_tensor(
-        "out.weight",
-        &[weights.out_w.len(), 1],
-        &weights.out_w,
-    ));
-    init.push(float_tensor("out.bias", &[1], &[weights.out_b]));
-    nodes.push(node("MatMul", &["features", "out.weight"], "o0", vec![]));
-    nodes.push(node("Add", &["o0", "out.bias"], "o1", vec![]));
-    nodes.push(node("Add", &["o1", "user_bias"], "o2", vec![]));
-    nodes.push(node("Add", &["o2", "item_bias_rows"], "logit", vec![]));
-    match weights.objective {
-        Objective::Implicit => nodes.push(node("Sigmoid", &["logit"], "s", vec![])),
-        Objective::Explicit => {
-            init.push(float_tensor("global_mean", &[1], &[weights.global_mean]));
-            nodes.push(node("Add", &["logit", "global_mean"], "s", vec![]));
-        }
-    }
-    init.push(int_tensor("flat", &[-1]));
-    nodes.push(node("Reshape", &["s", "flat"], "score", vec![]));
-
+    let h = graph.tower(weights, 0, "h0");
+    graph.head(weights, &h);
     let residual: Vec<String> = weights
         .layers
         .iter()
@@ -201,92 +280,44 @@ pub fn export(weights: &NcfWeights, model_version: &str) -> Vec<u8> {
         ("residual", residual.join(",")),
         ("model_version", model_version.to_string()),
     ];
-    let model = pb::ModelProto {
-        ir_version: 7,
-        opset_import: vec![pb::OperatorSetIdProto {
-            domain: String::new(),
-            version: OPSET,
-        }],
-        producer_name: "recstream".into(),
-        producer_version: env!("CARGO_PKG_VERSION").into(),
-        model_version: 1,
-        doc_string: "NeuMF (GMF + MLP) recommendation scorer; see models/README.md".into(),
-        metadata_props: metadata
-            .iter()
-            .map(|(k, v)| pb::StringStringEntryProto {
-                key: format!("{META_PREFIX}{k}"),
-                value: v.clone(),
-            })
-            .collect(),
-        graph: Some(pb::GraphProto {
-            name: "neumf".into(),
-            node: nodes,
-            initializer: init,
-            input: vec![
-                value_info(
-                    "user",
-                    pb::tensor_proto::DataType::Float,
-                    &[Err("N"), Ok(d as i64)],
-                ),
-                value_info("item", pb::tensor_proto::DataType::Int64, &[Err("N")]),
-            ],
-            output: vec![value_info(
-                "score",
-                pb::tensor_proto::DataType::Float,
-                &[Err("N")],
-            )],
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
-    model.encode_to_vec()
+    graph.finish(
+        "neumf",
+        "NeuMF (GMF + MLP) recommendation scorer; see models/README.md",
+        Err("N"),
+        weights.user_dim(),
+        &metadata,
+    )
 }
 
 /// The serving form of a model, for scoring one user's candidates: the same
 /// function as [`export`] for a `user` of shape `[1, user_dim]` (broadcast over
 /// the `N` items), with the item half of the first MLP layer precomputed per
-/// item (`item_mlp · W₁[item rows] + b₁`), so each candidate costs one row
+/// item ([`NcfWeights::item_first_layer`]), so each candidate costs one row
 /// lookup instead of that product. `None` when the first layer is residual
 /// (its input, the concatenation, would be needed per item).
 pub fn export_serving(weights: &NcfWeights) -> Option<Vec<u8>> {
     let item_h1 = weights.item_first_layer()?;
     let first = &weights.layers[0];
-    let (g, m) = (weights.gmf_dim, weights.mlp_dim);
-    let d = weights.user_dim();
-    let n = weights.n_items;
-    let h1 = first.out;
-    let mut init = vec![int_tensor("axis_1", &[1])];
-    let mut nodes = Vec::new();
-    for (name, from, to) in [
-        ("user_gmf", 0, g),
-        ("user_mlp", g, g + m),
-        ("user_bias", g + m, d),
-    ] {
-        init.push(int_tensor(&format!("{name}_from"), &[from as i64]));
-        init.push(int_tensor(&format!("{name}_to"), &[to as i64]));
-        let (f, t) = (format!("{name}_from"), format!("{name}_to"));
-        nodes.push(node("Slice", &["user", &f, &t, "axis_1"], name, vec![]));
-    }
+    let (g, m, n, h1) = (weights.gmf_dim, weights.mlp_dim, weights.n_items, first.out);
+    let mut graph = Graph::default();
+    graph.user_slices(weights);
+    graph
+        .init
+        .push(float_tensor("item_gmf", &[n, g], &weights.item_gmf));
+    graph.init.push(float_tensor("item_h1", &[n, h1], &item_h1));
+    graph
+        .init
+        .push(float_tensor("item_bias", &[n, 1], &weights.item_bias));
     // W₁ is [2m][h1]: its first m rows take the user's half, the rest the item's.
-    init.push(float_tensor("item_gmf", &[n, g], &weights.item_gmf));
-    init.push(float_tensor("item_h1", &[n, h1], &item_h1));
-    init.push(float_tensor("item_bias", &[n, 1], &weights.item_bias));
-    init.push(float_tensor(
+    graph.init.push(float_tensor(
         "mlp.0.user_weight",
         &[m, h1],
         &first.w[..m * h1],
     ));
-    let gather = |table: &str, out: &str| {
-        node(
-            "Gather",
-            &[table, "item"],
-            out,
-            vec![int_attribute("axis", 0)],
-        )
-    };
-    nodes.push(gather("item_gmf", "item_gmf_rows"));
-    nodes.push(gather("item_h1", "item_h1_rows"));
-    nodes.push(gather("item_bias", "item_bias_rows"));
+    graph.gather("item_gmf", "item_gmf_rows");
+    graph.gather("item_h1", "item_h1_rows");
+    graph.gather("item_bias", "item_bias_rows");
+    let nodes = &mut graph.nodes;
     nodes.push(node("Mul", &["user_gmf", "item_gmf_rows"], "gmf", vec![]));
     nodes.push(node(
         "MatMul",
@@ -296,79 +327,15 @@ pub fn export_serving(weights: &NcfWeights) -> Option<Vec<u8>> {
     ));
     nodes.push(node("Add", &["z0", "item_h1_rows"], "zb0", vec![]));
     nodes.push(node("Relu", &["zb0"], "a0", vec![]));
-    let mut h = "a0".to_string();
-    for (k, l) in weights.layers.iter().enumerate().skip(1) {
-        let (w, b) = (format!("mlp.{k}.weight"), format!("mlp.{k}.bias"));
-        init.push(float_tensor(&w, &[l.inp, l.out], &l.w));
-        init.push(float_tensor(&b, &[l.out], &l.b));
-        let (z, zb, a) = (format!("z{k}"), format!("zb{k}"), format!("a{k}"));
-        nodes.push(node("MatMul", &[&h, &w], &z, vec![]));
-        nodes.push(node("Add", &[&z, &b], &zb, vec![]));
-        nodes.push(node("Relu", &[&zb], &a, vec![]));
-        h = if l.residual {
-            let r = format!("r{k}");
-            nodes.push(node("Add", &[&a, &h], &r, vec![]));
-            r
-        } else {
-            a
-        };
-    }
-    nodes.push(node(
-        "Concat",
-        &["gmf", &h],
-        "features",
-        vec![int_attribute("axis", 1)],
-    ));
-    init.push(float_tensor(
-        "out.weight",
-        &[weights.out_w.len(), 1],
-        &weights.out_w,
-    ));
-    init.push(float_tensor("out.bias", &[1], &[weights.out_b]));
-    nodes.push(node("MatMul", &["features", "out.weight"], "o0", vec![]));
-    nodes.push(node("Add", &["o0", "out.bias"], "o1", vec![]));
-    nodes.push(node("Add", &["o1", "user_bias"], "o2", vec![]));
-    nodes.push(node("Add", &["o2", "item_bias_rows"], "logit", vec![]));
-    match weights.objective {
-        Objective::Implicit => nodes.push(node("Sigmoid", &["logit"], "s", vec![])),
-        Objective::Explicit => {
-            init.push(float_tensor("global_mean", &[1], &[weights.global_mean]));
-            nodes.push(node("Add", &["logit", "global_mean"], "s", vec![]));
-        }
-    }
-    init.push(int_tensor("flat", &[-1]));
-    nodes.push(node("Reshape", &["s", "flat"], "score", vec![]));
-    let model = pb::ModelProto {
-        ir_version: 7,
-        opset_import: vec![pb::OperatorSetIdProto {
-            domain: String::new(),
-            version: OPSET,
-        }],
-        producer_name: "recstream".into(),
-        producer_version: env!("CARGO_PKG_VERSION").into(),
-        doc_string: "NeuMF serving form: one user, many items (built at load, never stored)".into(),
-        graph: Some(pb::GraphProto {
-            name: "neumf-serving".into(),
-            node: nodes,
-            initializer: init,
-            input: vec![
-                value_info(
-                    "user",
-                    pb::tensor_proto::DataType::Float,
-                    &[Ok(1), Ok(d as i64)],
-                ),
-                value_info("item", pb::tensor_proto::DataType::Int64, &[Err("N")]),
-            ],
-            output: vec![value_info(
-                "score",
-                pb::tensor_proto::DataType::Float,
-                &[Err("N")],
-            )],
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
-    Some(model.encode_to_vec())
+    let h = graph.tower(weights, 1, "a0");
+    graph.head(weights, &h);
+    Some(graph.finish(
+        "neumf-serving",
+        "NeuMF serving form: one user, many items (built at load, never stored)",
+        Ok(1),
+        weights.user_dim(),
+        &[],
+    ))
 }
 
 fn floats(t: &pb::TensorProto) -> Result<Vec<f32>, OnnxError> {
