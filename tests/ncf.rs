@@ -256,14 +256,16 @@ fn the_serving_form_scores_what_the_model_scores() {
         let model = NcfModel::load(&run.files.onnx, FoldInConfig::default()).unwrap();
         let mut rng = Rng::new(5);
         let n_items = model.weights.n_items as u64;
-        for user in 0..20 {
+        // Sizes below, at and between the planned batch sizes, and beyond them.
+        for (user, size) in [1, 16, 17, 200, 512, 1500].into_iter().enumerate() {
             let v = model.prior(&format!("u{user}")).to_vec();
-            let items: Vec<i64> = (0..200)
+            let items: Vec<i64> = (0..size)
                 .map(|_| (rng.next_u64() % n_items) as i64)
                 .collect();
             let replicated: Vec<f32> = items.iter().flat_map(|_| v.iter().copied()).collect();
             let contract = model.score_pairs(&replicated, &items).unwrap();
             let served = model.score_user(&v, &items).unwrap();
+            assert_eq!(served.len(), size);
             for (a, b) in contract.iter().zip(&served) {
                 assert!((a - b).abs() < 1e-5, "{objective:?}: {a} vs {b}");
             }

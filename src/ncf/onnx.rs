@@ -174,6 +174,12 @@ impl Graph {
         nodes.push(node("Add", &["o0", "out.bias"], "o1", vec![]));
         nodes.push(node("Add", &["o1", "user_bias"], "o2", vec![]));
         nodes.push(node("Add", &["o2", "item_bias_rows"], "logit", vec![]));
+        self.link(weights);
+    }
+
+    /// `score` from `logit`: the sigmoid (implicit) or the global mean added.
+    fn link(&mut self, weights: &NcfWeights) {
+        let nodes = &mut self.nodes;
         match weights.objective {
             Objective::Implicit => nodes.push(node("Sigmoid", &["logit"], "s", vec![])),
             Objective::Explicit => {
@@ -301,24 +307,25 @@ pub fn export_serving(weights: &NcfWeights) -> Option<Vec<u8>> {
     let (g, m, n, h1) = (weights.gmf_dim, weights.mlp_dim, weights.n_items, first.out);
     let mut graph = Graph::default();
     graph.user_slices(weights);
+    let item_gb: Vec<f32> = weights
+        .item_gmf
+        .chunks_exact(g)
+        .zip(&weights.item_bias)
+        .flat_map(|(row, bias)| row.iter().chain(std::iter::once(bias)).copied())
+        .collect();
     graph
         .init
-        .push(float_tensor("item_gmf", &[n, g], &weights.item_gmf));
+        .push(float_tensor("item_gb", &[n, g + 1], &item_gb));
     graph.init.push(float_tensor("item_h1", &[n, h1], &item_h1));
-    graph
-        .init
-        .push(float_tensor("item_bias", &[n, 1], &weights.item_bias));
     // W₁ is [2m][h1]: its first m rows take the user's half, the rest the item's.
     graph.init.push(float_tensor(
         "mlp.0.user_weight",
         &[m, h1],
         &first.w[..m * h1],
     ));
-    graph.gather("item_gmf", "item_gmf_rows");
+    graph.gather("item_gb", "item_gb_rows");
     graph.gather("item_h1", "item_h1_rows");
-    graph.gather("item_bias", "item_bias_rows");
     let nodes = &mut graph.nodes;
-    nodes.push(node("Mul", &["user_gmf", "item_gmf_rows"], "gmf", vec![]));
     nodes.push(node(
         "MatMul",
         &["user_mlp", "mlp.0.user_weight"],
@@ -328,7 +335,40 @@ pub fn export_serving(weights: &NcfWeights) -> Option<Vec<u8>> {
     nodes.push(node("Add", &["z0", "item_h1_rows"], "zb0", vec![]));
     nodes.push(node("Relu", &["zb0"], "a0", vec![]));
     let h = graph.tower(weights, 1, "a0");
-    graph.head(weights, &h);
+    // The GMF term and the item's bias in one product per item:
+    // [item_gmf | item_bias] · [user_gmf ⊙ w_gmf | 1]ᵀ; no Concat of features.
+    let l = weights.out_w.len() - g;
+    graph
+        .init
+        .push(float_tensor("out.gmf_weight", &[1, g], &weights.out_w[..g]));
+    graph
+        .init
+        .push(float_tensor("out.mlp_weight", &[l, 1], &weights.out_w[g..]));
+    graph.init.push(float_tensor("one", &[1, 1], &[1.0]));
+    graph
+        .init
+        .push(float_tensor("out.bias", &[1], &[weights.out_b]));
+    graph.init.push(int_tensor("column", &[g as i64 + 1, 1]));
+    let nodes = &mut graph.nodes;
+    nodes.push(node("Mul", &["user_gmf", "out.gmf_weight"], "ug", vec![]));
+    nodes.push(node(
+        "Concat",
+        &["ug", "one"],
+        "ug1",
+        vec![int_attribute("axis", 1)],
+    ));
+    nodes.push(node("Reshape", &["ug1", "column"], "ug1_column", vec![]));
+    nodes.push(node(
+        "MatMul",
+        &["item_gb_rows", "ug1_column"],
+        "gb",
+        vec![],
+    ));
+    nodes.push(node("MatMul", &[&h, "out.mlp_weight"], "mo", vec![]));
+    nodes.push(node("Add", &["user_bias", "out.bias"], "ub", vec![]));
+    nodes.push(node("Add", &["mo", "gb"], "o0", vec![]));
+    nodes.push(node("Add", &["o0", "ub"], "logit", vec![]));
+    graph.link(weights);
     Some(graph.finish(
         "neumf-serving",
         "NeuMF serving form: one user, many items (built at load, never stored)",

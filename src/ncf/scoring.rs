@@ -103,9 +103,9 @@ pub fn run(args: &ScoringArgs) -> Result<()> {
             let one_user = time_per_call(args.seconds, || {
                 super::serve::run_plan(&serving, &users[..d], 1, &items).expect("scores");
             });
-            let fixed = super::serve::compile_fixed(&serving_bytes, batch)?;
+            let fixed = super::serve::compile_fixed(&serving_bytes, &[batch])?;
             let one_user_fixed = time_per_call(args.seconds, || {
-                super::serve::run_plan(&fixed, &users[..d], 1, &items).expect("scores");
+                super::serve::run_plan(&fixed[0].1, &users[..d], 1, &items).expect("scores");
             });
             for (graph, t) in [
                 ("tract", pairs),

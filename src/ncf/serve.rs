@@ -45,7 +45,7 @@ pub struct NcfModel {
     plan: Plan,
     /// Its serving form, built from the weights at load (`onnx::export_serving`):
     /// one user against many items; checked against the card like `plan`.
-    serving: Option<Plan>,
+    serving: Option<Serving>,
     /// [`NcfWeights::item_first_layer`], for fold-in.
     item_first_layer: Option<Vec<f32>>,
     /// Identifies the model whose space a stored user vector lives in.
@@ -74,20 +74,59 @@ pub fn compile(bytes: &[u8]) -> Result<Plan, ModelError> {
         .map_err(|e| ModelError::Tract(format!("{e:#}")))
 }
 
-/// Like [`compile`], with the symbolic batch size `N` fixed to `n`: tract
-/// then plans every operator for that shape once instead of per call.
-pub fn compile_fixed(bytes: &[u8], n: usize) -> Result<Plan, ModelError> {
+/// Like [`compile`], once per batch size in `sizes`, with the symbolic batch
+/// size `N` fixed: tract then plans every operator for that shape once
+/// instead of on every call.
+pub fn compile_fixed(bytes: &[u8], sizes: &[usize]) -> Result<Vec<(usize, Plan)>, ModelError> {
     let tract = |e: TractError| ModelError::Tract(format!("{e:#}"));
     let model = tract_onnx::onnx()
         .model_for_read(&mut &bytes[..])
         .and_then(|m| m.into_typed())
         .map_err(tract)?;
     let batch = model.sym("N");
-    model
-        .concretize_dims(&SymbolValues::default().with(&batch, n as i64))
-        .and_then(|m| m.into_optimized())
-        .and_then(|m| m.into_runnable())
-        .map_err(tract)
+    sizes
+        .iter()
+        .map(|&n| {
+            model
+                .concretize_dims(&SymbolValues::default().with(&batch, n as i64))
+                .and_then(|m| m.into_optimized())
+                .and_then(|m| m.into_runnable())
+                .map(|plan| (n, plan))
+                .map_err(tract)
+        })
+        .collect()
+}
+
+/// Batch sizes the serving form is planned for; a user's candidates are
+/// padded up to the next one (larger sets use the flexible plan).
+const SERVING_BATCHES: [usize; 7] = [16, 32, 64, 128, 256, 512, 1024];
+
+/// The serving form's plans: one per size of [`SERVING_BATCHES`], and one
+/// for any size.
+struct Serving {
+    fixed: Vec<(usize, Plan)>,
+    flexible: Plan,
+}
+
+impl Serving {
+    fn build(bytes: &[u8]) -> Result<Serving, ModelError> {
+        Ok(Serving {
+            fixed: compile_fixed(bytes, &SERVING_BATCHES)?,
+            flexible: compile(bytes)?,
+        })
+    }
+
+    fn score(&self, user: &[f32], items: &[i64]) -> Result<Vec<f32>, ModelError> {
+        let Some((size, plan)) = self.fixed.iter().find(|(size, _)| *size >= items.len()) else {
+            return run_plan(&self.flexible, user, 1, items);
+        };
+        // Padding repeats the first item; its extra scores are dropped.
+        let mut padded = items.to_vec();
+        padded.resize(*size, items.first().copied().unwrap_or(0));
+        let mut scores = run_plan(plan, user, 1, &padded)?;
+        scores.truncate(items.len());
+        Ok(scores)
+    }
 }
 
 /// Runs a scoring graph: `users` is row-major `[user_rows][user_dim]` (one row
@@ -152,7 +191,7 @@ impl NcfModel {
         let plan = compile(&bytes)?;
         let item_first_layer = weights.item_first_layer();
         let serving = onnx::export_serving(&weights)
-            .map(|b| compile(&b))
+            .map(|b| Serving::build(&b))
             .transpose()?;
         let mut mean_user = vec![0.0f32; d];
         let n = card.user_ids.len().max(1) as f32;
@@ -240,7 +279,10 @@ impl NcfModel {
             let users: Vec<f32> = items.iter().flat_map(|_| user.iter().copied()).collect();
             return self.score_pairs(&users, items);
         };
-        run_plan(serving, user, 1, items)
+        if items.is_empty() {
+            return Ok(Vec::new());
+        }
+        serving.score(user, items)
     }
 
     pub fn user_dim(&self) -> usize {
