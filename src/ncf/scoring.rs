@@ -1,6 +1,7 @@
 //! `recstream bench-scoring`: tract's scoring time on random NeuMF models of
 //! MovieLens sizes, on the model's own graph (one user vector per pair) and on
-//! the serving form the engine runs (one user against its candidates). The
+//! the serving form the engine runs (one user against its candidates, planned
+//! for the next batch-size bucket). The
 //! models are written to `--out`, so `benches/ort_scoring.py` times ONNX
 //! Runtime on the very same files (`benches/scoring.sh` runs both).
 
@@ -12,7 +13,7 @@ use clap::Args;
 
 use super::model::{Dense, NcfWeights, Objective};
 use super::onnx;
-use super::serve::compile;
+use super::serve::{compile, Serving};
 use crate::rng::Rng;
 
 #[derive(Debug, Args)]
@@ -88,8 +89,7 @@ pub fn run(args: &ScoringArgs) -> Result<()> {
         let bytes = onnx::export(&weights, "bench");
         std::fs::write(&path, &bytes).with_context(|| format!("writing {}", path.display()))?;
         let contract = compile(&bytes)?;
-        let serving_bytes = onnx::export_serving(&weights).expect("not residual");
-        let serving = compile(&serving_bytes)?;
+        let serving = Serving::build(&onnx::export_serving(&weights).expect("not residual"))?;
         let d = weights.user_dim();
         let mut rng = Rng::new(11);
         for &batch in &args.batch {
@@ -100,18 +100,11 @@ pub fn run(args: &ScoringArgs) -> Result<()> {
             let pairs = time_per_call(args.seconds, || {
                 super::serve::run_plan(&contract, &users, batch, &items).expect("scores");
             });
+            // What the engine runs: the plan for the next batch-size bucket.
             let one_user = time_per_call(args.seconds, || {
-                super::serve::run_plan(&serving, &users[..d], 1, &items).expect("scores");
+                serving.score(&users[..d], &items).expect("scores");
             });
-            let fixed = super::serve::compile_fixed(&serving_bytes, &[batch])?;
-            let one_user_fixed = time_per_call(args.seconds, || {
-                super::serve::run_plan(&fixed[0].1, &users[..d], 1, &items).expect("scores");
-            });
-            for (graph, t) in [
-                ("tract", pairs),
-                ("tract-serving", one_user),
-                ("tract-serving-fixed", one_user_fixed),
-            ] {
+            for (graph, t) in [("tract", pairs), ("tract-serving", one_user)] {
                 println!(
                     "{}",
                     serde_json::json!({

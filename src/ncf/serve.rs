@@ -103,20 +103,21 @@ const SERVING_BATCHES: [usize; 7] = [16, 32, 64, 128, 256, 512, 1024];
 
 /// The serving form's plans: one per size of [`SERVING_BATCHES`], and one
 /// for any size.
-struct Serving {
+pub struct Serving {
     fixed: Vec<(usize, Plan)>,
     flexible: Plan,
 }
 
 impl Serving {
-    fn build(bytes: &[u8]) -> Result<Serving, ModelError> {
+    pub fn build(bytes: &[u8]) -> Result<Serving, ModelError> {
         Ok(Serving {
             fixed: compile_fixed(bytes, &SERVING_BATCHES)?,
             flexible: compile(bytes)?,
         })
     }
 
-    fn score(&self, user: &[f32], items: &[i64]) -> Result<Vec<f32>, ModelError> {
+    /// Scores one user (`[user_dim]`) against `items`.
+    pub fn score(&self, user: &[f32], items: &[i64]) -> Result<Vec<f32>, ModelError> {
         let Some((size, plan)) = self.fixed.iter().find(|(size, _)| *size >= items.len()) else {
             return run_plan(&self.flexible, user, 1, items);
         };
