@@ -61,31 +61,41 @@ pub fn fold_in(
     examples: &[Example],
     config: &FoldInConfig,
 ) -> Vec<f32> {
-    match item_first_layer {
-        Some(table) => fold_in_precomputed(weights, table, prior, start, examples, config),
-        None => fold_in_pairwise(weights, prior, start, examples, config),
-    }
-}
-
-/// Every example's forward and backward pass from scratch.
-fn fold_in_pairwise(
-    weights: &NcfWeights,
-    prior: &[f32],
-    start: &[f32],
-    examples: &[Example],
-    config: &FoldInConfig,
-) -> Vec<f32> {
     let mut user = start.to_vec();
     if examples.is_empty() {
         return user;
     }
     let total_weight: f32 = examples.iter().map(|e| e.weight).sum::<f32>().max(1e-6);
+    match item_first_layer {
+        Some(table) => descend_precomputed(
+            weights,
+            table,
+            prior,
+            &mut user,
+            examples,
+            total_weight,
+            config,
+        ),
+        None => descend_pairwise(weights, prior, &mut user, examples, total_weight, config),
+    }
+    user
+}
+
+/// Every example's forward and backward pass from scratch.
+fn descend_pairwise(
+    weights: &NcfWeights,
+    prior: &[f32],
+    user: &mut [f32],
+    examples: &[Example],
+    total_weight: f32,
+    config: &FoldInConfig,
+) {
     let mut grad = vec![0.0f32; user.len()];
     for _ in 0..config.steps {
         grad.iter_mut().for_each(|g| *g = 0.0);
         for e in examples {
             weights.accumulate_user_grad(
-                &user,
+                user,
                 e.item,
                 e.target,
                 e.weight / total_weight,
@@ -96,30 +106,25 @@ fn fold_in_pairwise(
             *u -= config.learning_rate * (g + 2.0 * config.l2 * (*u - p));
         }
     }
-    user
 }
 
 /// The same descent with the first layer split: within a step the user
 /// vector is fixed, so its half of the first layer is computed once, each
 /// example adds its item's precomputed row, and the user's MLP gradient is one
 /// product with the summed first-layer deltas. Buffers are allocated once.
-fn fold_in_precomputed(
+fn descend_precomputed(
     weights: &NcfWeights,
     item_h1: &[f32],
     prior: &[f32],
-    start: &[f32],
+    user: &mut [f32],
     examples: &[Example],
+    total_weight: f32,
     config: &FoldInConfig,
-) -> Vec<f32> {
-    let mut user = start.to_vec();
-    if examples.is_empty() {
-        return user;
-    }
+) {
     let (g, m) = (weights.gmf_dim, weights.mlp_dim);
     let first = &weights.layers[0];
     let h1 = first.out;
     let rest = &weights.layers[1..];
-    let total_weight: f32 = examples.iter().map(|e| e.weight).sum::<f32>().max(1e-6);
     let mut grad = vec![0.0f32; user.len()];
     let mut user_h1 = vec![0.0f32; h1];
     let mut dz1_sum = vec![0.0f32; h1];
@@ -220,7 +225,6 @@ fn fold_in_precomputed(
             *u -= config.learning_rate * (gr + 2.0 * config.l2 * (*u - p));
         }
     }
-    user
 }
 
 /// Loss of the user vector on the examples (without the prior term).
