@@ -298,11 +298,10 @@ pub fn export(weights: &NcfWeights, model_version: &str) -> Vec<u8> {
 /// The serving form of a model, for scoring one user's candidates: the same
 /// function as [`export`] for a `user` of shape `[1, user_dim]` (broadcast over
 /// the `N` items), with the item half of the first MLP layer precomputed per
-/// item ([`NcfWeights::item_first_layer`]), so each candidate costs one row
-/// lookup instead of that product. `None` when the first layer is residual
-/// (its input, the concatenation, would be needed per item).
-pub fn export_serving(weights: &NcfWeights) -> Option<Vec<u8>> {
-    let item_h1 = weights.item_first_layer()?;
+/// item (`item_h1`: [`NcfWeights::item_first_layer`], which a model with a
+/// residual first layer does not have), so each candidate costs one row
+/// lookup instead of that product.
+pub fn export_serving(weights: &NcfWeights, item_h1: &[f32]) -> Vec<u8> {
     let first = &weights.layers[0];
     let (g, m, n, h1) = (weights.gmf_dim, weights.mlp_dim, weights.n_items, first.out);
     let mut graph = Graph::default();
@@ -316,7 +315,7 @@ pub fn export_serving(weights: &NcfWeights) -> Option<Vec<u8>> {
     graph
         .init
         .push(float_tensor("item_gb", &[n, g + 1], &item_gb));
-    graph.init.push(float_tensor("item_h1", &[n, h1], &item_h1));
+    graph.init.push(float_tensor("item_h1", &[n, h1], item_h1));
     // W₁ is [2m][h1]: its first m rows take the user's half, the rest the item's.
     graph.init.push(float_tensor(
         "mlp.0.user_weight",
@@ -369,13 +368,13 @@ pub fn export_serving(weights: &NcfWeights) -> Option<Vec<u8>> {
     nodes.push(node("Add", &["mo", "gb"], "o0", vec![]));
     nodes.push(node("Add", &["o0", "ub"], "logit", vec![]));
     graph.link(weights);
-    Some(graph.finish(
+    graph.finish(
         "neumf-serving",
         "NeuMF serving form: one user, many items (built at load, never stored)",
         Ok(1),
         weights.user_dim(),
         &[],
-    ))
+    )
 }
 
 fn floats(t: &pb::TensorProto) -> Result<Vec<f32>, OnnxError> {

@@ -67,34 +67,25 @@ fn read(path: &Path) -> Result<Vec<u8>, ModelError> {
 
 /// An ONNX graph, optimised and made runnable by tract.
 pub fn compile(bytes: &[u8]) -> Result<Plan, ModelError> {
-    tract_onnx::onnx()
-        .model_for_read(&mut &bytes[..])
-        .and_then(|m| m.into_optimized())
-        .and_then(|m| m.into_runnable())
-        .map_err(|e| ModelError::Tract(format!("{e:#}")))
+    runnable(typed(bytes)?)
 }
 
-/// Like [`compile`], once per batch size in `sizes`, with the symbolic batch
-/// size `N` fixed: tract then plans every operator for that shape once
-/// instead of on every call.
-pub fn compile_fixed(bytes: &[u8], sizes: &[usize]) -> Result<Vec<(usize, Plan)>, ModelError> {
-    let tract = |e: TractError| ModelError::Tract(format!("{e:#}"));
-    let model = tract_onnx::onnx()
+fn tract_error(e: TractError) -> ModelError {
+    ModelError::Tract(format!("{e:#}"))
+}
+
+fn typed(bytes: &[u8]) -> Result<TypedModel, ModelError> {
+    tract_onnx::onnx()
         .model_for_read(&mut &bytes[..])
         .and_then(|m| m.into_typed())
-        .map_err(tract)?;
-    let batch = model.sym("N");
-    sizes
-        .iter()
-        .map(|&n| {
-            model
-                .concretize_dims(&SymbolValues::default().with(&batch, n as i64))
-                .and_then(|m| m.into_optimized())
-                .and_then(|m| m.into_runnable())
-                .map(|plan| (n, plan))
-                .map_err(tract)
-        })
-        .collect()
+        .map_err(tract_error)
+}
+
+fn runnable(model: TypedModel) -> Result<Plan, ModelError> {
+    model
+        .into_optimized()
+        .and_then(|m| m.into_runnable())
+        .map_err(tract_error)
 }
 
 /// Batch sizes the serving form is planned for; a user's candidates are
@@ -109,10 +100,24 @@ pub struct Serving {
 }
 
 impl Serving {
+    /// Plans the graph once per batch size, with the symbolic `N` fixed
+    /// (tract then plans every operator for that shape once, not per call),
+    /// and once for any size.
     pub fn build(bytes: &[u8]) -> Result<Serving, ModelError> {
+        let model = typed(bytes)?;
+        let batch = model.sym("N");
+        let fixed = SERVING_BATCHES
+            .iter()
+            .map(|&n| {
+                let sized = model
+                    .concretize_dims(&SymbolValues::default().with(&batch, n as i64))
+                    .map_err(tract_error)?;
+                Ok((n, runnable(sized)?))
+            })
+            .collect::<Result<_, ModelError>>()?;
         Ok(Serving {
-            fixed: compile_fixed(bytes, &SERVING_BATCHES)?,
-            flexible: compile(bytes)?,
+            fixed,
+            flexible: runnable(model)?,
         })
     }
 
@@ -191,8 +196,9 @@ impl NcfModel {
             .collect();
         let plan = compile(&bytes)?;
         let item_first_layer = weights.item_first_layer();
-        let serving = onnx::export_serving(&weights)
-            .map(|b| Serving::build(&b))
+        let serving = item_first_layer
+            .as_deref()
+            .map(|table| Serving::build(&onnx::export_serving(&weights, table)))
             .transpose()?;
         let mut mean_user = vec![0.0f32; d];
         let n = card.user_ids.len().max(1) as f32;
