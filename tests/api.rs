@@ -27,16 +27,7 @@ fn bearer() -> String {
 fn api_config(dir: &Path, brokers: &str, catalog: &Path, port: u16, group: &str) -> PathBuf {
     std::fs::create_dir_all(dir).unwrap();
     let config = write_config(dir, brokers, catalog, port, group, false);
-    let token_file = dir.join("token");
-    std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
-    let text = std::fs::read_to_string(&config).unwrap().replace(
-        "[http]\n",
-        &format!(
-            "[http]\napi_token_file = \"{}\"\nannounce_interval_ms = 500\n",
-            token_file.display()
-        ),
-    );
-    std::fs::write(&config, text).unwrap();
+    enable_api(&config, TOKEN, "announce_interval_ms = 500\n");
     config
 }
 

@@ -38,13 +38,7 @@ fn liking_a_genre_brings_its_row_to_the_top_in_a_real_browser() {
     let catalog = synthetic_catalog(dir.path(), &GENRES, 12);
     let port = free_port();
     let config = write_config(dir.path(), &brokers, &catalog, port, "page", false);
-    let token_file = dir.path().join("token");
-    std::fs::write(&token_file, TOKEN).unwrap();
-    let text = std::fs::read_to_string(&config).unwrap().replace(
-        "[http]\n",
-        &format!("[http]\napi_token_file = \"{}\"\n", token_file.display()),
-    );
-    std::fs::write(&config, text).unwrap();
+    enable_api(&config, TOKEN, "");
     recstream(&["topics", "apply", "--config", config.to_str().unwrap()]);
     let engine = EngineProcess::spawn(&config, dir.path().join("engine.log"));
     let log = || format!("{}\n{}", engine.log_text(), engine_progress(port));

@@ -316,6 +316,21 @@ batch_max_wait_ms = 20
     path
 }
 
+/// Gives the engine config beside it an API token (a file in the config's
+/// directory) and `http_extra` lines in its `[http]` table.
+pub fn enable_api(config: &Path, token: &str, http_extra: &str) {
+    let token_file = config.with_file_name("token");
+    std::fs::write(&token_file, format!("{token}\n")).unwrap();
+    let text = std::fs::read_to_string(config).unwrap().replace(
+        "[http]\n",
+        &format!(
+            "[http]\napi_token_file = \"{}\"\n{http_extra}",
+            token_file.display()
+        ),
+    );
+    std::fs::write(config, text).unwrap();
+}
+
 /// A plain HTTP/1.1 GET against a local port; the whole response, headers included.
 pub fn http_get(port: u16, path: &str) -> String {
     try_http_get(port, path).unwrap()
