@@ -12,13 +12,8 @@ MOVIES=$(($(wc -l <"$CATALOG") - 1))
 TOKEN="bench-token-$(head -c 8 /dev/urandom | od -An -tx1 | tr -d ' \n')"
 
 hport=$(free_port)
-RECSTREAM_API_TOKEN="$TOKEN" "$BIN" run --brokers "$brokers" --catalog "$CATALOG" --state-dir "$work/state" \
-  --http-listen "127.0.0.1:$hport" >>"$work/engine.log" 2>&1 &
-ENGINE=$!
-for _ in $(seq 600); do
-  curl -sf "http://127.0.0.1:$hport/readyz" >/dev/null 2>&1 && break
-  sleep 0.1
-done
+export RECSTREAM_API_TOKEN="$TOKEN"
+start_engine "$work/state" "$hport" /readyz
 "$BIN" loadgen --brokers "$brokers" --catalog "$CATALOG" --events "$EVENTS" --users "$USERS" \
   --rate 0 --seed 11 --produce-only >/dev/null
 for _ in $(seq 1200); do

@@ -1,7 +1,7 @@
 # Sourced by the benchmark scripts: builds the release engine, starts a tansu
 # broker on a free port with the declared topics, and cleans up on exit.
-# Sets BIN, work (a scratch directory), brokers, and free_port; a script sets
-# ENGINE to its engine's pid so that the cleanup stops it too.
+# Sets BIN, work (a scratch directory), brokers, free_port and start_engine;
+# ENGINE is the engine's pid, so that the cleanup stops it too.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash .ci/install.sh >/dev/null
@@ -22,3 +22,16 @@ trap cleanup EXIT
 for _ in $(seq 100); do (echo >"/dev/tcp/127.0.0.1/$kport") 2>/dev/null && break; sleep 0.1; done
 brokers="127.0.0.1:$kport"
 "$BIN" topics apply --brokers "$brokers" >/dev/null
+
+# Starts the engine on the catalog $CATALOG with state in $1 and HTTP on port
+# $2, and waits until GET $3 answers (/metrics: up; /readyz: partitions assigned).
+start_engine() {
+  "$BIN" run --brokers "$brokers" --catalog "$CATALOG" --state-dir "$1" \
+    --http-listen "127.0.0.1:$2" >>"$work/engine.log" 2>&1 &
+  ENGINE=$!
+  for _ in $(seq 600); do
+    curl -sf "http://127.0.0.1:$2$3" >/dev/null 2>&1 && return
+    sleep 0.1
+  done
+  echo "engine not answering $3 after 60 s (log: $work/engine.log)" >&2; exit 1
+}

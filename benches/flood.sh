@@ -24,16 +24,6 @@ metric() { # sum of a metric's samples (optionally filtered by a label regex)
   curl -sf "http://127.0.0.1:$1/metrics" | awk -v m="$2" -v f="${3:-}" \
     '$1 ~ "^"m && $1 ~ f {s += $2} END {printf "%.0f\n", s}'
 }
-start_engine() { # state dir, http port
-  "$BIN" run --brokers "$brokers" --catalog "$CATALOG" --state-dir "$1" \
-    --http-listen "127.0.0.1:$2" >>"$work/engine.log" 2>&1 &
-  ENGINE=$!
-  for _ in $(seq 600); do
-    curl -sf "http://127.0.0.1:$2/metrics" >/dev/null 2>&1 && return
-    sleep 0.1
-  done
-  echo "engine did not start" >&2; exit 1
-}
 
 echo "# machine: $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB; catalog: $CATALOG"
 echo "# backlog: $EVENTS events for $USERS users"
@@ -42,7 +32,7 @@ echo "# backlog: $EVENTS events for $USERS users"
 
 hport=$(free_port)
 t0=$(date +%s.%N)
-start_engine "$work/state-a" "$hport"
+start_engine "$work/state-a" "$hport" /metrics
 peak=0
 while :; do
   done_events=$(metric "$hport" recstream_events_total 'outcome="(applied|duplicate|dead_lettered)"')
@@ -68,7 +58,7 @@ ENGINE=""
 
 # Restore: a fresh instance in the same group takes every partition over.
 hport=$(free_port)
-start_engine "$work/state-b" "$hport"
+start_engine "$work/state-b" "$hport" /metrics
 for _ in $(seq 1200); do
   restored=$(metric "$hport" recstream_partition_handovers_total 'outcome="restored"')
   [ "$restored" -ge 6 ] && break

@@ -19,13 +19,7 @@ fi
 
 hport=$(free_port)
 
-"$BIN" run --brokers "$brokers" --catalog "$CATALOG" --state-dir "$work/state" \
-  --http-listen "127.0.0.1:$hport" >"$work/engine.log" 2>&1 &
-ENGINE=$!
-for _ in $(seq 300); do
-  curl -sf "http://127.0.0.1:$hport/readyz" >/dev/null 2>&1 && break
-  sleep 0.1
-done
+start_engine "$work/state" "$hport" /readyz
 
 echo "# machine: $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB; catalog: $CATALOG"
 echo "# throughput phase: $EVENTS events, $USERS users, as fast as possible"
