@@ -2,7 +2,7 @@
 //! diversified list.
 //!
 //! The blended score of a candidate is the weighted sum
-//! `affinity·w_a + similarity·w_s + popularity·w_p + trending·w_t (+ ncf·w_n)`
+//! `affinity·w_a + similarity·w_s + popularity·w_p + trending·w_t + co_watched·w_c (+ ncf·w_n)`
 //! of signals that are each normalized to `[0, 1]` (affinity to `[-1, 1]`:
 //! disliked genres push items down). The NCF term is present only when a model
 //! scorer produced a score for the candidate.
@@ -19,6 +19,7 @@ pub struct Signals {
     pub similarity: f64,
     pub popularity: f64,
     pub trending: f64,
+    pub co_watched: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ncf: Option<f64>,
 }
@@ -30,6 +31,7 @@ pub enum Dominant {
     Similarity,
     Popularity,
     Trending,
+    CoWatched,
     Ncf,
 }
 
@@ -38,11 +40,13 @@ pub fn blend(s: &Signals, w: &BlendWeights) -> f64 {
         + s.similarity * w.similarity
         + s.popularity * w.popularity
         + s.trending * w.trending
+        + s.co_watched * w.co_watched
         + s.ncf.unwrap_or(0.0) * w.ncf
 }
 
 pub fn dominant(s: &Signals, w: &BlendWeights) -> Dominant {
     let parts = [
+        (Dominant::CoWatched, s.co_watched * w.co_watched),
         (Dominant::Similarity, s.similarity * w.similarity),
         (Dominant::Affinity, s.affinity * w.affinity),
         (Dominant::Ncf, s.ncf.unwrap_or(0.0) * w.ncf),
@@ -209,7 +213,7 @@ mod tests {
         #[test]
         fn higher_signals_never_lower_the_score(a in 0.0f64..1.0, b in 0.0f64..1.0, d in 0.0f64..0.5) {
             let w = BlendWeights::default();
-            let s = Signals { affinity: a, similarity: b, popularity: a, trending: b, ncf: Some(a) };
+            let s = Signals { affinity: a, similarity: b, popularity: a, trending: b, co_watched: b, ncf: Some(a) };
             let mut t = s;
             t.popularity += d;
             t.similarity += d;

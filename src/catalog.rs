@@ -81,8 +81,17 @@ impl GenreSet {
     pub fn is_empty(self) -> bool {
         self.0 == 0
     }
+    /// The genres in increasing order (one step per genre, not per bit).
     pub fn iter(self) -> impl Iterator<Item = u8> {
-        (0..MAX_GENRES as u8).filter(move |g| self.contains(*g))
+        let mut rest = self.0;
+        std::iter::from_fn(move || {
+            if rest == 0 {
+                return None;
+            }
+            let g = rest.trailing_zeros() as u8;
+            rest &= rest - 1;
+            Some(g)
+        })
     }
     /// Jaccard similarity of two genre sets (0 when both are empty).
     pub fn jaccard(self, other: GenreSet) -> f64 {

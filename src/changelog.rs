@@ -35,7 +35,7 @@ pub enum ChangelogError {
         key: String,
         source: postcard::Error,
     },
-    #[error("changelog key {0:?} is not a user, item, genre or marker key")]
+    #[error("changelog key {0:?} is not a user, item, co-watch, genre or marker key")]
     UnknownKey(String),
 }
 
@@ -44,6 +44,7 @@ pub enum ChangelogError {
 pub enum Key {
     User(String),
     Item(u32),
+    CoWatch(u32),
     Genre(String),
     Applied,
     Published,
@@ -55,6 +56,7 @@ impl Key {
         match self {
             Key::User(u) => [b"u", u.as_bytes()].concat(),
             Key::Item(id) => [&b"i"[..], &id.to_be_bytes()].concat(),
+            Key::CoWatch(id) => [&b"c"[..], &id.to_be_bytes()].concat(),
             Key::Genre(g) => [b"g", g.as_bytes()].concat(),
             Key::Applied => APPLIED_KEY.to_vec(),
             Key::Published => PUBLISHED_KEY.to_vec(),
@@ -68,6 +70,7 @@ impl Key {
         Ok(match (tag, rest) {
             (b'u', u) => Key::User(String::from_utf8(u.to_vec()).map_err(|_| unknown())?),
             (b'i', id) => Key::Item(u32::from_be_bytes(id.try_into().map_err(|_| unknown())?)),
+            (b'c', id) => Key::CoWatch(u32::from_be_bytes(id.try_into().map_err(|_| unknown())?)),
             (b'g', g) => Key::Genre(String::from_utf8(g.to_vec()).map_err(|_| unknown())?),
             (b'm', []) => Key::Applied,
             (b'p', []) => Key::Published,
@@ -128,6 +131,7 @@ pub struct Batch {
 pub struct Restored {
     pub users: Vec<(String, Vec<u8>)>,
     pub items: Vec<(u32, Vec<u8>)>,
+    pub cowatch: Vec<(u32, Vec<u8>)>,
     pub genres: Vec<(String, Vec<u8>)>,
     /// The last complete batch's marker (`None`: nothing was ever committed).
     pub marker: Option<Marker>,
@@ -200,6 +204,7 @@ impl Restorer {
             match (key, value) {
                 (Key::User(u), Some(v)) => out.users.push((u.clone(), v)),
                 (Key::Item(id), Some(v)) => out.items.push((*id, v)),
+                (Key::CoWatch(id), Some(v)) => out.cowatch.push((*id, v)),
                 (Key::Genre(g), Some(v)) => out.genres.push((g.clone(), v)),
                 (Key::Published, _) => {
                     let published: Vec<(String, i64)> = entry
@@ -260,6 +265,7 @@ mod tests {
         for k in [
             Key::User("u1".into()),
             Key::Item(7),
+            Key::CoWatch(7),
             Key::Genre("Drama".into()),
             Key::Applied,
             Key::Published,

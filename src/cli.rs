@@ -54,10 +54,14 @@ pub enum Command {
     },
     /// Produce synthetic load and measure throughput and event-to-output latency.
     Loadgen(crate::loadgen::LoadgenArgs),
+    /// Archive the interactions topic as Parquet files by event day (what `train` reads).
+    Archive(crate::archive::ArchiveArgs),
     /// Train a NeuMF model and export it to ONNX with its model card.
     Train(TrainArgs),
     /// Evaluate NCF against baselines and peers on MovieLens; writes a markdown table.
     Eval(crate::ncf::bench::EvalArgs),
+    /// Prequential replay of MovieLens streams through the engine: every variant and peer, side by side.
+    ReplayEval(crate::replay::command::ReplayArgs),
     /// Time tract's NCF scoring on random models of MovieLens sizes (see benches/scoring.sh).
     BenchScoring(crate::ncf::scoring::ScoringArgs),
     /// Validate a config file and print it with every default filled in.
@@ -175,7 +179,9 @@ pub async fn run(cli: Cli) -> Result<()> {
         }
         Command::Loadgen(args) => crate::loadgen::run(args).await,
         Command::Train(args) => train(args),
+        Command::Archive(args) => crate::archive::run(&args).await,
         Command::Eval(args) => crate::ncf::bench::run(&args),
+        Command::ReplayEval(args) => crate::replay::command::run(&args).await,
         Command::BenchScoring(args) => crate::ncf::scoring::run(&args),
         Command::CheckConfig { config } => {
             let config = Config::from_file(&config)?;
@@ -227,7 +233,7 @@ pub async fn run_engine(config: Config) -> Result<()> {
     Ok(())
 }
 
-async fn wait_for_signal() {
+pub(crate) async fn wait_for_signal() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};

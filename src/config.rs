@@ -221,6 +221,33 @@ pub struct EngineConfig {
     pub event_weights: EventWeights,
     pub blend: BlendWeights,
     pub lists: ListConfig,
+    pub co_watch: CoWatchConfig,
+}
+
+/// The co-watch candidate source (see `cowatch`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CoWatchConfig {
+    /// Neighbours kept per item (and per partition).
+    pub neighbors: usize,
+    /// How many of the user's previously consumed items each new one is paired with.
+    pub window: usize,
+    /// The user's most recently consumed items whose neighbours become candidates.
+    pub seeds: usize,
+    /// Specificity of the association: 0 ranks a seed's neighbours by
+    /// conditional probability (popular ones first), 0.5 by cosine.
+    pub alpha: f64,
+}
+
+impl Default for CoWatchConfig {
+    fn default() -> Self {
+        CoWatchConfig {
+            neighbors: 50,
+            window: 10,
+            seeds: 10,
+            alpha: 0.3,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -329,6 +356,8 @@ pub struct BlendWeights {
     pub similarity: f64,
     pub popularity: f64,
     pub trending: f64,
+    /// Items co-watched with the user's recent ones (collaborative).
+    pub co_watched: f64,
     /// Used only when a model scorer is loaded.
     pub ncf: f64,
 }
@@ -340,6 +369,7 @@ impl Default for BlendWeights {
             similarity: 0.25,
             popularity: 0.20,
             trending: 0.15,
+            co_watched: 0.30,
             ncf: 0.30,
         }
     }
@@ -508,8 +538,12 @@ impl EngineConfig {
                 d.trending_half_life_hours,
             ),
         ] {
-            if !(v.is_finite() && v > 0.0) {
-                return Err(invalid(field, "must be a positive number of hours"));
+            // `inf` is allowed: no decay (all-time counts).
+            if !(v > 0.0) {
+                return Err(invalid(
+                    field,
+                    "must be a positive number of hours (or inf)",
+                ));
             }
         }
         if d.trending_half_life_hours >= d.popularity_half_life_hours {
@@ -533,13 +567,14 @@ impl EngineConfig {
             ("engine.blend.similarity", b.similarity),
             ("engine.blend.popularity", b.popularity),
             ("engine.blend.trending", b.trending),
+            ("engine.blend.co_watched", b.co_watched),
             ("engine.blend.ncf", b.ncf),
         ] {
             if !(w.is_finite() && w >= 0.0) {
                 return Err(invalid(field, "must be a non-negative number"));
             }
         }
-        if b.affinity + b.similarity + b.popularity + b.trending <= 0.0 {
+        if b.affinity + b.similarity + b.popularity + b.trending + b.co_watched <= 0.0 {
             return Err(invalid(
                 "engine.blend",
                 "at least one non-model weight must be positive",
@@ -569,6 +604,25 @@ impl EngineConfig {
         }
         if l.similar_seeds > 50 {
             return Err(invalid("engine.lists.similar_seeds", "must be at most 50"));
+        }
+        let c = &self.co_watch;
+        if !(1..=1000).contains(&c.neighbors) {
+            return Err(invalid("engine.co_watch.neighbors", "must be in 1..=1000"));
+        }
+        if c.window > l.recent_items {
+            return Err(invalid(
+                "engine.co_watch.window",
+                "must be at most engine.lists.recent_items",
+            ));
+        }
+        if c.seeds > l.recent_items {
+            return Err(invalid(
+                "engine.co_watch.seeds",
+                "must be at most engine.lists.recent_items",
+            ));
+        }
+        if !(0.0..=1.0).contains(&c.alpha) {
+            return Err(invalid("engine.co_watch.alpha", "must be in 0..=1"));
         }
         Ok(())
     }

@@ -10,13 +10,16 @@ use std::time::Instant;
 use crate::catalog::{Catalog, CatalogRecord, IdMap};
 use crate::changelog;
 use crate::config::EngineConfig;
+use crate::cowatch::Neighbors;
 use crate::decay::Momentum;
 use crate::event::{Interaction, RefreshCommand};
 use crate::experiment::Variants;
 use crate::feedback::Feedback;
 use crate::metrics;
 use crate::output::UserOutputs;
-use crate::recommend::{self, Context, ItemIndex, ScoreError, Scorer, SimilarityCache};
+use crate::recommend::{
+    self, Context, ItemIndex, PopularOrder, ScoreError, Scorer, SimilarityCache,
+};
 use crate::state::{Applied, UserState};
 use crate::store::{Changes, PartitionMeta, Store, StoreError};
 
@@ -111,9 +114,14 @@ pub struct Engine {
     /// partition when it changes owner.
     item_parts: HashMap<u32, IdMap<Momentum>>,
     genre_parts: HashMap<u32, HashMap<String, Momentum>>,
+    /// Co-watch neighbours per partition, like the item counters.
+    cowatch_parts: HashMap<u32, IdMap<Neighbors>>,
     /// Their sums over the partitions this instance holds: what candidates see.
     items: IdMap<Momentum>,
     genres: HashMap<String, Momentum>,
+    cowatch: IdMap<Neighbors>,
+    /// Catalog items by popularity, updated as items get events.
+    popular: PopularOrder,
     sims: SimilarityCache,
     /// The A/B variants in force (one `default` variant without an experiment).
     variants: Arc<Variants>,
@@ -128,6 +136,9 @@ pub struct Engine {
     /// The item index of the current state, shared by queries until the
     /// state changes (it ranks the whole catalog: too costly per query).
     index_cache: Option<Arc<ItemIndex>>,
+    /// Whether `process` computes the affected users' outputs (the replay
+    /// reads lists through `peek` instead and turns this off).
+    outputs: bool,
 }
 
 /// Users whose last published lists the feedback metrics remember.
@@ -149,6 +160,7 @@ impl Engine {
         store.set_genre_vocabulary(&catalog.genre_vocabulary())?;
         let item_parts = store.items()?;
         let genre_parts = store.genres()?;
+        let cowatch_parts = store.cowatch()?;
         metrics::catalog_size(catalog.len());
         let variants = Arc::new(Variants::single(config.blend.clone(), None));
         let mut engine = Engine {
@@ -157,8 +169,11 @@ impl Engine {
             catalog,
             item_parts,
             genre_parts,
+            cowatch_parts,
             items: IdMap::default(),
             genres: HashMap::new(),
+            cowatch: IdMap::default(),
+            popular: PopularOrder::default(),
             variants,
             feedback: Feedback::new(FEEDBACK_USERS),
             sims: SimilarityCache::default(),
@@ -167,6 +182,7 @@ impl Engine {
             applied: HashMap::new(),
             owned: None,
             index_cache: None,
+            outputs: true,
         };
         engine.sum_partitions();
         Ok(engine)
@@ -197,6 +213,23 @@ impl Engine {
             .max()
             .unwrap_or(0)
             .max(self.watermark);
+        self.popular = PopularOrder::build(&self.catalog, &self.items, hl);
+        self.cowatch.clear();
+        let ids: BTreeSet<u32> = self
+            .cowatch_parts
+            .values()
+            .flat_map(|part| part.keys().copied())
+            .collect();
+        for id in ids {
+            self.sum_cowatch(id);
+        }
+    }
+
+    /// Recomputes one item's co-watch neighbours over the partitions held.
+    fn sum_cowatch(&mut self, id: u32) {
+        let lists = self.cowatch_parts.values().filter_map(|part| part.get(&id));
+        let merged = Neighbors::merge(lists, self.config.co_watch.neighbors);
+        self.cowatch.insert(id, merged);
     }
 
     /// Restricts processing to these partitions (the consumer's assignment).
@@ -253,6 +286,7 @@ impl Engine {
     fn forget_in_memory(&mut self, partition: u32) {
         self.item_parts.remove(&partition);
         self.genre_parts.remove(&partition);
+        self.cowatch_parts.remove(&partition);
         self.applied.retain(|(_, p), _| *p as u32 != partition);
         self.sum_partitions();
     }
@@ -295,6 +329,12 @@ impl Engine {
                 postcard::from_bytes(v).map_err(|e| bad(format!("genre {g}: {e}")))?;
             genres.insert(g.clone(), m);
         }
+        let mut cowatch = IdMap::default();
+        for (id, v) in &restored.cowatch {
+            let n: Neighbors =
+                postcard::from_bytes(v).map_err(|e| bad(format!("co-watch of item {id}: {e}")))?;
+            cowatch.insert(*id, n);
+        }
         for (user, v) in &restored.users {
             postcard::from_bytes::<UserState>(v).map_err(|e| bad(format!("user {user}: {e}")))?;
         }
@@ -303,6 +343,7 @@ impl Engine {
         self.forget_in_memory(partition);
         self.item_parts.insert(partition, items);
         self.genre_parts.insert(partition, genres);
+        self.cowatch_parts.insert(partition, cowatch);
         self.sum_partitions();
         Ok(())
     }
@@ -315,6 +356,13 @@ impl Engine {
     /// Swaps the A/B variants (a new experiment file or model) between batches.
     pub fn set_variants(&mut self, variants: Arc<Variants>) {
         self.variants = variants;
+    }
+
+    /// Whether `process` computes outputs (on by default). An in-process
+    /// replay that reads every list through [`Engine::peek`] turns it off:
+    /// the state changes are the same, only the unused outputs are skipped.
+    pub fn compute_outputs(&mut self, on: bool) {
+        self.outputs = on;
     }
 
     pub fn catalog(&self) -> &Catalog {
@@ -348,6 +396,11 @@ impl Engine {
             }
         }
         self.sims.clear();
+        self.popular = PopularOrder::build(
+            &self.catalog,
+            &self.items,
+            self.config.decay.item_half_lives(),
+        );
         metrics::catalog_size(self.catalog.len());
         // New genres are appended, so persisting the grown vocabulary suffices.
         if let Err(e) = self
@@ -368,6 +421,7 @@ impl Engine {
         let mut users: BTreeMap<(u32, String), UserState> = BTreeMap::new();
         let mut touched_items: Vec<(u32, u32)> = Vec::new();
         let mut touched_genres: Vec<(u32, String)> = Vec::new();
+        let mut touched_cowatch: Vec<(u32, u32)> = Vec::new();
         let mut offsets: BTreeMap<(Arc<str>, i32), i64> = BTreeMap::new();
         // Users whose events were applied in this batch (their model vector moves).
         let mut learned: BTreeSet<(u32, String)> = BTreeSet::new();
@@ -427,8 +481,21 @@ impl Engine {
                             learned.insert((partition, event.user_id.clone()));
                             result.event_times.push(event.ts);
                             self.watermark = self.watermark.max(event.ts);
-                            // Popularity counts engagement, not its sign.
-                            if self.config.event_weights.weight(event.kind, event.value) > 0.0 {
+                            if event.kind.engages() {
+                                count_cowatch(
+                                    &mut self.cowatch_parts,
+                                    &self.config.co_watch,
+                                    partition,
+                                    movie.id,
+                                    state,
+                                    &mut touched_cowatch,
+                                );
+                            }
+                            // Popularity counts engagement, not its sign: a
+                            // low rating still means the movie was watched.
+                            if event.kind.engages()
+                                || self.config.event_weights.weight(event.kind, event.value) > 0.0
+                            {
                                 let part = self.item_parts.entry(partition).or_default();
                                 let m = part.entry(movie.id).or_default();
                                 *m = m.add(1.0, event.ts, hl);
@@ -476,12 +543,28 @@ impl Engine {
                 scorer.observe(&key.1, state);
             }
         }
+        let mut moved: Vec<u32> = touched_items.iter().map(|(_, id)| *id).collect();
+        moved.sort_unstable();
+        moved.dedup();
+        for id in moved {
+            self.popular.update(id, self.items.get(&id), hl);
+        }
+        let mut merged: Vec<u32> = touched_cowatch.iter().map(|(_, id)| *id).collect();
+        merged.sort_unstable();
+        merged.dedup();
+        for id in merged {
+            self.sum_cowatch(id);
+        }
         metrics::stage("apply", started.elapsed().as_secs_f64());
 
         let recompute_started = Instant::now();
         let index = self.current_index();
         let mut changes = Changes::default();
         for ((partition, user), state) in users {
+            if !self.outputs {
+                changes.users.push((partition, user, state));
+                continue;
+            }
             let outputs = self.outputs_for(&index, &user, &state)?;
             self.feedback.published(&user, &outputs);
             result.outputs.push((user.clone(), outputs));
@@ -495,6 +578,12 @@ impl Engine {
         touched_items.dedup();
         touched_genres.sort_unstable();
         touched_genres.dedup();
+        touched_cowatch.sort_unstable();
+        touched_cowatch.dedup();
+        changes.cowatch = touched_cowatch
+            .iter()
+            .map(|(p, id)| (*p, *id, self.cowatch_parts[p][id].clone()))
+            .collect();
         changes.items = touched_items
             .iter()
             .map(|(p, id)| (*p, *id, self.item_parts[p][id]))
@@ -579,7 +668,7 @@ impl Engine {
             &self.genres,
             self.watermark,
             self.config.decay.item_half_lives(),
-            self.config.lists.candidates_per_source,
+            &self.popular,
         ));
         self.index_cache = Some(index.clone());
         index
@@ -595,6 +684,7 @@ impl Engine {
         let ctx = Context {
             catalog: &self.catalog,
             items: &self.items,
+            cowatch: &self.cowatch,
             index,
             config: &self.config,
             variant,
@@ -645,6 +735,29 @@ fn dead_letter(
         payload,
         reason: r.reason,
         detail: r.detail,
+    }
+}
+
+/// Pairs a newly engaged movie with the user's previous engaged items, both
+/// ways (the user's state already holds the new event).
+fn count_cowatch(
+    parts: &mut HashMap<u32, IdMap<Neighbors>>,
+    co: &crate::config::CoWatchConfig,
+    partition: u32,
+    movie: u32,
+    state: &UserState,
+    touched: &mut Vec<(u32, u32)>,
+) {
+    let part = parts.entry(partition).or_default();
+    for other in state
+        .engaged_recent()
+        .filter(|id| *id != movie)
+        .take(co.window)
+    {
+        part.entry(movie).or_default().add(other, 1.0, co.neighbors);
+        part.entry(other).or_default().add(movie, 1.0, co.neighbors);
+        touched.push((partition, movie));
+        touched.push((partition, other));
     }
 }
 

@@ -73,6 +73,20 @@ impl EventType {
 
     /// Whether the item counts as "seen" and must not be recommended again.
     /// Views, clicks and watchlist removals are browsing, not consumption.
+    /// Whether the event shows the user took the movie up (watched, rated,
+    /// liked or saved it): what popularity and co-watch counts count.
+    pub fn engages(self) -> bool {
+        matches!(
+            self,
+            EventType::Play
+                | EventType::Progress
+                | EventType::Complete
+                | EventType::Rate
+                | EventType::Like
+                | EventType::WatchlistAdd
+        )
+    }
+
     pub fn marks_seen(self) -> bool {
         !matches!(
             self,

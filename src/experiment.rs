@@ -100,6 +100,7 @@ pub struct BlendOverrides {
     pub similarity: Option<f64>,
     pub popularity: Option<f64>,
     pub trending: Option<f64>,
+    pub co_watched: Option<f64>,
     pub ncf: Option<f64>,
 }
 
@@ -110,6 +111,7 @@ impl BlendOverrides {
             similarity: self.similarity.unwrap_or(base.similarity),
             popularity: self.popularity.unwrap_or(base.popularity),
             trending: self.trending.unwrap_or(base.trending),
+            co_watched: self.co_watched.unwrap_or(base.co_watched),
             ncf: self.ncf.unwrap_or(base.ncf),
         }
     }
@@ -164,6 +166,7 @@ impl ExperimentSpec {
                 ("similarity", b.similarity),
                 ("popularity", b.popularity),
                 ("trending", b.trending),
+                ("co_watched", b.co_watched),
                 ("ncf", b.ncf),
             ] {
                 if w.is_some_and(|w| !(w.is_finite() && w >= 0.0)) {
@@ -205,10 +208,11 @@ pub fn source_bit(source: Source) -> u8 {
         Source::Trending => 2,
         Source::Genre => 4,
         Source::Similar => 8,
+        Source::CoWatched => 16,
     }
 }
 
-pub const ALL_SOURCES: u8 = 0b1111;
+pub const ALL_SOURCES: u8 = 0b1_1111;
 
 /// The variants in force, with their assignment boundaries.
 pub struct Variants {
@@ -232,6 +236,11 @@ impl Variants {
                 model_path: None,
             }],
         )
+    }
+
+    /// Everyone in one given variant (replays, benchmarks).
+    pub fn only(variant: Variant) -> Variants {
+        Variants::new(default_salt(), vec![variant])
     }
 
     fn new(salt: String, list: Vec<Variant>) -> Variants {

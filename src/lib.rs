@@ -8,11 +8,13 @@
 //! and in-process callers.
 
 pub mod api;
+pub mod archive;
 pub mod blend;
 pub mod catalog;
 pub mod changelog;
 pub mod cli;
 pub mod config;
+pub mod cowatch;
 pub mod decay;
 pub mod demo;
 pub mod engine;
@@ -31,6 +33,7 @@ pub mod output;
 pub mod pipeline;
 pub mod ratings;
 pub mod recommend;
+pub mod replay;
 pub mod rng;
 pub mod routing;
 pub mod state;

@@ -44,6 +44,7 @@ pub enum Source {
     Trending,
     Genre,
     Similar,
+    CoWatched,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

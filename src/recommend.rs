@@ -7,6 +7,7 @@ use std::sync::Arc;
 use crate::blend::{self, Dominant, Scored, Signals};
 use crate::catalog::{Catalog, GenreSet, IdMap, Movie};
 use crate::config::EngineConfig;
+use crate::cowatch::{self, Neighbors};
 use crate::decay::{HalfLives, Momentum};
 use crate::event::EventType;
 use crate::experiment::{source_bit, Variant};
@@ -37,28 +38,104 @@ pub struct ScoreError(pub String);
 #[derive(Debug, Clone, Default)]
 pub struct ItemIndex {
     pub now: i64,
+    /// Every catalog item, most popular first: a source takes the first items
+    /// the user has not seen, so heavy users still get full candidate lists.
     pub popular: Vec<u32>,
+    /// The [`TRENDING_RANKED`] most trending catalog items, most trending first.
     pub trending: Vec<u32>,
-    /// Most popular items per genre index.
+    /// Each genre's items, most popular first.
     pub by_genre: Vec<Vec<u32>>,
     pub popularity_max: f64,
     pub trending_max: f64,
-    /// Normalized (popularity, trending) of every catalog item at `now`.
-    pub signals: IdMap<(f64, f64)>,
+    /// Normalized (popularity, trending) of every catalog item at `now`, by id.
+    pub signals: Vec<(u32, (f64, f64))>,
     /// Genres by their own trending score, hottest first (cold-start rows).
     pub trending_genres: Vec<u8>,
 }
 
+/// How many items the trending ranking keeps: trending moves with time for
+/// every item, so it is re-ranked per batch, and only its head is used.
+pub const TRENDING_RANKED: usize = 1000;
+
+/// Catalog items ranked by popularity, kept up to date item by item. Decay
+/// scales every item's popularity by the same factor, so the order changes
+/// only when an item gets events: no per-batch sort of the whole catalog.
+#[derive(Debug, Clone, Default)]
+pub struct PopularOrder {
+    /// `(key, id)`, highest key first, ties to the lower id.
+    order: Vec<(f64, u32)>,
+    keys: IdMap<f64>,
+}
+
+/// A time-free popularity key: `ln(value at t) = ln(value) + (as_of - t)·ln2/hl`,
+/// so comparing `ln(value) + as_of·ln2/hl` compares values at any common `t`.
+fn popularity_key(m: Option<&Momentum>, hl: HalfLives) -> f64 {
+    match m {
+        Some(m) if m.long.value > 0.0 => {
+            let anchor = if hl.long_ms.is_finite() {
+                m.long.as_of as f64 * std::f64::consts::LN_2 / hl.long_ms
+            } else {
+                0.0
+            };
+            m.long.value.ln() + anchor
+        }
+        _ => f64::NEG_INFINITY,
+    }
+}
+
+fn by_key(a: &(f64, u32), b: &(f64, u32)) -> std::cmp::Ordering {
+    b.0.total_cmp(&a.0).then(a.1.cmp(&b.1))
+}
+
+impl PopularOrder {
+    /// Ranks every catalog item from scratch.
+    pub fn build(catalog: &Catalog, items: &IdMap<Momentum>, hl: HalfLives) -> PopularOrder {
+        let mut order: Vec<(f64, u32)> = catalog
+            .ids()
+            .iter()
+            .map(|id| (popularity_key(items.get(id), hl), *id))
+            .collect();
+        order.sort_unstable_by(by_key);
+        let keys = order.iter().map(|(k, id)| (*id, *k)).collect();
+        PopularOrder { order, keys }
+    }
+
+    /// Moves one catalog item to its place after its counters changed.
+    pub fn update(&mut self, id: u32, m: Option<&Momentum>, hl: HalfLives) {
+        let Some(old) = self.keys.get(&id).copied() else {
+            return; // not in the catalog
+        };
+        let new = popularity_key(m, hl);
+        if new.to_bits() == old.to_bits() {
+            return;
+        }
+        if let Ok(i) = self.order.binary_search_by(|e| by_key(e, &(old, id))) {
+            self.order.remove(i);
+        }
+        let at = self
+            .order
+            .binary_search_by(|e| by_key(e, &(new, id)))
+            .unwrap_or_else(|i| i);
+        self.order.insert(at, (new, id));
+        self.keys.insert(id, new);
+    }
+
+    pub fn ids(&self) -> impl Iterator<Item = u32> + '_ {
+        self.order.iter().map(|e| e.1)
+    }
+}
+
 impl ItemIndex {
     /// Ranks every catalog item at event time `now` (items without events score 0,
-    /// ties go to the lower id, so a cold catalog still yields lists).
+    /// ties go to the lower id, so a cold catalog still yields lists);
+    /// `popular` is the catalog's current popularity order.
     pub fn build(
         catalog: &Catalog,
         items: &IdMap<Momentum>,
         genres: &HashMap<String, Momentum>,
         now: i64,
         hl: HalfLives,
-        per_source: usize,
+        popular: &PopularOrder,
     ) -> ItemIndex {
         let mut hot: Vec<(u8, f64)> = genres
             .iter()
@@ -67,7 +144,7 @@ impl ItemIndex {
             .collect();
         hot.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
         let trending_genres = hot.into_iter().map(|(g, _)| g).collect();
-        let mut rows: Vec<(u32, f64, f64, GenreSet)> = catalog
+        let rows: Vec<(u32, f64, f64, GenreSet)> = catalog
             .movies()
             .map(|m| {
                 let (p, t) = items
@@ -77,16 +154,9 @@ impl ItemIndex {
                 (m.id, p, t, m.genres)
             })
             .collect();
-        let top = |rows: &mut Vec<(u32, f64, f64, GenreSet)>,
-                   key: fn(&(u32, f64, f64, GenreSet)) -> f64| {
-            rows.sort_by(|a, b| key(b).total_cmp(&key(a)).then(a.0.cmp(&b.0)));
-        };
-        top(&mut rows, |r| r.2);
-        let trending: Vec<u32> = rows.iter().take(per_source).map(|r| r.0).collect();
-        let trending_max = rows.first().map(|r| r.2).unwrap_or(0.0);
-        top(&mut rows, |r| r.1);
-        let popular: Vec<u32> = rows.iter().take(per_source).map(|r| r.0).collect();
-        let popularity_max = rows.first().map(|r| r.1).unwrap_or(0.0);
+        // Rows are in id order here (the catalog's scan order).
+        let trending_max = rows.iter().map(|r| r.2).fold(0.0, f64::max);
+        let popularity_max = rows.iter().map(|r| r.1).fold(0.0, f64::max);
         let signals = rows
             .iter()
             .map(|r| {
@@ -98,13 +168,27 @@ impl ItemIndex {
                 (r.0, (blend::log_normalize(r.1, popularity_max), trending))
             })
             .collect();
+        // The trending head: a selection, then a sort of the head only (total
+        // order, ties to the lower id, so the unstable sort is deterministic).
+        let mut hottest: Vec<(f64, u32)> = rows.iter().map(|r| (r.2, r.0)).collect();
+        let k = TRENDING_RANKED.min(hottest.len());
+        if k > 0 && k < hottest.len() {
+            hottest.select_nth_unstable_by(k - 1, by_key);
+            hottest.truncate(k);
+        }
+        hottest.sort_unstable_by(by_key);
+        let trending: Vec<u32> = hottest.iter().map(|e| e.1).collect();
+        let popular: Vec<u32> = popular.ids().collect();
         let mut by_genre = vec![Vec::new(); catalog.genre_count()];
-        for r in &rows {
+        for id in &popular {
+            // Rows are in id order: find the item's genres by binary search.
+            let Ok(i) = rows.binary_search_by_key(id, |r| r.0) else {
+                continue;
+            };
+            let r = &rows[i];
             for g in r.3.iter() {
                 if let Some(list) = by_genre.get_mut(g as usize) {
-                    if list.len() < per_source {
-                        list.push(r.0);
-                    }
+                    list.push(r.0);
                 }
             }
         }
@@ -118,6 +202,15 @@ impl ItemIndex {
             signals,
             trending_genres,
         }
+    }
+}
+
+impl ItemIndex {
+    /// An item's normalized (popularity, trending); zeros for unknown items.
+    pub fn signal(&self, movie_id: u32) -> (f64, f64) {
+        self.signals
+            .binary_search_by_key(&movie_id, |s| s.0)
+            .map_or((0.0, 0.0), |i| self.signals[i].1)
     }
 }
 
@@ -194,6 +287,8 @@ impl SimilarityCache {
 pub struct Context<'a> {
     pub catalog: &'a Catalog,
     pub items: &'a IdMap<Momentum>,
+    /// Co-watch neighbours per item, summed over the partitions held.
+    pub cowatch: &'a IdMap<Neighbors>,
     pub index: &'a ItemIndex,
     pub config: &'a EngineConfig,
     /// The user's A/B variant: its name, blend, model and candidate sources.
@@ -201,11 +296,12 @@ pub struct Context<'a> {
 }
 
 /// Candidate sources in publishing order; [`Candidate::sources`] holds them as bits.
-const SOURCES: [Source; 4] = [
+const SOURCES: [Source; 5] = [
     Source::Popular,
     Source::Trending,
     Source::Genre,
     Source::Similar,
+    Source::CoWatched,
 ];
 
 /// Whether the variant draws candidates from `source`.
@@ -220,6 +316,8 @@ struct Candidate {
     signals: Signals,
     /// The seed most similar to this candidate.
     because_of: Option<u32>,
+    /// The seed most co-watched with this candidate.
+    co_watched_with: Option<u32>,
     /// The candidate's genre the user likes most (names the reason).
     reason_genre: Option<u8>,
     score: f64,
@@ -273,13 +371,10 @@ pub fn build_outputs(
     // Candidate pool from every source, excluding what the user already consumed.
     let mut candidates: Vec<Candidate> = Vec::with_capacity(4 * lists.candidates_per_source);
     let mut slot: IdMap<usize> = IdMap::default();
-    let mut propose = |id: u32, source: Source| {
-        if !enabled(ctx.variant, source)
-            || state.is_seen(id)
-            || seeds.contains(&id)
-            || !ctx.catalog.contains(id)
-        {
-            return;
+    // Whether `id` may be recommended at all (and is now a candidate of `source`).
+    let mut propose = |id: u32, source: Source| -> bool {
+        if state.is_seen(id) || seeds.contains(&id) || !ctx.catalog.contains(id) {
+            return false;
         }
         let i = *slot.entry(id).or_insert_with(|| {
             candidates.push(Candidate {
@@ -287,37 +382,59 @@ pub fn build_outputs(
                 sources: 0,
                 signals: Signals::default(),
                 because_of: None,
+                co_watched_with: None,
                 reason_genre: None,
                 score: 0.0,
             });
             candidates.len() - 1
         });
         candidates[i].sources |= source_bit(source);
+        true
     };
-    for &id in &ctx.index.popular {
-        propose(id, Source::Popular);
-    }
-    for &id in &ctx.index.trending {
-        propose(id, Source::Trending);
-    }
+    // Each source proposes its best `per_source` items the user may get.
+    let per_source = lists.candidates_per_source;
+    let mut take = |ranked: &mut dyn Iterator<Item = u32>, source: Source| {
+        if !enabled(ctx.variant, source) {
+            return;
+        }
+        let mut taken = 0;
+        for id in ranked {
+            if taken == per_source {
+                break;
+            }
+            if propose(id, source) {
+                taken += 1;
+            }
+        }
+    };
+    take(&mut ctx.index.popular.iter().copied(), Source::Popular);
+    take(&mut ctx.index.trending.iter().copied(), Source::Trending);
     for g in top_genres
         .iter()
         .map(|g| g.genre)
         .chain(cold_genres.iter().copied())
     {
-        for &id in ctx.index.by_genre.get(g as usize).into_iter().flatten() {
-            propose(id, Source::Genre);
-        }
+        let mut genre_items = ctx
+            .index
+            .by_genre
+            .get(g as usize)
+            .into_iter()
+            .flatten()
+            .copied();
+        take(&mut genre_items, Source::Genre);
     }
     let seed_lists: Vec<(u32, SimilarItems)> = seeds
         .iter()
         .map(|&s| (s, sims.similar(ctx.catalog, s)))
         .collect();
     for (_, similar) in &seed_lists {
-        for &(id, _) in similar.iter() {
-            propose(id, Source::Similar);
-        }
+        take(&mut similar.iter().map(|(id, _)| *id), Source::Similar);
     }
+    let co_watched = co_watched(ctx, state);
+    take(
+        &mut co_watched.ranked.iter().map(|(id, _)| *id),
+        Source::CoWatched,
+    );
 
     // Signals.
     let seed_movies: Vec<&Movie> = seeds.iter().filter_map(|s| ctx.catalog.get(*s)).collect();
@@ -345,14 +462,13 @@ pub fn build_outputs(
             c.signals.similarity = sim;
             c.because_of = Some(seed);
         }
-        let (popularity, trending) = ctx
-            .index
-            .signals
-            .get(&c.movie_id)
-            .copied()
-            .unwrap_or_default();
+        let (popularity, trending) = ctx.index.signal(c.movie_id);
         c.signals.popularity = popularity;
         c.signals.trending = trending;
+        if let Some(&(score, seed)) = co_watched.by_item.get(&c.movie_id) {
+            c.signals.co_watched = score / co_watched.max;
+            c.co_watched_with = Some(seed);
+        }
     }
     let model = match ctx.variant.scorer.as_deref() {
         Some(scorer) => {
@@ -432,14 +548,40 @@ pub fn build_outputs(
             items: row.iter().map(|s| item(s.movie_id)).collect(),
         });
     }
-    if let Some((seed, similar)) = seed_lists.first() {
-        let row: Vec<RecommendedItem> = similar
-            .iter()
-            .filter(|(id, _)| slot.contains_key(id))
-            .take(lists.row_size)
-            .map(|(id, _)| item(*id))
-            .collect();
+    // Because you watched the latest engaged item: what others watched with it,
+    // then what resembles it.
+    let row_seed = co_watched
+        .seeds
+        .first()
+        .copied()
+        .filter(|s| ctx.cowatch.get(s).is_some_and(|n| !n.entries.is_empty()));
+    let content_seed = seed_lists.first().map(|(s, list)| (*s, list.clone()));
+    let because = match row_seed {
+        Some(seed) => {
+            let neighbours = ctx.cowatch.get(&seed).map(Neighbors::strongest);
+            let similar = sims.similar(ctx.catalog, seed);
+            let ids: Vec<u32> = neighbours
+                .into_iter()
+                .flatten()
+                .map(|(id, _)| id)
+                .chain(similar.iter().map(|(id, _)| *id))
+                .collect();
+            Some((seed, ids))
+        }
+        None => content_seed.map(|(seed, list)| (seed, list.iter().map(|(id, _)| *id).collect())),
+    };
+    if let Some((seed, ids)) = because.as_ref() {
+        let mut row: Vec<RecommendedItem> = Vec::with_capacity(lists.row_size);
+        for id in ids.iter().filter(|id| slot.contains_key(id)) {
+            if row.len() == lists.row_size {
+                break;
+            }
+            if row.iter().all(|r| r.movie_id != *id) {
+                row.push(item(*id));
+            }
+        }
         let title = ctx.catalog.get(*seed).map(|m| &*m.title).unwrap_or("");
+        let seed = *seed;
         rows.push(CarouselRow {
             id: format!("because-you-watched:{seed}"),
             title: format!("Because you watched {title}"),
@@ -491,6 +633,57 @@ pub fn build_outputs(
     })
 }
 
+/// The co-watch source's view of one user.
+struct CoWatched {
+    /// The user's seeds, most recent first.
+    seeds: Vec<u32>,
+    /// Candidates by summed association, strongest first (ties: lower id).
+    ranked: Vec<(u32, f64)>,
+    /// Each scored item's summed association and its strongest seed.
+    by_item: IdMap<(f64, u32)>,
+    /// The strongest association (1 when there is none), for normalizing.
+    max: f64,
+}
+
+/// Items co-watched with the user's most recent engaged ones: each seed's
+/// neighbours scored by [`cowatch::association`], summed over the seeds.
+fn co_watched(ctx: &Context, state: &UserState) -> CoWatched {
+    let co = &ctx.config.co_watch;
+    let seeds: Vec<u32> = state.engaged_recent().take(co.seeds).collect();
+    let count = |id: u32| ctx.items.get(&id).map_or(0.0, |m| m.count as f64);
+    let mut by_item: IdMap<(f64, u32, f64)> = IdMap::default();
+    for &seed in &seeds {
+        let Some(neighbours) = ctx.cowatch.get(&seed) else {
+            continue;
+        };
+        let seed_count = count(seed);
+        for n in &neighbours.entries {
+            let a = cowatch::association(n.guaranteed(), seed_count, count(n.item), co.alpha);
+            if a <= 0.0 {
+                continue;
+            }
+            let e = by_item.entry(n.item).or_insert((0.0, seed, 0.0));
+            e.0 += a;
+            if a > e.2 {
+                e.1 = seed;
+                e.2 = a;
+            }
+        }
+    }
+    let mut ranked: Vec<(u32, f64)> = by_item.iter().map(|(id, e)| (*id, e.0)).collect();
+    ranked.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    let max = ranked.first().map_or(1.0, |r| r.1);
+    CoWatched {
+        seeds,
+        ranked,
+        by_item: by_item
+            .into_iter()
+            .map(|(id, e)| (id, (e.0, e.1)))
+            .collect(),
+        max,
+    }
+}
+
 /// Mean of the user's (max-normalized) weights over the item's genres, in `[-1, 1]`.
 pub fn affinity(genres: GenreSet, weights: &[GenreWeight], max_abs: f64) -> f64 {
     if genres.is_empty() || max_abs <= 0.0 {
@@ -515,6 +708,10 @@ fn render(ctx: &Context, c: &Candidate) -> RecommendedItem {
         .next()
         .map(|g| ctx.catalog.genre_name(g));
     let reason = match blend::dominant(&c.signals, &ctx.variant.blend) {
+        Dominant::CoWatched => match c.co_watched_with.and_then(|s| ctx.catalog.get(s)) {
+            Some(seed) => format!("Viewers of {} also watched this", seed.title),
+            None => "Often watched together with your recent picks".into(),
+        },
         Dominant::Similarity => match c.because_of.and_then(|s| ctx.catalog.get(s)) {
             Some(seed) => format!("Because you liked {}", seed.title),
             None => "Similar to what you watched".into(),
@@ -545,6 +742,7 @@ fn render(ctx: &Context, c: &Candidate) -> RecommendedItem {
             similarity: round6(c.signals.similarity),
             popularity: round6(c.signals.popularity),
             trending: round6(c.signals.trending),
+            co_watched: round6(c.signals.co_watched),
             ncf: c.signals.ncf.map(round6),
         },
         sources: SOURCES

@@ -242,6 +242,23 @@ impl UserState {
         self.version += 1;
     }
 
+    /// Recent items the user engaged with (see [`EventType::engages`]) and has
+    /// not disliked or skipped since, newest first: the co-watch seeds.
+    pub fn engaged_recent(&self) -> impl Iterator<Item = u32> + '_ {
+        self.recent.iter().filter_map(move |r| {
+            let i = self
+                .seen
+                .binary_search_by_key(&r.movie_id, |s| s.movie_id)
+                .ok()?;
+            let s = &self.seen[i];
+            let engaged = s.rating_x2 > 0
+                || s.flags & (FLAG_LIKED | FLAG_COMPLETED | FLAG_WATCHLISTED) != 0
+                || r.weight > 0.0;
+            let rejected = s.flags & (FLAG_DISLIKED | FLAG_SKIPPED) != 0;
+            (engaged && !rejected).then_some(r.movie_id)
+        })
+    }
+
     /// Recent items with a positive last interaction, newest first.
     pub fn positive_recent(&self) -> impl Iterator<Item = &RecentItem> {
         self.recent.iter().filter(|r| r.weight > 0.0)

@@ -26,6 +26,7 @@ use rocksdb::{BlockBasedOptions, Cache, ColumnFamilyDescriptor, Options, WriteBa
 
 use crate::catalog::IdMap;
 use crate::changelog::{self, Entry, Key, Marker, APPLIED_KEY};
+use crate::cowatch::Neighbors;
 use crate::decay::Momentum;
 use crate::state::UserState;
 
@@ -37,7 +38,8 @@ const CF_PUBLISHED: &str = "published";
 const CF_META: &str = "meta";
 const CF_PARTITIONS: &str = "partitions";
 const CF_OUTBOX: &str = "outbox";
-const ALL_CFS: [&str; 8] = [
+const CF_COWATCH: &str = "cowatch";
+const ALL_CFS: [&str; 9] = [
     CF_USERS,
     CF_ITEMS,
     CF_GENRES,
@@ -46,6 +48,7 @@ const ALL_CFS: [&str; 8] = [
     CF_META,
     CF_PARTITIONS,
     CF_OUTBOX,
+    CF_COWATCH,
 ];
 const GENRE_VOCABULARY: &[u8] = b"genre_vocabulary";
 const WRITER_ID: &[u8] = b"writer_id";
@@ -98,6 +101,8 @@ pub struct Changes {
     pub items: Vec<(u32, u32, Momentum)>,
     /// `(partition, genre, counters)`.
     pub genres: Vec<(u32, String, Momentum)>,
+    /// `(partition, movie id, co-watch neighbours)`.
+    pub cowatch: Vec<(u32, u32, Neighbors)>,
     /// `(topic, partition, next offset)`.
     pub offsets: Vec<(String, i32, i64)>,
 }
@@ -277,10 +282,23 @@ impl Store {
 
     /// Item counters per partition.
     pub fn items(&self) -> Result<HashMap<u32, IdMap<Momentum>>, StoreError> {
-        let mut out: HashMap<u32, IdMap<Momentum>> = HashMap::new();
+        self.per_item(CF_ITEMS)
+    }
+
+    /// Co-watch neighbours per partition.
+    pub fn cowatch(&self) -> Result<HashMap<u32, IdMap<Neighbors>>, StoreError> {
+        self.per_item(CF_COWATCH)
+    }
+
+    /// Values keyed by (partition, movie id).
+    fn per_item<T: serde::de::DeserializeOwned>(
+        &self,
+        cf: &'static str,
+    ) -> Result<HashMap<u32, IdMap<T>>, StoreError> {
+        let mut out: HashMap<u32, IdMap<T>> = HashMap::new();
         for kv in self
             .db
-            .iterator_cf(self.cf(CF_ITEMS), rocksdb::IteratorMode::Start)
+            .iterator_cf(self.cf(cf), rocksdb::IteratorMode::Start)
         {
             let (k, v) = kv?;
             if k.len() == 8 {
@@ -288,7 +306,7 @@ impl Store {
                 let id = u32::from_be_bytes([k[4], k[5], k[6], k[7]]);
                 out.entry(partition)
                     .or_default()
-                    .insert(id, decode(&v, "items")?);
+                    .insert(id, decode(&v, cf)?);
             }
         }
         Ok(out)
@@ -406,7 +424,7 @@ impl Store {
             Some(next) => next.to_be_bytes().to_vec(),
             None => vec![0xff; 5],
         };
-        for cf in [CF_USERS, CF_ITEMS, CF_GENRES, CF_OUTBOX] {
+        for cf in [CF_USERS, CF_ITEMS, CF_GENRES, CF_OUTBOX, CF_COWATCH] {
             batch.delete_range_cf(self.cf(cf), &partition.to_be_bytes()[..], &to[..]);
         }
         batch.delete_cf(self.cf(CF_PARTITIONS), partition.to_be_bytes());
@@ -433,6 +451,13 @@ impl Store {
         for (id, v) in &restored.items {
             batch.put_cf(
                 self.cf(CF_ITEMS),
+                partition_prefixed(partition, &id.to_be_bytes()),
+                v,
+            );
+        }
+        for (id, v) in &restored.cowatch {
+            batch.put_cf(
+                self.cf(CF_COWATCH),
                 partition_prefixed(partition, &id.to_be_bytes()),
                 v,
             );
@@ -578,6 +603,10 @@ impl Store {
         for (partition, id, m) in &changes.items {
             let key = partition_prefixed(*partition, &id.to_be_bytes());
             change(CF_ITEMS, *partition, key, Key::Item(*id), encode(m))?;
+        }
+        for (partition, id, n) in &changes.cowatch {
+            let key = partition_prefixed(*partition, &id.to_be_bytes());
+            change(CF_COWATCH, *partition, key, Key::CoWatch(*id), encode(n))?;
         }
         for (partition, name, m) in &changes.genres {
             let key = partition_prefixed(*partition, name.as_bytes());

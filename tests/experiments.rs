@@ -9,13 +9,10 @@ mod common;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use common::*;
-use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::message::Message;
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use recstream::config::BlendWeights;
 use recstream::experiment::{ExperimentSource, ModelCache};
 use recstream::ncf::card::ModelFiles;
@@ -27,31 +24,9 @@ use recstream::ncf::train::TrainConfig;
 use serde_json::{json, Value};
 
 const USERS: usize = 40;
-const RECOMMENDATIONS: &str = "reco.recommendations.v1";
 
 fn demo_catalog_path() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("src/demo/catalog.csv")
-}
-
-/// Copies a model's three files to `stem` by write-and-rename, card last, so
-/// the engine never reads a half-written file.
-fn install_model(from: &Path, stem: &Path) {
-    let (src, dst) = (ModelFiles::new(from), ModelFiles::new(stem));
-    for (s, d) in [
-        (&src.onnx, &dst.onnx),
-        (&src.users, &dst.users),
-        (&src.card, &dst.card),
-    ] {
-        let tmp = d.with_extension("tmp");
-        std::fs::copy(s, &tmp).unwrap();
-        std::fs::rename(&tmp, d).unwrap();
-    }
-}
-
-fn model_version(stem: &Path) -> String {
-    let card: Value =
-        serde_json::from_slice(&std::fs::read(ModelFiles::new(stem).card).unwrap()).unwrap();
-    card["model_version"].as_str().unwrap().to_string()
 }
 
 fn write_experiment(path: &Path, control: f64) {
@@ -65,45 +40,6 @@ fn write_experiment(path: &Path, control: f64) {
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, text).unwrap();
     std::fs::rename(&tmp, path).unwrap();
-}
-
-/// Each user's latest recommendations record, read by assignment.
-fn follow_recommendations(brokers: &str) -> Arc<Mutex<HashMap<String, Value>>> {
-    let latest = Arc::new(Mutex::new(HashMap::<String, Value>::new()));
-    let consumer: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", "experiments-reader")
-        .set("enable.auto.commit", "false")
-        .set("fetch.wait.max.ms", "10")
-        .create()
-        .unwrap();
-    let metadata = consumer
-        .fetch_metadata(Some(RECOMMENDATIONS), Duration::from_secs(10))
-        .unwrap();
-    let mut tpl = TopicPartitionList::new();
-    for p in metadata.topics()[0].partitions() {
-        tpl.add_partition_offset(RECOMMENDATIONS, p.id(), Offset::Beginning)
-            .unwrap();
-    }
-    consumer.assign(&tpl).unwrap();
-    let sink = latest.clone();
-    tokio::spawn(async move {
-        loop {
-            let Ok(m) = consumer.recv().await else {
-                continue;
-            };
-            let v: Value = serde_json::from_slice(m.payload().unwrap_or_default()).unwrap();
-            let user = v["user_id"].as_str().unwrap().to_string();
-            let mut map = sink.lock().unwrap();
-            let newer = map
-                .get(&user)
-                .is_none_or(|old| old["version"].as_u64() < v["version"].as_u64());
-            if newer {
-                map.insert(user, v);
-            }
-        }
-    });
-    latest
 }
 
 /// Waits until every user's latest record satisfies `ok`.

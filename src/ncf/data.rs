@@ -47,12 +47,19 @@ impl From<&Rating> for RawInteraction {
     }
 }
 
-/// Reads interactions from a MovieLens ratings file or directory, or from an
-/// interaction topic dump (`.parquet` / `.arrow`).
+/// Reads interactions from a MovieLens ratings file or directory, an
+/// interaction topic dump (`.parquet` / `.arrow`), or an archive directory.
 pub fn load_interactions(path: &Path) -> Result<Vec<RawInteraction>, CatalogError> {
     let name = path.to_string_lossy();
     if name.ends_with(".parquet") || name.ends_with(".arrow") || name.ends_with(".ipc") {
         return ratings::load_dump(path);
+    }
+    let has_ratings = ["ratings.csv", "u.data", "ratings.dat"]
+        .iter()
+        .any(|f| path.join(f).exists());
+    if path.is_dir() && !has_ratings {
+        // An archive directory written by `recstream archive`.
+        return crate::archive::load(path);
     }
     let list = if path.is_dir() {
         ratings::load_dir(path)?

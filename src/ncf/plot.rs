@@ -13,7 +13,7 @@ const FONT_PATHS: [&str; 2] = [
 ];
 
 /// Registers a system TrueType font once (plotters draws text with it).
-fn font() -> Result<(), String> {
+pub(crate) fn font() -> Result<(), String> {
     static REGISTERED: OnceLock<Result<(), String>> = OnceLock::new();
     REGISTERED
         .get_or_init(|| {

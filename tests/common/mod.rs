@@ -5,11 +5,19 @@
 
 pub mod verifier;
 
+use std::collections::HashMap;
 use std::io::Write;
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::Message;
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use recstream::ncf::card::ModelFiles;
+use serde_json::Value;
 
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -455,4 +463,64 @@ pub fn await_ready(port: u16, log: impl Fn() -> String) {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// Copies a model's three files to `stem` by write-and-rename, card last, so
+/// the engine never reads a half-written file.
+pub fn install_model(from: &Path, stem: &Path) {
+    let (src, dst) = (ModelFiles::new(from), ModelFiles::new(stem));
+    for (s, d) in [
+        (&src.onnx, &dst.onnx),
+        (&src.users, &dst.users),
+        (&src.card, &dst.card),
+    ] {
+        let tmp = d.with_extension("tmp");
+        std::fs::copy(s, &tmp).unwrap();
+        std::fs::rename(&tmp, d).unwrap();
+    }
+}
+
+pub fn model_version(stem: &Path) -> String {
+    let card: Value =
+        serde_json::from_slice(&std::fs::read(ModelFiles::new(stem).card).unwrap()).unwrap();
+    card["model_version"].as_str().unwrap().to_string()
+}
+
+/// Each user's latest recommendations record, read by assignment.
+pub fn follow_recommendations(brokers: &str) -> Arc<Mutex<HashMap<String, Value>>> {
+    let latest = Arc::new(Mutex::new(HashMap::<String, Value>::new()));
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "experiments-reader")
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "10")
+        .create()
+        .unwrap();
+    let metadata = consumer
+        .fetch_metadata(Some("reco.recommendations.v1"), Duration::from_secs(10))
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for p in metadata.topics()[0].partitions() {
+        tpl.add_partition_offset("reco.recommendations.v1", p.id(), Offset::Beginning)
+            .unwrap();
+    }
+    consumer.assign(&tpl).unwrap();
+    let sink = latest.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok(m) = consumer.recv().await else {
+                continue;
+            };
+            let v: Value = serde_json::from_slice(m.payload().unwrap_or_default()).unwrap();
+            let user = v["user_id"].as_str().unwrap().to_string();
+            let mut map = sink.lock().unwrap();
+            let newer = map
+                .get(&user)
+                .is_none_or(|old| old["version"].as_u64() < v["version"].as_u64());
+            if newer {
+                map.insert(user, v);
+            }
+        }
+    });
+    latest
 }

@@ -1,0 +1,181 @@
+//! Item-to-item co-watch counts: the engine's collaborative candidate source.
+//!
+//! Every time a user consumes an item, the pair (item, each of the user's
+//! previous recently consumed items) is counted in both directions. Each item
+//! keeps a bounded list of its most co-watched neighbours with the
+//! space-saving rule: a newcomer on a full list replaces the weakest entry and
+//! inherits its count as `error`, so heavy neighbours are kept with a bounded
+//! over-count while memory stays `cap` entries per item. `count - error` is a
+//! lower bound of the true count; scoring uses it, so a newcomer earns its place.
+//!
+//! Lists are kept per input partition (they move with it, like the item
+//! counters) and summed over the partitions an instance holds.
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Neighbor {
+    pub item: u32,
+    pub count: f32,
+    /// Over-count inherited on entry (space-saving).
+    pub error: f32,
+}
+
+impl Neighbor {
+    /// A lower bound of the true co-watch count.
+    pub fn guaranteed(&self) -> f32 {
+        (self.count - self.error).max(0.0)
+    }
+}
+
+/// One item's neighbours, in no particular order.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Neighbors {
+    pub entries: Vec<Neighbor>,
+}
+
+impl Neighbors {
+    /// Counts `amount` more co-watches with `item`, keeping at most `cap` entries.
+    pub fn add(&mut self, item: u32, amount: f32, cap: usize) {
+        if let Some(n) = self.entries.iter_mut().find(|n| n.item == item) {
+            n.count += amount;
+            return;
+        }
+        if self.entries.len() < cap {
+            self.entries.push(Neighbor {
+                item,
+                count: amount,
+                error: 0.0,
+            });
+            return;
+        }
+        // Full: the weakest entry (ties: the higher id, for determinism) makes room.
+        if let Some(weakest) = self
+            .entries
+            .iter_mut()
+            .min_by(|a, b| a.count.total_cmp(&b.count).then(b.item.cmp(&a.item)))
+        {
+            let floor = weakest.count;
+            *weakest = Neighbor {
+                item,
+                count: floor + amount,
+                error: floor,
+            };
+        }
+    }
+
+    /// The sum of several partitions' lists, trimmed to the `cap` strongest.
+    pub fn merge<'a>(lists: impl IntoIterator<Item = &'a Neighbors>, cap: usize) -> Neighbors {
+        let mut all: Vec<Neighbor> = Vec::new();
+        for list in lists {
+            for n in &list.entries {
+                match all.iter_mut().find(|m| m.item == n.item) {
+                    Some(m) => {
+                        m.count += n.count;
+                        m.error += n.error;
+                    }
+                    None => all.push(*n),
+                }
+            }
+        }
+        all.sort_by(|a, b| b.count.total_cmp(&a.count).then(a.item.cmp(&b.item)));
+        all.truncate(cap);
+        Neighbors { entries: all }
+    }
+
+    /// Neighbours by guaranteed count, strongest first (ties: lower id).
+    pub fn strongest(&self) -> Vec<(u32, f32)> {
+        let mut out: Vec<(u32, f32)> = self
+            .entries
+            .iter()
+            .map(|n| (n.item, n.guaranteed()))
+            .filter(|(_, c)| *c > 0.0)
+            .collect();
+        out.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        out
+    }
+}
+
+/// How strongly a seed's co-watch count with a candidate speaks for it:
+/// `count / (n_seed^(1-alpha) · n_candidate^alpha)`. `alpha = 0` is the
+/// conditional probability of the candidate given the seed (favours popular
+/// items), `alpha = 0.5` the cosine; item counts below 1 count as 1.
+pub fn association(count: f32, seed_count: f64, candidate_count: f64, alpha: f64) -> f64 {
+    let denominator = seed_count.max(1.0).powf(1.0 - alpha) * candidate_count.max(1.0).powf(alpha);
+    count.max(0.0) as f64 / denominator
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn counts_add_up_below_the_cap() {
+        let mut n = Neighbors::default();
+        for item in [3, 4, 3, 3] {
+            n.add(item, 1.0, 8);
+        }
+        assert_eq!(n.strongest(), vec![(3, 3.0), (4, 1.0)]);
+    }
+
+    #[test]
+    fn a_newcomer_on_a_full_list_inherits_the_weakest_count() {
+        let mut n = Neighbors::default();
+        n.add(1, 5.0, 2);
+        n.add(2, 1.0, 2);
+        n.add(3, 1.0, 2);
+        assert_eq!(n.entries.len(), 2);
+        let three = n.entries.iter().find(|e| e.item == 3).unwrap();
+        assert_eq!((three.count, three.error), (2.0, 1.0));
+        assert_eq!(
+            n.strongest(),
+            vec![(1, 5.0), (3, 1.0)],
+            "guaranteed counts rank"
+        );
+    }
+
+    #[test]
+    fn merge_sums_partitions() {
+        let (mut a, mut b) = (Neighbors::default(), Neighbors::default());
+        a.add(1, 2.0, 4);
+        a.add(2, 1.0, 4);
+        b.add(2, 3.0, 4);
+        let m = Neighbors::merge([&a, &b], 1);
+        assert_eq!(m.strongest(), vec![(2, 4.0)]);
+    }
+
+    #[test]
+    fn association_prefers_specific_pairs_as_alpha_grows() {
+        // Same count with a popular and a rare candidate.
+        let popular = association(10.0, 100.0, 1000.0, 0.5);
+        let rare = association(10.0, 100.0, 20.0, 0.5);
+        assert!(rare > popular);
+        assert_eq!(
+            association(10.0, 100.0, 1000.0, 0.0),
+            association(10.0, 100.0, 20.0, 0.0)
+        );
+    }
+
+    proptest! {
+        /// Space-saving never loses mass: every added amount is in some count,
+        /// the list never exceeds its cap, and a guaranteed count never exceeds
+        /// the true one.
+        #[test]
+        fn space_saving_bounds(items in proptest::collection::vec(0u32..30, 1..300), cap in 1usize..12) {
+            let mut n = Neighbors::default();
+            let mut truth = std::collections::HashMap::new();
+            for &i in &items {
+                n.add(i, 1.0, cap);
+                *truth.entry(i).or_insert(0.0f32) += 1.0;
+            }
+            prop_assert!(n.entries.len() <= cap);
+            let total: f32 = n.entries.iter().map(|e| e.count).sum();
+            prop_assert_eq!(total, items.len() as f32);
+            for e in &n.entries {
+                prop_assert!(e.guaranteed() <= truth[&e.item]);
+                prop_assert!(e.count >= truth[&e.item]);
+            }
+        }
+    }
+}

@@ -1,0 +1,302 @@
+//! `recstream replay-eval`: the variants and peers side by side on MovieLens
+//! streams, the sweep of defaults, and the evaluation document.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context as _, Result};
+use clap::Args;
+
+use super::report::{self, DatasetReport, PeerResult};
+use super::{run_variant, standard_variants, Models, Settings, Stream, VariantSpec};
+use crate::config::EngineConfig;
+use crate::ncf::foldin::FoldInConfig;
+
+#[derive(Debug, Args)]
+pub struct ReplayArgs {
+    /// MovieLens directories (or ratings files beside their catalog), replayed one after the other.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "../shared/data/movielens/ml-100k,../shared/data/movielens/ml-latest-small"
+    )]
+    pub data: Vec<PathBuf>,
+    /// Only these variants (default: all of them).
+    #[arg(long, value_delimiter = ',')]
+    pub variants: Vec<String>,
+    /// The evaluation document.
+    #[arg(long, default_value = "eval/REPLAY.md")]
+    pub out: PathBuf,
+    /// Model files and raw results.
+    #[arg(long, default_value = "target/replay")]
+    pub work_dir: PathBuf,
+    /// Replay only the first N events of each stream (quick checks).
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Training epochs of the replay's models (default: the trainer's).
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    /// Retraining interval in days of event time (default: 14 on ml-100k, 365 on longer streams).
+    #[arg(long)]
+    pub retrain_days: Option<f64>,
+    /// Skip the Python peers (river, implicit).
+    #[arg(long)]
+    pub no_peers: bool,
+    /// Run variants on both cores (one thread per dataset).
+    #[arg(long)]
+    pub parallel: bool,
+    /// Replay through this Kafka cluster instead of in-process (variants
+    /// without a model; a broker round trip per event, so use --limit).
+    #[arg(long)]
+    pub brokers: Option<String>,
+    /// Run the sweep that picks the engine's defaults instead (writes SWEEP.md
+    /// and sweep.png beside --out).
+    #[arg(long)]
+    pub sweep: bool,
+}
+
+/// Published-protocol anchors of all-time popularity (issue text, ±0.003).
+fn anchor(name: &str) -> Option<f64> {
+    match name {
+        "ml-100k" => Some(0.077),
+        "ml-latest-small" => Some(0.048),
+        _ => None,
+    }
+}
+
+fn defaults_for(stream: &Stream, args: &ReplayArgs) -> (f64, f64) {
+    let span_days = stream
+        .events
+        .last()
+        .zip(stream.events.first())
+        .map_or(1.0, |(l, f)| (l.ts_ms - f.ts_ms) as f64 / 86_400_000.0);
+    // Short streams (ML-100K: 7 months) are retrained every two weeks and
+    // plotted weekly; long ones (ml-latest-small: 22 years) yearly and half-yearly.
+    let (retrain, window) = if span_days < 400.0 {
+        (14.0, 7.0)
+    } else {
+        (365.0, 180.0)
+    };
+    (args.retrain_days.unwrap_or(retrain), window)
+}
+
+pub async fn run(args: &ReplayArgs) -> Result<()> {
+    if let Some(brokers) = &args.brokers {
+        return through_broker(args, brokers).await;
+    }
+    if args.sweep {
+        return sweep(args);
+    }
+    let jobs: Vec<&PathBuf> = args.data.iter().collect();
+    let reports: Vec<Result<DatasetReport>> = if args.parallel {
+        std::thread::scope(|s| {
+            let handles: Vec<_> = jobs
+                .iter()
+                .map(|path| s.spawn(move || dataset(path, args)))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("replay thread panicked"))
+                .collect()
+        })
+    } else {
+        jobs.iter().map(|p| dataset(p, args)).collect()
+    };
+    let reports = reports.into_iter().collect::<Result<Vec<_>>>()?;
+    let mut doc = String::from(
+        "## Prequential replay\n\nReproduce: `cargo run --release -- replay-eval` \
+         (data from `../shared/data/movielens`, peers from `eval/replay_peers.py`). \
+         Every rating is replayed in event-time order (ties by user, then item) \
+         through `Engine::process`; before it is applied, the list the engine would \
+         publish for that user at that moment (`Engine::peek`) is scored. Models \
+         are trained inside the replay on the events before the half-way cut only.\n\n",
+    );
+    for r in &reports {
+        doc.push_str(&report::markdown(r, anchor(&r.name)));
+        let png = args.out.with_file_name(format!("replay-{}.png", r.name));
+        report::plot(
+            &png,
+            r,
+            &[
+                "popularity",
+                "co-watched",
+                "ncf-fold-in",
+                "blend-no-model",
+                "full-blend",
+                "full-blend-retrained",
+            ],
+        )
+        .map_err(|e| anyhow::anyhow!("plotting {}: {e}", png.display()))?;
+        doc.push_str(&format!(
+            "![HR@10 over event time]({})\n\n",
+            png.file_name().unwrap_or_default().to_string_lossy()
+        ));
+        let json = args.work_dir.join(format!("{}.json", r.name));
+        std::fs::write(&json, serde_json::to_vec_pretty(r)?)
+            .with_context(|| format!("writing {}", json.display()))?;
+    }
+    std::fs::write(&args.out, doc).with_context(|| format!("writing {}", args.out.display()))?;
+    println!("wrote {}", args.out.display());
+    Ok(())
+}
+
+fn sweep(args: &ReplayArgs) -> Result<()> {
+    let mut streams = Vec::new();
+    for path in &args.data {
+        let stream = Stream::load(path, args.limit)
+            .with_context(|| format!("loading {}", path.display()))?;
+        let (_, window_days) = defaults_for(&stream, args);
+        let tail_from = stream.events[stream.events.len() * 9 / 10].ts_ms;
+        let settings = Settings {
+            window_days,
+            epochs: args.epochs,
+            work_dir: args.work_dir.clone(),
+            fold_in: FoldInConfig::default(),
+            tail_from: Some(tail_from),
+        };
+        streams.push((stream, settings));
+    }
+    std::fs::create_dir_all(&args.work_dir)
+        .with_context(|| format!("creating {}", args.work_dir.display()))?;
+    let start = EngineConfig::default();
+    let outcome = super::sweep::run(&streams, &start, &[0.0, 0.1, 0.3, 0.6], |line| {
+        eprintln!("{line}")
+    })?;
+    let names: Vec<String> = streams.iter().map(|(s, _)| s.name.clone()).collect();
+    let png = args.out.with_file_name("sweep.png");
+    super::sweep::plot(&png, &outcome)
+        .map_err(|e| anyhow::anyhow!("plotting {}: {e}", png.display()))?;
+    let mut doc = super::sweep::markdown(&outcome, &names, &start);
+    doc.push_str("![sweep](sweep.png)\n");
+    let md = args.out.with_file_name("SWEEP.md");
+    std::fs::write(&md, doc).with_context(|| format!("writing {}", md.display()))?;
+    println!("wrote {}", md.display());
+    Ok(())
+}
+
+/// The broker replay: prints each variant's figures (for comparison with the
+/// in-process run on the same `--limit`).
+async fn through_broker(args: &ReplayArgs, brokers: &str) -> Result<()> {
+    for path in &args.data {
+        let stream = Stream::load(path, args.limit)
+            .with_context(|| format!("loading {}", path.display()))?;
+        let (retrain_days, window_days) = defaults_for(&stream, args);
+        let settings = Settings {
+            window_days,
+            epochs: args.epochs,
+            work_dir: args.work_dir.clone(),
+            fold_in: FoldInConfig::default(),
+            tail_from: None,
+        };
+        for spec in standard_variants(&EngineConfig::default(), retrain_days)
+            .into_iter()
+            .filter(|v| v.model == super::ModelPlan::None)
+            .filter(|v| args.variants.is_empty() || args.variants.contains(&v.name))
+        {
+            let r = super::broker::run_variant(&stream, &spec, &settings, brokers)
+                .await
+                .with_context(|| {
+                    format!("{}: variant {} through {brokers}", stream.name, spec.name)
+                })?;
+            println!(
+                "{}",
+                serde_json::json!({
+                    "data": stream.name, "variant": r.name, "events": r.all.cases,
+                    "hr": r.all.hr, "ndcg": r.all.ndcg, "seconds": r.seconds,
+                })
+            );
+        }
+    }
+    Ok(())
+}
+
+fn dataset(path: &Path, args: &ReplayArgs) -> Result<DatasetReport> {
+    let stream =
+        Stream::load(path, args.limit).with_context(|| format!("loading {}", path.display()))?;
+    if stream.events.is_empty() {
+        bail!("{}: no ratings", path.display());
+    }
+    let (retrain_days, window_days) = defaults_for(&stream, args);
+    std::fs::create_dir_all(&args.work_dir)
+        .with_context(|| format!("creating {}", args.work_dir.display()))?;
+    let settings = Settings {
+        window_days,
+        epochs: args.epochs,
+        work_dir: args.work_dir.clone(),
+        fold_in: FoldInConfig::default(),
+        tail_from: None,
+    };
+    let specs: Vec<VariantSpec> = standard_variants(&EngineConfig::default(), retrain_days)
+        .into_iter()
+        .filter(|v| args.variants.is_empty() || args.variants.contains(&v.name))
+        .collect();
+    let mut models = Models::default();
+    let mut variants = Vec::new();
+    for spec in &specs {
+        let result = run_variant(&stream, spec, &settings, &mut models)
+            .with_context(|| format!("{}: variant {}", stream.name, spec.name))?;
+        eprintln!(
+            "{}: {:<22} HR@10 {:.4} (second half), {:.4} (all) in {:.0} s",
+            stream.name, spec.name, result.second_half.hr, result.all.hr, result.seconds
+        );
+        variants.push(result);
+    }
+    let peers = if args.no_peers {
+        Vec::new()
+    } else {
+        peers(path, &stream, retrain_days, args)?
+    };
+    let users: std::collections::HashSet<u32> = stream.events.iter().map(|e| e.user_id).collect();
+    Ok(DatasetReport {
+        name: stream.name.clone(),
+        events: stream.events.len(),
+        users: users.len(),
+        items: stream.catalog.len(),
+        cut: stream.cut,
+        window_days,
+        retrain_days,
+        variants,
+        peers,
+    })
+}
+
+/// Runs `eval/replay_peers.py` on the same stream and cut.
+fn peers(
+    path: &Path,
+    stream: &Stream,
+    retrain_days: f64,
+    args: &ReplayArgs,
+) -> Result<Vec<PeerResult>> {
+    let out = args.work_dir.join(format!("{}.peers.json", stream.name));
+    let ratings = if path.is_dir() {
+        ["ratings.csv", "u.data", "ratings.dat"]
+            .iter()
+            .map(|f| path.join(f))
+            .find(|p| p.exists())
+            .context("no ratings file")?
+    } else {
+        path.to_path_buf()
+    };
+    // ALS is refitted daily on the short stream; the long one spans 22 years,
+    // so it is refitted every 30 days there.
+    let als_days = if retrain_days < 30.0 { 1.0 } else { 30.0 };
+    let mut cmd = Command::new("python3");
+    cmd.arg("eval/replay_peers.py")
+        .arg("--ratings")
+        .arg(&ratings)
+        .arg("--cut")
+        .arg(stream.cut.to_string())
+        .arg("--als-days")
+        .arg(als_days.to_string())
+        .arg("--out")
+        .arg(&out);
+    if let Some(n) = args.limit {
+        cmd.arg("--limit").arg(n.to_string());
+    }
+    let status = cmd.status().context("running eval/replay_peers.py")?;
+    if !status.success() {
+        bail!("eval/replay_peers.py failed ({status}); install its packages with `pip install --user -r eval/requirements.txt`, or pass --no-peers");
+    }
+    let text = std::fs::read(&out).with_context(|| format!("reading {}", out.display()))?;
+    Ok(serde_json::from_slice(&text)?)
+}

@@ -1,0 +1,592 @@
+//! Prequential replay: real interactions streamed in event-time order through
+//! the engine's own processing code ([`Engine::process`], the function the
+//! Kafka pipeline runs). Before each interaction is applied, the list the
+//! engine would publish for that user at that moment ([`Engine::peek`], the
+//! interactive query) is scored against it: no look-ahead of any kind.
+//!
+//! Models are trained inside the replay from the events before a cut only
+//! (half of the event time span; periodic retraining every N days after it),
+//! so every variant is measured on the second half with the same information.
+
+pub mod broker;
+pub mod command;
+pub mod metrics;
+pub mod report;
+pub mod sweep;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::catalog::{self, Catalog, CatalogError, CatalogRecord, GenreSet};
+use crate::config::EngineConfig;
+use crate::engine::{Body, Engine, EngineError, Record, SourcePos};
+use crate::event::{EventType, Interaction};
+use crate::experiment::{source_bit, Variant, Variants, ALL_SOURCES};
+use crate::ncf::data::RawInteraction;
+use crate::ncf::eval::{self as ncf_eval, EvalError, RunInput};
+use crate::ncf::foldin::FoldInConfig;
+use crate::ncf::model::Objective;
+use crate::ncf::serve::{ModelError, NcfModel, NcfScorer};
+use crate::ncf::train::TrainConfig;
+use crate::output::{Source, UserOutputs};
+use crate::ratings::{self, Rating};
+use crate::recommend::Scorer;
+use crate::store::{Store, StoreError};
+use metrics::{Accumulator, BiasBaseline, Case, Exposure, Summary};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    #[error(transparent)]
+    Data(#[from] CatalogError),
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("training the replay's model: {0}")]
+    Train(#[from] EvalError),
+    #[error("loading the replay's model: {0}")]
+    Model(#[from] ModelError),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// A ratings stream with its catalog, in replay order.
+pub struct Stream {
+    pub name: String,
+    pub catalog: Catalog,
+    /// Sorted by (event time, user, item).
+    pub events: Vec<Rating>,
+    /// Models see only events before this time; metrics are reported from it on.
+    pub cut: i64,
+}
+
+impl Stream {
+    /// Loads a MovieLens directory (ratings and movies) or a ratings file
+    /// beside its catalog; keeps the first `limit` events when given.
+    pub fn load(path: &Path, limit: Option<usize>) -> Result<Stream, ReplayError> {
+        let dir = if path.is_dir() {
+            path
+        } else {
+            path.parent().unwrap_or(Path::new("."))
+        };
+        let mut events = if path.is_dir() {
+            ratings::load_dir(path)?
+        } else {
+            ratings::load(path)?
+        };
+        let catalog_file = ["movies.csv", "u.item", "movies.dat", "catalog.csv"]
+            .iter()
+            .map(|f| dir.join(f))
+            .find(|p| p.exists())
+            .ok_or_else(|| {
+                ReplayError::Invalid(format!(
+                    "no movies.csv, u.item, movies.dat or catalog.csv in {}",
+                    dir.display()
+                ))
+            })?;
+        let catalog = catalog::load(&catalog_file)?;
+        let name = dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "ratings".into());
+        Ok(Stream::new(
+            name,
+            catalog,
+            std::mem::take(&mut events),
+            limit,
+        ))
+    }
+
+    pub fn new(
+        name: String,
+        catalog: Catalog,
+        mut events: Vec<Rating>,
+        limit: Option<usize>,
+    ) -> Stream {
+        events.sort_by(|a, b| {
+            (a.ts_ms, a.user_id, a.movie_id).cmp(&(b.ts_ms, b.user_id, b.movie_id))
+        });
+        if let Some(n) = limit {
+            events.truncate(n);
+        }
+        let first = events.first().map_or(0, |e| e.ts_ms);
+        let last = events.last().map_or(0, |e| e.ts_ms);
+        Stream {
+            name,
+            catalog,
+            events,
+            cut: first + (last - first) / 2,
+        }
+    }
+
+    /// A small synthetic stream for tests: 30 movies over three genres and
+    /// `events` (at most 1,000) distinct ratings by 40 users whose tastes follow
+    /// their genre, with repeated timestamps (ties are broken by user, then item).
+    pub fn synthetic(events: usize, seed: u64) -> Stream {
+        let mut catalog = Catalog::default();
+        for id in 1..=30u32 {
+            let genre = ["Comedy", "Drama", "Sci-Fi"][(id % 3) as usize];
+            catalog
+                .upsert(CatalogRecord {
+                    movie_id: id,
+                    title: format!("Movie {id}"),
+                    genres: vec![genre.to_string()],
+                    year: Some(1980 + id as u16),
+                    tmdb_id: None,
+                    imdb_id: None,
+                    tags: vec![],
+                })
+                .expect("a valid catalog record");
+        }
+        let mut rng = crate::rng::Rng::new(seed);
+        let mut seen = std::collections::HashSet::new();
+        let mut out = Vec::new();
+        while out.len() < events.min(1000) {
+            let user = 1 + (rng.next_u64() % 40) as u32;
+            // Users favour their genre; lower ids are more popular.
+            let movie = if rng.next_u64() % 3 == 0 {
+                1 + (rng.next_u64() % 30) as u32
+            } else {
+                let base = 1 + (rng.next_u64() % 10) as u32 * 3;
+                (base + user % 3).min(30)
+            };
+            if !seen.insert((user, movie)) {
+                continue;
+            }
+            out.push(Rating {
+                user_id: user,
+                movie_id: movie,
+                rating: 1.0 + (rng.next_u64() % 5) as f64,
+                // Coarse timestamps: ties are broken by user, then item.
+                ts_ms: 1_000_000 + (out.len() as i64 / 3) * 60_000,
+            });
+        }
+        out.reverse();
+        Stream::new("synthetic".into(), catalog, out, None)
+    }
+
+    fn before(&self, t: i64) -> Vec<RawInteraction> {
+        self.events
+            .iter()
+            .take_while(|e| e.ts_ms < t)
+            .map(RawInteraction::from)
+            .collect()
+    }
+}
+
+/// How a variant uses the NCF model.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub enum ModelPlan {
+    None,
+    /// Trained at the cut; users keep their trained (or the mean) vector.
+    Frozen,
+    /// Trained at the cut; user vectors folded in from every event.
+    FoldIn,
+    /// Trained at the cut and again every `every_days` of event time, folded in.
+    Retrain {
+        every_days: f64,
+    },
+}
+
+/// One engine configuration under test.
+#[derive(Debug, Clone)]
+pub struct VariantSpec {
+    pub name: String,
+    pub config: EngineConfig,
+    pub sources: u8,
+    pub model: ModelPlan,
+    pub objective: Objective,
+}
+
+/// Replay settings shared by every variant of a run.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Sliding window of event time for the HR plot.
+    pub window_days: f64,
+    /// Training epochs of the replay's models (`None`: the trainer's defaults).
+    pub epochs: Option<usize>,
+    /// Where model files go.
+    pub work_dir: PathBuf,
+    pub fold_in: FoldInConfig,
+    /// Metrics are also reported on events from this time on (the held-back tail).
+    pub tail_from: Option<i64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct VariantResult {
+    pub name: String,
+    /// Every event of the stream (the popularity anchor's protocol).
+    pub all: Summary,
+    /// Events from the cut on: the figure variants are compared by.
+    pub second_half: Summary,
+    /// Events from `Settings::tail_from` on (the sweep's confirmation).
+    pub tail: Option<Summary>,
+    /// Events from the cut up to `Settings::tail_from` (what the sweep tunes on).
+    pub validation: Option<Summary>,
+    pub seconds: f64,
+    pub trainings: usize,
+    /// Per event, in stream order: the item's 1-based rank in the list, 0 when absent.
+    #[serde(skip)]
+    pub ranks: Vec<u16>,
+}
+
+/// Trained model files per (cut time, objective), shared by variants.
+#[derive(Default)]
+pub struct Models {
+    files: HashMap<(i64, Objective), PathBuf>,
+}
+
+impl Models {
+    /// Trains on the stream's events before `t` (once per `t` and objective)
+    /// and loads the model with this fold-in setting.
+    pub fn at(
+        &mut self,
+        stream: &Stream,
+        t: i64,
+        objective: Objective,
+        settings: &Settings,
+        fold_in: FoldInConfig,
+    ) -> Result<NcfModel, ReplayError> {
+        let key = (t, objective);
+        if !self.files.contains_key(&key) {
+            let train = stream.before(t);
+            let mut config = TrainConfig::defaults(objective);
+            if let Some(e) = settings.epochs {
+                config.epochs = e;
+            }
+            let out =
+                settings
+                    .work_dir
+                    .join(format!("{}-{}-{}", stream.name, objective.as_str(), t));
+            if let Some(parent) = out.parent() {
+                std::fs::create_dir_all(parent).map_err(|source| ReplayError::Io {
+                    path: parent.into(),
+                    source,
+                })?;
+            }
+            let run = ncf_eval::run(RunInput {
+                config,
+                train: &train,
+                test: None,
+                data_name: format!("{} before {t}", stream.name),
+                out: out.clone(),
+                progress: false,
+            })?;
+            self.files.insert(key, run.files.onnx.clone());
+        }
+        Ok(NcfModel::load(&self.files[&key], fold_in)?)
+    }
+}
+
+const PARTITION: u32 = 0;
+const DAY_MS: f64 = 86_400_000.0;
+
+/// Replays the stream through one variant and scores every interaction.
+pub fn run_variant(
+    stream: &Stream,
+    spec: &VariantSpec,
+    settings: &Settings,
+    models: &mut Models,
+) -> Result<VariantResult, ReplayError> {
+    let started = Instant::now();
+    let dir = tempfile::tempdir().map_err(|source| ReplayError::Io {
+        path: std::env::temp_dir(),
+        source,
+    })?;
+    let store = Store::open(dir.path(), 64)?;
+    let mut engine = Engine::new(spec.config.clone(), store, stream.catalog.clone())?;
+    // Lists are read through `peek` before each event; the outputs of each
+    // one-event batch would go unused.
+    engine.compute_outputs(false);
+    let install = |engine: &mut Engine, scorer: Option<Arc<dyn Scorer>>| {
+        engine.set_variants(Arc::new(Variants::only(Variant {
+            name: spec.name.as_str().into(),
+            share: 1.0,
+            blend: spec.config.blend.clone(),
+            scorer,
+            sources: spec.sources,
+            model_path: None,
+        })));
+    };
+    install(&mut engine, None);
+    let fold_in = match spec.model {
+        ModelPlan::Frozen => FoldInConfig {
+            steps: 0,
+            ..settings.fold_in
+        },
+        _ => settings.fold_in,
+    };
+    let mut next_training = (spec.model != ModelPlan::None).then_some(stream.cut);
+    let mut model: Option<Arc<NcfModel>> = None;
+    let mut trainings = 0;
+
+    let mut scoring = Scoring::new(stream, settings, spec.config.lists.top_n);
+    for (k, event) in stream.events.iter().enumerate() {
+        if let Some(t) = next_training.filter(|t| event.ts_ms >= *t) {
+            let m = Arc::new(models.at(stream, t, spec.objective, settings, fold_in)?);
+            install(&mut engine, Some(Arc::new(NcfScorer { model: m.clone() })));
+            model = Some(m);
+            trainings += 1;
+            next_training = match spec.model {
+                ModelPlan::Retrain { every_days } => {
+                    // The next boundary after this event (quiet spans are skipped).
+                    let every = (every_days * DAY_MS) as i64;
+                    let mut next = t + every;
+                    while next <= event.ts_ms {
+                        next += every;
+                    }
+                    Some(next)
+                }
+                _ => None,
+            };
+        }
+        let user = event.user_id.to_string();
+        // What the engine would publish for this user right now.
+        let outputs = engine.peek(PARTITION, &user)?;
+        // The engine's rating prediction when its model is an explicit one.
+        let predicted = match (&model, spec.objective) {
+            (Some(m), Objective::Explicit) => {
+                let state = engine.store().user(PARTITION, &user)?.unwrap_or_default();
+                m.item_index(event.movie_id)
+                    .map(|i| {
+                        m.score_user(m.user_vector(&user, &state), &[i as i64])
+                            .map(|s| s[0] as f64)
+                    })
+                    .transpose()?
+            }
+            _ => None,
+        };
+        scoring.score(event, &outputs, predicted);
+        engine.process(vec![record(k as i64, event)])?;
+    }
+    Ok(scoring.finish(&spec.name, started.elapsed().as_secs_f64(), trainings))
+}
+
+/// Scores each interaction against the outputs shown just before it.
+pub(crate) struct Scoring<'s> {
+    stream: &'s Stream,
+    tail_from: Option<i64>,
+    top_n: usize,
+    t0: i64,
+    window_ms: f64,
+    all: Accumulator,
+    second: Accumulator,
+    tail: Accumulator,
+    validation: Accumulator,
+    exposure: Exposure,
+    baseline: BiasBaseline,
+    ranks: Vec<u16>,
+}
+
+impl<'s> Scoring<'s> {
+    pub(crate) fn new(stream: &'s Stream, settings: &Settings, top_n: usize) -> Scoring<'s> {
+        Scoring {
+            stream,
+            tail_from: settings.tail_from,
+            top_n,
+            t0: stream.events.first().map_or(0, |e| e.ts_ms),
+            window_ms: (settings.window_days * DAY_MS).max(1.0),
+            all: Accumulator::default(),
+            second: Accumulator::default(),
+            tail: Accumulator::default(),
+            validation: Accumulator::default(),
+            exposure: Exposure::default(),
+            baseline: BiasBaseline::default(),
+            ranks: Vec::with_capacity(stream.events.len()),
+        }
+    }
+
+    /// Scores `event` against `outputs`, then learns it (novelty counts and
+    /// the rating baseline). `predicted`: the model's rating, if it made one;
+    /// else the online bias baseline predicts.
+    pub(crate) fn score(&mut self, event: &Rating, outputs: &UserOutputs, predicted: Option<f64>) {
+        let catalog = &self.stream.catalog;
+        let listed: Vec<u32> = outputs
+            .recommendations
+            .items
+            .iter()
+            .take(self.top_n)
+            .map(|i| i.movie_id)
+            .collect();
+        let rank = listed
+            .iter()
+            .position(|id| *id == event.movie_id)
+            .map(|p| p + 1);
+        self.ranks.push(rank.unwrap_or(0) as u16);
+        let in_carousels = outputs
+            .carousels
+            .rows
+            .iter()
+            .any(|row| row.items.iter().any(|i| i.movie_id == event.movie_id));
+        let genres: Vec<GenreSet> = listed
+            .iter()
+            .map(|id| catalog.get(*id).map(|m| m.genres).unwrap_or_default())
+            .collect();
+        let novelty: Vec<f64> = listed
+            .iter()
+            .map(|id| self.exposure.self_information(*id, catalog.len()))
+            .collect();
+        let case = Case {
+            rank,
+            in_carousels,
+            list_genres: &genres,
+            list_novelty: &novelty,
+            listed: &listed,
+            window: ((event.ts_ms - self.t0) as f64 / self.window_ms) as i64,
+        };
+        let user = event.user_id.to_string();
+        let predicted = predicted.unwrap_or_else(|| self.baseline.predict(&user, event.movie_id));
+        let score = |acc: &mut Accumulator| {
+            acc.add(&case);
+            acc.add_rating(predicted.clamp(0.5, 5.0), event.rating);
+        };
+        score(&mut self.all);
+        if event.ts_ms >= self.stream.cut {
+            score(&mut self.second);
+        }
+        match self.tail_from {
+            Some(t) if event.ts_ms >= t => score(&mut self.tail),
+            Some(_) if event.ts_ms >= self.stream.cut => score(&mut self.validation),
+            _ => {}
+        }
+        self.exposure.observe(event.movie_id);
+        self.baseline.learn(&user, event.movie_id, event.rating);
+    }
+
+    pub(crate) fn finish(self, name: &str, seconds: f64, trainings: usize) -> VariantResult {
+        let n = self.stream.catalog.len();
+        VariantResult {
+            name: name.to_string(),
+            all: self.all.summary(n),
+            second_half: self.second.summary(n),
+            tail: self.tail_from.map(|_| self.tail.summary(n)),
+            validation: self.tail_from.map(|_| self.validation.summary(n)),
+            seconds,
+            trainings,
+            ranks: self.ranks,
+        }
+    }
+}
+
+/// A rating as the interaction record the Kafka path would decode.
+fn record(offset: i64, r: &Rating) -> Record {
+    let user = r.user_id.to_string();
+    Record {
+        source: SourcePos {
+            topic: Arc::from("replay"),
+            partition: PARTITION as i32,
+            offset,
+        },
+        key: Some(user.as_bytes().to_vec()),
+        payload: Vec::new(),
+        received: Instant::now(),
+        body: Body::Event(Interaction {
+            event_id: format!("{}-{}-{}", r.user_id, r.movie_id, r.ts_ms),
+            user_id: user,
+            movie_id: r.movie_id,
+            kind: EventType::Rate,
+            value: Some(r.rating),
+            ts: r.ts_ms,
+            context: None,
+        }),
+    }
+}
+
+/// Blend weights with every signal off; variants turn on what they test.
+fn only(config: &EngineConfig) -> EngineConfig {
+    let mut c = config.clone();
+    c.blend = crate::config::BlendWeights {
+        affinity: 0.0,
+        similarity: 0.0,
+        popularity: 0.0,
+        trending: 0.0,
+        co_watched: 0.0,
+        ncf: 0.0,
+    };
+    c
+}
+
+/// A tie-breaker weight: small enough never to outvote the signal under test.
+const TIE_BREAK: f64 = 1e-3;
+
+/// The variants compared side by side, built on `base` (the engine's defaults
+/// or a sweep's choice). Single sources rank by their own signal (popularity
+/// breaks ties); NCF variants re-score every source's candidates.
+pub fn standard_variants(base: &EngineConfig, retrain_days: f64) -> Vec<VariantSpec> {
+    let single = |name: &str, source: Source, set: &dyn Fn(&mut EngineConfig)| {
+        let mut config = only(base);
+        config.blend.popularity = TIE_BREAK;
+        set(&mut config);
+        VariantSpec {
+            name: name.into(),
+            config,
+            sources: source_bit(source),
+            model: ModelPlan::None,
+            objective: Objective::Implicit,
+        }
+    };
+    // All-time popularity: every rating counted once, never decayed, no genre cap.
+    let mut popularity = single("popularity", Source::Popular, &|c| {
+        c.blend.popularity = 1.0;
+        c.decay.popularity_half_life_hours = f64::INFINITY;
+        c.lists.max_genre_share = 1.0;
+    });
+    popularity.config.decay.trending_half_life_hours = base.decay.trending_half_life_hours;
+    let ncf = |name: &str, model: ModelPlan, objective: Objective| {
+        let mut config = only(base);
+        config.blend.ncf = 1.0;
+        config.blend.popularity = TIE_BREAK;
+        VariantSpec {
+            name: name.into(),
+            config,
+            sources: ALL_SOURCES,
+            model,
+            objective,
+        }
+    };
+    let full = |name: &str, model: ModelPlan| VariantSpec {
+        name: name.into(),
+        config: base.clone(),
+        sources: ALL_SOURCES,
+        model,
+        objective: Objective::Implicit,
+    };
+    vec![
+        popularity,
+        single("trending", Source::Trending, &|c| c.blend.trending = 1.0),
+        single("genre-affinity", Source::Genre, &|c| c.blend.affinity = 1.0),
+        single("content-similarity", Source::Similar, &|c| {
+            c.blend.similarity = 1.0
+        }),
+        single("co-watched", Source::CoWatched, &|c| {
+            c.blend.co_watched = 1.0
+        }),
+        ncf("ncf-frozen", ModelPlan::Frozen, Objective::Implicit),
+        ncf("ncf-fold-in", ModelPlan::FoldIn, Objective::Implicit),
+        ncf(
+            "ncf-ratings-fold-in",
+            ModelPlan::FoldIn,
+            Objective::Explicit,
+        ),
+        full("blend-no-model", ModelPlan::None),
+        full("full-blend", ModelPlan::FoldIn),
+        full(
+            "full-blend-retrained",
+            ModelPlan::Retrain {
+                every_days: retrain_days,
+            },
+        ),
+    ]
+}
+
+#[cfg(test)]
+mod tests;
