@@ -560,7 +560,7 @@ mod tests {
     fn event_days_are_utc_calendar_days() {
         assert_eq!(event_day(0), "1970-01-01");
         assert_eq!(event_day(951_782_400_000), "2000-02-29");
-        assert_eq!(event_day(1_795_737_599_999), "2026-11-27");
+        assert_eq!(event_day(1_795_823_999_999), "2026-11-27");
         assert_eq!(event_day(-1), "1969-12-31");
     }
 

@@ -67,7 +67,7 @@ pub struct Momentum {
     pub count: u64,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct HalfLives {
     pub long_ms: f64,
     pub short_ms: f64,

@@ -122,6 +122,8 @@ pub struct Engine {
     cowatch: IdMap<Neighbors>,
     /// Catalog items by popularity, updated as items get events.
     popular: PopularOrder,
+    /// Items with an event within the trending horizon (id, latest event time).
+    active: IdMap<i64>,
     sims: SimilarityCache,
     /// The A/B variants in force (one `default` variant without an experiment).
     variants: Arc<Variants>,
@@ -174,6 +176,7 @@ impl Engine {
             genres: HashMap::new(),
             cowatch: IdMap::default(),
             popular: PopularOrder::default(),
+            active: IdMap::default(),
             variants,
             feedback: Feedback::new(FEEDBACK_USERS),
             sims: SimilarityCache::default(),
@@ -214,6 +217,11 @@ impl Engine {
             .unwrap_or(0)
             .max(self.watermark);
         self.popular = PopularOrder::build(&self.catalog, &self.items, hl);
+        self.active = self
+            .items
+            .iter()
+            .map(|(id, m)| (*id, m.short.as_of))
+            .collect();
         self.cowatch.clear();
         let ids: BTreeSet<u32> = self
             .cowatch_parts
@@ -547,7 +555,11 @@ impl Engine {
         moved.sort_unstable();
         moved.dedup();
         for id in moved {
-            self.popular.update(id, self.items.get(&id), hl);
+            let m = self.items.get(&id);
+            self.popular.update(id, m, hl);
+            if let Some(m) = m {
+                self.active.insert(id, m.short.as_of);
+            }
         }
         let mut merged: Vec<u32> = touched_cowatch.iter().map(|(_, id)| *id).collect();
         merged.sort_unstable();
@@ -662,13 +674,21 @@ impl Engine {
         if let Some(index) = &self.index_cache {
             return index.clone();
         }
+        let hl = self.config.decay.item_half_lives();
+        let horizon = self
+            .watermark
+            .saturating_sub(recommend::trending_horizon(hl));
+        self.active.retain(|_, last| *last >= horizon);
+        // In hash order: the index ranks them by a total order.
+        let active: Vec<u32> = self.active.keys().copied().collect();
         let index = Arc::new(ItemIndex::build(
             &self.catalog,
             &self.items,
             &self.genres,
             self.watermark,
-            self.config.decay.item_half_lives(),
+            hl,
             &self.popular,
+            &active,
         ));
         self.index_cache = Some(index.clone());
         index
@@ -1047,6 +1067,9 @@ mod tests {
         assert_eq!(b.store().genres().unwrap(), c.store().genres().unwrap());
         assert_eq!(b.store().offset("in", 2).unwrap(), Some(32));
         assert_eq!(b.items, c.items, "the counters candidates see");
+        assert!(!c.store().cowatch().unwrap().is_empty());
+        assert_eq!(b.store().cowatch().unwrap(), c.store().cowatch().unwrap());
+        assert_eq!(b.cowatch, c.cowatch, "the co-watch lists candidates see");
 
         // B continues where the restored marker says; dropping forgets it all.
         let next = b
@@ -1058,6 +1081,46 @@ mod tests {
         assert!(b.store().partition_meta(2).unwrap().is_none());
         assert_eq!(b.store().offset("in", 2).unwrap(), None);
         assert!(b.items.is_empty());
+        assert!(b.cowatch.is_empty());
+        assert!(b.store().cowatch().unwrap().is_empty());
+    }
+
+    #[test]
+    fn movies_watched_together_are_recommended_together() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut e = engine(dir.path());
+        // Ten viewers watch 3 then 17 (different genres, far apart in the catalog).
+        let mut batch = Vec::new();
+        for u in 0..10 {
+            let user = format!("v{u}");
+            batch.push(record(2 * u, &user, 3, EventType::Complete, 1000 + u));
+            batch.push(record(2 * u + 1, &user, 17, EventType::Complete, 2000 + u));
+        }
+        e.process(batch).unwrap();
+        let three = e.cowatch[&3].strongest();
+        assert_eq!(three[0], (17, 10.0), "{three:?}");
+        // A newcomer who watched 3 gets 17 in "Because you watched" and with a
+        // co-watched signal and reason.
+        let out = e
+            .process(vec![record(100, "new", 3, EventType::Complete, 3000)])
+            .unwrap();
+        let o = &out.outputs[0].1;
+        let row = o
+            .carousels
+            .rows
+            .iter()
+            .find(|r| r.kind == "because_you_watched")
+            .unwrap();
+        assert_eq!(row.id, "because-you-watched:3");
+        assert_eq!(row.items[0].movie_id, 17);
+        let pick = o
+            .recommendations
+            .items
+            .iter()
+            .find(|i| i.movie_id == 17)
+            .expect("the co-watched movie is recommended");
+        assert_eq!(pick.signals.co_watched, 1.0);
+        assert!(pick.sources.contains(&crate::output::Source::CoWatched));
     }
 
     #[test]

@@ -34,23 +34,39 @@ pub trait Scorer: Send + Sync {
 #[error("scorer failed: {0}")]
 pub struct ScoreError(pub String);
 
-/// Global rankings at one event time, rebuilt once per micro-batch.
+/// Global rankings at one event time, rebuilt once per micro-batch. Per-item
+/// signals are read from the engine's counters when a candidate needs them
+/// (the index is dropped whenever the counters change).
 #[derive(Debug, Clone, Default)]
 pub struct ItemIndex {
     pub now: i64,
-    /// Every catalog item, most popular first: a source takes the first items
-    /// the user has not seen, so heavy users still get full candidate lists.
-    pub popular: Vec<u32>,
+    pub hl: HalfLives,
+    /// Every catalog item with its genres, most popular first: a source takes
+    /// the first items the user has not seen, so heavy users still get full
+    /// candidate lists; genre sources filter it by genre.
+    pub popular: Vec<(u32, GenreSet)>,
     /// The [`TRENDING_RANKED`] most trending catalog items, most trending first.
     pub trending: Vec<u32>,
-    /// Each genre's items, most popular first.
-    pub by_genre: Vec<Vec<u32>>,
     pub popularity_max: f64,
     pub trending_max: f64,
-    /// Normalized (popularity, trending) of every catalog item at `now`, by id.
-    pub signals: Vec<(u32, (f64, f64))>,
     /// Genres by their own trending score, hottest first (cold-start rows).
     pub trending_genres: Vec<u8>,
+}
+
+/// Trending is counted over items with an event in the last 16 short
+/// half-lives: an item quiet for longer has lost all but 2^-16 of its short
+/// window, so its trending score counts as 0 (and it need not be scanned).
+pub fn trending_horizon(hl: HalfLives) -> i64 {
+    (16.0 * hl.short_ms).min(i64::MAX as f64 / 2.0) as i64
+}
+
+/// An item's trending score at `now`, 0 beyond the horizon.
+pub fn trending_now(m: &Momentum, now: i64, hl: HalfLives) -> f64 {
+    if m.short.as_of < now.saturating_sub(trending_horizon(hl)) {
+        0.0
+    } else {
+        m.trending_at(now, hl)
+    }
 }
 
 /// How many items the trending ranking keeps: trending moves with time for
@@ -62,8 +78,8 @@ pub const TRENDING_RANKED: usize = 1000;
 /// only when an item gets events: no per-batch sort of the whole catalog.
 #[derive(Debug, Clone, Default)]
 pub struct PopularOrder {
-    /// `(key, id)`, highest key first, ties to the lower id.
-    order: Vec<(f64, u32)>,
+    /// `(key, id, genres)`, highest key first, ties to the lower id.
+    order: Vec<(f64, u32, GenreSet)>,
     keys: IdMap<f64>,
 }
 
@@ -87,16 +103,19 @@ fn by_key(a: &(f64, u32), b: &(f64, u32)) -> std::cmp::Ordering {
     b.0.total_cmp(&a.0).then(a.1.cmp(&b.1))
 }
 
+fn by_key3(a: &(f64, u32, GenreSet), b: &(f64, u32, GenreSet)) -> std::cmp::Ordering {
+    by_key(&(a.0, a.1), &(b.0, b.1))
+}
+
 impl PopularOrder {
     /// Ranks every catalog item from scratch.
     pub fn build(catalog: &Catalog, items: &IdMap<Momentum>, hl: HalfLives) -> PopularOrder {
-        let mut order: Vec<(f64, u32)> = catalog
-            .ids()
-            .iter()
-            .map(|id| (popularity_key(items.get(id), hl), *id))
+        let mut order: Vec<(f64, u32, GenreSet)> = catalog
+            .movies()
+            .map(|m| (popularity_key(items.get(&m.id), hl), m.id, m.genres))
             .collect();
-        order.sort_unstable_by(by_key);
-        let keys = order.iter().map(|(k, id)| (*id, *k)).collect();
+        order.sort_unstable_by(by_key3);
+        let keys = order.iter().map(|(k, id, _)| (*id, *k)).collect();
         PopularOrder { order, keys }
     }
 
@@ -109,26 +128,27 @@ impl PopularOrder {
         if new.to_bits() == old.to_bits() {
             return;
         }
-        if let Ok(i) = self.order.binary_search_by(|e| by_key(e, &(old, id))) {
-            self.order.remove(i);
-        }
+        let Ok(i) = self
+            .order
+            .binary_search_by(|e| by_key(&(e.0, e.1), &(old, id)))
+        else {
+            return;
+        };
+        let (_, _, genres) = self.order.remove(i);
         let at = self
             .order
-            .binary_search_by(|e| by_key(e, &(new, id)))
+            .binary_search_by(|e| by_key(&(e.0, e.1), &(new, id)))
             .unwrap_or_else(|i| i);
-        self.order.insert(at, (new, id));
+        self.order.insert(at, (new, id, genres));
         self.keys.insert(id, new);
-    }
-
-    pub fn ids(&self) -> impl Iterator<Item = u32> + '_ {
-        self.order.iter().map(|e| e.1)
     }
 }
 
 impl ItemIndex {
-    /// Ranks every catalog item at event time `now` (items without events score 0,
-    /// ties go to the lower id, so a cold catalog still yields lists);
-    /// `popular` is the catalog's current popularity order.
+    /// Ranks the catalog at event time `now`: `popular` is the catalog's
+    /// current popularity order, `active` the items with a recent event (see
+    /// [`trending_horizon`]); items without events score 0, ties go to the
+    /// lower id, so a cold catalog still yields lists.
     pub fn build(
         catalog: &Catalog,
         items: &IdMap<Momentum>,
@@ -136,6 +156,7 @@ impl ItemIndex {
         now: i64,
         hl: HalfLives,
         popular: &PopularOrder,
+        active: &[u32],
     ) -> ItemIndex {
         let mut hot: Vec<(u8, f64)> = genres
             .iter()
@@ -144,73 +165,50 @@ impl ItemIndex {
             .collect();
         hot.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
         let trending_genres = hot.into_iter().map(|(g, _)| g).collect();
-        let rows: Vec<(u32, f64, f64, GenreSet)> = catalog
-            .movies()
-            .map(|m| {
-                let (p, t) = items
-                    .get(&m.id)
-                    .map(|s| (s.popularity_at(now, hl), s.trending_at(now, hl)))
-                    .unwrap_or((0.0, 0.0));
-                (m.id, p, t, m.genres)
-            })
-            .collect();
-        // Rows are in id order here (the catalog's scan order).
-        let trending_max = rows.iter().map(|r| r.2).fold(0.0, f64::max);
-        let popularity_max = rows.iter().map(|r| r.1).fold(0.0, f64::max);
-        let signals = rows
-            .iter()
-            .map(|r| {
-                let trending = if trending_max > 0.0 {
-                    (r.2 / trending_max).clamp(0.0, 1.0)
-                } else {
-                    0.0
-                };
-                (r.0, (blend::log_normalize(r.1, popularity_max), trending))
-            })
-            .collect();
         // The trending head: a selection, then a sort of the head only (total
         // order, ties to the lower id, so the unstable sort is deterministic).
-        let mut hottest: Vec<(f64, u32)> = rows.iter().map(|r| (r.2, r.0)).collect();
+        let mut hottest: Vec<(f64, u32)> = active
+            .iter()
+            .filter(|id| catalog.contains(**id))
+            .filter_map(|id| Some((trending_now(items.get(id)?, now, hl), *id)))
+            .filter(|(t, _)| *t > 0.0)
+            .collect();
         let k = TRENDING_RANKED.min(hottest.len());
         if k > 0 && k < hottest.len() {
             hottest.select_nth_unstable_by(k - 1, by_key);
             hottest.truncate(k);
         }
         hottest.sort_unstable_by(by_key);
-        let trending: Vec<u32> = hottest.iter().map(|e| e.1).collect();
-        let popular: Vec<u32> = popular.ids().collect();
-        let mut by_genre = vec![Vec::new(); catalog.genre_count()];
-        for id in &popular {
-            // Rows are in id order: find the item's genres by binary search.
-            let Ok(i) = rows.binary_search_by_key(id, |r| r.0) else {
-                continue;
-            };
-            let r = &rows[i];
-            for g in r.3.iter() {
-                if let Some(list) = by_genre.get_mut(g as usize) {
-                    list.push(r.0);
-                }
-            }
-        }
+        let trending_max = hottest.first().map_or(0.0, |e| e.0);
+        let popularity_max = popular
+            .order
+            .first()
+            .and_then(|e| items.get(&e.1))
+            .map_or(0.0, |m| m.popularity_at(now, hl));
         ItemIndex {
             now,
-            popular,
-            trending,
-            by_genre,
+            hl,
+            popular: popular.order.iter().map(|e| (e.1, e.2)).collect(),
+            trending: hottest.iter().map(|e| e.1).collect(),
             popularity_max,
             trending_max,
-            signals,
             trending_genres,
         }
     }
 }
 
 impl ItemIndex {
-    /// An item's normalized (popularity, trending); zeros for unknown items.
-    pub fn signal(&self, movie_id: u32) -> (f64, f64) {
-        self.signals
-            .binary_search_by_key(&movie_id, |s| s.0)
-            .map_or((0.0, 0.0), |i| self.signals[i].1)
+    /// An item's normalized (popularity, trending) at `now`, from its counters.
+    pub fn signal(&self, m: Option<&Momentum>) -> (f64, f64) {
+        let Some(m) = m else { return (0.0, 0.0) };
+        let popularity =
+            blend::log_normalize(m.popularity_at(self.now, self.hl), self.popularity_max);
+        let trending = if self.trending_max > 0.0 {
+            (trending_now(m, self.now, self.hl) / self.trending_max).clamp(0.0, 1.0)
+        } else {
+            0.0
+        };
+        (popularity, trending)
     }
 }
 
@@ -407,7 +405,7 @@ pub fn build_outputs(
             }
         }
     };
-    take(&mut ctx.index.popular.iter().copied(), Source::Popular);
+    take(&mut ctx.index.popular.iter().map(|e| e.0), Source::Popular);
     take(&mut ctx.index.trending.iter().copied(), Source::Trending);
     for g in top_genres
         .iter()
@@ -416,11 +414,10 @@ pub fn build_outputs(
     {
         let mut genre_items = ctx
             .index
-            .by_genre
-            .get(g as usize)
-            .into_iter()
-            .flatten()
-            .copied();
+            .popular
+            .iter()
+            .filter(|e| e.1.contains(g))
+            .map(|e| e.0);
         take(&mut genre_items, Source::Genre);
     }
     let seed_lists: Vec<(u32, SimilarItems)> = seeds
@@ -462,7 +459,7 @@ pub fn build_outputs(
             c.signals.similarity = sim;
             c.because_of = Some(seed);
         }
-        let (popularity, trending) = ctx.index.signal(c.movie_id);
+        let (popularity, trending) = ctx.index.signal(ctx.items.get(&c.movie_id));
         c.signals.popularity = popularity;
         c.signals.trending = trending;
         if let Some(&(score, seed)) = co_watched.by_item.get(&c.movie_id) {
@@ -815,5 +812,69 @@ fn insights(
             dwell_seconds: round6(c.dwell_seconds),
             mean_dwell_seconds: ratio(c.dwell_seconds, plays),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalog::CatalogRecord;
+    use proptest::prelude::*;
+
+    fn catalog(n: u32) -> Catalog {
+        let mut c = Catalog::default();
+        for id in 1..=n {
+            c.upsert(CatalogRecord {
+                movie_id: id,
+                title: format!("m{id}"),
+                genres: vec![["A", "B", "C"][id as usize % 3].to_string()],
+                year: None,
+                tmdb_id: None,
+                imdb_id: None,
+                tags: vec![],
+            })
+            .unwrap();
+        }
+        c
+    }
+
+    proptest! {
+        /// The incrementally kept order equals a full sort by popularity at any
+        /// later time (ties to the lower id), decayed or not.
+        #[test]
+        fn popular_order_matches_a_full_sort(
+            events in proptest::collection::vec((1u32..=12, 0i64..50_000_000), 1..80),
+            finite in any::<bool>(),
+        ) {
+            let c = catalog(12);
+            let hl = HalfLives {
+                long_ms: if finite { 3_600_000.0 } else { f64::INFINITY },
+                short_ms: 600_000.0,
+            };
+            let mut items: IdMap<Momentum> = IdMap::default();
+            let mut order = PopularOrder::build(&c, &items, hl);
+            let mut now = 0;
+            for (id, t) in events {
+                let m = items.entry(id).or_default();
+                *m = m.add(1.0, t, hl);
+                order.update(id, items.get(&id), hl);
+                now = now.max(t);
+            }
+            let mut expected: Vec<(f64, u32)> = c
+                .ids()
+                .iter()
+                .map(|id| (items.get(id).map_or(0.0, |m| m.popularity_at(now, hl)), *id))
+                .collect();
+            expected.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+            let got: Vec<u32> = order.order.iter().map(|e| e.1).collect();
+            // Equal up to float near-ties: compare the values in the got order.
+            let value = |id: u32| items.get(&id).map_or(0.0, |m| m.popularity_at(now, hl));
+            for w in got.windows(2) {
+                let (a, b) = (value(w[0]), value(w[1]));
+                prop_assert!(a > b * (1.0 + 1e-9) || (a - b).abs() <= 1e-9 * a.max(b).max(1e-300),
+                    "{} ({a}) before {} ({b})", w[0], w[1]);
+            }
+            prop_assert_eq!(got.len(), expected.len());
+        }
     }
 }

@@ -333,11 +333,14 @@ impl NcfModel {
         let cap = self.fold_in.max_history;
         match self.weights.objective {
             Objective::Implicit => {
+                // Implicit models learn what users watch: a low rating is
+                // still a watch (as in training); dislikes and skips are not.
+                let engaged: Vec<u32> = state.engaged_recent().take(cap).collect();
                 for r in state.recent.iter().take(cap) {
                     let Some(item) = self.item_index(r.movie_id) else {
                         continue;
                     };
-                    let positive = r.weight > 0.0;
+                    let positive = r.weight > 0.0 || engaged.contains(&r.movie_id);
                     out.push(Example {
                         item: item as usize,
                         target: if positive { 1.0 } else { 0.0 },

@@ -23,10 +23,10 @@ type Setter = fn(&mut EngineConfig, f64);
 /// The searched parameters, in search order, with the values tried.
 pub fn parameters() -> Vec<(&'static str, Vec<f64>, Setter)> {
     vec![
-        ("blend.co_watched", vec![0.1, 0.3, 0.6, 1.0, 2.0], |c, v| {
+        ("blend.co_watched", vec![0.3, 1.0, 2.0, 4.0], |c, v| {
             c.blend.co_watched = v
         }),
-        ("co_watch.alpha", vec![0.0, 0.15, 0.3, 0.5], |c, v| {
+        ("co_watch.alpha", vec![0.0, 0.3, 0.5], |c, v| {
             c.co_watch.alpha = v
         }),
         ("co_watch.window", vec![5.0, 10.0, 20.0], |c, v| {
@@ -43,10 +43,10 @@ pub fn parameters() -> Vec<(&'static str, Vec<f64>, Setter)> {
             vec![24.0, 168.0, 720.0, 8760.0],
             |c, v| c.decay.popularity_half_life_hours = v,
         ),
-        ("blend.trending", vec![0.0, 0.05, 0.15, 0.3], |c, v| {
+        ("blend.trending", vec![0.0, 0.05, 0.15], |c, v| {
             c.blend.trending = v
         }),
-        ("blend.affinity", vec![0.0, 0.1, 0.2, 0.4], |c, v| {
+        ("blend.affinity", vec![0.0, 0.2, 0.4], |c, v| {
             c.blend.affinity = v
         }),
         (
@@ -54,7 +54,7 @@ pub fn parameters() -> Vec<(&'static str, Vec<f64>, Setter)> {
             vec![168.0, 720.0, 8760.0],
             |c, v| c.decay.user_half_life_hours = v,
         ),
-        ("blend.similarity", vec![0.0, 0.05, 0.1, 0.25], |c, v| {
+        ("blend.similarity", vec![0.0, 0.1, 0.25], |c, v| {
             c.blend.similarity = v
         }),
         ("lists.max_genre_share", vec![0.5, 0.7, 1.0], |c, v| {
@@ -139,21 +139,33 @@ pub fn run(
     let mut models: Vec<Models> = streams.iter().map(|_| Models::default()).collect();
     let baseline = evaluate(streams, start, ModelPlan::None, &mut models)?;
     let mut best = start.clone();
-    let mut best_hr = mean(&validation_hr(&baseline));
+    let mut best_per_stream = validation_hr(&baseline);
+    let mut best_hr = mean(&best_per_stream);
     let mut trials = Vec::new();
     for (name, values, set) in parameters() {
         let mut rows: Vec<Trial> = Vec::new();
-        let mut pick: Option<(f64, f64)> = None;
+        let mut pick: Option<(f64, f64, Vec<f64>)> = None;
         for &v in &values {
             let mut c = best.clone();
             set(&mut c, v);
+            if format!("{c:?}") == format!("{best:?}") {
+                // The current value: already measured.
+                rows.push(Trial {
+                    parameter: name.into(),
+                    value: v,
+                    hr: best_per_stream.clone(),
+                    mean: best_hr,
+                    chosen: false,
+                });
+                continue;
+            }
             let hr = validation_hr(&evaluate(streams, &c, ModelPlan::None, &mut models)?);
             let m = mean(&hr);
             progress(&format!(
                 "sweep {name} = {v}: mean validation HR@10 {m:.4} {hr:?}"
             ));
-            if m > best_hr + 1e-9 && pick.is_none_or(|(_, p)| m > p) {
-                pick = Some((v, m));
+            if m > best_hr + 1e-9 && pick.as_ref().is_none_or(|(_, p, _)| m > *p) {
+                pick = Some((v, m, hr.clone()));
             }
             rows.push(Trial {
                 parameter: name.into(),
@@ -163,11 +175,24 @@ pub fn run(
                 chosen: false,
             });
         }
-        if let Some((v, m)) = pick {
-            set(&mut best, v);
-            best_hr = m;
-            if let Some(r) = rows.iter_mut().find(|r| r.value == v) {
-                r.chosen = true;
+        match pick {
+            Some((v, m, hr)) => {
+                set(&mut best, v);
+                best_hr = m;
+                best_per_stream = hr;
+                if let Some(r) = rows.iter_mut().find(|r| r.value == v) {
+                    r.chosen = true;
+                }
+            }
+            // The current value stays.
+            None => {
+                let mut current = best.clone();
+                for r in rows.iter_mut() {
+                    set(&mut current, r.value);
+                    if format!("{current:?}") == format!("{best:?}") {
+                        r.chosen = true;
+                    }
+                }
             }
         }
         trials.extend(rows);
