@@ -243,9 +243,9 @@ impl Default for CoWatchConfig {
     fn default() -> Self {
         CoWatchConfig {
             neighbors: 50,
-            window: 10,
-            seeds: 10,
-            alpha: 0.3,
+            window: 5,
+            seeds: 5,
+            alpha: 0.0,
         }
     }
 }
@@ -265,7 +265,7 @@ impl Default for DecayConfig {
     fn default() -> Self {
         DecayConfig {
             user_half_life_hours: 24.0 * 30.0,
-            popularity_half_life_hours: 24.0 * 7.0,
+            popularity_half_life_hours: 24.0 * 365.0,
             trending_half_life_hours: 6.0,
         }
     }
@@ -367,9 +367,9 @@ impl Default for BlendWeights {
         BlendWeights {
             affinity: 0.40,
             similarity: 0.25,
-            popularity: 0.20,
+            popularity: 0.40,
             trending: 0.15,
-            co_watched: 0.30,
+            co_watched: 4.0,
             ncf: 0.30,
         }
     }
@@ -400,7 +400,7 @@ impl Default for ListConfig {
             top_n: 10,
             row_size: 10,
             genre_rows: 3,
-            max_genre_share: 0.5,
+            max_genre_share: 1.0,
             recent_items: 30,
             candidates_per_source: 60,
             similar_seeds: 5,

@@ -22,7 +22,7 @@ fn invalid_config_values_name_the_field() {
             "engine.lists.max_genre_share",
         ),
         (
-            "[engine.decay]\ntrending_half_life_hours = 500\n",
+            "[engine.decay]\ntrending_half_life_hours = 9000\n",
             "engine.decay.trending_half_life_hours",
         ),
         (

@@ -77,13 +77,15 @@ async fn interactions_are_archived_trained_on_and_served() {
     // 2. Archive them: one folder per event day, every valid event once.
     let archive = dir.path().join("archive");
     let archive_arg = archive.to_str().unwrap();
-    let run_archive = || -> Value {
+    let run_archive = |group: &str| -> Value {
         let out = recstream(&[
             "archive",
             "--config",
             config_arg,
             "--out",
             archive_arg,
+            "--group",
+            group,
             "--flush-ms",
             "300",
             "--exit-when-idle-ms",
@@ -91,7 +93,7 @@ async fn interactions_are_archived_trained_on_and_served() {
         ]);
         serde_json::from_str(out.lines().last().unwrap()).unwrap()
     };
-    let first = run_archive();
+    let first = run_archive("recstream-archive");
     assert_eq!(first["archived"], produced.len(), "{first}");
     assert_eq!(first["skipped_invalid"], 1, "{first}");
     let days: Vec<String> = std::fs::read_dir(&archive)
@@ -108,22 +110,9 @@ async fn interactions_are_archived_trained_on_and_served() {
 
     // A restarted archiver (a new group member from the committed offsets,
     // then from scratch under another group) archives nothing twice.
-    let again = run_archive();
+    let again = run_archive("recstream-archive");
     assert_eq!(again["archived"], 0, "{again}");
-    let out = recstream(&[
-        "archive",
-        "--config",
-        config_arg,
-        "--out",
-        archive_arg,
-        "--group",
-        "fresh",
-        "--flush-ms",
-        "300",
-        "--exit-when-idle-ms",
-        "3000",
-    ]);
-    let fresh: Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    let fresh = run_archive("fresh");
     assert_eq!(fresh["archived"], 0, "{fresh}");
     assert_eq!(fresh["skipped_already_archived"], produced.len(), "{fresh}");
     assert_eq!(

@@ -81,6 +81,19 @@ fn defaults_for(stream: &Stream, args: &ReplayArgs) -> (f64, f64) {
     (args.retrain_days.unwrap_or(retrain), window)
 }
 
+/// The stream's retraining interval and the replay settings from the flags.
+fn settings_for(stream: &Stream, args: &ReplayArgs, tail_from: Option<i64>) -> (f64, Settings) {
+    let (retrain_days, window_days) = defaults_for(stream, args);
+    let settings = Settings {
+        window_days,
+        epochs: args.epochs,
+        work_dir: args.work_dir.clone(),
+        fold_in: FoldInConfig::default(),
+        tail_from,
+    };
+    (retrain_days, settings)
+}
+
 pub async fn run(args: &ReplayArgs) -> Result<()> {
     if let Some(brokers) = &args.brokers {
         return through_broker(args, brokers).await;
@@ -146,15 +159,8 @@ fn sweep(args: &ReplayArgs) -> Result<()> {
     for path in &args.data {
         let stream = Stream::load(path, args.limit)
             .with_context(|| format!("loading {}", path.display()))?;
-        let (_, window_days) = defaults_for(&stream, args);
         let tail_from = stream.events[stream.events.len() * 9 / 10].ts_ms;
-        let settings = Settings {
-            window_days,
-            epochs: args.epochs,
-            work_dir: args.work_dir.clone(),
-            fold_in: FoldInConfig::default(),
-            tail_from: Some(tail_from),
-        };
+        let (_, settings) = settings_for(&stream, args, Some(tail_from));
         streams.push((stream, settings));
     }
     std::fs::create_dir_all(&args.work_dir)
@@ -181,14 +187,7 @@ async fn through_broker(args: &ReplayArgs, brokers: &str) -> Result<()> {
     for path in &args.data {
         let stream = Stream::load(path, args.limit)
             .with_context(|| format!("loading {}", path.display()))?;
-        let (retrain_days, window_days) = defaults_for(&stream, args);
-        let settings = Settings {
-            window_days,
-            epochs: args.epochs,
-            work_dir: args.work_dir.clone(),
-            fold_in: FoldInConfig::default(),
-            tail_from: None,
-        };
+        let (retrain_days, settings) = settings_for(&stream, args, None);
         for spec in standard_variants(&EngineConfig::default(), retrain_days)
             .into_iter()
             .filter(|v| v.model == super::ModelPlan::None)
@@ -217,16 +216,9 @@ fn dataset(path: &Path, args: &ReplayArgs) -> Result<DatasetReport> {
     if stream.events.is_empty() {
         bail!("{}: no ratings", path.display());
     }
-    let (retrain_days, window_days) = defaults_for(&stream, args);
+    let (retrain_days, settings) = settings_for(&stream, args, None);
     std::fs::create_dir_all(&args.work_dir)
         .with_context(|| format!("creating {}", args.work_dir.display()))?;
-    let settings = Settings {
-        window_days,
-        epochs: args.epochs,
-        work_dir: args.work_dir.clone(),
-        fold_in: FoldInConfig::default(),
-        tail_from: None,
-    };
     let specs: Vec<VariantSpec> = standard_variants(&EngineConfig::default(), retrain_days)
         .into_iter()
         .filter(|v| args.variants.is_empty() || args.variants.contains(&v.name))
@@ -254,7 +246,7 @@ fn dataset(path: &Path, args: &ReplayArgs) -> Result<DatasetReport> {
         users: users.len(),
         items: stream.catalog.len(),
         cut: stream.cut,
-        window_days,
+        window_days: settings.window_days,
         retrain_days,
         variants,
         peers,
@@ -280,7 +272,7 @@ fn peers(
     };
     // ALS is refitted daily on the short stream; the long one spans 22 years,
     // so it is refitted every 30 days there.
-    let als_days = if retrain_days < 30.0 { 1.0 } else { 30.0 };
+    let als_days = if retrain_days < 365.0 { 1.0 } else { 30.0 };
     let mut cmd = Command::new("python3");
     cmd.arg("eval/replay_peers.py")
         .arg("--ratings")
