@@ -535,12 +535,11 @@ pub fn standard_variants(base: &EngineConfig, retrain_days: f64) -> Vec<VariantS
         }
     };
     // All-time popularity: every rating counted once, never decayed, no genre cap.
-    let mut popularity = single("popularity", Source::Popular, &|c| {
+    let popularity = single("popularity", Source::Popular, &|c| {
         c.blend.popularity = 1.0;
         c.decay.popularity_half_life_hours = f64::INFINITY;
         c.lists.max_genre_share = 1.0;
     });
-    popularity.config.decay.trending_half_life_hours = base.decay.trending_half_life_hours;
     let ncf = |name: &str, model: ModelPlan, objective: Objective| {
         let mut config = only(base);
         config.blend.ncf = 1.0;
