@@ -538,8 +538,8 @@ impl EngineConfig {
                 d.trending_half_life_hours,
             ),
         ] {
-            // `inf` is allowed: no decay (all-time counts).
-            if !(v > 0.0) {
+            // `inf` is allowed: no decay (all-time counts). NaN fails too.
+            if v.is_nan() || v <= 0.0 {
                 return Err(invalid(
                     field,
                     "must be a positive number of hours (or inf)",

@@ -257,7 +257,7 @@ impl Models {
         fold_in: FoldInConfig,
     ) -> Result<NcfModel, ReplayError> {
         let key = (t, objective);
-        if !self.files.contains_key(&key) {
+        if let std::collections::hash_map::Entry::Vacant(slot) = self.files.entry(key) {
             let train = stream.before(t);
             let mut config = TrainConfig::defaults(objective);
             if let Some(e) = settings.epochs {
@@ -281,7 +281,7 @@ impl Models {
                 out: out.clone(),
                 progress: false,
             })?;
-            self.files.insert(key, run.files.onnx.clone());
+            slot.insert(run.files.onnx.clone());
         }
         Ok(NcfModel::load(&self.files[&key], fold_in)?)
     }

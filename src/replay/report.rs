@@ -75,7 +75,7 @@ pub fn markdown(r: &DatasetReport, anchor: Option<f64>) -> String {
         };
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.0} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {:.2} | {} | {} | {:.0} |",
             v.name,
             hr,
             f4(h.ndcg),
@@ -83,7 +83,7 @@ pub fn markdown(r: &DatasetReport, anchor: Option<f64>) -> String {
             f4(h.carousel_hr),
             f4(h.coverage),
             f4(h.diversity),
-            format!("{:.2}", h.novelty),
+            h.novelty,
             opt(h.rmse),
             opt(h.mae),
             v.seconds
