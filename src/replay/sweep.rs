@@ -20,47 +20,71 @@ use crate::ncf::model::Objective;
 
 type Setter = fn(&mut EngineConfig, f64);
 
-/// The searched parameters, in search order, with the values tried.
+/// The searched parameters, in search order, with the values tried (the
+/// second pass: around the first pass's choice, which is the engine's current
+/// defaults, with the co-watch window and seeds below the first grid's edge).
+/// `blend.affinity` is not searched: the replay holds ratings only, while the
+/// engine's genre taste rests on explicit likes and completions; the first
+/// pass preferred 0, which left a user who liked only Sci-Fi with popular
+/// comedies (see SWEEP.md), so it stays at its default.
 pub fn parameters() -> Vec<(&'static str, Vec<f64>, Setter)> {
     vec![
-        ("blend.co_watched", vec![0.3, 1.0, 2.0, 4.0], |c, v| {
+        ("blend.co_watched", vec![2.0, 4.0, 8.0], |c, v| {
             c.blend.co_watched = v
         }),
-        ("co_watch.alpha", vec![0.0, 0.3, 0.5], |c, v| {
+        ("co_watch.alpha", vec![0.0, 0.3], |c, v| {
             c.co_watch.alpha = v
         }),
-        ("co_watch.window", vec![5.0, 10.0, 20.0], |c, v| {
+        ("co_watch.window", vec![2.0, 3.0, 5.0, 10.0], |c, v| {
             c.co_watch.window = v as usize
         }),
-        ("co_watch.seeds", vec![5.0, 10.0, 20.0], |c, v| {
+        ("co_watch.seeds", vec![2.0, 3.0, 5.0, 10.0], |c, v| {
             c.co_watch.seeds = v as usize
         }),
-        ("blend.popularity", vec![0.0, 0.1, 0.2, 0.4], |c, v| {
+        ("co_watch.neighbors", vec![20.0, 50.0, 100.0], |c, v| {
+            c.co_watch.neighbors = v as usize
+        }),
+        ("blend.popularity", vec![0.2, 0.4, 0.8], |c, v| {
             c.blend.popularity = v
         }),
         (
             "decay.popularity_half_life_hours",
-            vec![24.0, 168.0, 720.0, 8760.0],
+            vec![720.0, 8760.0, f64::INFINITY],
             |c, v| c.decay.popularity_half_life_hours = v,
         ),
-        ("blend.trending", vec![0.0, 0.05, 0.15], |c, v| {
+        ("blend.trending", vec![0.0, 0.15, 0.3], |c, v| {
             c.blend.trending = v
         }),
-        ("blend.affinity", vec![0.0, 0.2, 0.4], |c, v| {
-            c.blend.affinity = v
+        ("blend.similarity", vec![0.0, 0.25, 0.5], |c, v| {
+            c.blend.similarity = v
         }),
         (
             "decay.user_half_life_hours",
             vec![168.0, 720.0, 8760.0],
             |c, v| c.decay.user_half_life_hours = v,
         ),
-        ("blend.similarity", vec![0.0, 0.1, 0.25], |c, v| {
-            c.blend.similarity = v
-        }),
-        ("lists.max_genre_share", vec![0.5, 0.7, 1.0], |c, v| {
+        ("lists.max_genre_share", vec![0.7, 1.0], |c, v| {
             c.lists.max_genre_share = v
         }),
     ]
+}
+
+/// The engine's defaults before the first sweep (kept to show on the
+/// held-back tail what both passes together gained).
+pub fn pre_sweep_defaults() -> EngineConfig {
+    let mut c = EngineConfig::default();
+    c.blend.affinity = 0.40;
+    c.blend.similarity = 0.25;
+    c.blend.popularity = 0.20;
+    c.blend.trending = 0.15;
+    c.blend.co_watched = 0.30;
+    c.co_watch.alpha = 0.3;
+    c.co_watch.window = 10;
+    c.co_watch.seeds = 10;
+    c.decay.popularity_half_life_hours = 168.0;
+    c.decay.user_half_life_hours = 720.0;
+    c.lists.max_genre_share = 0.5;
+    c
 }
 
 /// One evaluated setting.
@@ -74,12 +98,19 @@ pub struct Trial {
     pub chosen: bool,
 }
 
+/// A config measured on both spans, per stream.
+#[derive(Debug, Clone, Serialize)]
+pub struct Check {
+    pub label: String,
+    pub validation: Vec<f64>,
+    pub tail: Vec<f64>,
+}
+
 pub struct Outcome {
     pub trials: Vec<Trial>,
     pub chosen: EngineConfig,
-    /// Per stream: (defaults, chosen) on the validation span and on the tail.
-    pub validation: Vec<(f64, f64)>,
-    pub tail: Vec<(f64, f64)>,
+    /// The pre-sweep defaults, this pass's start and its choice.
+    pub checks: Vec<Check>,
     pub ncf_weights: Vec<Trial>,
 }
 
@@ -197,33 +228,24 @@ pub fn run(
         }
         trials.extend(rows);
     }
-    let chosen = evaluate(streams, &best, ModelPlan::None, &mut models)?;
-    let split = |a: &[VariantResult], b: &[VariantResult], f: fn(&VariantResult) -> f64| {
-        a.iter()
-            .zip(b)
-            .map(|(x, y)| (f(x), f(y)))
-            .collect::<Vec<_>>()
-    };
-    let validation = split(&baseline, &chosen, |r| {
-        r.validation.as_ref().map_or(0.0, |s| s.hr)
-    });
-    let tail = split(&baseline, &chosen, |r| {
-        r.tail.as_ref().map_or(0.0, |s| s.hr)
-    });
-
+    // The NCF weight, on the chosen config with the model folded in
+    // (weight 0 is the chosen config without a model).
+    let without_model = evaluate(streams, &best, ModelPlan::None, &mut models)?;
     let mut ncf_trials = Vec::new();
-    let mut best_ncf: Option<(f64, f64)> = None;
+    let mut best_ncf: Option<(f64, f64, Vec<VariantResult>)> = None;
     for &w in ncf_weights {
         let mut c = best.clone();
         c.blend.ncf = w;
-        let hr = validation_hr(&evaluate(streams, &c, ModelPlan::FoldIn, &mut models)?);
+        let results = if w == 0.0 {
+            without_model.clone()
+        } else {
+            evaluate(streams, &c, ModelPlan::FoldIn, &mut models)?
+        };
+        let hr = validation_hr(&results);
         let m = mean(&hr);
         progress(&format!(
             "sweep blend.ncf = {w}: mean validation HR@10 {m:.4} {hr:?}"
         ));
-        if best_ncf.is_none_or(|(_, b)| m > b) {
-            best_ncf = Some((w, m));
-        }
         ncf_trials.push(Trial {
             parameter: "blend.ncf".into(),
             value: w,
@@ -231,18 +253,37 @@ pub fn run(
             mean: m,
             chosen: false,
         });
-    }
-    if let Some((w, _)) = best_ncf {
-        best.blend.ncf = w;
-        if let Some(t) = ncf_trials.iter_mut().find(|t| t.value == w) {
-            t.chosen = true;
+        if best_ncf.as_ref().is_none_or(|(_, b, _)| m > *b) {
+            best_ncf = Some((w, m, results));
         }
     }
+    let chosen_results = match best_ncf {
+        Some((w, _, results)) => {
+            best.blend.ncf = w;
+            if let Some(t) = ncf_trials.iter_mut().find(|t| t.value == w) {
+                t.chosen = true;
+            }
+            results
+        }
+        None => without_model,
+    };
+    let pre_sweep = evaluate(streams, &pre_sweep_defaults(), ModelPlan::None, &mut models)?;
+    let check = |label: &str, results: &[VariantResult]| Check {
+        label: label.into(),
+        validation: validation_hr(results),
+        tail: results
+            .iter()
+            .map(|r| r.tail.as_ref().map_or(0.0, |s| s.hr))
+            .collect(),
+    };
     Ok(Outcome {
         trials,
         chosen: best,
-        validation,
-        tail,
+        checks: vec![
+            check("defaults before the first sweep", &pre_sweep),
+            check("this pass's start (the first pass's choice)", &baseline),
+            check("this pass's choice", &chosen_results),
+        ],
         ncf_weights: ncf_trials,
     })
 }
@@ -253,10 +294,11 @@ pub fn markdown(outcome: &Outcome, names: &[String], start: &EngineConfig) -> St
     let _ = writeln!(
         s,
         "Reproduce: `cargo run --release -- replay-eval --sweep`. Coordinate search in the order below, \
-         starting from the previous defaults; each setting replays both streams (variant `blend-no-model`: \
-         every source, no model) and is judged by the mean HR@10 over the **validation span** (from the \
-         half-way cut up to the last 10 % of events). A value is kept only if it beats the best so far. \
-         The NCF weight is searched last, on the chosen config with the model trained at the cut and folded in.\n"
+         starting from the engine's defaults at the time; each setting replays both streams in full \
+         (every source, no model) and is judged by the mean HR@10 over the **validation span**: from the \
+         half-way cut of event time up to the last 10 % of events. A value is kept only if it beats the \
+         best so far. The NCF weight is searched last, on the chosen config with the model trained at \
+         the cut and folded in from every event; weight 0 is the chosen config without a model.\n"
     );
     let mut header = String::from("| parameter | value |");
     let mut rule = String::from("|---|---:|");
@@ -264,7 +306,7 @@ pub fn markdown(outcome: &Outcome, names: &[String], start: &EngineConfig) -> St
         header.push_str(&format!(" {n} |"));
         rule.push_str("---:|");
     }
-    let _ = writeln!(s, "{header} mean | chosen |\n{rule}---:|:---:|");
+    let _ = writeln!(s, "{header} mean | kept |\n{rule}---:|:---:|");
     for t in outcome.trials.iter().chain(&outcome.ncf_weights) {
         let mut row = format!("| {} | {} |", t.parameter, t.value);
         for h in &t.hr {
@@ -279,22 +321,30 @@ pub fn markdown(outcome: &Outcome, names: &[String], start: &EngineConfig) -> St
     }
     let _ = writeln!(
         s,
-        "\n### Held-back tail (the last 10 % of events, never used by the search)\n"
+        "\n### Held-back tail (the last 10 % of events, never looked at by the search)\n"
     );
-    let _ = writeln!(s, "| stream | validation HR@10, previous defaults → chosen | tail HR@10, previous defaults → chosen |\n|---|---:|---:|");
-    for (i, n) in names.iter().enumerate() {
-        let (v0, v1) = outcome.validation[i];
-        let (t0, t1) = outcome.tail[i];
-        let _ = writeln!(s, "| {n} | {v0:.4} → {v1:.4} | {t0:.4} → {t1:.4} |");
+    let mut header = String::from("| config |");
+    let mut rule = String::from("|---|");
+    for n in names {
+        header.push_str(&format!(" {n} validation | {n} tail |"));
+        rule.push_str("---:|---:|");
+    }
+    let _ = writeln!(s, "{header}\n{rule}");
+    for c in &outcome.checks {
+        let mut row = format!("| {} |", c.label);
+        for (v, t) in c.validation.iter().zip(&c.tail) {
+            row.push_str(&format!(" {v:.4} | {t:.4} |"));
+        }
+        let _ = writeln!(s, "{row}");
     }
     let c = &outcome.chosen;
     let _ = writeln!(
         s,
         "\nChosen (now the engine's defaults): blend affinity {}, similarity {}, popularity {}, trending {}, co_watched {}, ncf {}; \
-         co_watch alpha {}, window {}, seeds {}; popularity half-life {} h, user half-life {} h; max_genre_share {}. \
-         Previous: blend {:?}, co_watch {:?}, decay {:?}, max_genre_share {}.\n",
+         co_watch alpha {}, window {}, seeds {}, neighbors {}; popularity half-life {} h, user half-life {} h; max_genre_share {}.\n\n\
+         Start of this pass: blend {:?}; co_watch {:?}; decay {:?}; max_genre_share {}.\n",
         c.blend.affinity, c.blend.similarity, c.blend.popularity, c.blend.trending, c.blend.co_watched, c.blend.ncf,
-        c.co_watch.alpha, c.co_watch.window, c.co_watch.seeds,
+        c.co_watch.alpha, c.co_watch.window, c.co_watch.seeds, c.co_watch.neighbors,
         c.decay.popularity_half_life_hours, c.decay.user_half_life_hours, c.lists.max_genre_share,
         start.blend, start.co_watch, start.decay, start.lists.max_genre_share,
     );

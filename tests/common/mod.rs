@@ -290,6 +290,12 @@ pub fn write_config(
     } else {
         String::new()
     };
+    // A dynamic member's restart rebalances sooner with a short session. A
+    // static member needs a long one (Kafka's own advice): tansu 0.6 checks a
+    // rejoined static member's session against its last heartbeat *before*
+    // the crash, so a restart slower than the session (a loaded machine)
+    // evicts the member that leads the group and the group never settles.
+    let session_ms = if static_membership { 30_000 } else { 6_000 };
     std::fs::write(
         &path,
         format!(
@@ -300,8 +306,7 @@ group_id = "{group}"
 {instance}
 
 [kafka.client]
-# A killed instance's membership expires quickly, so restarts rebalance fast.
-"session.timeout.ms" = "6000"
+"session.timeout.ms" = "{session_ms}"
 "heartbeat.interval.ms" = "1000"
 
 [state]
