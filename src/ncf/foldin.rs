@@ -175,7 +175,7 @@ fn descend_precomputed(
             general_mat_mul(1.0, x, &layer_weights[k], 1.0, z);
             a.zip_mut_with(z, |a, &z| *a = z.max(0.0));
             if l.residual {
-                *a += &*x;
+                *a += x;
             }
         }
         let top = acts.last().expect("at least one layer");
