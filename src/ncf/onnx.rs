@@ -203,6 +203,25 @@ impl Graph {
         user_dim: usize,
         metadata: &[(&str, String)],
     ) -> Vec<u8> {
+        let inputs = vec![
+            value_info(
+                "user",
+                pb::tensor_proto::DataType::Float,
+                &[user_rows, Ok(user_dim as i64)],
+            ),
+            value_info("item", pb::tensor_proto::DataType::Int64, &[Err("N")]),
+        ];
+        self.finish_with_inputs(name, doc, inputs, metadata)
+    }
+
+    /// The model with these inputs and output `score` `[N]`.
+    fn finish_with_inputs(
+        self,
+        name: &str,
+        doc: &str,
+        inputs: Vec<pb::ValueInfoProto>,
+        metadata: &[(&str, String)],
+    ) -> Vec<u8> {
         let model = pb::ModelProto {
             ir_version: 7,
             opset_import: vec![pb::OperatorSetIdProto {
@@ -224,14 +243,7 @@ impl Graph {
                 name: name.into(),
                 node: self.nodes,
                 initializer: self.init,
-                input: vec![
-                    value_info(
-                        "user",
-                        pb::tensor_proto::DataType::Float,
-                        &[user_rows, Ok(user_dim as i64)],
-                    ),
-                    value_info("item", pb::tensor_proto::DataType::Int64, &[Err("N")]),
-                ],
+                input: inputs,
                 output: vec![value_info(
                     "score",
                     pb::tensor_proto::DataType::Float,
@@ -295,84 +307,43 @@ pub fn export(weights: &NcfWeights, model_version: &str) -> Vec<u8> {
     )
 }
 
-/// The serving form of a model, for scoring one user's candidates: the same
-/// function as [`export`] for a `user` of shape `[1, user_dim]` (broadcast over
-/// the `N` items), with the item half of the first MLP layer precomputed per
-/// item (`item_h1`: [`NcfWeights::item_first_layer`], which a model with a
-/// residual first layer does not have), so each candidate costs one row
-/// lookup instead of that product.
-pub fn export_serving(weights: &NcfWeights, item_h1: &[f32]) -> Vec<u8> {
-    let first = &weights.layers[0];
-    let (g, m, n, h1) = (weights.gmf_dim, weights.mlp_dim, weights.n_items, first.out);
+/// The serving tower of a model: the MLP layers after the first and the
+/// output layer, for activations the engine gathers itself (see
+/// `serve::Serving`). Inputs `h1` `[N, h1]` (the first layer's output, ReLU
+/// applied) and `base` `[N, 1]` (every other term of the logit: the GMF
+/// product and the biases); output `score` `[N]`. Together with the gather
+/// it computes the same function as [`export`].
+pub fn export_tower(weights: &NcfWeights) -> Vec<u8> {
+    let g = weights.gmf_dim;
+    let h1 = weights
+        .layers
+        .first()
+        .map_or(2 * weights.mlp_dim, |l| l.out);
     let mut graph = Graph::default();
-    graph.user_slices(weights);
-    let item_gb: Vec<f32> = weights
-        .item_gmf
-        .chunks_exact(g)
-        .zip(&weights.item_bias)
-        .flat_map(|(row, bias)| row.iter().chain(std::iter::once(bias)).copied())
-        .collect();
-    graph
-        .init
-        .push(float_tensor("item_gb", &[n, g + 1], &item_gb));
-    graph.init.push(float_tensor("item_h1", &[n, h1], item_h1));
-    // W₁ is [2m][h1]: its first m rows take the user's half, the rest the item's.
-    graph.init.push(float_tensor(
-        "mlp.0.user_weight",
-        &[m, h1],
-        &first.w[..m * h1],
-    ));
-    graph.gather("item_gb", "item_gb_rows");
-    graph.gather("item_h1", "item_h1_rows");
-    let nodes = &mut graph.nodes;
-    nodes.push(node(
-        "MatMul",
-        &["user_mlp", "mlp.0.user_weight"],
-        "z0",
-        vec![],
-    ));
-    nodes.push(node("Add", &["z0", "item_h1_rows"], "zb0", vec![]));
-    nodes.push(node("Relu", &["zb0"], "a0", vec![]));
-    let h = graph.tower(weights, 1, "a0");
-    // The GMF term and the item's bias in one product per item:
-    // [item_gmf | item_bias] · [user_gmf ⊙ w_gmf | 1]ᵀ; no Concat of features.
+    let h = graph.tower(weights, 1, "h1");
     let l = weights.out_w.len() - g;
     graph
         .init
-        .push(float_tensor("out.gmf_weight", &[1, g], &weights.out_w[..g]));
-    graph
-        .init
         .push(float_tensor("out.mlp_weight", &[l, 1], &weights.out_w[g..]));
-    graph.init.push(float_tensor("one", &[1, 1], &[1.0]));
-    graph
-        .init
-        .push(float_tensor("out.bias", &[1], &[weights.out_b]));
-    graph.init.push(int_tensor("column", &[g as i64 + 1, 1]));
     let nodes = &mut graph.nodes;
-    nodes.push(node("Mul", &["user_gmf", "out.gmf_weight"], "ug", vec![]));
-    nodes.push(node(
-        "Concat",
-        &["ug", "one"],
-        "ug1",
-        vec![int_attribute("axis", 1)],
-    ));
-    nodes.push(node("Reshape", &["ug1", "column"], "ug1_column", vec![]));
-    nodes.push(node(
-        "MatMul",
-        &["item_gb_rows", "ug1_column"],
-        "gb",
-        vec![],
-    ));
     nodes.push(node("MatMul", &[&h, "out.mlp_weight"], "mo", vec![]));
-    nodes.push(node("Add", &["user_bias", "out.bias"], "ub", vec![]));
-    nodes.push(node("Add", &["mo", "gb"], "o0", vec![]));
-    nodes.push(node("Add", &["o0", "ub"], "logit", vec![]));
+    nodes.push(node("Add", &["mo", "base"], "logit", vec![]));
     graph.link(weights);
-    graph.finish(
-        "neumf-serving",
-        "NeuMF serving form: one user, many items (built at load, never stored)",
-        Ok(1),
-        weights.user_dim(),
+    graph.finish_with_inputs(
+        "neumf-serving-tower",
+        "NeuMF serving tower: the layers after the first, for one user's candidates (built at load, never stored)",
+        vec![
+            value_info(
+                "h1",
+                pb::tensor_proto::DataType::Float,
+                &[Err("N"), Ok(h1 as i64)],
+            ),
+            value_info(
+                "base",
+                pb::tensor_proto::DataType::Float,
+                &[Err("N"), Ok(1)],
+            ),
+        ],
         &[],
     )
 }

@@ -89,8 +89,7 @@ pub fn run(args: &ScoringArgs) -> Result<()> {
         let bytes = onnx::export(&weights, "bench");
         std::fs::write(&path, &bytes).with_context(|| format!("writing {}", path.display()))?;
         let contract = compile(&bytes)?;
-        let table = weights.item_first_layer().expect("not residual");
-        let serving = Serving::build(&onnx::export_serving(&weights, &table))?;
+        let serving = Serving::build(&weights)?.expect("not residual");
         let d = weights.user_dim();
         let mut rng = Rng::new(11);
         for &batch in &args.batch {

@@ -43,11 +43,9 @@ pub struct NcfModel {
     pub weights: NcfWeights,
     /// The model as given (the contract's graph).
     plan: Plan,
-    /// Its serving form, built from the weights at load (`onnx::export_serving`):
-    /// one user against many items; checked against the card like `plan`.
+    /// Its serving form, built from the weights at load ([`Serving`]): one
+    /// user against many items; checked against the card like `plan`.
     serving: Option<Serving>,
-    /// [`NcfWeights::item_first_layer`], for fold-in.
-    item_first_layer: Option<Vec<f32>>,
     /// Identifies the model whose space a stored user vector lives in.
     pub model_id: u64,
     items: IdMap<u32>,
@@ -88,23 +86,43 @@ fn runnable(model: TypedModel) -> Result<Plan, ModelError> {
         .map_err(tract_error)
 }
 
-/// Batch sizes the serving form is planned for; a user's candidates are
+/// Batch sizes the serving tower is planned for; a user's candidates are
 /// padded up to the next one (larger sets use the flexible plan).
 const SERVING_BATCHES: [usize; 7] = [16, 32, 64, 128, 256, 512, 1024];
 
-/// The serving form's plans: one per size of [`SERVING_BATCHES`], and one
-/// for any size.
+/// The serving form: one user against many items. The engine does the
+/// per-item lookups itself (one pass over the candidates: the item's
+/// precomputed half of the first MLP layer plus the user's half, ReLU, and
+/// the GMF and bias terms as one dot product), and tract runs the dense
+/// layers after the first on those activations ([`onnx::export_tower`]).
+/// Row gathers inside tract cost more than its matrix products.
 pub struct Serving {
     fixed: Vec<(usize, Plan)>,
     flexible: Plan,
+    /// [`NcfWeights::item_first_layer`]: `[n_items][h1]`, bias included.
+    item_h1: Vec<f32>,
+    /// `[n_items][gmf_dim + 1]`: the item's GMF vector and its bias.
+    item_gb: Vec<f32>,
+    /// The user rows of the first layer's weights, `[mlp_dim][h1]`.
+    user_first: Vec<f32>,
+    /// The output weights of the GMF product.
+    gmf_out: Vec<f32>,
+    out_bias: f32,
+    gmf_dim: usize,
+    mlp_dim: usize,
+    h1: usize,
 }
 
 impl Serving {
-    /// Plans the graph once per batch size, with the symbolic `N` fixed
+    /// `None` for a model whose first layer is residual (it has no item half).
+    /// Plans the tower once per batch size, with the symbolic `N` fixed
     /// (tract then plans every operator for that shape once, not per call),
     /// and once for any size.
-    pub fn build(bytes: &[u8]) -> Result<Serving, ModelError> {
-        let model = typed(bytes)?;
+    pub fn build(weights: &NcfWeights) -> Result<Option<Serving>, ModelError> {
+        let Some(item_h1) = weights.item_first_layer() else {
+            return Ok(None);
+        };
+        let model = typed(&onnx::export_tower(weights))?;
         let batch = model.sym("N");
         let fixed = SERVING_BATCHES
             .iter()
@@ -115,23 +133,95 @@ impl Serving {
                 Ok((n, runnable(sized)?))
             })
             .collect::<Result<_, ModelError>>()?;
-        Ok(Serving {
+        let (g, m) = (weights.gmf_dim, weights.mlp_dim);
+        let h1 = weights.layers[0].out;
+        let item_gb = (0..weights.n_items)
+            .flat_map(|i| {
+                weights.item_gmf[i * g..(i + 1) * g]
+                    .iter()
+                    .chain(std::iter::once(&weights.item_bias[i]))
+                    .copied()
+            })
+            .collect();
+        Ok(Some(Serving {
             fixed,
             flexible: runnable(model)?,
-        })
+            item_h1,
+            item_gb,
+            user_first: weights.layers[0].w[..m * h1].to_vec(),
+            gmf_out: weights.out_w[..g].to_vec(),
+            out_bias: weights.out_b,
+            gmf_dim: g,
+            mlp_dim: m,
+            h1,
+        }))
     }
 
-    /// Scores one user (`[user_dim]`) against `items`.
+    /// The item half of the first layer, `[n_items][h1]` (fold-in uses it).
+    pub fn item_first_layer(&self) -> &[f32] {
+        &self.item_h1
+    }
+
+    /// Scores one user (`[user_dim]`) against `items` (model indices).
     pub fn score(&self, user: &[f32], items: &[i64]) -> Result<Vec<f32>, ModelError> {
-        let Some((size, plan)) = self.fixed.iter().find(|(size, _)| *size >= items.len()) else {
-            return run_plan(&self.flexible, user, 1, items);
+        let (g, m, h1) = (self.gmf_dim, self.mlp_dim, self.h1);
+        let n = items.len();
+        let (rows, plan) = match self.fixed.iter().find(|(size, _)| *size >= n) {
+            Some((size, plan)) => (*size, plan),
+            None => (n, &self.flexible),
         };
-        // Padding repeats the first item; its extra scores are dropped.
-        let mut padded = items.to_vec();
-        padded.resize(*size, items.first().copied().unwrap_or(0));
-        let mut scores = run_plan(plan, user, 1, &padded)?;
-        scores.truncate(items.len());
-        Ok(scores)
+        // The user's half of the first layer and of the GMF/bias product, once.
+        let mut user_h1 = vec![0.0f32; h1];
+        for (k, &x) in user[g..g + m].iter().enumerate() {
+            for (t, &w) in user_h1
+                .iter_mut()
+                .zip(&self.user_first[k * h1..(k + 1) * h1])
+            {
+                *t += x * w;
+            }
+        }
+        let user_gmf: Vec<f32> = user[..g]
+            .iter()
+            .zip(&self.gmf_out)
+            .map(|(u, w)| u * w)
+            .collect();
+        let constant = user[g + m] + self.out_bias;
+        // Padding rows stay zero; their scores are dropped.
+        let mut activations = Tensor::zero::<f32>(&[rows, h1]).map_err(tract_error)?;
+        let mut base = Tensor::zero::<f32>(&[rows, 1]).map_err(tract_error)?;
+        {
+            let acts = activations.as_slice_mut::<f32>().map_err(tract_error)?;
+            let base = base.as_slice_mut::<f32>().map_err(tract_error)?;
+            for (k, &item) in items.iter().enumerate() {
+                let i = usize::try_from(item)
+                    .ok()
+                    .filter(|i| i * h1 < self.item_h1.len())
+                    .ok_or_else(|| {
+                        ModelError::Tract(format!("item index {item} is outside the model"))
+                    })?;
+                let table = &self.item_h1[i * h1..(i + 1) * h1];
+                for ((a, u), t) in acts[k * h1..(k + 1) * h1]
+                    .iter_mut()
+                    .zip(&user_h1)
+                    .zip(table)
+                {
+                    *a = (u + t).max(0.0);
+                }
+                let gb = &self.item_gb[i * (g + 1)..(i + 1) * (g + 1)];
+                base[k] = constant
+                    + gb[g]
+                    + gb[..g]
+                        .iter()
+                        .zip(&user_gmf)
+                        .map(|(a, b)| a * b)
+                        .sum::<f32>();
+            }
+        }
+        let out = plan
+            .run(tvec!(activations.into(), base.into()))
+            .map_err(tract_error)?;
+        let scores = out[0].as_slice::<f32>().map_err(tract_error)?;
+        Ok(scores[..n].to_vec())
     }
 }
 
@@ -195,11 +285,7 @@ impl NcfModel {
             .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
             .collect();
         let plan = compile(&bytes)?;
-        let item_first_layer = weights.item_first_layer();
-        let serving = item_first_layer
-            .as_deref()
-            .map(|table| Serving::build(&onnx::export_serving(&weights, table)))
-            .transpose()?;
+        let serving = Serving::build(&weights)?;
         let mut mean_user = vec![0.0f32; d];
         let n = card.user_ids.len().max(1) as f32;
         for row in user_vectors.chunks_exact(d) {
@@ -227,7 +313,6 @@ impl NcfModel {
             weights,
             plan,
             serving,
-            item_first_layer,
             model_id: hash.0,
             user_vectors,
             mean_user,
@@ -422,7 +507,7 @@ impl NcfModel {
         let start = self.user_vector(user_id, state).to_vec();
         let folded = foldin::fold_in(
             &self.weights,
-            self.item_first_layer.as_deref(),
+            self.serving.as_ref().map(Serving::item_first_layer),
             prior,
             &start,
             &examples,
