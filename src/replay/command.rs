@@ -53,6 +53,20 @@ pub struct ReplayArgs {
     /// and sweep.png beside --out).
     #[arg(long)]
     pub sweep: bool,
+    /// Take the engine settings (`[engine]`) from this recstream config file
+    /// instead of the defaults: every variant, and the sweep's start, builds on them.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+}
+
+/// The engine settings the variants build on.
+fn base_config(args: &ReplayArgs) -> Result<EngineConfig> {
+    match &args.config {
+        Some(path) => Ok(crate::config::Config::from_file(path)
+            .with_context(|| format!("--config {}", path.display()))?
+            .engine),
+        None => Ok(EngineConfig::default()),
+    }
 }
 
 /// Published-protocol anchors of all-time popularity (issue text, ±0.003).
@@ -165,7 +179,7 @@ fn sweep(args: &ReplayArgs) -> Result<()> {
     }
     std::fs::create_dir_all(&args.work_dir)
         .with_context(|| format!("creating {}", args.work_dir.display()))?;
-    let start = EngineConfig::default();
+    let start = base_config(args)?;
     let outcome = super::sweep::run(&streams, &start, &[0.0, 0.1, 0.3, 0.6], |line| {
         eprintln!("{line}")
     })?;
@@ -188,7 +202,7 @@ async fn through_broker(args: &ReplayArgs, brokers: &str) -> Result<()> {
         let stream = Stream::load(path, args.limit)
             .with_context(|| format!("loading {}", path.display()))?;
         let (retrain_days, settings) = settings_for(&stream, args, None);
-        for spec in standard_variants(&EngineConfig::default(), retrain_days)
+        for spec in standard_variants(&base_config(args)?, retrain_days)
             .into_iter()
             .filter(|v| v.model == super::ModelPlan::None)
             .filter(|v| args.variants.is_empty() || args.variants.contains(&v.name))
@@ -219,7 +233,7 @@ fn dataset(path: &Path, args: &ReplayArgs) -> Result<DatasetReport> {
     let (retrain_days, settings) = settings_for(&stream, args, None);
     std::fs::create_dir_all(&args.work_dir)
         .with_context(|| format!("creating {}", args.work_dir.display()))?;
-    let specs: Vec<VariantSpec> = standard_variants(&EngineConfig::default(), retrain_days)
+    let specs: Vec<VariantSpec> = standard_variants(&base_config(args)?, retrain_days)
         .into_iter()
         .filter(|v| args.variants.is_empty() || args.variants.contains(&v.name))
         .collect();

@@ -136,8 +136,46 @@ pub fn markdown(r: &DatasetReport, anchor: Option<f64>) -> String {
             }
         }
     }
+    if let Some(line) = goal(r) {
+        let _ = writeln!(s, "{line}");
+    }
     let _ = writeln!(s);
     s
+}
+
+/// Variants that blend several sources; every other variant is one source or
+/// the model alone.
+const BLENDS: [&str; 3] = ["blend-no-model", "full-blend", "full-blend-retrained"];
+
+/// The goal, checked on the figures: the full blend against every
+/// single source and every peer (second-half HR@10).
+fn goal(r: &DatasetReport) -> Option<String> {
+    let full = r.variants.iter().find(|v| v.name == "full-blend")?;
+    let rivals = r
+        .variants
+        .iter()
+        .filter(|v| !BLENDS.contains(&v.name.as_str()))
+        .map(|v| (v.name.clone(), v.second_half.hr))
+        .chain(
+            r.peers
+                .iter()
+                .filter_map(|p| p.hr.map(|hr| (format!("{} (peer)", p.name), hr))),
+        );
+    let (name, best) = rivals.fold((String::new(), f64::NEG_INFINITY), |a, b| {
+        if b.1 > a.1 {
+            b
+        } else {
+            a
+        }
+    });
+    let hr = full.second_half.hr;
+    Some(format!(
+        "- Goal, the full blend above every single source and every peer: **{}**: full-blend {} against the best of them, {name}, {} ({:+.1} %).",
+        if hr > best { "met" } else { "not met" },
+        f4(hr),
+        f4(best),
+        (hr / best - 1.0) * 100.0
+    ))
 }
 
 /// HR@10 per window of event time, one line per variant.
