@@ -242,8 +242,8 @@ pub struct CoWatchConfig {
 impl Default for CoWatchConfig {
     fn default() -> Self {
         CoWatchConfig {
-            neighbors: 50,
-            window: 5,
+            neighbors: 200,
+            window: 2,
             seeds: 5,
             alpha: 0.0,
         }
@@ -265,7 +265,7 @@ impl Default for DecayConfig {
     fn default() -> Self {
         DecayConfig {
             user_half_life_hours: 24.0 * 30.0,
-            popularity_half_life_hours: 24.0 * 365.0,
+            popularity_half_life_hours: 24.0 * 30.0,
             trending_half_life_hours: 6.0,
         }
     }
@@ -366,11 +366,11 @@ impl Default for BlendWeights {
     fn default() -> Self {
         BlendWeights {
             affinity: 0.40,
-            similarity: 0.25,
-            popularity: 0.40,
-            trending: 0.15,
-            co_watched: 4.0,
-            ncf: 0.30,
+            similarity: 0.50,
+            popularity: 0.80,
+            trending: 0.0,
+            co_watched: 8.0,
+            ncf: 0.60,
         }
     }
 }
