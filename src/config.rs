@@ -154,7 +154,8 @@ impl Default for StateConfig {
 pub struct ProcessingConfig {
     /// A micro-batch closes at this many records...
     pub batch_max_records: usize,
-    /// ...or this long after its first record.
+    /// ...or this long after its first record. Batches form only while the
+    /// engine is busy: a record that finds it idle is processed at once.
     pub batch_max_wait_ms: u64,
     pub max_event_bytes: usize,
     /// Graceful shutdown deadline.

@@ -18,7 +18,7 @@ use crate::experiment::{self, ExperimentError, ExperimentSource, ModelCache, Var
 use std::collections::BTreeSet;
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -587,9 +587,13 @@ pub async fn run(
             config.topics.refresh.clone(),
         ],
     };
+    // Batches handed to the engine thread and not yet processed: while it is
+    // zero the engine is idle, so a record goes to it at once.
+    let batches_in_engine = Arc::new(AtomicUsize::new(0));
+    let engine_batches = batches_in_engine.clone();
     let engine_thread = std::thread::Builder::new()
         .name("engine".into())
-        .spawn(move || engine_loop(engine, handover, work_rx, publish_tx))
+        .spawn(move || engine_loop(engine, handover, work_rx, publish_tx, &engine_batches))
         .expect("spawn engine thread");
     let publisher = tokio::spawn(publish_loop(
         Producers {
@@ -622,6 +626,7 @@ pub async fn run(
         &config,
         &consumer,
         &assignments,
+        &batches_in_engine,
         work_tx,
         shutdown,
         failure_signal,
@@ -694,10 +699,16 @@ async fn input_partition_count(config: &Config) -> Result<u32, PipelineError> {
 }
 
 /// One `select!` over incoming records, the batch timer and shutdown.
+///
+/// Micro-batches form only while the engine is busy: a record that finds it
+/// idle is sent at once (no batching delay at light load); otherwise records
+/// gather until the engine is free again, the batch is full, or
+/// `batch_max_wait_ms` has passed since its first record.
 async fn consume_loop(
     config: &Config,
     consumer: &StreamConsumer<EngineContext>,
     assignments: &std::sync::atomic::AtomicU64,
+    batches_in_engine: &AtomicUsize,
     work_tx: mpsc::Sender<Work>,
     shutdown: impl Future<Output = ()>,
     handover_failed: impl Future<Output = String>,
@@ -723,11 +734,11 @@ async fn consume_loop(
                 break;
             }
             reason = &mut handover_failed => {
-                send_batch(&work_tx, &mut batch).await?;
+                send_batch(&work_tx, &mut batch, batches_in_engine).await?;
                 return Err(PipelineError::Handover(reason));
             }
             _ = tokio::time::sleep_until(flush_at), if batch_deadline.is_some() => {
-                send_batch(&work_tx, &mut batch).await?;
+                send_batch(&work_tx, &mut batch, batches_in_engine).await?;
                 batch_deadline = None;
             }
             message = consumer.recv() => {
@@ -767,24 +778,26 @@ async fn consume_loop(
                 if batch.len() == 1 {
                     batch_deadline = Some(tokio::time::Instant::now() + max_wait);
                 }
-                if batch.len() >= max_records {
-                    send_batch(&work_tx, &mut batch).await?;
+                if batch.len() >= max_records || batches_in_engine.load(Ordering::SeqCst) == 0 {
+                    send_batch(&work_tx, &mut batch, batches_in_engine).await?;
                     batch_deadline = None;
                 }
             }
         }
     }
-    send_batch(&work_tx, &mut batch).await
+    send_batch(&work_tx, &mut batch, batches_in_engine).await
 }
 
 async fn send_batch(
     work_tx: &mpsc::Sender<Work>,
     batch: &mut Vec<Record>,
+    batches_in_engine: &AtomicUsize,
 ) -> Result<(), PipelineError> {
     if batch.is_empty() {
         return Ok(());
     }
     let records = std::mem::take(batch);
+    batches_in_engine.fetch_add(1, Ordering::SeqCst);
     work_tx
         .send(Work::Batch(records))
         .await
@@ -878,6 +891,7 @@ fn engine_loop(
     handover: Handover,
     mut work_rx: mpsc::Receiver<Work>,
     publish_tx: mpsc::Sender<Publish>,
+    batches_in_engine: &AtomicUsize,
 ) -> Result<Engine, EngineError> {
     let mut stats_reported = Instant::now();
     while let Some(work) = work_rx.blocking_recv() {
@@ -924,7 +938,9 @@ fn engine_loop(
             }
             Work::Batch(records) => {
                 let received: Vec<Instant> = records.iter().map(|r| r.received).collect();
-                let result = engine.process(records)?;
+                let result = engine.process(records);
+                batches_in_engine.fetch_sub(1, Ordering::SeqCst);
+                let result = result?;
                 let msg = Publish::Batch {
                     outputs: result.outputs,
                     dead_letters: result.dead_letters,

@@ -41,9 +41,11 @@ pub fn parameters() -> Vec<(&'static str, Vec<f64>, Setter)> {
         ("co_watch.seeds", vec![2.0, 3.0, 5.0, 10.0], |c, v| {
             c.co_watch.seeds = v as usize
         }),
-        ("co_watch.neighbors", vec![50.0, 100.0, 200.0, 400.0], |c, v| {
-            c.co_watch.neighbors = v as usize
-        }),
+        (
+            "co_watch.neighbors",
+            vec![50.0, 100.0, 200.0, 400.0],
+            |c, v| c.co_watch.neighbors = v as usize,
+        ),
         ("blend.popularity", vec![0.2, 0.4, 0.8], |c, v| {
             c.blend.popularity = v
         }),
