@@ -8,7 +8,7 @@ bash .ci/install.sh >/dev/null
 export PATH="$HOME/.cargo/bin:$PATH"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/recstream/target}"
 cargo build --release --quiet --bin recstream
-BIN="$CARGO_TARGET_DIR/release/recstream"
+BIN="${BIN:-$CARGO_TARGET_DIR/release/recstream}"
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 work=$(mktemp -d)
