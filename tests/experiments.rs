@@ -277,18 +277,21 @@ async fn variants_split_users_switch_live_and_models_reload_safely() {
         "{}",
         log()
     );
-    python_produce(
-        &brokers,
-        "reco.interactions.v1",
-        &round("d", |u| 4 + (u as u64 % 60)),
-        dir.path(),
-    );
+    // Every user's latest record is their round-c one by now (the wait above
+    // needed the new model, which only round c saw); taken before round d is
+    // produced, or a fast engine's round-d records would already be in it.
     let versions: HashMap<String, u64> = latest
         .lock()
         .unwrap()
         .iter()
         .map(|(u, v)| (u.clone(), v["version"].as_u64().unwrap()))
         .collect();
+    python_produce(
+        &brokers,
+        "reco.interactions.v1",
+        &round("d", |u| 4 + (u as u64 % 60)),
+        dir.path(),
+    );
     await_users(
         &latest,
         "the last good model after a rejected one",
