@@ -2,7 +2,8 @@
 //! exactly as the in-process replay does: the Kafka path (produce, consume,
 //! decode, micro-batch, RocksDB, publish) and the in-process path run the same
 //! engine code, and the broker replay's lists come from the pipeline's
-//! interactive queries before each event is produced.
+//! interactive queries before each event is produced. The full blend gets its
+//! NCF model (trained at the cut) through the pipeline's experiment file.
 
 mod common;
 
@@ -18,22 +19,29 @@ async fn the_kafka_path_scores_like_the_in_process_replay() {
     let work = tempfile::tempdir().unwrap();
     let settings = Settings {
         window_days: 1.0,
-        epochs: None,
+        epochs: Some(2),
         work_dir: work.path().to_path_buf(),
         fold_in: FoldInConfig::default(),
         tail_from: None,
     };
-    for name in ["popularity", "co-watched", "blend-no-model"] {
+    // One model cache: both paths serve the same trained files.
+    let mut models = Models::default();
+    for name in ["popularity", "co-watched", "blend-no-model", "full-blend"] {
         let spec = replay::standard_variants(&EngineConfig::default(), 14.0)
             .into_iter()
             .find(|v| v.name == name)
             .unwrap();
-        let in_process =
-            replay::run_variant(&stream, &spec, &settings, &mut Models::default()).unwrap();
-        let through_kafka =
-            replay::broker::run_variant(&stream, &spec, &settings, &broker.bootstrap())
-                .await
-                .unwrap();
+        let in_process = replay::run_variant(&stream, &spec, &settings, &mut models).unwrap();
+        let through_kafka = replay::broker::run_variant(
+            &stream,
+            &spec,
+            &settings,
+            &mut models,
+            &broker.bootstrap(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(in_process.trainings, through_kafka.trainings, "{name}");
         assert_eq!(in_process.ranks, through_kafka.ranks, "{name}");
         assert_eq!(in_process.all, through_kafka.all, "{name}");
         eprintln!(

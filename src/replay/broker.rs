@@ -7,13 +7,19 @@
 //!
 //! The replay gets its own topics (one partition each, so the one engine
 //! instance sums nothing across partitions, as in-process) and consumer group.
+//! Variants with a model get it the way a running engine does: when the
+//! stream reaches a training time, the model trained on the events before it
+//! is named in the pipeline's experiment file, and the next event is produced
+//! only once the pipeline's outputs carry that model's version. Ranking
+//! metrics match the in-process replay; rating predictions (RMSE/MAE) come
+//! from the online baseline here, since the pipeline publishes no ratings.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rdkafka::producer::FutureRecord;
 
-use super::{ModelPlan, ReplayError, Scoring, Settings, Stream, VariantResult, VariantSpec};
+use super::{Models, ReplayError, Scoring, Settings, Stream, VariantResult, VariantSpec};
 use crate::config::Config;
 use crate::event::{EventType, Interaction};
 use crate::experiment::source_bit;
@@ -27,20 +33,15 @@ fn failed(what: &str, e: impl std::fmt::Display) -> ReplayError {
     ReplayError::Invalid(format!("broker replay: {what}: {e}"))
 }
 
-/// Replays `stream` through the Kafka pipeline on `brokers`. Variants with a
-/// model are not supported here (their models are trained inside the replay).
+/// Replays `stream` through the Kafka pipeline on `brokers`; models are
+/// trained (or taken) from `models`, as in-process.
 pub async fn run_variant(
     stream: &Stream,
     spec: &VariantSpec,
     settings: &Settings,
+    models: &mut Models,
     brokers: &str,
 ) -> Result<VariantResult, ReplayError> {
-    if spec.model != ModelPlan::None {
-        return Err(ReplayError::Invalid(format!(
-            "variant {}: the broker replay runs variants without a model",
-            spec.name
-        )));
-    }
     let started = Instant::now();
     let scratch = tempfile::tempdir().map_err(|source| ReplayError::Io {
         path: std::env::temp_dir(),
@@ -58,6 +59,8 @@ pub async fn run_variant(
     config.http.listen = String::new();
     config.processing.batch_max_wait_ms = 1;
     config.engine = spec.config.clone();
+    config.model.fold_in = spec.model.fold_in(settings);
+    config.experiment.reload_interval_ms = 20;
     let t = &mut config.topics;
     for name in [
         &mut t.interactions,
@@ -85,18 +88,21 @@ pub async fn run_variant(
     .map(|(_, n)| *n)
     .collect();
     let experiment = scratch.path().join("experiment.toml");
-    std::fs::write(
-        &experiment,
-        format!(
-            "salt = \"replay\"\n[[variants]]\nname = \"{}\"\nshare = 1.0\nmodel = \"none\"\nsources = {:?}\n",
-            spec.name, sources
-        ),
-    )
-    .map_err(|source| ReplayError::Io {
-        path: experiment.clone(),
-        source,
-    })?;
-    config.experiment.file = Some(experiment);
+    let write_experiment = |model: &str| {
+        std::fs::write(
+            &experiment,
+            format!(
+                "salt = \"replay\"\n[[variants]]\nname = \"{}\"\nshare = 1.0\nmodel = {model:?}\nsources = {sources:?}\n",
+                spec.name
+            ),
+        )
+        .map_err(|source| ReplayError::Io {
+            path: experiment.clone(),
+            source,
+        })
+    };
+    write_experiment("none")?;
+    config.experiment.file = Some(experiment.clone());
     config
         .validate()
         .map_err(|e| failed("the replay's engine config", e))?;
@@ -132,8 +138,22 @@ pub async fn run_variant(
     }
 
     let mut scoring = Scoring::new(stream, settings, spec.config.lists.top_n);
+    let mut next_training = spec.model.first_training(stream);
+    let mut trainings = 0;
     for event in &stream.events {
         let user = event.user_id.to_string();
+        if let Some(t) = next_training.filter(|t| event.ts_ms >= *t) {
+            // Training takes seconds: off the async workers' hands.
+            let file =
+                tokio::task::block_in_place(|| models.file(stream, t, spec.objective, settings))?;
+            let version = crate::ncf::serve::NcfModel::load(&file, config.model.fold_in)?
+                .card
+                .model_version;
+            write_experiment(&file.display().to_string())?;
+            await_model(&job, &user, &version).await?;
+            trainings += 1;
+            next_training = spec.model.next_training(t, event.ts_ms);
+        }
         let before = job.query(&user, 0).await.map_err(|e| failed("query", e))?;
         scoring.score(event, &before.outputs, None);
         let version = before.outputs.recommendations.version;
@@ -177,5 +197,24 @@ pub async fn run_variant(
         .await
         .map_err(|e| failed("the pipeline task", e))?
         .map_err(|e| failed("the pipeline", e))?;
-    Ok(scoring.finish(&spec.name, started.elapsed().as_secs_f64(), 0))
+    Ok(scoring.finish(&spec.name, started.elapsed().as_secs_f64(), trainings))
+}
+
+/// Waits until the pipeline's outputs (a query for `user`) carry `version`.
+async fn await_model(job: &JobHandle, user: &str, version: &str) -> Result<(), ReplayError> {
+    let deadline = Instant::now() + APPLY_TIMEOUT;
+    loop {
+        let view = job.query(user, 0).await.map_err(|e| failed("query", e))?;
+        let live = view.outputs.recommendations.model.as_ref();
+        if live.is_some_and(|m| m.version == version) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(failed(
+                "installing the model",
+                format!("the pipeline never served model {version}"),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }

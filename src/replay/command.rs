@@ -45,8 +45,9 @@ pub struct ReplayArgs {
     /// Run variants on both cores (one thread per dataset).
     #[arg(long)]
     pub parallel: bool,
-    /// Replay through this Kafka cluster instead of in-process (variants
-    /// without a model; a broker round trip per event, so use --limit).
+    /// Replay through this Kafka cluster instead of in-process (models reach
+    /// the pipeline through its experiment file; a broker round trip per
+    /// event, so use --limit).
     #[arg(long)]
     pub brokers: Option<String>,
     /// Run the sweep that picks the engine's defaults instead (writes SWEEP.md
@@ -202,12 +203,14 @@ async fn through_broker(args: &ReplayArgs, brokers: &str) -> Result<()> {
         let stream = Stream::load(path, args.limit)
             .with_context(|| format!("loading {}", path.display()))?;
         let (retrain_days, settings) = settings_for(&stream, args, None);
+        std::fs::create_dir_all(&args.work_dir)
+            .with_context(|| format!("creating {}", args.work_dir.display()))?;
+        let mut models = Models::default();
         for spec in standard_variants(&base_config(args)?, retrain_days)
             .into_iter()
-            .filter(|v| v.model == super::ModelPlan::None)
             .filter(|v| args.variants.is_empty() || args.variants.contains(&v.name))
         {
-            let r = super::broker::run_variant(&stream, &spec, &settings, brokers)
+            let r = super::broker::run_variant(&stream, &spec, &settings, &mut models, brokers)
                 .await
                 .with_context(|| {
                     format!("{}: variant {} through {brokers}", stream.name, spec.name)

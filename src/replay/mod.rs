@@ -256,6 +256,19 @@ impl Models {
         settings: &Settings,
         fold_in: FoldInConfig,
     ) -> Result<NcfModel, ReplayError> {
+        let file = self.file(stream, t, objective, settings)?;
+        Ok(NcfModel::load(&file, fold_in)?)
+    }
+
+    /// The model file trained on the stream's events before `t` (trained on
+    /// first use).
+    pub fn file(
+        &mut self,
+        stream: &Stream,
+        t: i64,
+        objective: Objective,
+        settings: &Settings,
+    ) -> Result<PathBuf, ReplayError> {
         let key = (t, objective);
         if let std::collections::hash_map::Entry::Vacant(slot) = self.files.entry(key) {
             let train = stream.before(t);
@@ -283,12 +296,47 @@ impl Models {
             })?;
             slot.insert(run.files.onnx.clone());
         }
-        Ok(NcfModel::load(&self.files[&key], fold_in)?)
+        Ok(self.files[&key].clone())
     }
 }
 
 const PARTITION: u32 = 0;
 const DAY_MS: f64 = 86_400_000.0;
+
+impl ModelPlan {
+    /// The fold-in of a variant's model: frozen models keep their vectors.
+    pub fn fold_in(self, settings: &Settings) -> FoldInConfig {
+        match self {
+            ModelPlan::Frozen => FoldInConfig {
+                steps: 0,
+                ..settings.fold_in
+            },
+            _ => settings.fold_in,
+        }
+    }
+
+    /// When the model is trained first: at the cut (never without a model).
+    pub fn first_training(self, stream: &Stream) -> Option<i64> {
+        (self != ModelPlan::None).then_some(stream.cut)
+    }
+
+    /// After a training at `t` that `event_ts` triggered: the next one, if
+    /// the plan retrains (the next boundary after the event; quiet spans are
+    /// skipped).
+    pub fn next_training(self, t: i64, event_ts: i64) -> Option<i64> {
+        match self {
+            ModelPlan::Retrain { every_days } => {
+                let every = (every_days * DAY_MS) as i64;
+                let mut next = t + every;
+                while next <= event_ts {
+                    next += every;
+                }
+                Some(next)
+            }
+            _ => None,
+        }
+    }
+}
 
 /// Replays the stream through one variant and scores every interaction.
 pub fn run_variant(
@@ -318,14 +366,8 @@ pub fn run_variant(
         })));
     };
     install(&mut engine, None);
-    let fold_in = match spec.model {
-        ModelPlan::Frozen => FoldInConfig {
-            steps: 0,
-            ..settings.fold_in
-        },
-        _ => settings.fold_in,
-    };
-    let mut next_training = (spec.model != ModelPlan::None).then_some(stream.cut);
+    let fold_in = spec.model.fold_in(settings);
+    let mut next_training = spec.model.first_training(stream);
     let mut model: Option<Arc<NcfModel>> = None;
     let mut trainings = 0;
 
@@ -336,18 +378,7 @@ pub fn run_variant(
             install(&mut engine, Some(Arc::new(NcfScorer { model: m.clone() })));
             model = Some(m);
             trainings += 1;
-            next_training = match spec.model {
-                ModelPlan::Retrain { every_days } => {
-                    // The next boundary after this event (quiet spans are skipped).
-                    let every = (every_days * DAY_MS) as i64;
-                    let mut next = t + every;
-                    while next <= event.ts_ms {
-                        next += every;
-                    }
-                    Some(next)
-                }
-                _ => None,
-            };
+            next_training = spec.model.next_training(t, event.ts_ms);
         }
         let user = event.user_id.to_string();
         // What the engine would publish for this user right now.
