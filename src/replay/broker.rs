@@ -60,7 +60,7 @@ pub async fn run_variant(
     config.processing.batch_max_wait_ms = 1;
     config.engine = spec.config.clone();
     config.model.fold_in = spec.model.fold_in(settings);
-    config.experiment.reload_interval_ms = 20;
+    config.experiment.reload_interval_ms = 100;
     let t = &mut config.topics;
     for name in [
         &mut t.interactions,
