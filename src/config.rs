@@ -238,6 +238,11 @@ pub struct CoWatchConfig {
     /// Specificity of the association: 0 ranks a seed's neighbours by
     /// conditional probability (popular ones first), 0.5 by cosine.
     pub alpha: f64,
+    /// Evidence needed for full weight: the signal is scaled by
+    /// `n / (n + support)`, where `n` is how often the candidate was
+    /// co-watched with the seeds, so a single co-occurrence does not count
+    /// as much as fifty. 0 turns the damping off.
+    pub support: f64,
 }
 
 impl Default for CoWatchConfig {
@@ -247,6 +252,7 @@ impl Default for CoWatchConfig {
             window: 2,
             seeds: 5,
             alpha: 0.0,
+            support: 3.0,
         }
     }
 }
@@ -624,6 +630,9 @@ impl EngineConfig {
         }
         if !(0.0..=1.0).contains(&c.alpha) {
             return Err(invalid("engine.co_watch.alpha", "must be in 0..=1"));
+        }
+        if !(0.0..=1000.0).contains(&c.support) {
+            return Err(invalid("engine.co_watch.support", "must be in 0..=1000"));
         }
         Ok(())
     }

@@ -105,10 +105,29 @@ pub fn association(count: f32, seed_count: f64, candidate_count: f64, alpha: f64
     count.max(0.0) as f64 / denominator
 }
 
+/// How much `n` co-occurrences are trusted: `n / (n + support)`, 1 when
+/// `support` is 0.
+pub fn confidence(n: f64, support: f64) -> f64 {
+    if support <= 0.0 {
+        return 1.0;
+    }
+    let n = n.max(0.0);
+    n / (n + support)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn confidence_grows_with_evidence_and_is_off_at_zero_support() {
+        assert_eq!(confidence(0.0, 3.0), 0.0);
+        assert_eq!(confidence(3.0, 3.0), 0.5);
+        assert!(confidence(50.0, 3.0) > confidence(5.0, 3.0));
+        assert!(confidence(1e9, 3.0) <= 1.0);
+        assert_eq!(confidence(1.0, 0.0), 1.0);
+    }
 
     #[test]
     fn counts_add_up_below_the_cap() {

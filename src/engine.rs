@@ -1119,7 +1119,14 @@ mod tests {
             .iter()
             .find(|i| i.movie_id == 17)
             .expect("the co-watched movie is recommended");
-        assert_eq!(pick.signals.co_watched, 1.0);
+        // The strongest co-watched candidate, damped by its evidence:
+        // 10 co-occurrences against a support of 3.
+        let expected = crate::cowatch::confidence(10.0, e.config.co_watch.support);
+        assert!(
+            (pick.signals.co_watched - expected).abs() < 1e-6,
+            "{}",
+            pick.signals.co_watched
+        );
         assert!(pick.sources.contains(&crate::output::Source::CoWatched));
     }
 

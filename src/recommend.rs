@@ -462,8 +462,9 @@ pub fn build_outputs(
         let (popularity, trending) = ctx.index.signal(ctx.items.get(&c.movie_id));
         c.signals.popularity = popularity;
         c.signals.trending = trending;
-        if let Some(&(score, seed)) = co_watched.by_item.get(&c.movie_id) {
-            c.signals.co_watched = score / co_watched.max;
+        if let Some(&(score, seed, support)) = co_watched.by_item.get(&c.movie_id) {
+            c.signals.co_watched =
+                score / co_watched.max * cowatch::confidence(support, ctx.config.co_watch.support);
             c.co_watched_with = Some(seed);
         }
     }
@@ -636,8 +637,9 @@ struct CoWatched {
     seeds: Vec<u32>,
     /// Candidates by summed association, strongest first (ties: lower id).
     ranked: Vec<(u32, f64)>,
-    /// Each scored item's summed association and its strongest seed.
-    by_item: IdMap<(f64, u32)>,
+    /// Each scored item's summed association, its strongest seed and how
+    /// often it was co-watched with the seeds.
+    by_item: IdMap<(f64, u32, f64)>,
     /// The strongest association (1 when there is none), for normalizing.
     max: f64,
 }
@@ -648,7 +650,8 @@ fn co_watched(ctx: &Context, state: &UserState) -> CoWatched {
     let co = &ctx.config.co_watch;
     let seeds: Vec<u32> = state.engaged_recent().take(co.seeds).collect();
     let count = |id: u32| ctx.items.get(&id).map_or(0.0, |m| m.count as f64);
-    let mut by_item: IdMap<(f64, u32, f64)> = IdMap::default();
+    // (summed association, strongest seed, its association, summed count)
+    let mut by_item: IdMap<(f64, u32, f64, f64)> = IdMap::default();
     for &seed in &seeds {
         let Some(neighbours) = ctx.cowatch.get(&seed) else {
             continue;
@@ -659,8 +662,9 @@ fn co_watched(ctx: &Context, state: &UserState) -> CoWatched {
             if a <= 0.0 {
                 continue;
             }
-            let e = by_item.entry(n.item).or_insert((0.0, seed, 0.0));
+            let e = by_item.entry(n.item).or_insert((0.0, seed, 0.0, 0.0));
             e.0 += a;
+            e.3 += n.guaranteed() as f64;
             if a > e.2 {
                 e.1 = seed;
                 e.2 = a;
@@ -675,7 +679,7 @@ fn co_watched(ctx: &Context, state: &UserState) -> CoWatched {
         ranked,
         by_item: by_item
             .into_iter()
-            .map(|(id, e)| (id, (e.0, e.1)))
+            .map(|(id, e)| (id, (e.0, e.1, e.3)))
             .collect(),
         max,
     }

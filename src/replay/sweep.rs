@@ -35,6 +35,9 @@ pub fn parameters() -> Vec<(&'static str, Vec<f64>, Setter)> {
         ("co_watch.alpha", vec![0.0, 0.3], |c, v| {
             c.co_watch.alpha = v
         }),
+        ("co_watch.support", vec![0.0, 3.0, 10.0], |c, v| {
+            c.co_watch.support = v
+        }),
         ("co_watch.window", vec![2.0, 3.0, 5.0, 10.0], |c, v| {
             c.co_watch.window = v as usize
         }),
