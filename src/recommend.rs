@@ -462,10 +462,10 @@ pub fn build_outputs(
         let (popularity, trending) = ctx.index.signal(ctx.items.get(&c.movie_id));
         c.signals.popularity = popularity;
         c.signals.trending = trending;
-        if let Some(&(score, seed, support)) = co_watched.by_item.get(&c.movie_id) {
-            c.signals.co_watched =
-                score / co_watched.max * cowatch::confidence(support, ctx.config.co_watch.support);
-            c.co_watched_with = Some(seed);
+        if let Some(s) = co_watched.by_item.get(&c.movie_id) {
+            c.signals.co_watched = s.association / co_watched.max
+                * cowatch::confidence(s.support, ctx.config.co_watch.support);
+            c.co_watched_with = Some(s.seed);
         }
     }
     let model = match ctx.variant.scorer.as_deref() {
@@ -637,11 +637,20 @@ struct CoWatched {
     seeds: Vec<u32>,
     /// Candidates by summed association, strongest first (ties: lower id).
     ranked: Vec<(u32, f64)>,
-    /// Each scored item's summed association, its strongest seed and how
-    /// often it was co-watched with the seeds.
-    by_item: IdMap<(f64, u32, f64)>,
+    by_item: IdMap<CoWatchScore>,
     /// The strongest association (1 when there is none), for normalizing.
     max: f64,
+}
+
+/// One candidate of the co-watch source.
+struct CoWatchScore {
+    /// Summed over the seeds.
+    association: f64,
+    /// The seed it is most associated with, and that association.
+    seed: u32,
+    seed_association: f64,
+    /// How often it was co-watched with the seeds.
+    support: f64,
 }
 
 /// Items co-watched with the user's most recent engaged ones: each seed's
@@ -650,8 +659,7 @@ fn co_watched(ctx: &Context, state: &UserState) -> CoWatched {
     let co = &ctx.config.co_watch;
     let seeds: Vec<u32> = state.engaged_recent().take(co.seeds).collect();
     let count = |id: u32| ctx.items.get(&id).map_or(0.0, |m| m.count as f64);
-    // (summed association, strongest seed, its association, summed count)
-    let mut by_item: IdMap<(f64, u32, f64, f64)> = IdMap::default();
+    let mut by_item: IdMap<CoWatchScore> = IdMap::default();
     for &seed in &seeds {
         let Some(neighbours) = ctx.cowatch.get(&seed) else {
             continue;
@@ -662,25 +670,27 @@ fn co_watched(ctx: &Context, state: &UserState) -> CoWatched {
             if a <= 0.0 {
                 continue;
             }
-            let e = by_item.entry(n.item).or_insert((0.0, seed, 0.0, 0.0));
-            e.0 += a;
-            e.3 += n.guaranteed() as f64;
-            if a > e.2 {
-                e.1 = seed;
-                e.2 = a;
+            let e = by_item.entry(n.item).or_insert(CoWatchScore {
+                association: 0.0,
+                seed,
+                seed_association: 0.0,
+                support: 0.0,
+            });
+            e.association += a;
+            e.support += n.guaranteed() as f64;
+            if a > e.seed_association {
+                e.seed = seed;
+                e.seed_association = a;
             }
         }
     }
-    let mut ranked: Vec<(u32, f64)> = by_item.iter().map(|(id, e)| (*id, e.0)).collect();
+    let mut ranked: Vec<(u32, f64)> = by_item.iter().map(|(id, e)| (*id, e.association)).collect();
     ranked.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
     let max = ranked.first().map_or(1.0, |r| r.1);
     CoWatched {
         seeds,
         ranked,
-        by_item: by_item
-            .into_iter()
-            .map(|(id, e)| (id, (e.0, e.1, e.3)))
-            .collect(),
+        by_item,
         max,
     }
 }

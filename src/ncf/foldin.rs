@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use tract_onnx::prelude::tract_ndarray::linalg::general_mat_mul;
 use tract_onnx::prelude::tract_ndarray::{Array2, ArrayView1, ArrayView2, Axis};
 
-use super::model::NcfWeights;
+use super::model::{add_vec_mat, NcfWeights};
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -151,11 +151,7 @@ fn descend_precomputed(
     for _ in 0..config.steps {
         grad.iter_mut().for_each(|v| *v = 0.0);
         user_h1.iter_mut().for_each(|v| *v = 0.0);
-        for (k, &x) in user[g..g + m].iter().enumerate() {
-            for (t, &w) in user_h1.iter_mut().zip(&first.w[k * h1..(k + 1) * h1]) {
-                *t += x * w;
-            }
-        }
+        add_vec_mat(&user[g..g + m], &first.w[..m * h1], &mut user_h1);
         // Forward: the first layer from the table, the rest as products.
         for (e, ex) in examples.iter().enumerate() {
             let row = &item_h1[ex.item * h1..(ex.item + 1) * h1];

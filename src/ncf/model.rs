@@ -32,6 +32,17 @@ impl Objective {
     }
 }
 
+/// `out += x · w`, with `w` row-major `[x.len()][out.len()]`: a vector
+/// through a layer's weights (or a block of its rows).
+pub fn add_vec_mat(x: &[f32], w: &[f32], out: &mut [f32]) {
+    let width = out.len();
+    for (k, &xk) in x.iter().enumerate() {
+        for (o, &wk) in out.iter_mut().zip(&w[k * width..(k + 1) * width]) {
+            *o += xk * wk;
+        }
+    }
+}
+
 /// One hidden layer, `out = relu(in·w + b)`, `w` stored row-major `[inp][out]`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Dense {
@@ -125,12 +136,7 @@ impl NcfWeights {
         for row in self.item_mlp.chunks_exact(m) {
             let start = table.len();
             table.extend_from_slice(&first.b);
-            for (k, &x) in row.iter().enumerate() {
-                let w = &first.w[(m + k) * h1..(m + k + 1) * h1];
-                for (t, &wj) in table[start..].iter_mut().zip(w) {
-                    *t += x * wj;
-                }
-            }
+            add_vec_mat(row, &first.w[m * h1..2 * m * h1], &mut table[start..]);
         }
         Some(table)
     }

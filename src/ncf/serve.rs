@@ -11,7 +11,7 @@ use tract_onnx::prelude::*;
 
 use super::card::{ModelCard, ModelFiles, CARD_FORMAT, PARITY_TOLERANCE};
 use super::foldin::{self, Example, FoldInConfig};
-use super::model::{NcfWeights, Objective};
+use super::model::{add_vec_mat, NcfWeights, Objective};
 use super::onnx;
 use crate::catalog::IdMap;
 use crate::fnv::Fnv;
@@ -172,14 +172,7 @@ impl Serving {
         };
         // The user's half of the first layer and of the GMF/bias product, once.
         let mut user_h1 = vec![0.0f32; h1];
-        for (k, &x) in user[g..g + m].iter().enumerate() {
-            for (t, &w) in user_h1
-                .iter_mut()
-                .zip(&self.user_first[k * h1..(k + 1) * h1])
-            {
-                *t += x * w;
-            }
-        }
+        add_vec_mat(&user[g..g + m], &self.user_first, &mut user_h1);
         let user_gmf: Vec<f32> = user[..g]
             .iter()
             .zip(&self.gmf_out)
@@ -244,6 +237,24 @@ pub fn run_plan(
     Ok(out[0].as_slice::<f32>().map_err(tract)?.to_vec())
 }
 
+/// The card beside `NAME.onnx`, checked for its format.
+pub fn read_card(path: &Path) -> Result<ModelCard, ModelError> {
+    let card_path = ModelFiles::new(path).card;
+    let card_err = |detail: String| ModelError::Card {
+        path: card_path.display().to_string(),
+        detail,
+    };
+    let card: ModelCard =
+        serde_json::from_slice(&read(&card_path)?).map_err(|e| card_err(e.to_string()))?;
+    if card.format != CARD_FORMAT {
+        return Err(card_err(format!(
+            "format is {:?}, expected {CARD_FORMAT:?}",
+            card.format
+        )));
+    }
+    Ok(card)
+}
+
 impl NcfModel {
     /// Loads `NAME.onnx` with its card and user vectors.
     pub fn load(path: &Path, fold_in: FoldInConfig) -> Result<NcfModel, ModelError> {
@@ -252,14 +263,7 @@ impl NcfModel {
             path: files.card.display().to_string(),
             detail,
         };
-        let card: ModelCard =
-            serde_json::from_slice(&read(&files.card)?).map_err(|e| card_err(e.to_string()))?;
-        if card.format != CARD_FORMAT {
-            return Err(card_err(format!(
-                "format is {:?}, expected {CARD_FORMAT:?}",
-                card.format
-            )));
-        }
+        let card = read_card(path)?;
         let bytes = read(&files.onnx)?;
         let (weights, _) = onnx::read_weights(&bytes)?;
         let d = weights.user_dim();

@@ -146,9 +146,8 @@ pub async fn run_variant(
             // Training takes seconds: off the async workers' hands.
             let file =
                 tokio::task::block_in_place(|| models.file(stream, t, spec.objective, settings))?;
-            let version = crate::ncf::serve::NcfModel::load(&file, config.model.fold_in)?
-                .card
-                .model_version;
+            // The version only: the pipeline loads (and checks) the model itself.
+            let version = crate::ncf::serve::read_card(&file)?.model_version;
             write_experiment(&file.display().to_string())?;
             await_model(&job, &user, &version).await?;
             trainings += 1;
