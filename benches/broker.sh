@@ -24,10 +24,11 @@ brokers="127.0.0.1:$kport"
 "$BIN" topics apply --brokers "$brokers" >/dev/null
 
 # Starts the engine on the catalog $CATALOG with state in $1 and HTTP on port
-# $2, and waits until GET $3 answers (/metrics: up; /readyz: partitions assigned).
+# $2 (and the config file $ENGINE_CONFIG if set), and waits until GET $3
+# answers (/metrics: up; /readyz: partitions assigned).
 start_engine() {
   "$BIN" run --brokers "$brokers" --catalog "$CATALOG" --state-dir "$1" \
-    --http-listen "127.0.0.1:$2" >>"$work/engine.log" 2>&1 &
+    --http-listen "127.0.0.1:$2" ${ENGINE_CONFIG:+--config "$ENGINE_CONFIG"} >>"$work/engine.log" 2>&1 &
   ENGINE=$!
   for _ in $(seq 600); do
     curl -sf "http://127.0.0.1:$2$3" >/dev/null 2>&1 && return

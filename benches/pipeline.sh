@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
-# Whole-pipeline benchmark against a real tansu broker process:
+# Whole-pipeline benchmark against a real tansu broker process, in one run:
 #   1. throughput: produce EVENTS as fast as the broker takes them, measure until
 #      every user's output reflects their last event;
-#   2. freshness: produce at a fixed RATE and measure event -> published-list latency.
-# Prints one JSON line per phase plus the engine's peak RSS and recompute counters.
-# Usage: benches/pipeline.sh   (env: EVENTS, USERS, RATE, LATENCY_EVENTS, CATALOG)
+#   2. ceiling: a plain consumer (the engine's client settings, records
+#      discarded) reads the same EVENTS from the same topic;
+#   3. freshness: produce at a fixed RATE and measure event -> published-list
+#      latency as an app's consumer sees it.
+# Prints one JSON line per phase plus the engine's peak RSS and counters.
+# Usage: benches/pipeline.sh   (env: EVENTS, USERS, RATE, LATENCY_EVENTS, CATALOG,
+#   NCF=1: re-score with a NeuMF model trained on synthetic users of CATALOG,
+#   FETCH_WAIT_MS: the consumers' fetch.wait.max.ms, see below)
 source "$(dirname "$0")/broker.sh"
 
 EVENTS=${EVENTS:-200000}
@@ -12,19 +17,41 @@ USERS=${USERS:-10000}
 RATE=${RATE:-1000}
 LATENCY_EVENTS=${LATENCY_EVENTS:-20000}
 CATALOG=${CATALOG:-../shared/data/movielens/ml-latest-small/movies.csv}
+NCF=${NCF:-0}
+# tansu 0.6 answers a fetch only when its wait ends, and a produce to a
+# partition waits for the fetch pending on it: every broker hop costs up to
+# this wait. 1 ms is the freshness setting for tansu (Kafka wakes fetches
+# on new data, so there the engine's default of 10 ms costs nothing).
+FETCH_WAIT_MS=${FETCH_WAIT_MS:-1}
 if [ ! -f "$CATALOG" ]; then
   echo "catalog $CATALOG not found (set CATALOG=...)" >&2
   exit 1
 fi
 
+ENGINE_CONFIG="$work/bench.toml"
+printf '[kafka.client]\n"fetch.wait.max.ms" = "%s"\n' "$FETCH_WAIT_MS" >"$ENGINE_CONFIG"
+if [ "$NCF" = 1 ]; then
+  "$BIN" train --synthetic-users 2000 --catalog "$CATALOG" --epochs 3 --quiet \
+    --out "$work/ncf" >"$work/train.log" 2>&1
+  printf '[model]\npath = "%s"\n' "$work/ncf.onnx" >>"$ENGINE_CONFIG"
+fi
 hport=$(free_port)
 
 start_engine "$work/state" "$hport" /readyz
 
-echo "# machine: $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB; catalog: $CATALOG"
+echo "# machine: $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB; catalog: $CATALOG; NCF: $NCF; fetch.wait.max.ms: $FETCH_WAIT_MS"
+# The engine's CPU seconds (user + system) so far.
+engine_cpu() { awk -v hz="$(getconf CLK_TCK)" '{printf "%.1f", ($14 + $15) / hz}' "/proc/$ENGINE/stat"; }
+cpu_before=$(engine_cpu)
 echo "# throughput phase: $EVENTS events, $USERS users, as fast as possible"
-"$BIN" loadgen --brokers "$brokers" --catalog "$CATALOG" --events "$EVENTS" --users "$USERS" --rate 0 --seed 1
+"$BIN" loadgen --brokers "$brokers" --config "$ENGINE_CONFIG" --catalog "$CATALOG" --events "$EVENTS" --users "$USERS" --rate 0 --seed 1
+cpu_after=$(engine_cpu)
+echo "# engine CPU in the throughput phase: $(awk -v a="$cpu_before" -v b="$cpu_after" -v n="$EVENTS" 'BEGIN {printf "%.1f s, %.0f events per CPU-second", b - a, n / (b - a)}')"
+echo "# ceiling: bare consume of the same $EVENTS records"
+"$BIN" loadgen --brokers "$brokers" --config "$ENGINE_CONFIG" --catalog "$CATALOG" --events "$EVENTS" --bare-consume
 echo "# freshness phase: $LATENCY_EVENTS events at $RATE events/s"
-"$BIN" loadgen --brokers "$brokers" --catalog "$CATALOG" --events "$LATENCY_EVENTS" --users "$USERS" --rate "$RATE" --seed 2
+"$BIN" loadgen --brokers "$brokers" --config "$ENGINE_CONFIG" --catalog "$CATALOG" --events "$LATENCY_EVENTS" --users "$USERS" --rate "$RATE" --seed 2
 echo "# engine peak RSS: $(awk '/VmHWM/{print $2, $3}' "/proc/$ENGINE/status")"
-curl -sf "http://127.0.0.1:$hport/metrics" | grep -E '^recstream_(users_recomputed_total|events_total|batch_records_(sum|count)|rocksdb_bytes)' | sed 's/^/# /'
+curl -sf "http://127.0.0.1:$hport/metrics" \
+  | grep -E '^recstream_(users_recomputed_total|events_total|batch_records_(sum|count)|rocksdb_bytes|ncf_inference_batch_size_(sum|count)|scorer_seconds_(sum|count)|ncf_fold_in_seconds_(sum|count))' \
+  | sed 's/^/# /'

@@ -3,109 +3,18 @@
 
 use std::hint::black_box;
 use std::sync::Arc;
-use std::time::Instant;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
-use recstream::catalog::{Catalog, CatalogRecord};
 use recstream::config::EngineConfig;
-use recstream::engine::{Body, Engine, Record, SourcePos};
-use recstream::event::{decode_interaction, EventType, Interaction};
+use recstream::engine::Engine;
+use recstream::event::decode_interaction;
 use recstream::store::Store;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-const GENRES: [&str; 18] = [
-    "Action",
-    "Adventure",
-    "Animation",
-    "Children",
-    "Comedy",
-    "Crime",
-    "Documentary",
-    "Drama",
-    "Fantasy",
-    "Film-Noir",
-    "Horror",
-    "Musical",
-    "Mystery",
-    "Romance",
-    "Sci-Fi",
-    "Thriller",
-    "War",
-    "Western",
-];
-
-fn catalog(n: u32) -> Catalog {
-    let mut c = Catalog::default();
-    for id in 1..=n {
-        let g = id as usize;
-        c.upsert(CatalogRecord {
-            movie_id: id,
-            title: format!("Movie {id}"),
-            genres: vec![GENRES[g % 18].into(), GENRES[(g * 7) % 18].into()],
-            year: Some(1950 + (id % 70) as u16),
-            tmdb_id: None,
-            imdb_id: None,
-            tags: vec![],
-        })
-        .unwrap();
-    }
-    c
-}
-
-/// A deterministic stream: Zipf-like item popularity, a realistic event mix.
-fn events(n: usize, users: u32, items: u32) -> Vec<Interaction> {
-    let mut rng = recstream::rng::Rng::new(42);
-    let mut next = move || rng.next_u64();
-    let kinds = [
-        EventType::View,
-        EventType::Click,
-        EventType::Play,
-        EventType::Play,
-        EventType::Complete,
-        EventType::Rate,
-        EventType::Like,
-        EventType::Skip,
-    ];
-    (0..n)
-        .map(|i| {
-            let r = (next() % 1_000_000) as f64 / 1_000_000.0;
-            let kind = kinds[(next() % kinds.len() as u64) as usize];
-            Interaction {
-                event_id: format!("e{i}"),
-                user_id: format!("u{}", next() % users as u64),
-                movie_id: 1 + ((r * r * r) * items as f64) as u32 % items,
-                kind,
-                value: match kind {
-                    EventType::Rate => Some(1.0 + (next() % 9) as f64 / 2.0),
-                    _ => None,
-                },
-                ts: 1_700_000_000_000 + i as i64 * 1000,
-                context: None,
-            }
-        })
-        .collect()
-}
-
-fn records(events: &[Interaction]) -> Vec<Record> {
-    let topic: Arc<str> = Arc::from("in");
-    events
-        .iter()
-        .enumerate()
-        .map(|(i, e)| Record {
-            source: SourcePos {
-                topic: topic.clone(),
-                partition: 0,
-                offset: i as i64,
-            },
-            key: None,
-            payload: Vec::new(),
-            received: Instant::now(),
-            body: Body::Event(e.clone()),
-        })
-        .collect()
-}
+mod common;
+use common::{catalog, events, records};
 
 fn bench(c: &mut Criterion) {
     let payload = br#"{"event_id":"e-1","user_id":"u1","movie_id":2,"type":"rate","value":4.5,"ts":1700000001000,"context":{"device":"tv","surface":"home","position":3}}"#;

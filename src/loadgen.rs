@@ -47,6 +47,11 @@ pub struct LoadgenArgs {
     /// for outputs.
     #[arg(long)]
     pub produce_only: bool,
+    /// Measure the broker's ceiling instead: a plain consumer in a fresh group
+    /// (the engine's consumer settings, records discarded) reads the
+    /// interactions topic from the beginning until it has seen --events records.
+    #[arg(long, conflicts_with = "produce_only")]
+    pub bare_consume: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -175,6 +180,9 @@ pub async fn run(args: LoadgenArgs) -> Result<()> {
         bail!("--events and --users must be at least 1");
     }
     let config = args.kafka.load()?;
+    if args.bare_consume {
+        return bare_consume(&args, &config).await;
+    }
     let catalog = crate::catalog::load(&args.catalog).context("--catalog")?;
     let ids = catalog.ids().to_vec();
     // Zipf over catalog order: cumulative weights, sampled by binary search.
@@ -303,6 +311,67 @@ pub async fn run(args: LoadgenArgs) -> Result<()> {
         latency_ms_p95: pct(0.95),
         latency_ms_p99: pct(0.99),
         latency_ms_max: pct(1.0),
+    };
+    println!("{}", serde_json::to_string(&report)?);
+    Ok(())
+}
+
+/// What `--bare-consume` prints.
+#[derive(Debug, Serialize)]
+pub struct BareConsumeReport {
+    pub records: usize,
+    /// From the assignment to the last record.
+    pub seconds: f64,
+    pub rate: f64,
+}
+
+/// The broker's consume ceiling for the engine's own client settings: every
+/// partition of the interactions topic assigned from the beginning (no group
+/// join to wait for), records counted and dropped.
+async fn bare_consume(args: &LoadgenArgs, config: &crate::config::Config) -> Result<()> {
+    let client = pipeline::consumer_config(config)
+        .set("group.id", "recstream-bare-consume")
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "false")
+        .clone();
+    let topic = config.topics.interactions.clone();
+    let (consumer, started) =
+        tokio::task::spawn_blocking(move || -> Result<(StreamConsumer, Instant)> {
+            let consumer: StreamConsumer = client.create()?;
+            let metadata = consumer.fetch_metadata(Some(&topic), Duration::from_secs(15))?;
+            let mut tpl = rdkafka::TopicPartitionList::new();
+            for t in metadata.topics().iter().filter(|t| t.name() == topic) {
+                for p in t.partitions() {
+                    tpl.add_partition_offset(&topic, p.id(), rdkafka::Offset::Beginning)?;
+                }
+            }
+            if tpl.count() == 0 {
+                bail!("topic {topic} not found");
+            }
+            consumer.assign(&tpl)?;
+            Ok((consumer, Instant::now()))
+        })
+        .await??;
+    let deadline = Duration::from_secs(args.timeout_secs);
+    let mut records = 0usize;
+    while records < args.events {
+        let message = tokio::time::timeout(deadline, consumer.recv())
+            .await
+            .with_context(|| {
+                format!(
+                    "only {records} of {} records after {} s",
+                    args.events, args.timeout_secs
+                )
+            })?;
+        if message.is_ok() {
+            records += 1;
+        }
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let report = BareConsumeReport {
+        records,
+        seconds,
+        rate: records as f64 / seconds,
     };
     println!("{}", serde_json::to_string(&report)?);
     Ok(())

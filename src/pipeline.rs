@@ -244,7 +244,7 @@ fn base_config(config: &Config, defaults: &[(&str, &str)]) -> ClientConfig {
 fn changelog_producer(config: &Config) -> Result<FutureProducer, KafkaError> {
     client_config(config)
         .set("acks", "all")
-        .set("linger.ms", "2")
+        .set("linger.ms", "0")
         .set("compression.type", "lz4")
         .set("max.in.flight.requests.per.connection", "1")
         .set("message.timeout.ms", "60000")
@@ -438,7 +438,7 @@ type Reply = std::sync::mpsc::Sender<Result<(), String>>;
 
 /// What the engine thread is asked to do.
 enum Work {
-    Batch(Vec<Record>),
+    Batch(Vec<Record>, InFlight),
     /// Serve these A/B variants from the next batch on.
     Variants(Arc<Variants>),
     Catalog(Vec<(u32, Option<CatalogRecord>)>),
@@ -477,10 +477,34 @@ enum Publish {
         offsets: Vec<(Arc<str>, i32, i64)>,
         received: Vec<Instant>,
         event_times: Vec<i64>,
+        in_flight: InFlight,
     },
     /// Answered once everything before it is acknowledged.
     Barrier(std::sync::mpsc::Sender<()>),
 }
+
+/// Counts a batch of records from its hand-off to the engine until the broker
+/// acknowledged everything it wrote. Dropped on every path, so it never leaks.
+pub(crate) struct InFlight(Arc<AtomicUsize>);
+
+impl InFlight {
+    fn new(counter: &Arc<AtomicUsize>) -> InFlight {
+        counter.fetch_add(1, Ordering::SeqCst);
+        InFlight(counter.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A record is handed to the engine at once while fewer batches than this are
+/// in flight; otherwise records gather into the next batch. Two keep the
+/// engine busy while the previous batch's changelog round trips run, and keep
+/// the queues behind the broker's acknowledgements short (freshness).
+const MAX_BATCHES_IN_FLIGHT: usize = 2;
 
 /// Bounded hand-off between stages: at most this many batches wait at each.
 const STAGE_QUEUE: usize = 2;
@@ -587,13 +611,12 @@ pub async fn run(
             config.topics.refresh.clone(),
         ],
     };
-    // Batches handed to the engine thread and not yet processed: while it is
-    // zero the engine is idle, so a record goes to it at once.
-    let batches_in_engine = Arc::new(AtomicUsize::new(0));
-    let engine_batches = batches_in_engine.clone();
+    // Batches handed to the engine thread and not yet acknowledged by the
+    // broker (see [`InFlight`]).
+    let batches_in_flight = Arc::new(AtomicUsize::new(0));
     let engine_thread = std::thread::Builder::new()
         .name("engine".into())
-        .spawn(move || engine_loop(engine, handover, work_rx, publish_tx, &engine_batches))
+        .spawn(move || engine_loop(engine, handover, work_rx, publish_tx))
         .expect("spawn engine thread");
     let publisher = tokio::spawn(publish_loop(
         Producers {
@@ -626,7 +649,7 @@ pub async fn run(
         &config,
         &consumer,
         &assignments,
-        &batches_in_engine,
+        &batches_in_flight,
         work_tx,
         shutdown,
         failure_signal,
@@ -708,7 +731,7 @@ async fn consume_loop(
     config: &Config,
     consumer: &StreamConsumer<EngineContext>,
     assignments: &std::sync::atomic::AtomicU64,
-    batches_in_engine: &AtomicUsize,
+    batches_in_flight: &Arc<AtomicUsize>,
     work_tx: mpsc::Sender<Work>,
     shutdown: impl Future<Output = ()>,
     handover_failed: impl Future<Output = String>,
@@ -734,11 +757,11 @@ async fn consume_loop(
                 break;
             }
             reason = &mut handover_failed => {
-                send_batch(&work_tx, &mut batch, batches_in_engine).await?;
+                send_batch(&work_tx, &mut batch, batches_in_flight).await?;
                 return Err(PipelineError::Handover(reason));
             }
             _ = tokio::time::sleep_until(flush_at), if batch_deadline.is_some() => {
-                send_batch(&work_tx, &mut batch, batches_in_engine).await?;
+                send_batch(&work_tx, &mut batch, batches_in_flight).await?;
                 batch_deadline = None;
             }
             message = consumer.recv() => {
@@ -778,28 +801,30 @@ async fn consume_loop(
                 if batch.len() == 1 {
                     batch_deadline = Some(tokio::time::Instant::now() + max_wait);
                 }
-                if batch.len() >= max_records || batches_in_engine.load(Ordering::SeqCst) == 0 {
-                    send_batch(&work_tx, &mut batch, batches_in_engine).await?;
+                if batch.len() >= max_records
+                    || batches_in_flight.load(Ordering::SeqCst) < MAX_BATCHES_IN_FLIGHT
+                {
+                    send_batch(&work_tx, &mut batch, batches_in_flight).await?;
                     batch_deadline = None;
                 }
             }
         }
     }
-    send_batch(&work_tx, &mut batch, batches_in_engine).await
+    send_batch(&work_tx, &mut batch, batches_in_flight).await
 }
 
 async fn send_batch(
     work_tx: &mpsc::Sender<Work>,
     batch: &mut Vec<Record>,
-    batches_in_engine: &AtomicUsize,
+    batches_in_flight: &Arc<AtomicUsize>,
 ) -> Result<(), PipelineError> {
     if batch.is_empty() {
         return Ok(());
     }
     let records = std::mem::take(batch);
-    batches_in_engine.fetch_add(1, Ordering::SeqCst);
+    let in_flight = InFlight::new(batches_in_flight);
     work_tx
-        .send(Work::Batch(records))
+        .send(Work::Batch(records, in_flight))
         .await
         .map_err(|_| PipelineError::EngineGone)
 }
@@ -891,7 +916,6 @@ fn engine_loop(
     handover: Handover,
     mut work_rx: mpsc::Receiver<Work>,
     publish_tx: mpsc::Sender<Publish>,
-    batches_in_engine: &AtomicUsize,
 ) -> Result<Engine, EngineError> {
     let mut stats_reported = Instant::now();
     while let Some(work) = work_rx.blocking_recv() {
@@ -936,11 +960,9 @@ fn engine_loop(
                 engine.set_owned(Some(BTreeSet::new()));
                 let _ = reply.send(Ok(()));
             }
-            Work::Batch(records) => {
+            Work::Batch(records, in_flight) => {
                 let received: Vec<Instant> = records.iter().map(|r| r.received).collect();
-                let result = engine.process(records);
-                batches_in_engine.fetch_sub(1, Ordering::SeqCst);
-                let result = result?;
+                let result = engine.process(records)?;
                 let msg = Publish::Batch {
                     outputs: result.outputs,
                     dead_letters: result.dead_letters,
@@ -948,6 +970,7 @@ fn engine_loop(
                     offsets: result.offsets,
                     received,
                     event_times: result.event_times,
+                    in_flight,
                 };
                 if publish_tx.blocking_send(msg).is_err() {
                     break;
@@ -999,6 +1022,12 @@ struct Producers {
     changelog: FutureProducer,
 }
 
+/// The publish stage, in two steps so that the next batch's outputs do not wait
+/// for this batch's changelog round trips: `send` enqueues a batch's outputs
+/// as soon as the engine hands it over (consumers see them one broker hop
+/// later), `confirm` then writes its changelog, waits for every
+/// acknowledgement and only then marks its offsets as processed. Both keep
+/// batch order; the queue between them is bounded like every other stage.
 async fn publish_loop(
     producers: Producers,
     consumer: Arc<StreamConsumer<EngineContext>>,
@@ -1006,57 +1035,118 @@ async fn publish_loop(
     topics: TopicNames,
     mut publish_rx: mpsc::Receiver<Publish>,
 ) -> Result<(), PipelineError> {
-    while let Some(msg) = publish_rx.recv().await {
-        match msg {
-            Publish::Barrier(done) => {
+    let (confirm_tx, confirm_rx) = mpsc::channel::<Confirm>(CONFIRM_QUEUE);
+    let send = async {
+        while let Some(msg) = publish_rx.recv().await {
+            let next = match msg {
+                Publish::Barrier(done) => Confirm::Barrier(done),
+                Publish::Outputs { outputs, changelog } => Confirm::Sent(SentBatch {
+                    outputs: send_outputs(&producers.outputs, &topics, &outputs, &[]).await?,
+                    changelog,
+                    offsets: Vec::new(),
+                    received: Vec::new(),
+                    event_times: Vec::new(),
+                    in_flight: None,
+                }),
+                Publish::Batch {
+                    outputs,
+                    dead_letters,
+                    changelog,
+                    offsets,
+                    received,
+                    event_times,
+                    in_flight,
+                } => Confirm::Sent(SentBatch {
+                    outputs: send_outputs(&producers.outputs, &topics, &outputs, &dead_letters)
+                        .await?,
+                    changelog,
+                    offsets,
+                    received,
+                    event_times,
+                    in_flight: Some(in_flight),
+                }),
+            };
+            if confirm_tx.send(next).await.is_err() {
+                break; // the confirmer failed; its error is the one reported
+            }
+        }
+        drop(confirm_tx);
+        Ok(())
+    };
+    let confirm = confirm_loop(&producers, &consumer, &store, &topics, confirm_rx);
+    futures::try_join!(send, confirm)?;
+    Ok(())
+}
+
+/// Batches whose outputs are sent and not yet confirmed: at most this many.
+const CONFIRM_QUEUE: usize = 4;
+
+/// What the publisher's confirming step is handed.
+enum Confirm {
+    Sent(SentBatch),
+    /// Answered once everything before it is acknowledged.
+    Barrier(std::sync::mpsc::Sender<()>),
+}
+
+/// A batch whose outputs are on their way to the broker.
+struct SentBatch {
+    outputs: SentOutputs,
+    changelog: Vec<changelog::Batch>,
+    /// Empty for outputs that carry no offsets (pages of a refresh of everyone).
+    offsets: Vec<(Arc<str>, i32, i64)>,
+    received: Vec<Instant>,
+    event_times: Vec<i64>,
+    /// Released once the batch is confirmed.
+    in_flight: Option<InFlight>,
+}
+
+/// Writes each batch's changelog (data, then marker: one batch at a time, so
+/// a restore never has more than one unfinished batch to roll back), waits
+/// for its outputs, then records its offsets as published.
+async fn confirm_loop(
+    producers: &Producers,
+    consumer: &StreamConsumer<EngineContext>,
+    store: &Store,
+    topics: &TopicNames,
+    mut confirm_rx: mpsc::Receiver<Confirm>,
+) -> Result<(), PipelineError> {
+    while let Some(msg) = confirm_rx.recv().await {
+        let batch = match msg {
+            Confirm::Barrier(done) => {
                 let _ = done.send(());
+                continue;
             }
-            Publish::Outputs { outputs, changelog } => {
-                let sent =
-                    publish_changelog(&producers.changelog, &topics.changelog, &changelog).await?;
-                publish_outputs(&producers.outputs, &topics, &outputs, &[]).await?;
-                let acked = await_changelog(&producers.changelog, &topics.changelog, sent).await?;
-                store.acknowledge(&acked, &[])?;
+            Confirm::Sent(batch) => batch,
+        };
+        let sent =
+            publish_changelog(&producers.changelog, &topics.changelog, &batch.changelog).await?;
+        let acked = await_changelog(&producers.changelog, &topics.changelog, sent).await?;
+        batch.outputs.confirm().await?;
+        // A few keys without fsync: microseconds, fine on the runtime.
+        let published: Vec<(String, i32, i64)> = batch
+            .offsets
+            .iter()
+            .map(|(t, p, o)| (t.to_string(), *p, *o))
+            .collect();
+        store.acknowledge(&acked, &published)?;
+        if !published.is_empty() {
+            publish_published_markers(&producers.changelog, &topics.changelog, store, &published);
+        }
+        for (topic, partition, next) in batch.offsets {
+            // Fails only for partitions revoked meanwhile; their new owner
+            // re-reads them and de-duplicates by event id.
+            if let Err(e) = consumer.store_offset(&topic, partition, next - 1) {
+                debug!(%e, %topic, partition, "offset not stored");
             }
-            Publish::Batch {
-                outputs,
-                dead_letters,
-                changelog,
-                offsets,
-                received,
-                event_times,
-            } => {
-                let sent =
-                    publish_changelog(&producers.changelog, &topics.changelog, &changelog).await?;
-                publish_outputs(&producers.outputs, &topics, &outputs, &dead_letters).await?;
-                let acked = await_changelog(&producers.changelog, &topics.changelog, sent).await?;
-                // A few keys without fsync: microseconds, fine on the runtime.
-                let published: Vec<(String, i32, i64)> = offsets
-                    .iter()
-                    .map(|(t, p, o)| (t.to_string(), *p, *o))
-                    .collect();
-                store.acknowledge(&acked, &published)?;
-                publish_published_markers(
-                    &producers.changelog,
-                    &topics.changelog,
-                    &store,
-                    &published,
-                );
-                for (topic, partition, next) in offsets {
-                    // Fails only for partitions revoked meanwhile; their new owner
-                    // re-reads them and de-duplicates by event id.
-                    if let Err(e) = consumer.store_offset(&topic, partition, next - 1) {
-                        debug!(%e, %topic, partition, "offset not stored");
-                    }
-                }
-                for r in received {
-                    metrics::processing_latency(r.elapsed().as_secs_f64());
-                }
-                let now_ms = wall_clock_ms();
-                for ts in event_times {
-                    metrics::event_to_publish_lag((now_ms - ts) as f64 / 1000.0);
-                }
-            }
+        }
+        // The consumer may now hand the engine more records.
+        drop(batch.in_flight);
+        for r in batch.received {
+            metrics::processing_latency(r.elapsed().as_secs_f64());
+        }
+        let now_ms = wall_clock_ms();
+        for ts in batch.event_times {
+            metrics::event_to_publish_lag((now_ms - ts) as f64 / 1000.0);
         }
     }
     Ok(())
@@ -1191,6 +1281,47 @@ pub async fn publish_outputs(
     outputs: &[(String, crate::output::UserOutputs)],
     dead_letters: &[DeadLetter],
 ) -> Result<(), PipelineError> {
+    send_outputs(producer, topics, outputs, dead_letters)
+        .await?
+        .confirm()
+        .await
+}
+
+/// Output records handed to the producer, with what to count once they land.
+pub struct SentOutputs {
+    pending: Vec<DeliveryFuture>,
+    /// Records per output kind: recommendations, carousels, insights.
+    counts: [u64; 3],
+    dead_letters: u64,
+}
+
+impl SentOutputs {
+    /// Waits until the broker acknowledged every record.
+    pub async fn confirm(self) -> Result<(), PipelineError> {
+        await_deliveries(self.pending)
+            .await
+            .map_err(PipelineError::Publish)?;
+        for (kind, n) in ["recommendations", "carousels", "insights"]
+            .iter()
+            .zip(self.counts)
+        {
+            metrics::output_published(kind, n);
+        }
+        if self.dead_letters > 0 {
+            metrics::output_published("dead_letters", self.dead_letters);
+        }
+        Ok(())
+    }
+}
+
+/// Enqueues every record of a batch (waiting only while the producer's queue
+/// is full); [`SentOutputs::confirm`] waits for the acknowledgements.
+pub async fn send_outputs(
+    producer: &FutureProducer,
+    topics: &TopicNames,
+    outputs: &[(String, crate::output::UserOutputs)],
+    dead_letters: &[DeadLetter],
+) -> Result<SentOutputs, PipelineError> {
     let mut pending = Vec::with_capacity(outputs.len() * 3 + dead_letters.len());
     let mut counts = [0u64; 3];
     for (user, out) in outputs {
@@ -1247,19 +1378,11 @@ pub async fn publish_outputs(
                 .map_err(PipelineError::Publish)?,
         );
     }
-    await_deliveries(pending)
-        .await
-        .map_err(PipelineError::Publish)?;
-    for (kind, n) in ["recommendations", "carousels", "insights"]
-        .iter()
-        .zip(counts)
-    {
-        metrics::output_published(kind, n);
-    }
-    if !dead_letters.is_empty() {
-        metrics::output_published("dead_letters", dead_letters.len() as u64);
-    }
-    Ok(())
+    Ok(SentOutputs {
+        pending,
+        counts,
+        dead_letters: dead_letters.len() as u64,
+    })
 }
 
 /// Enqueues one record, waiting while librdkafka's queue is full. The returned

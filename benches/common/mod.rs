@@ -1,0 +1,112 @@
+//! Synthetic catalog and event streams shared by the benches.
+
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use recstream::catalog::{Catalog, CatalogRecord};
+use recstream::engine::{Body, Record, SourcePos};
+use recstream::event::{EventType, Interaction};
+
+const GENRES: [&str; 18] = [
+    "Action",
+    "Adventure",
+    "Animation",
+    "Children",
+    "Comedy",
+    "Crime",
+    "Documentary",
+    "Drama",
+    "Fantasy",
+    "Film-Noir",
+    "Horror",
+    "Musical",
+    "Mystery",
+    "Romance",
+    "Sci-Fi",
+    "Thriller",
+    "War",
+    "Western",
+];
+
+pub fn catalog(n: u32) -> Catalog {
+    let mut c = Catalog::default();
+    for id in 1..=n {
+        let g = id as usize;
+        c.upsert(CatalogRecord {
+            movie_id: id,
+            title: format!("Movie {id}"),
+            genres: vec![GENRES[g % 18].into(), GENRES[(g * 7) % 18].into()],
+            year: Some(1950 + (id % 70) as u16),
+            tmdb_id: None,
+            imdb_id: None,
+            tags: vec![],
+        })
+        .unwrap();
+    }
+    c
+}
+
+/// A deterministic stream: Zipf-like item popularity, a realistic event mix.
+pub fn events(n: usize, users: u32, items: u32) -> Vec<Interaction> {
+    let mut rng = recstream::rng::Rng::new(42);
+    let mut next = move || rng.next_u64();
+    let kinds = [
+        EventType::View,
+        EventType::Click,
+        EventType::Play,
+        EventType::Play,
+        EventType::Complete,
+        EventType::Rate,
+        EventType::Like,
+        EventType::Skip,
+    ];
+    (0..n)
+        .map(|i| {
+            let r = (next() % 1_000_000) as f64 / 1_000_000.0;
+            let kind = kinds[(next() % kinds.len() as u64) as usize];
+            Interaction {
+                event_id: format!("e{i}"),
+                user_id: format!("u{}", next() % users as u64),
+                movie_id: 1 + ((r * r * r) * items as f64) as u32 % items,
+                kind,
+                value: match kind {
+                    EventType::Rate => Some(1.0 + (next() % 9) as f64 / 2.0),
+                    _ => None,
+                },
+                ts: 1_700_000_000_000 + i as i64 * 1000,
+                context: None,
+            }
+        })
+        .collect()
+}
+
+/// Offsets of the records handed out so far: they must keep growing, or the
+/// engine would take later batches for replays of applied records.
+static NEXT_OFFSET: AtomicI64 = AtomicI64::new(0);
+
+/// The events as records of partition 0 of topic `in`, at fresh offsets and
+/// with fresh event ids: a bench that hands out the same events twice
+/// measures new events, not duplicates the engine skips.
+pub fn records(events: &[Interaction]) -> Vec<Record> {
+    let topic: Arc<str> = Arc::from("in");
+    let first = NEXT_OFFSET.fetch_add(events.len() as i64, Ordering::Relaxed);
+    events
+        .iter()
+        .zip(first..)
+        .map(|(e, offset)| Record {
+            source: SourcePos {
+                topic: topic.clone(),
+                partition: 0,
+                offset,
+            },
+            key: None,
+            payload: Vec::new(),
+            received: Instant::now(),
+            body: Body::Event(Interaction {
+                event_id: format!("{}#{offset}", e.event_id),
+                ..e.clone()
+            }),
+        })
+        .collect()
+}
