@@ -26,7 +26,10 @@ fn bench(c: &mut Criterion) {
     g.finish();
 
     let items = 10_000;
-    let stream = events(20_000, 2_000, items);
+    // `cargo bench` passes --bench; `cargo test --benches` (criterion's smoke
+    // mode, a debug build) warms a smaller state.
+    let smoke = !std::env::args().any(|a| a == "--bench");
+    let stream = events(if smoke { 2_000 } else { 20_000 }, 2_000, items);
     let dir = tempfile::tempdir().unwrap();
     let mut engine = Engine::new(
         EngineConfig::default(),

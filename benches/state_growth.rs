@@ -26,8 +26,16 @@ const WORKLOAD_EVENTS: usize = 20_000;
 const BATCH: usize = 500;
 
 fn main() {
+    // `cargo bench` passes --bench; `cargo test --benches` runs a quick smoke
+    // pass instead, as criterion does.
+    let smoke = !std::env::args().any(|a| a == "--bench");
+    let default_users = if smoke {
+        "1000"
+    } else {
+        "10000,100000,1000000"
+    };
     let user_counts: Vec<usize> = std::env::var("USERS")
-        .unwrap_or_else(|_| "10000,100000,1000000".into())
+        .unwrap_or_else(|_| default_users.into())
         .split(',')
         .map(|n| {
             n.trim()
@@ -35,6 +43,7 @@ fn main() {
                 .expect("USERS: comma-separated user counts")
         })
         .collect();
+    let workload_events = if smoke { 1_000 } else { WORKLOAD_EVENTS };
 
     // Template states: what 2,000 users look like after 20,000 events.
     let warm_dir = tempfile::tempdir().unwrap();
@@ -44,7 +53,8 @@ fn main() {
         catalog(ITEMS),
     )
     .unwrap();
-    for chunk in events(20_000, 2_000, ITEMS).chunks(1000) {
+    let warm_events = if smoke { 2_000 } else { 20_000 };
+    for chunk in events(warm_events, 2_000, ITEMS).chunks(1000) {
         warm.process(records(chunk)).unwrap();
     }
     let templates: Vec<UserState> = warm
@@ -85,7 +95,7 @@ fn main() {
         let mut engine = Engine::new(EngineConfig::default(), store, catalog(ITEMS)).unwrap();
 
         // Later than the templates' history.
-        let mut workload = events(WORKLOAD_EVENTS, n as u32, ITEMS);
+        let mut workload = events(workload_events, n as u32, ITEMS);
         for e in &mut workload {
             e.ts += 30 * 86_400_000;
         }
@@ -93,7 +103,7 @@ fn main() {
         for chunk in workload.chunks(BATCH) {
             engine.process(records(chunk)).unwrap();
         }
-        let rate = WORKLOAD_EVENTS as f64 / started.elapsed().as_secs_f64();
+        let rate = workload_events as f64 / started.elapsed().as_secs_f64();
         engine.store().flush().unwrap();
         let sst = engine.store().stats().sst_bytes as f64;
         println!(
