@@ -437,10 +437,10 @@ impl Config {
         if !(f.l2.is_finite() && f.l2 >= 0.0) {
             return Err(invalid("model.fold_in.l2", "must be zero or positive"));
         }
-        if f.steps > 1000 || f.max_history > 1000 || f.negatives > 100 {
+        if f.steps > 1000 || f.warm_steps > 1000 || f.max_history > 1000 || f.negatives > 100 {
             return Err(invalid(
                 "model.fold_in",
-                "steps and max_history must be at most 1000, negatives at most 100",
+                "steps, warm_steps and max_history must be at most 1000, negatives at most 100",
             ));
         }
         if self.kafka.brokers.trim().is_empty() {

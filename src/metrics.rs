@@ -167,7 +167,7 @@ fn build() -> Metrics {
         .unwrap()),
         scorer_seconds: reg!(hist(
             "scorer_seconds",
-            "Model re-scoring time per user.",
+            "Recompute time per user of a variant with a model: candidates, NCF re-scoring, blend and rows (tract alone: ncf_inference_seconds).",
             latency_buckets.clone()
         )),
         inference_seconds: reg!(hist(

@@ -242,6 +242,22 @@ fn the_engine_folds_new_users_in_from_their_first_event() {
         score(&stored.latent) > score(&prior),
         "fold-in follows the user's taste"
     );
+
+    // Later updates start from the stored vector and take `warm_steps`.
+    let resting = NcfModel::load(
+        &run.files.onnx,
+        FoldInConfig {
+            warm_steps: 0,
+            ..FoldInConfig::default()
+        },
+    )
+    .unwrap();
+    let mut kept = stored.clone();
+    resting.fold_in_user(user, &mut kept);
+    assert_eq!(kept.latent, stored.latent, "0 warm steps keep the vector");
+    let mut moved = stored.clone();
+    model.fold_in_user(user, &mut moved);
+    assert_ne!(moved.latent, stored.latent, "warm steps refine it");
 }
 
 /// The serving form (one user, the item half of the first layer precomputed)

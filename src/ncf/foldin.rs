@@ -21,8 +21,12 @@ use super::model::{add_vec_mat, NcfWeights};
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct FoldInConfig {
-    /// Gradient steps per update (0 keeps the prior).
+    /// Gradient steps of a user's first fold-in, from the prior (0 keeps the prior).
     pub steps: usize,
+    /// Gradient steps of later updates, which start from the user's stored
+    /// vector: it already fits the earlier interactions, and one batch's new
+    /// events move it little (0 keeps it).
+    pub warm_steps: usize,
     pub learning_rate: f32,
     /// Pull towards the prior vector.
     pub l2: f32,
@@ -36,6 +40,7 @@ impl Default for FoldInConfig {
     fn default() -> Self {
         FoldInConfig {
             steps: 20,
+            warm_steps: 5,
             learning_rate: 0.5,
             l2: 0.05,
             negatives: 4,

@@ -407,11 +407,16 @@ impl NcfModel {
     /// The user's vector in this model's space: the folded-in one from the
     /// state when it belongs to this model, else the prior.
     pub fn user_vector<'a>(&'a self, user_id: &str, state: &'a UserState) -> &'a [f32] {
-        if state.latent_model == self.model_id && state.latent.len() == self.user_dim() {
+        if self.has_vector(state) {
             &state.latent
         } else {
             self.prior(user_id)
         }
+    }
+
+    /// Whether the state holds a vector folded in for this model.
+    fn has_vector(&self, state: &UserState) -> bool {
+        state.latent_model == self.model_id && state.latent.len() == self.user_dim()
     }
 
     /// The fold-in examples of a user: their recent interactions, plus sampled
@@ -508,14 +513,23 @@ impl NcfModel {
     pub fn fold_in_user(&self, user_id: &str, state: &mut UserState) {
         let examples = self.examples(user_id, state);
         let prior = self.prior(user_id);
+        let warm = self.has_vector(state);
         let start = self.user_vector(user_id, state).to_vec();
+        let config = FoldInConfig {
+            steps: if warm {
+                self.fold_in.warm_steps
+            } else {
+                self.fold_in.steps
+            },
+            ..self.fold_in
+        };
         let folded = foldin::fold_in(
             &self.weights,
             self.serving.as_ref().map(Serving::item_first_layer),
             prior,
             &start,
             &examples,
-            &self.fold_in,
+            &config,
         );
         state.latent = folded;
         state.latent_model = self.model_id;

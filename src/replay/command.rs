@@ -62,12 +62,24 @@ pub struct ReplayArgs {
 
 /// The engine settings the variants build on.
 fn base_config(args: &ReplayArgs) -> Result<EngineConfig> {
-    match &args.config {
-        Some(path) => Ok(crate::config::Config::from_file(path)
-            .with_context(|| format!("--config {}", path.display()))?
-            .engine),
-        None => Ok(EngineConfig::default()),
-    }
+    Ok(config_file(args)?.map(|c| c.engine).unwrap_or_default())
+}
+
+/// How the replay's models fold users in: `[model.fold_in]` of --config.
+fn fold_in_config(args: &ReplayArgs) -> Result<FoldInConfig> {
+    Ok(config_file(args)?
+        .map(|c| c.model.fold_in)
+        .unwrap_or_default())
+}
+
+fn config_file(args: &ReplayArgs) -> Result<Option<crate::config::Config>> {
+    args.config
+        .as_ref()
+        .map(|path| {
+            crate::config::Config::from_file(path)
+                .with_context(|| format!("--config {}", path.display()))
+        })
+        .transpose()
 }
 
 /// Published-protocol anchors of all-time popularity (issue text, ±0.003).
@@ -97,16 +109,20 @@ fn defaults_for(stream: &Stream, args: &ReplayArgs) -> (f64, f64) {
 }
 
 /// The stream's retraining interval and the replay settings from the flags.
-fn settings_for(stream: &Stream, args: &ReplayArgs, tail_from: Option<i64>) -> (f64, Settings) {
+fn settings_for(
+    stream: &Stream,
+    args: &ReplayArgs,
+    tail_from: Option<i64>,
+) -> Result<(f64, Settings)> {
     let (retrain_days, window_days) = defaults_for(stream, args);
     let settings = Settings {
         window_days,
         epochs: args.epochs,
         work_dir: args.work_dir.clone(),
-        fold_in: FoldInConfig::default(),
+        fold_in: fold_in_config(args)?,
         tail_from,
     };
-    (retrain_days, settings)
+    Ok((retrain_days, settings))
 }
 
 pub async fn run(args: &ReplayArgs) -> Result<()> {
@@ -175,7 +191,7 @@ fn sweep(args: &ReplayArgs) -> Result<()> {
         let stream = Stream::load(path, args.limit)
             .with_context(|| format!("loading {}", path.display()))?;
         let tail_from = stream.events[stream.events.len() * 9 / 10].ts_ms;
-        let (_, settings) = settings_for(&stream, args, Some(tail_from));
+        let (_, settings) = settings_for(&stream, args, Some(tail_from))?;
         streams.push((stream, settings));
     }
     std::fs::create_dir_all(&args.work_dir)
@@ -202,7 +218,7 @@ async fn through_broker(args: &ReplayArgs, brokers: &str) -> Result<()> {
     for path in &args.data {
         let stream = Stream::load(path, args.limit)
             .with_context(|| format!("loading {}", path.display()))?;
-        let (retrain_days, settings) = settings_for(&stream, args, None);
+        let (retrain_days, settings) = settings_for(&stream, args, None)?;
         std::fs::create_dir_all(&args.work_dir)
             .with_context(|| format!("creating {}", args.work_dir.display()))?;
         let mut models = Models::default();
@@ -233,7 +249,7 @@ fn dataset(path: &Path, args: &ReplayArgs) -> Result<DatasetReport> {
     if stream.events.is_empty() {
         bail!("{}: no ratings", path.display());
     }
-    let (retrain_days, settings) = settings_for(&stream, args, None);
+    let (retrain_days, settings) = settings_for(&stream, args, None)?;
     std::fs::create_dir_all(&args.work_dir)
         .with_context(|| format!("creating {}", args.work_dir.display()))?;
     let specs: Vec<VariantSpec> = standard_variants(&base_config(args)?, retrain_days)

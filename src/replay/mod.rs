@@ -309,6 +309,7 @@ impl ModelPlan {
         match self {
             ModelPlan::Frozen => FoldInConfig {
                 steps: 0,
+                warm_steps: 0,
                 ..settings.fold_in
             },
             _ => settings.fold_in,
