@@ -5,16 +5,13 @@ use std::hint::black_box;
 use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
-use recstream::config::EngineConfig;
-use recstream::engine::Engine;
 use recstream::event::decode_interaction;
-use recstream::store::Store;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod common;
-use common::{catalog, events, records};
+use common::{catalog, events, records, smoke_mode, warm_engine};
 
 fn bench(c: &mut Criterion) {
     let payload = br#"{"event_id":"e-1","user_id":"u1","movie_id":2,"type":"rate","value":4.5,"ts":1700000001000,"context":{"device":"tv","surface":"home","position":3}}"#;
@@ -26,21 +23,10 @@ fn bench(c: &mut Criterion) {
     g.finish();
 
     let items = 10_000;
-    // `cargo bench` passes --bench; `cargo test --benches` (criterion's smoke
-    // mode, a debug build) warms a smaller state.
-    let smoke = !std::env::args().any(|a| a == "--bench");
-    let stream = events(if smoke { 2_000 } else { 20_000 }, 2_000, items);
-    let dir = tempfile::tempdir().unwrap();
-    let mut engine = Engine::new(
-        EngineConfig::default(),
-        Store::open(dir.path(), 64).unwrap(),
-        catalog(items),
-    )
-    .unwrap();
     // Warm state: every user has history.
-    for chunk in stream.chunks(1000) {
-        engine.process(records(chunk)).unwrap();
-    }
+    let warm_events = if smoke_mode() { 2_000 } else { 20_000 };
+    let dir = tempfile::tempdir().unwrap();
+    let mut engine = warm_engine(dir.path(), warm_events, 2_000, items);
 
     // State size: what one user costs in RocksDB (before compression).
     let users = engine.store().users_page(0, None, usize::MAX).unwrap();

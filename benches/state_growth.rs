@@ -19,16 +19,14 @@ use recstream::store::{Changes, Store};
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod common;
-use common::{catalog, events, records};
+use common::{catalog, events, records, smoke_mode, warm_engine};
 
 const ITEMS: u32 = 10_000;
 const WORKLOAD_EVENTS: usize = 20_000;
 const BATCH: usize = 500;
 
 fn main() {
-    // `cargo bench` passes --bench; `cargo test --benches` runs a quick smoke
-    // pass instead, as criterion does.
-    let smoke = !std::env::args().any(|a| a == "--bench");
+    let smoke = smoke_mode();
     let default_users = if smoke {
         "1000"
     } else {
@@ -47,16 +45,8 @@ fn main() {
 
     // Template states: what 2,000 users look like after 20,000 events.
     let warm_dir = tempfile::tempdir().unwrap();
-    let mut warm = Engine::new(
-        EngineConfig::default(),
-        Store::open(warm_dir.path(), 64).unwrap(),
-        catalog(ITEMS),
-    )
-    .unwrap();
     let warm_events = if smoke { 2_000 } else { 20_000 };
-    for chunk in events(warm_events, 2_000, ITEMS).chunks(1000) {
-        warm.process(records(chunk)).unwrap();
-    }
+    let warm = warm_engine(warm_dir.path(), warm_events, 2_000, ITEMS);
     let templates: Vec<UserState> = warm
         .store()
         .users_page(0, None, usize::MAX)

@@ -210,26 +210,11 @@ pub async fn run(args: LoadgenArgs) -> Result<()> {
         .set("group.id", "recstream-loadgen")
         .set("enable.auto.commit", "false")
         .clone();
-    let topic = config.topics.recommendations.clone();
-    let consumer: StreamConsumer =
-        tokio::task::spawn_blocking(move || -> Result<StreamConsumer> {
-            let consumer: StreamConsumer = client.create()?;
-            let metadata = consumer.fetch_metadata(Some(&topic), Duration::from_secs(15))?;
-            let mut tpl = rdkafka::TopicPartitionList::new();
-            for t in metadata.topics().iter().filter(|t| t.name() == topic) {
-                for p in t.partitions() {
-                    let (_, high) =
-                        consumer.fetch_watermarks(&topic, p.id(), Duration::from_secs(15))?;
-                    tpl.add_partition_offset(&topic, p.id(), rdkafka::Offset::Offset(high))?;
-                }
-            }
-            if tpl.count() == 0 {
-                bail!("topic {topic} not found");
-            }
-            consumer.assign(&tpl)?;
-            Ok(consumer)
-        })
-        .await??;
+    let consumer = assign_whole_topic(client, config.topics.recommendations.clone(), |c, t, p| {
+        let (_, high) = c.fetch_watermarks(t, p, Duration::from_secs(15))?;
+        Ok(rdkafka::Offset::Offset(high))
+    })
+    .await?;
 
     // Outputs are timestamped as they arrive, concurrently with producing.
     let (seen_tx, mut seen_rx) =
@@ -316,6 +301,32 @@ pub async fn run(args: LoadgenArgs) -> Result<()> {
     Ok(())
 }
 
+/// A consumer assigned every partition of `topic` (no group join), each from
+/// the offset `start(consumer, topic, partition)` picks. Blocking client
+/// calls, so off the runtime.
+async fn assign_whole_topic(
+    client: rdkafka::ClientConfig,
+    topic: String,
+    start: impl Fn(&StreamConsumer, &str, i32) -> Result<rdkafka::Offset> + Send + 'static,
+) -> Result<StreamConsumer> {
+    tokio::task::spawn_blocking(move || {
+        let consumer: StreamConsumer = client.create()?;
+        let metadata = consumer.fetch_metadata(Some(&topic), Duration::from_secs(15))?;
+        let mut tpl = rdkafka::TopicPartitionList::new();
+        for t in metadata.topics().iter().filter(|t| t.name() == topic) {
+            for p in t.partitions() {
+                tpl.add_partition_offset(&topic, p.id(), start(&consumer, &topic, p.id())?)?;
+            }
+        }
+        if tpl.count() == 0 {
+            bail!("topic {topic} not found");
+        }
+        consumer.assign(&tpl)?;
+        Ok(consumer)
+    })
+    .await?
+}
+
 /// What `--bare-consume` prints.
 #[derive(Debug, Serialize)]
 pub struct BareConsumeReport {
@@ -334,24 +345,11 @@ async fn bare_consume(args: &LoadgenArgs, config: &crate::config::Config) -> Res
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "false")
         .clone();
-    let topic = config.topics.interactions.clone();
-    let (consumer, started) =
-        tokio::task::spawn_blocking(move || -> Result<(StreamConsumer, Instant)> {
-            let consumer: StreamConsumer = client.create()?;
-            let metadata = consumer.fetch_metadata(Some(&topic), Duration::from_secs(15))?;
-            let mut tpl = rdkafka::TopicPartitionList::new();
-            for t in metadata.topics().iter().filter(|t| t.name() == topic) {
-                for p in t.partitions() {
-                    tpl.add_partition_offset(&topic, p.id(), rdkafka::Offset::Beginning)?;
-                }
-            }
-            if tpl.count() == 0 {
-                bail!("topic {topic} not found");
-            }
-            consumer.assign(&tpl)?;
-            Ok((consumer, Instant::now()))
-        })
-        .await??;
+    let consumer = assign_whole_topic(client, config.topics.interactions.clone(), |_, _, _| {
+        Ok(rdkafka::Offset::Beginning)
+    })
+    .await?;
+    let started = Instant::now();
     let deadline = Duration::from_secs(args.timeout_secs);
     let mut records = 0usize;
     while records < args.events {

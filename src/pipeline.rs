@@ -723,10 +723,11 @@ async fn input_partition_count(config: &Config) -> Result<u32, PipelineError> {
 
 /// One `select!` over incoming records, the batch timer and shutdown.
 ///
-/// Micro-batches form only while the engine is busy: a record that finds it
-/// idle is sent at once (no batching delay at light load); otherwise records
-/// gather until the engine is free again, the batch is full, or
-/// `batch_max_wait_ms` has passed since its first record.
+/// Micro-batches form only while the pipeline is busy: a record that finds
+/// fewer than [`MAX_BATCHES_IN_FLIGHT`] batches unconfirmed is sent at once (no
+/// batching delay at light load); otherwise records gather until the next
+/// record finds room, the batch is full, or `batch_max_wait_ms` has passed
+/// since its first record.
 async fn consume_loop(
     config: &Config,
     consumer: &StreamConsumer<EngineContext>,
@@ -1078,7 +1079,7 @@ async fn publish_loop(
     Ok(())
 }
 
-/// Batches whose outputs are sent and not yet confirmed: at most this many.
+/// Bounded queue of batches whose outputs are sent, waiting to be confirmed.
 const CONFIRM_QUEUE: usize = 4;
 
 /// What the publisher's confirming step is handed.

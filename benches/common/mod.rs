@@ -5,8 +5,31 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use recstream::catalog::{Catalog, CatalogRecord};
-use recstream::engine::{Body, Record, SourcePos};
+use recstream::config::EngineConfig;
+use recstream::engine::{Body, Engine, Record, SourcePos};
 use recstream::event::{EventType, Interaction};
+use recstream::store::Store;
+
+/// `cargo bench` passes --bench; `cargo test --benches` runs the benches once
+/// in a debug build (criterion's smoke mode), so they use smaller inputs.
+pub fn smoke_mode() -> bool {
+    !std::env::args().any(|a| a == "--bench")
+}
+
+/// An engine over `items` catalog movies whose state in `dir` is warmed by
+/// `events` events of `users` users, so every user has history.
+pub fn warm_engine(dir: &std::path::Path, events_n: usize, users: u32, items: u32) -> Engine {
+    let mut engine = Engine::new(
+        EngineConfig::default(),
+        Store::open(dir, 64).unwrap(),
+        catalog(items),
+    )
+    .unwrap();
+    for chunk in events(events_n, users, items).chunks(1000) {
+        engine.process(records(chunk)).unwrap();
+    }
+    engine
+}
 
 const GENRES: [&str; 18] = [
     "Action",
