@@ -294,6 +294,18 @@ pub struct TrainArgs {
     pub hidden: Option<Vec<usize>>,
     #[arg(long)]
     pub residual: bool,
+    /// Train this many members (seeds seed, seed+1, …) and serve them as one merged NeuMF.
+    #[arg(long)]
+    pub ensemble: Option<usize>,
+    /// Merge each member's this many best epochs (by validation) into it.
+    #[arg(long)]
+    pub snapshots: Option<usize>,
+    /// SVD++-style history: users' vectors add a learned sum over the items they interacted with.
+    #[arg(long)]
+    pub history: bool,
+    /// The same for items: a learned sum over the users who interacted with each item.
+    #[arg(long)]
+    pub item_history: bool,
     #[arg(long)]
     pub batch_norm: bool,
     #[arg(long)]
@@ -352,12 +364,16 @@ impl TrainArgs {
             negatives,
             patience,
             validation_fraction,
-            seed
+            seed,
+            ensemble,
+            snapshots
         );
         if let Some(lr) = self.lr {
             c.learning_rate = lr;
         }
         c.residual |= self.residual;
+        c.history |= self.history;
+        c.item_history |= self.item_history;
         c.batch_norm |= self.batch_norm;
         c
     }

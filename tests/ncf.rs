@@ -31,6 +31,8 @@ fn small_config(objective: Objective) -> TrainConfig {
     c.hidden = vec![16, 16, 8];
     c.epochs = 3;
     c.patience = 10;
+    c.ensemble = 1;
+    c.snapshots = 1;
     c
 }
 
@@ -53,7 +55,8 @@ fn train(
 
 /// tract's output equals the trainer's own forward pass (candle, inference
 /// mode) and the plain-Rust forward within 1e-4, with every architecture
-/// extra switched on (BatchNorm folded on export).
+/// extra switched on (BatchNorm folded on export, user and item histories
+/// baked into the exported vectors).
 #[test]
 fn tract_matches_the_trainer_within_1e_4() {
     let catalog = demo_catalog();
@@ -64,6 +67,8 @@ fn tract_matches_the_trainer_within_1e_4() {
         config.residual = true;
         config.batch_norm = true;
         config.dropout = 0.1;
+        config.history = true;
+        config.item_history = true;
         let mut run = train(objective, config, dir.path(), &data);
         // Export the model exactly as training left it, and serve that.
         let (weights, users) = run.trainer.export().unwrap();

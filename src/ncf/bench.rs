@@ -50,8 +50,27 @@ pub struct EvalArgs {
     /// Override the epochs of every training run (quick checks).
     #[arg(long)]
     pub epochs: Option<usize>,
+    /// Which protocols to run (quick checks run one).
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "explicit,implicit,cold-start"
+    )]
+    pub protocols: Vec<Protocol>,
+    /// An engine config file: its `[model.fold_in]` settings fold in the
+    /// cold-start users (default: the engine's defaults).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
     #[arg(long)]
     pub quiet: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Protocol {
+    Explicit,
+    Implicit,
+    ColdStart,
 }
 
 fn load(path: &Path) -> Result<Vec<RawInteraction>> {
@@ -165,7 +184,14 @@ fn cold_start(
         out: args.work_dir.join("models/coldstart-implicit"),
         progress: !args.quiet,
     })?;
-    let model = &run.model;
+    let mut model = run.model;
+    if let Some(path) = &args.config {
+        model.fold_in = crate::config::Config::from_file(path)
+            .with_context(|| format!("--config {}", path.display()))?
+            .model
+            .fold_in;
+    }
+    let model = &model;
     let engine = EngineConfig::default();
     let mut popularity = vec![0.0f32; run.dataset.n_items()];
     for r in &run.train_rows {
@@ -290,7 +316,12 @@ pub fn run(args: &EvalArgs) -> Result<()> {
     // Explicit: u1–u5.
     let mut explicit_runs = Vec::new();
     let mut folds_spec = Vec::new();
-    for k in &args.folds {
+    let folds: &[u8] = if args.protocols.contains(&Protocol::Explicit) {
+        &args.folds
+    } else {
+        &[]
+    };
+    for k in folds {
         let base = ml100k.join(format!("u{k}.base"));
         let test = ml100k.join(format!("u{k}.test"));
         let (train_raw, test_raw) = (load(&base)?, load(&test)?);
@@ -325,7 +356,13 @@ pub fn run(args: &EvalArgs) -> Result<()> {
     // ML-100K's interactions also feed the cold-start protocol below.
     let ml100k_all = load(&ml100k.join("u.data"))?;
     let small_all = load(&small.join("ratings.csv"))?;
-    for (name, raw) in [("ml-100k", &ml100k_all), ("ml-latest-small", &small_all)] {
+    let implicit_data: &[(&str, &Vec<RawInteraction>)] =
+        if args.protocols.contains(&Protocol::Implicit) {
+            &[("ml-100k", &ml100k_all), ("ml-latest-small", &small_all)]
+        } else {
+            &[]
+        };
+    for &(name, raw) in implicit_data {
         let run = eval::run(RunInput {
             config: config(Objective::Implicit, args),
             train: raw,
@@ -342,7 +379,11 @@ pub fn run(args: &EvalArgs) -> Result<()> {
 
     // Cold start.
     let catalog = catalog::load(&ml100k.join("u.item"))?;
-    let cold = cold_start(args, &ml100k_all, &catalog, 5)?;
+    let cold = if args.protocols.contains(&Protocol::ColdStart) {
+        Some(cold_start(args, &ml100k_all, &catalog, 5)?)
+    } else {
+        None
+    };
 
     // Peers, on the files written above.
     let peers: Value = if args.no_peers {
@@ -363,7 +404,7 @@ pub fn run(args: &EvalArgs) -> Result<()> {
         args,
         &explicit_runs,
         &implicit_runs,
-        &cold,
+        cold.as_ref(),
         &peers,
         started.elapsed().as_secs_f64(),
     );
@@ -379,7 +420,7 @@ fn render(
     args: &EvalArgs,
     explicit: &[(String, eval::RunReport, (f64, f64))],
     implicit: &[(&str, eval::RunReport, (f64, f64), usize)],
-    cold: &ColdStart,
+    cold: Option<&ColdStart>,
     peers: &Value,
     seconds: f64,
 ) -> String {
@@ -453,52 +494,56 @@ fn render(
              GLocal-K RMSE 0.8889 on u1. Target: mean RMSE ≤ 0.89.\n"
         );
     }
-    let _ = writeln!(
-        s,
-        "## Implicit: leave-one-out, 99 sampled negatives (HR@10 / NDCG@10, higher is better)\n"
-    );
-    let _ = writeln!(
-        s,
-        "| data | users | NeuMF (ours) | popularity | implicit ALS | implicit BPR |"
-    );
-    let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|");
-    for (name, r, base, users) in implicit {
-        let p = |algo: &str, m: &str| peer(peers, "implicit", algo, name, m);
+    if !implicit.is_empty() {
         let _ = writeln!(
             s,
-            "| {name} | {users} | **{} / {}** | {} / {} | {} / {} | {} / {} |",
-            cell(metric(r, "hr@10")),
-            cell(metric(r, "ndcg@10")),
-            cell(Some(base.0)),
-            cell(Some(base.1)),
-            cell(p("implicit_als", "hr@10")),
-            cell(p("implicit_als", "ndcg@10")),
-            cell(p("implicit_bpr", "hr@10")),
-            cell(p("implicit_bpr", "ndcg@10")),
+            "## Implicit: leave-one-out, 99 sampled negatives (HR@10 / NDCG@10, higher is better)\n"
+        );
+        let _ = writeln!(
+            s,
+            "| data | users | NeuMF (ours) | popularity | implicit ALS | implicit BPR |"
+        );
+        let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|");
+        for (name, r, base, users) in implicit {
+            let p = |algo: &str, m: &str| peer(peers, "implicit", algo, name, m);
+            let _ = writeln!(
+                s,
+                "| {name} | {users} | **{} / {}** | {} / {} | {} / {} | {} / {} |",
+                cell(metric(r, "hr@10")),
+                cell(metric(r, "ndcg@10")),
+                cell(Some(base.0)),
+                cell(Some(base.1)),
+                cell(p("implicit_als", "hr@10")),
+                cell(p("implicit_als", "ndcg@10")),
+                cell(p("implicit_bpr", "hr@10")),
+                cell(p("implicit_bpr", "ndcg@10")),
+            );
+        }
+        let _ = writeln!(
+            s,
+            "\nTies count against the held-out item. Negatives are distinct items the user never interacted with.\n"
         );
     }
-    let _ = writeln!(
-        s,
-        "\nTies count against the held-out item. Negatives are distinct items the user never interacted with.\n"
-    );
-    let _ = writeln!(s, "## Cold start: ML-100K, 10 % of users never trained on, folded in from their first 5 interactions\n");
-    let _ = writeln!(
-        s,
-        "{} cold users, {} ranking cases (each later interaction against 99 unseen items).\n",
-        cold.users, cold.cases
-    );
-    let _ = writeln!(s, "| scorer | HR@10 | NDCG@10 |");
-    let _ = writeln!(s, "|---|---:|---:|");
-    for (name, (hr, ndcg)) in [
-        ("NeuMF, user vector folded in (ours)", cold.folded),
-        ("NeuMF, mean-user prior only (no fold-in)", cold.prior_only),
-        ("popularity", cold.popularity),
-        (
-            "genre affinity (engine state from the 5 events)",
-            cold.genre_affinity,
-        ),
-    ] {
-        let _ = writeln!(s, "| {name} | {hr:.4} | {ndcg:.4} |");
+    if let Some(cold) = cold {
+        let _ = writeln!(s, "## Cold start: ML-100K, 10 % of users never trained on, folded in from their first 5 interactions\n");
+        let _ = writeln!(
+            s,
+            "{} cold users, {} ranking cases (each later interaction against 99 unseen items).\n",
+            cold.users, cold.cases
+        );
+        let _ = writeln!(s, "| scorer | HR@10 | NDCG@10 |");
+        let _ = writeln!(s, "|---|---:|---:|");
+        for (name, (hr, ndcg)) in [
+            ("NeuMF, user vector folded in (ours)", cold.folded),
+            ("NeuMF, mean-user prior only (no fold-in)", cold.prior_only),
+            ("popularity", cold.popularity),
+            (
+                "genre affinity (engine state from the 5 events)",
+                cold.genre_affinity,
+            ),
+        ] {
+            let _ = writeln!(s, "| {name} | {hr:.4} | {ndcg:.4} |");
+        }
     }
     let _ = writeln!(s, "\n## Training runs\n");
     let _ = writeln!(

@@ -57,6 +57,11 @@ pub struct ModelCard {
     /// than [`PARITY_TOLERANCE`] (a broken export, or files of two models).
     #[serde(default)]
     pub checks: Vec<ParityCheck>,
+    /// The vector users the model never saw start from (and are pulled
+    /// towards by fold-in), `user_vector.dim` values. Absent: the mean of the
+    /// trained user vectors.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub new_user_prior: Option<Vec<f32>>,
 }
 
 /// Largest accepted difference between a card's reference score and tract's.

@@ -8,8 +8,8 @@ use serde_json::json;
 
 use super::card::{ModelCard, ModelFiles, ParityCheck, UserVectorLayout, CARD_FORMAT};
 use super::data::{self, Dataset, RankingCase, RawInteraction, Row};
-use super::foldin::FoldInConfig;
-use super::model::Objective;
+use super::foldin::{Example, FoldInConfig};
+use super::model::{NcfWeights, Objective};
 use super::serve::{ModelError, NcfModel};
 use super::train::{self, EpochReport, TrainConfig, TrainError, Validation};
 use crate::fnv::Fnv;
@@ -27,6 +27,8 @@ pub enum EvalError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("cannot merge the ensemble: {0}")]
+    Ensemble(String),
     #[error("{0}")]
     Other(String),
 }
@@ -138,7 +140,7 @@ pub fn run(input: RunInput) -> Result<Run, EvalError> {
         }
     };
     let started = std::time::Instant::now();
-    let trained = train::train(
+    let mut trained = train::train(
         &config,
         n_users,
         n_items,
@@ -146,6 +148,27 @@ pub fn run(input: RunInput) -> Result<Run, EvalError> {
         &validation,
         input.progress,
     )?;
+    if config.ensemble > 1 {
+        let mut members = vec![(trained.weights.clone(), trained.user_vectors.clone())];
+        for j in 1..config.ensemble {
+            let member_config = TrainConfig {
+                seed: config.seed + j as u64,
+                ..config.clone()
+            };
+            let m = train::train(
+                &member_config,
+                n_users,
+                n_items,
+                &train_rows,
+                &validation,
+                input.progress,
+            )?;
+            members.push((m.weights, m.user_vectors));
+        }
+        let (weights, users) = NcfWeights::ensemble(&members).map_err(EvalError::Ensemble)?;
+        trained.weights = weights;
+        trained.user_vectors = users;
+    }
     let train_seconds = started.elapsed().as_secs_f64();
     let hash = data_hash(&train_rows, &dataset);
     let mut version_hash = Fnv::default();
@@ -172,6 +195,7 @@ pub fn run(input: RunInput) -> Result<Run, EvalError> {
         .flat_map(|v| v.to_le_bytes())
         .collect();
     write(&files.users, &users_bytes)?;
+    let new_user_prior = population_prior(w, &trained.user_vectors, &train_rows, seed);
     let (inputs, outputs) = ModelCard::io_specs(d);
     let rating_scale = (config.objective == Objective::Explicit).then(|| {
         let lo = train_rows
@@ -215,6 +239,7 @@ pub fn run(input: RunInput) -> Result<Run, EvalError> {
                 ),
             })
             .collect(),
+        new_user_prior: Some(new_user_prior),
     };
     card.metrics.insert(
         format!("validation_{}", trained.validation_metric),
@@ -311,6 +336,71 @@ pub fn run(input: RunInput) -> Result<Run, EvalError> {
         trainer: trained.model,
         files,
     })
+}
+
+/// Training rows fitted as one anonymous user's history.
+const PRIOR_SAMPLE: usize = 4000;
+
+/// The vector for users the model never saw, written to the card. It is the
+/// whole population fitted as one user: fold-in from the mean trained vector
+/// on a uniform sample of training rows (so items weigh by popularity), with
+/// uniform negatives for implicit models. A nonlinear model does not map the
+/// mean of its user vectors to the average taste; this prior does score a
+/// newcomer like the crowd, and fold-in moves them away from it from their
+/// first event.
+pub fn population_prior(weights: &NcfWeights, users: &[f32], rows: &[Row], seed: u64) -> Vec<f32> {
+    let d = weights.user_dim();
+    let n = (users.len() / d).max(1) as f32;
+    let mut mean = vec![0.0f32; d];
+    for row in users.chunks_exact(d) {
+        for (m, v) in mean.iter_mut().zip(row) {
+            *m += v / n;
+        }
+    }
+    if rows.is_empty() {
+        return mean;
+    }
+    let mut rng = crate::rng::Rng::new(seed ^ 0x9a1);
+    let mut pick = |n: usize| ((rng.unit() * n as f64) as usize).min(n - 1);
+    let config = FoldInConfig {
+        steps: 100,
+        l2: 0.0,
+        ..FoldInConfig::default()
+    };
+    let mut examples = Vec::new();
+    for _ in 0..PRIOR_SAMPLE.min(rows.len()) {
+        let row = &rows[pick(rows.len())];
+        match weights.objective {
+            Objective::Explicit => examples.push(Example {
+                item: row.item as usize,
+                target: row.rating,
+                weight: 1.0,
+            }),
+            Objective::Implicit => {
+                examples.push(Example {
+                    item: row.item as usize,
+                    target: 1.0,
+                    weight: 1.0,
+                });
+                for _ in 0..config.negatives {
+                    examples.push(Example {
+                        item: pick(weights.n_items),
+                        target: 0.0,
+                        weight: 1.0,
+                    });
+                }
+            }
+        }
+    }
+    let first_layer = weights.item_first_layer();
+    super::foldin::fold_in(
+        weights,
+        first_layer.as_deref(),
+        &mean,
+        &mean,
+        &examples,
+        &config,
+    )
 }
 
 /// Scores dense (user index, item index) pairs with the served model.

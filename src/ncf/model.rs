@@ -125,6 +125,134 @@ impl NcfWeights {
         Ok(())
     }
 
+    /// One NeuMF whose logit is the mean of the members' logits: the members'
+    /// embeddings side by side, their towers block-diagonal, their output
+    /// weights, biases and user biases averaged. The serving contract stays
+    /// the same, so an ensemble is exported, checked and served like any
+    /// model. `users[k]` are member k's user vectors, row-major, one row per
+    /// user in the same order for every member. Members must share their
+    /// objective, dimensions, layer widths and item count.
+    pub fn ensemble(members: &[(NcfWeights, Vec<f32>)]) -> Result<(NcfWeights, Vec<f32>), String> {
+        let (first, first_users) = members.first().ok_or("no members")?;
+        let k = members.len();
+        let (g, m, n_items) = (first.gmf_dim, first.mlp_dim, first.n_items);
+        let widths: Vec<(usize, bool)> = first.layers.iter().map(|l| (l.out, l.residual)).collect();
+        let n_users = first_users.len() / first.user_dim();
+        for (w, u) in members {
+            let same = w.objective == first.objective
+                && (w.gmf_dim, w.mlp_dim, w.n_items) == (g, m, n_items)
+                && w.global_mean == first.global_mean
+                && w.layers
+                    .iter()
+                    .map(|l| (l.out, l.residual))
+                    .eq(widths.iter().copied())
+                && u.len() == first_users.len();
+            if !same {
+                return Err("ensemble members differ in shape".into());
+            }
+        }
+        let share = 1.0 / k as f32;
+        // Where member j's tower value o sits in the merged tower, per level.
+        // Level 0 is [user mlp (all members) | item mlp (all members)]; a
+        // residual layer keeps its input's order so the skip adds like to like.
+        let mut place: Vec<Vec<usize>> = (0..k)
+            .map(|j| {
+                (0..2 * m)
+                    .map(|o| {
+                        if o < m {
+                            j * m + o
+                        } else {
+                            k * m + j * m + (o - m)
+                        }
+                    })
+                    .collect()
+            })
+            .collect();
+        let mut layers = Vec::with_capacity(widths.len());
+        let mut inp = 2 * m * k;
+        for (level, &(width, residual)) in widths.iter().enumerate() {
+            let out = width * k;
+            let next: Vec<Vec<usize>> = (0..k)
+                .map(|j| {
+                    if residual {
+                        place[j].clone()
+                    } else {
+                        (0..width).map(|o| j * width + o).collect()
+                    }
+                })
+                .collect();
+            let mut w = vec![0.0f32; inp * out];
+            let mut b = vec![0.0f32; out];
+            for (j, (member, _)) in members.iter().enumerate() {
+                let l = &member.layers[level];
+                for a in 0..l.inp {
+                    for o in 0..l.out {
+                        w[place[j][a] * out + next[j][o]] = l.w[a * l.out + o];
+                    }
+                }
+                for o in 0..l.out {
+                    b[next[j][o]] = l.b[o];
+                }
+            }
+            layers.push(Dense {
+                inp,
+                out,
+                w,
+                b,
+                residual,
+            });
+            place = next;
+            inp = out;
+        }
+        let tower = inp;
+        let mut out_w = vec![0.0f32; g * k + tower];
+        let mut item_gmf = vec![0.0f32; n_items * g * k];
+        let mut item_mlp = vec![0.0f32; n_items * m * k];
+        let mut item_bias = vec![0.0f32; n_items];
+        let mut out_b = 0.0;
+        for (j, (member, _)) in members.iter().enumerate() {
+            for o in 0..g {
+                out_w[j * g + o] = member.out_w[o] * share;
+            }
+            for (o, &at) in place[j].iter().enumerate() {
+                out_w[g * k + at] = member.out_w[g + o] * share;
+            }
+            for i in 0..n_items {
+                item_gmf[i * g * k + j * g..i * g * k + (j + 1) * g]
+                    .copy_from_slice(&member.item_gmf[i * g..(i + 1) * g]);
+                item_mlp[i * m * k + j * m..i * m * k + (j + 1) * m]
+                    .copy_from_slice(&member.item_mlp[i * m..(i + 1) * m]);
+                item_bias[i] += member.item_bias[i] * share;
+            }
+            out_b += member.out_b * share;
+        }
+        let merged = NcfWeights {
+            objective: first.objective,
+            gmf_dim: g * k,
+            mlp_dim: m * k,
+            n_items,
+            item_gmf,
+            item_mlp,
+            item_bias,
+            layers,
+            out_w,
+            out_b,
+            global_mean: first.global_mean,
+        };
+        let (d, dk) = (first.user_dim(), merged.user_dim());
+        let mut users = vec![0.0f32; n_users * dk];
+        for (j, (_, member_users)) in members.iter().enumerate() {
+            for u in 0..n_users {
+                let src = &member_users[u * d..(u + 1) * d];
+                let dst = &mut users[u * dk..(u + 1) * dk];
+                dst[j * g..(j + 1) * g].copy_from_slice(&src[..g]);
+                dst[g * k + j * m..g * k + (j + 1) * m].copy_from_slice(&src[g..g + m]);
+                dst[dk - 1] += src[g + m] * share;
+            }
+        }
+        Ok((merged, users))
+    }
+
     /// The item half of the first MLP layer for every item,
     /// `item_mlp[i] · W₁[item rows] + b₁`, row-major `[n_items][h₁]`: with it
     /// a pair's first layer is the user's half plus a row. `None` without
@@ -293,6 +421,38 @@ pub(crate) mod tests {
             } else {
                 0.0
             },
+        }
+    }
+
+    #[test]
+    fn an_ensemble_scores_the_mean_logit_of_its_members() {
+        for residual in [false, true] {
+            for objective in [Objective::Explicit, Objective::Implicit] {
+                let members: Vec<(NcfWeights, Vec<f32>)> = (0..3)
+                    .map(|seed| {
+                        let w = random_weights(objective, residual, 10 + seed);
+                        let mut rng = Rng::new(99 + seed);
+                        let users = (0..2 * w.user_dim())
+                            .map(|_| rng.unit() as f32 - 0.5)
+                            .collect();
+                        (w, users)
+                    })
+                    .collect();
+                let (merged, users) = NcfWeights::ensemble(&members).expect("same shapes");
+                merged.validate().expect("consistent tables");
+                let (d, dk) = (members[0].0.user_dim(), merged.user_dim());
+                for u in 0..2 {
+                    for item in 0..merged.n_items {
+                        let mean_logit = members
+                            .iter()
+                            .map(|(w, us)| w.trace(&us[u * d..(u + 1) * d], item).logit)
+                            .sum::<f32>()
+                            / 3.0;
+                        let got = merged.trace(&users[u * dk..(u + 1) * dk], item).logit;
+                        assert!((got - mean_logit).abs() < 1e-5, "{got} vs {mean_logit}");
+                    }
+                }
+            }
         }
     }
 

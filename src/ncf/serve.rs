@@ -51,8 +51,9 @@ pub struct NcfModel {
     items: IdMap<u32>,
     users: HashMap<String, u32>,
     user_vectors: Vec<f32>,
-    /// The mean trained user: the prior of users the model never saw.
-    mean_user: Vec<f32>,
+    /// The prior of users the model never saw: the card's `new_user_prior`,
+    /// else the mean trained user.
+    new_user_prior_vector: Vec<f32>,
     pub fold_in: FoldInConfig,
 }
 
@@ -290,13 +291,25 @@ impl NcfModel {
             .collect();
         let plan = compile(&bytes)?;
         let serving = Serving::build(&weights)?;
-        let mut mean_user = vec![0.0f32; d];
-        let n = card.user_ids.len().max(1) as f32;
-        for row in user_vectors.chunks_exact(d) {
-            for (m, v) in mean_user.iter_mut().zip(row) {
-                *m += v / n;
+        let new_user_prior_vector = match &card.new_user_prior {
+            Some(prior) if prior.len() != d => {
+                return Err(card_err(format!(
+                    "new_user_prior has {} values, the user vector {d}",
+                    prior.len()
+                )))
             }
-        }
+            Some(prior) => prior.clone(),
+            None => {
+                let mut mean = vec![0.0f32; d];
+                let n = card.user_ids.len().max(1) as f32;
+                for row in user_vectors.chunks_exact(d) {
+                    for (m, v) in mean.iter_mut().zip(row) {
+                        *m += v / n;
+                    }
+                }
+                mean
+            }
+        };
         let mut hash = Fnv::default();
         hash.write(card.model_version.as_bytes());
         hash.write(&bytes);
@@ -319,7 +332,7 @@ impl NcfModel {
             serving,
             model_id: hash.0,
             user_vectors,
-            mean_user,
+            new_user_prior_vector,
             fold_in,
         };
         model.check_parity().map_err(card_err)?;
@@ -394,7 +407,7 @@ impl NcfModel {
         let d = self.user_dim();
         match self.users.get(user_id) {
             Some(&i) => &self.user_vectors[i as usize * d..(i as usize + 1) * d],
-            None => &self.mean_user,
+            None => &self.new_user_prior_vector,
         }
     }
 
