@@ -535,7 +535,7 @@ fn render(
         let _ = writeln!(s, "|---|---:|---:|");
         for (name, (hr, ndcg)) in [
             ("NeuMF, user vector folded in (ours)", cold.folded),
-            ("NeuMF, mean-user prior only (no fold-in)", cold.prior_only),
+            ("NeuMF, new-user prior only (no fold-in)", cold.prior_only),
             ("popularity", cold.popularity),
             (
                 "genre affinity (engine state from the 5 events)",

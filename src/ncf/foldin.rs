@@ -2,7 +2,7 @@
 //! serving time, without retraining. Item vectors and the network stay fixed;
 //! a few steps of gradient descent move the user vector to fit the user's
 //! recent interactions, regularised towards a prior (the trained embedding for
-//! known users, the mean trained user — the "average viewer" — for new ones).
+//! known users, the card's new-user prior — the "average viewer" — for new ones).
 //!
 //! ```text
 //! L(u) = 1/n · Σ_j w_j · ℓ(f(u, i_j), y_j)  +  λ · ‖u − u_prior‖²

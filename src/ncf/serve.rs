@@ -402,7 +402,7 @@ impl NcfModel {
         self.items.get(&movie_id).copied()
     }
 
-    /// The trained vector of a known user, else the mean trained user.
+    /// The trained vector of a known user, else the new-user prior.
     pub fn prior(&self, user_id: &str) -> &[f32] {
         let d = self.user_dim();
         match self.users.get(user_id) {

@@ -871,3 +871,44 @@ fn progress_bar(visible: bool, steps: u64, epoch: usize, epochs: usize) -> indic
     bar.set_message(format!("{epoch}/{epochs}"));
     bar
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn history(members: Vec<Vec<u32>>) -> History {
+        let device = Device::Cpu;
+        // Member j's row is all j + 1, so a sum shows which members it took.
+        let table: Vec<f32> = (0..3).flat_map(|j| [j as f32 + 1.0; 2]).collect();
+        History {
+            members,
+            table: var(table, (3, 2), &device).unwrap(),
+            n_members: 3,
+            gmf_dim: 1,
+        }
+    }
+
+    #[test]
+    fn a_history_term_is_the_normalised_sum_of_its_members_rows() {
+        let h = history(vec![vec![0, 2], vec![]]);
+        let (gmf, mlp) = h.sums(&[0, 1], None, &Device::Cpu).unwrap();
+        let gmf: Vec<Vec<f32>> = gmf.to_vec2().unwrap();
+        let expected = (1.0 + 3.0) / 2f32.sqrt();
+        assert!((gmf[0][0] - expected).abs() < 1e-6);
+        assert_eq!(mlp.to_vec2::<f32>().unwrap()[0], gmf[0]);
+        // No history, no term.
+        assert_eq!(gmf[1], vec![0.0]);
+    }
+
+    #[test]
+    fn training_leaves_the_rows_own_pair_out_of_its_history() {
+        let h = history(vec![vec![0, 1, 2]]);
+        let device = Device::Cpu;
+        let (held_out, _) = h.sums(&[0, 0], Some(&[1, 7]), &device).unwrap();
+        let held_out: Vec<Vec<f32>> = held_out.to_vec2().unwrap();
+        // Member 1 left out, the rest renormalised over two members.
+        assert!((held_out[0][0] - (1.0 + 3.0) / 2f32.sqrt()).abs() < 1e-6);
+        // A counterpart outside the history changes nothing.
+        assert!((held_out[1][0] - 6.0 / 3f32.sqrt()).abs() < 1e-6);
+    }
+}

@@ -273,6 +273,20 @@ impl Models {
         if let std::collections::hash_map::Entry::Vacant(slot) = self.files.entry(key) {
             let train = stream.before(t);
             let mut config = TrainConfig::defaults(objective);
+            if objective == Objective::Explicit {
+                // One plain NeuMF: the explicit default's histories train
+                // slowly on ml-latest-small's 9.7k items (a dense product per
+                // batch), and its five merged members would make every
+                // fold-in five times dearer in a replay of 100k events.
+                config = TrainConfig {
+                    history: false,
+                    item_history: false,
+                    ensemble: 1,
+                    snapshots: 1,
+                    l2: 0.05,
+                    ..config
+                };
+            }
             if let Some(e) = settings.epochs {
                 config.epochs = e;
             }
