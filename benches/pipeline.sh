@@ -9,7 +9,11 @@
 # Prints one JSON line per phase plus the engine's peak RSS and counters.
 # Usage: benches/pipeline.sh   (env: EVENTS, USERS, RATE, LATENCY_EVENTS, CATALOG,
 #   NCF=1: re-score with a NeuMF model trained on synthetic users of CATALOG,
-#   FETCH_WAIT_MS: the consumers' fetch.wait.max.ms, see below)
+#   FETCH_WAIT_MS: the consumers' fetch.wait.max.ms, see below,
+#   RATINGS=FILE: the throughput phase replays these MovieLens ratings in
+#   event-time order, as fast as possible, instead of synthetic users; CATALOG
+#   must hold their movies, e.g. RATINGS=../shared/data/movielens/ml-100k/u.data
+#   CATALOG=../shared/data/movielens/ml-100k/u.item)
 source "$(dirname "$0")/broker.sh"
 
 EVENTS=${EVENTS:-200000}
@@ -43,8 +47,16 @@ echo "# machine: $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB; catalo
 # The engine's CPU seconds (user + system) so far.
 engine_cpu() { awk -v hz="$(getconf CLK_TCK)" '{printf "%.1f", ($14 + $15) / hz}' "/proc/$ENGINE/stat"; }
 cpu_before=$(engine_cpu)
-echo "# throughput phase: $EVENTS events, $USERS users, as fast as possible"
-"$BIN" loadgen --brokers "$brokers" --config "$ENGINE_CONFIG" --catalog "$CATALOG" --events "$EVENTS" --users "$USERS" --rate 0 --seed 1
+if [ -n "${RATINGS:-}" ]; then
+  echo "# throughput phase: the first $EVENTS ratings of $RATINGS in event-time order, as fast as possible"
+  throughput=$("$BIN" loadgen --brokers "$brokers" --config "$ENGINE_CONFIG" --catalog "$CATALOG" --events "$EVENTS" --ratings "$RATINGS" --rate 0)
+else
+  echo "# throughput phase: $EVENTS events, $USERS users, as fast as possible"
+  throughput=$("$BIN" loadgen --brokers "$brokers" --config "$ENGINE_CONFIG" --catalog "$CATALOG" --events "$EVENTS" --users "$USERS" --rate 0 --seed 1)
+fi
+echo "$throughput"
+# A ratings file may hold fewer than EVENTS (and only the catalog's movies count).
+EVENTS=$(echo "$throughput" | grep -o '"events":[0-9]*' | cut -d: -f2)
 cpu_after=$(engine_cpu)
 echo "# engine CPU in the throughput phase: $(awk -v a="$cpu_before" -v b="$cpu_after" -v n="$EVENTS" 'BEGIN {printf "%.1f s, %.0f events per CPU-second", b - a, n / (b - a)}')"
 echo "# ceiling: bare consume of the same $EVENTS records"

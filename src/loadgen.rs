@@ -52,6 +52,17 @@ pub struct LoadgenArgs {
     /// interactions topic from the beginning until it has seen --events records.
     #[arg(long, conflicts_with = "produce_only")]
     pub bare_consume: bool,
+    /// Replay real ratings instead of synthetic events: a MovieLens file
+    /// (`u.data`, `ratings.dat`, `ratings.csv`), in event-time order, as
+    /// `rate` events of users `ml-<id>` (the first --events of them; the
+    /// catalog must hold their movies). Event time on the wire stays the wall
+    /// clock at production, so latency reads off the outputs as before.
+    #[arg(long)]
+    pub ratings: Option<PathBuf>,
+    /// With --ratings: pace the replay at this many times the original
+    /// speed (instead of --rate).
+    #[arg(long, requires = "ratings")]
+    pub speedup: Option<f64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -128,6 +139,62 @@ struct Synth {
     total: f64,
 }
 
+/// Where events come from.
+enum Source {
+    Synthetic(Synth),
+    /// Real ratings in event-time order, with the speed-up that paces them.
+    Ratings {
+        rows: Vec<crate::ncf::data::RawInteraction>,
+        speedup: Option<f64>,
+    },
+}
+
+impl Source {
+    fn len(&self, args: &LoadgenArgs) -> usize {
+        match self {
+            Source::Synthetic(_) => args.events,
+            Source::Ratings { rows, .. } => rows.len(),
+        }
+    }
+
+    /// When event `i` is due, from the start of production.
+    fn due(&self, args: &LoadgenArgs, i: usize) -> Option<Duration> {
+        match self {
+            Source::Ratings {
+                rows,
+                speedup: Some(f),
+            } => {
+                // Interaction times are in milliseconds.
+                let since_ms = (rows[i].ts - rows[0].ts).max(0) as f64;
+                Some(Duration::from_secs_f64(since_ms / 1000.0 / f))
+            }
+            _ => (args.rate > 0).then(|| Duration::from_secs_f64(i as f64 / args.rate as f64)),
+        }
+    }
+
+    fn event(
+        &self,
+        rng: &mut Rng,
+        args: &LoadgenArgs,
+        started_ms: i64,
+        i: usize,
+    ) -> (String, i64, String) {
+        match self {
+            Source::Synthetic(synth) => next_event(rng, args, synth, started_ms, i),
+            Source::Ratings { rows, .. } => {
+                let r = &rows[i];
+                let user = format!("ml-{}", r.user);
+                let ts = wall_clock_ms();
+                let payload = format!(
+                    r#"{{"event_id":"lg-ml-{started_ms}-{i}","user_id":"{user}","movie_id":{},"type":"rate","ts":{ts},"value":{}}}"#,
+                    r.movie_id, r.rating
+                );
+                (user, ts, payload)
+            }
+        }
+    }
+}
+
 struct Produced {
     /// Each user's last event time.
     last_ts: HashMap<String, i64>,
@@ -142,21 +209,20 @@ async fn produce(
     args: &LoadgenArgs,
     config: &crate::config::Config,
     rng: &mut Rng,
-    synth: &Synth,
+    source: &Source,
 ) -> Result<Produced> {
     let producer = pipeline::producer(config)?;
     let mut last_ts: HashMap<String, i64> = HashMap::new();
     let started = Instant::now();
     let started_ms = wall_clock_ms();
     let mut pending = Vec::new();
-    for i in 0..args.events {
-        if args.rate > 0 {
-            let due = started + Duration::from_secs_f64(i as f64 / args.rate as f64);
-            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+    for i in 0..source.len(args) {
+        if let Some(due) = source.due(args, i) {
+            if let Some(wait) = (started + due).checked_duration_since(Instant::now()) {
                 tokio::time::sleep(wait).await;
             }
         }
-        let (user, ts, payload) = next_event(rng, args, synth, started_ms, i);
+        let (user, ts, payload) = source.event(rng, args, started_ms, i);
         last_ts.insert(user.clone(), ts);
         let record = FutureRecord::to(&config.topics.interactions)
             .key(&user)
@@ -194,12 +260,32 @@ pub async fn run(args: LoadgenArgs) -> Result<()> {
     }
     let mut rng = Rng::new(args.seed);
 
-    let synth = Synth { ids, cdf, total };
+    let source = match &args.ratings {
+        None => Source::Synthetic(Synth { ids, cdf, total }),
+        Some(path) => {
+            let mut rows = crate::ncf::data::load_interactions(path)
+                .with_context(|| format!("--ratings {}", path.display()))?;
+            rows.sort_by_key(|r| r.ts);
+            rows.truncate(args.events);
+            rows.retain(|r| catalog.get(r.movie_id).is_some());
+            if rows.is_empty() {
+                bail!("--ratings: no rating of a movie in --catalog");
+            }
+            if args.speedup.is_some_and(|f| !(f.is_finite() && f > 0.0)) {
+                bail!("--speedup must be a positive number");
+            }
+            Source::Ratings {
+                rows,
+                speedup: args.speedup,
+            }
+        }
+    };
+    let events = source.len(&args);
     if args.produce_only {
-        let produced = produce(&args, &config, &mut rng, &synth).await?;
+        let produced = produce(&args, &config, &mut rng, &source).await?;
         println!(
             "{}",
-            serde_json::json!({"events": args.events, "produce_seconds": produced.seconds, "input_rate": args.events as f64 / produced.seconds})
+            serde_json::json!({"events": events, "produce_seconds": produced.seconds, "input_rate": events as f64 / produced.seconds})
         );
         return Ok(());
     }
@@ -246,7 +332,7 @@ pub async fn run(args: LoadgenArgs) -> Result<()> {
         started,
         started_ms,
         seconds: produce_seconds,
-    } = produce(&args, &config, &mut rng, &synth).await?;
+    } = produce(&args, &config, &mut rng, &source).await?;
 
     // Until every user's output reflects their last event.
     let mut waiting = last_ts.clone();
@@ -283,13 +369,13 @@ pub async fn run(args: LoadgenArgs) -> Result<()> {
     latencies.sort_by(f64::total_cmp);
     let pct = |q: f64| latencies[((latencies.len() - 1) as f64 * q).round() as usize];
     let report = LoadReport {
-        events: args.events,
+        events,
         users_touched: last_ts.len(),
         target_rate: args.rate,
         produce_seconds,
-        input_rate: args.events as f64 / produce_seconds,
+        input_rate: events as f64 / produce_seconds,
         pipeline_seconds,
-        pipeline_rate: args.events as f64 / pipeline_seconds,
+        pipeline_rate: events as f64 / pipeline_seconds,
         output_records: outputs,
         output_rate: outputs as f64 / pipeline_seconds,
         latency_ms_p50: pct(0.50),
@@ -373,4 +459,50 @@ async fn bare_consume(args: &LoadgenArgs, config: &crate::config::Config) -> Res
     };
     println!("{}", serde_json::to_string(&report)?);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ncf::data::RawInteraction;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: LoadgenArgs,
+    }
+
+    fn args() -> LoadgenArgs {
+        Cli::parse_from(["loadgen", "--catalog", "c.csv"]).args
+    }
+
+    #[test]
+    fn a_ratings_replay_is_paced_by_event_time_and_decodes_as_rate_events() {
+        let row = |user: &str, movie_id, ts| RawInteraction {
+            user: user.into(),
+            movie_id,
+            rating: 3.5,
+            ts,
+        };
+        let source = Source::Ratings {
+            rows: vec![
+                row("1", 10, 50_000),
+                row("2", 20, 51_000),
+                row("1", 30, 60_000),
+            ],
+            speedup: Some(1000.0),
+        };
+        let args = args();
+        assert_eq!(source.len(&args), 3);
+        let due: Vec<Duration> = (0..3).map(|i| source.due(&args, i).unwrap()).collect();
+        // 10 s of event time at 1000× take 10 ms.
+        assert_eq!(due[2], Duration::from_millis(10));
+        assert!(due[0] < due[1] && due[1] < due[2]);
+        let (user, _, payload) = source.event(&mut Rng::new(1), &args, 0, 2);
+        assert_eq!(user, "ml-1");
+        let event = crate::event::parse_interaction(payload.as_bytes()).unwrap();
+        assert_eq!((event.movie_id, event.value), (30, Some(3.5)));
+        assert_eq!(event.kind, crate::event::EventType::Rate);
+    }
 }
