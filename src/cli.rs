@@ -300,12 +300,14 @@ pub struct TrainArgs {
     /// Merge each member's this many best epochs (by validation) into it.
     #[arg(long)]
     pub snapshots: Option<usize>,
-    /// SVD++-style history: users' vectors add a learned sum over the items they interacted with.
-    #[arg(long)]
-    pub history: bool,
-    /// The same for items: a learned sum over the users who interacted with each item.
-    #[arg(long)]
-    pub item_history: bool,
+    /// SVD++-style history: users' vectors add a learned sum over the items
+    /// they interacted with (`--history=false` turns the explicit default off).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub history: Option<bool>,
+    /// The same for items: a learned sum over the users who interacted with
+    /// each item (`--item-history=false` turns the explicit default off).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub item_history: Option<bool>,
     #[arg(long)]
     pub batch_norm: bool,
     #[arg(long)]
@@ -372,8 +374,12 @@ impl TrainArgs {
             c.learning_rate = lr;
         }
         c.residual |= self.residual;
-        c.history |= self.history;
-        c.item_history |= self.item_history;
+        if let Some(on) = self.history {
+            c.history = on;
+        }
+        if let Some(on) = self.item_history {
+            c.item_history = on;
+        }
         c.batch_norm |= self.batch_norm;
         c
     }

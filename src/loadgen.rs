@@ -185,10 +185,16 @@ impl Source {
                 let r = &rows[i];
                 let user = format!("ml-{}", r.user);
                 let ts = wall_clock_ms();
-                let payload = format!(
-                    r#"{{"event_id":"lg-ml-{started_ms}-{i}","user_id":"{user}","movie_id":{},"type":"rate","ts":{ts},"value":{}}}"#,
-                    r.movie_id, r.rating
-                );
+                // Ids from Parquet or Arrow dumps may hold anything: escape.
+                let payload = serde_json::json!({
+                    "event_id": format!("lg-ml-{started_ms}-{i}"),
+                    "user_id": user,
+                    "movie_id": r.movie_id,
+                    "type": "rate",
+                    "ts": ts,
+                    "value": r.rating,
+                })
+                .to_string();
                 (user, ts, payload)
             }
         }
@@ -263,16 +269,16 @@ pub async fn run(args: LoadgenArgs) -> Result<()> {
     let source = match &args.ratings {
         None => Source::Synthetic(Synth { ids, cdf, total }),
         Some(path) => {
-            let mut rows = crate::ncf::data::load_interactions(path)
-                .with_context(|| format!("--ratings {}", path.display()))?;
-            rows.sort_by_key(|r| r.ts);
-            rows.truncate(args.events);
-            rows.retain(|r| catalog.get(r.movie_id).is_some());
-            if rows.is_empty() {
-                bail!("--ratings: no rating of a movie in --catalog");
-            }
             if args.speedup.is_some_and(|f| !(f.is_finite() && f > 0.0)) {
                 bail!("--speedup must be a positive number");
+            }
+            let mut rows = crate::ncf::data::load_interactions(path)
+                .with_context(|| format!("--ratings {}", path.display()))?;
+            rows.retain(|r| catalog.get(r.movie_id).is_some() && r.rating.is_finite());
+            rows.sort_by_key(|r| r.ts);
+            rows.truncate(args.events);
+            if rows.is_empty() {
+                bail!("--ratings: no rating of a movie in --catalog");
             }
             Source::Ratings {
                 rows,

@@ -97,7 +97,9 @@ pub struct Run {
     pub cases: Vec<RankingCase>,
     pub train_rows: Vec<Row>,
     pub test_rows: Vec<Row>,
-    /// The trainer's model as training left it (the parity reference).
+    /// The trainer's model as training left it (the parity reference). With
+    /// an ensemble or snapshots, the first member's last epoch: not what
+    /// the exported, merged files hold.
     pub trainer: train::Model,
     pub files: ModelFiles,
 }
@@ -243,7 +245,12 @@ pub fn run(input: RunInput) -> Result<Run, EvalError> {
     };
     card.metrics.insert(
         format!("validation_{}", trained.validation_metric),
-        json!(trained.epochs[trained.best_epoch - 1].validation),
+        // Of the model as served (members and snapshots merged).
+        json!(train::validation_metric(
+            &trained.weights,
+            &trained.user_vectors,
+            &validation
+        )),
     );
     write(
         &files.card,

@@ -274,11 +274,13 @@ impl Models {
             let train = stream.before(t);
             let mut config = TrainConfig::defaults(objective);
             if objective == Objective::Explicit {
-                // One plain NeuMF: the explicit default's histories train
-                // slowly on ml-latest-small's 9.7k items (a dense product per
-                // batch), and its five merged members would make every
-                // fold-in five times dearer in a replay of 100k events.
+                // One plain NeuMF, as this replay was tuned with: the
+                // explicit default's histories train slowly on
+                // ml-latest-small's 9.7k items (a dense product per batch),
+                // and its fifteen merged members (5 seeds × 3 snapshots)
+                // make every fold-in many times dearer.
                 config = TrainConfig {
+                    hidden: vec![64, 32, 16],
                     history: false,
                     item_history: false,
                     ensemble: 1,
