@@ -142,31 +142,30 @@ pub fn run(input: RunInput) -> Result<Run, EvalError> {
         }
     };
     let started = std::time::Instant::now();
-    let mut trained = train::train(
-        &config,
-        n_users,
-        n_items,
-        &train_rows,
-        &validation,
-        input.progress,
-    )?;
+    // The members (one unless `ensemble`): seeds seed, seed + 1, …
+    let mut runs = Vec::with_capacity(config.ensemble);
+    for j in 0..config.ensemble as u64 {
+        let member = TrainConfig {
+            seed: config.seed + j,
+            ..config.clone()
+        };
+        runs.push(train::train(
+            &member,
+            n_users,
+            n_items,
+            &train_rows,
+            &validation,
+            input.progress,
+        )?);
+    }
+    let samples: f64 = runs.iter().map(|r| samples_seen(&r.epochs)).sum();
+    let mut runs = runs.into_iter();
+    let mut trained = runs.next().ok_or(TrainError::Empty)?;
     if config.ensemble > 1 {
-        let mut members = vec![(trained.weights.clone(), trained.user_vectors.clone())];
-        for j in 1..config.ensemble {
-            let member_config = TrainConfig {
-                seed: config.seed + j as u64,
-                ..config.clone()
-            };
-            let m = train::train(
-                &member_config,
-                n_users,
-                n_items,
-                &train_rows,
-                &validation,
-                input.progress,
-            )?;
-            members.push((m.weights, m.user_vectors));
-        }
+        let members: Vec<(NcfWeights, Vec<f32>)> =
+            std::iter::once((trained.weights.clone(), trained.user_vectors.clone()))
+                .chain(runs.map(|m| (m.weights, m.user_vectors)))
+                .collect();
         let (weights, users) = NcfWeights::ensemble(&members).map_err(EvalError::Ensemble)?;
         trained.weights = weights;
         trained.user_vectors = users;
@@ -286,11 +285,6 @@ pub fn run(input: RunInput) -> Result<Run, EvalError> {
         &serde_json::to_vec_pretty(&card).unwrap_or_default(),
     )?;
 
-    let samples: f64 = trained
-        .epochs
-        .iter()
-        .map(|e| e.samples_per_second * e.seconds)
-        .sum();
     let curve = input.out.with_extension("curve.png");
     let report_path = input.out.with_extension("report.json");
     let report = RunReport {
@@ -343,6 +337,13 @@ pub fn run(input: RunInput) -> Result<Run, EvalError> {
         trainer: trained.model,
         files,
     })
+}
+
+fn samples_seen(epochs: &[EpochReport]) -> f64 {
+    epochs
+        .iter()
+        .map(|e| e.samples_per_second * e.seconds)
+        .sum()
 }
 
 /// Training rows fitted as one anonymous user's history.

@@ -579,6 +579,23 @@ impl Model {
         v.as_tensor().flatten_all()?.to_vec1()
     }
 
+    /// GMF and MLP tables with their history terms added (as served).
+    fn baked(
+        &self,
+        gmf: &Var,
+        mlp: &Var,
+        history: Option<&History>,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
+        let (gmf, mlp) = (gmf.as_tensor().clone(), mlp.as_tensor().clone());
+        match history {
+            None => Ok((gmf, mlp)),
+            Some(h) => {
+                let (hg, hm) = h.all(&self.device)?;
+                Ok(((gmf + hg)?, (mlp + hm)?))
+            }
+        }
+    }
+
     /// The inference form: BatchNorm folded into each layer's weights.
     pub fn export(&self) -> Result<(NcfWeights, Vec<f32>), TrainError> {
         let c = &self.config;
@@ -608,15 +625,8 @@ impl Model {
             width = out;
         }
         let n_items = self.item_bias.as_tensor().dims2()?.0;
-        let (mut item_gmf, mut item_mlp) = (
-            self.item_gmf.as_tensor().clone(),
-            self.item_mlp.as_tensor().clone(),
-        );
-        if let Some(history) = &self.item_history {
-            let (hg, hm) = history.all(&self.device)?;
-            item_gmf = (item_gmf + hg)?;
-            item_mlp = (item_mlp + hm)?;
-        }
+        let (item_gmf, item_mlp) =
+            self.baked(&self.item_gmf, &self.item_mlp, self.item_history.as_ref())?;
         let weights = NcfWeights {
             objective: c.objective,
             gmf_dim: c.gmf_dim,
@@ -634,15 +644,8 @@ impl Model {
                 0.0
             },
         };
-        let (mut user_gmf, mut user_mlp) = (
-            self.user_gmf.as_tensor().clone(),
-            self.user_mlp.as_tensor().clone(),
-        );
-        if let Some(history) = &self.history {
-            let (hg, hm) = history.all(&self.device)?;
-            user_gmf = (user_gmf + hg)?;
-            user_mlp = (user_mlp + hm)?;
-        }
+        let (user_gmf, user_mlp) =
+            self.baked(&self.user_gmf, &self.user_mlp, self.history.as_ref())?;
         let users = Tensor::cat(&[&user_gmf, &user_mlp, self.user_bias.as_tensor()], 1)?
             .flatten_all()?
             .to_vec1()?;
