@@ -355,14 +355,17 @@ pub fn run(args: &EvalArgs) -> Result<()> {
     let mut implicit_runs = Vec::new();
     // ML-100K's interactions also feed the cold-start protocol below.
     let ml100k_all = load(&ml100k.join("u.data"))?;
-    let small_all = load(&small.join("ratings.csv"))?;
-    let implicit_data: &[(&str, &Vec<RawInteraction>)] =
-        if args.protocols.contains(&Protocol::Implicit) {
-            &[("ml-100k", &ml100k_all), ("ml-latest-small", &small_all)]
-        } else {
-            &[]
-        };
-    for &(name, raw) in implicit_data {
+    // ml-latest-small is read only when the implicit protocol runs.
+    let small_all = if args.protocols.contains(&Protocol::Implicit) {
+        Some(load(&small.join("ratings.csv"))?)
+    } else {
+        None
+    };
+    let implicit_data: Vec<(&str, &[RawInteraction])> = match &small_all {
+        Some(small_all) => vec![("ml-100k", &ml100k_all), ("ml-latest-small", small_all)],
+        None => Vec::new(),
+    };
+    for (name, raw) in implicit_data {
         let run = eval::run(RunInput {
             config: config(Objective::Implicit, args),
             train: raw,
@@ -378,8 +381,8 @@ pub fn run(args: &EvalArgs) -> Result<()> {
     }
 
     // Cold start.
-    let catalog = catalog::load(&ml100k.join("u.item"))?;
     let cold = if args.protocols.contains(&Protocol::ColdStart) {
+        let catalog = catalog::load(&ml100k.join("u.item"))?;
         Some(cold_start(args, &ml100k_all, &catalog, 5)?)
     } else {
         None

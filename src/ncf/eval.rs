@@ -357,14 +357,7 @@ const PRIOR_SAMPLE: usize = 4000;
 /// newcomer like the crowd, and fold-in moves them away from it from their
 /// first event.
 pub fn population_prior(weights: &NcfWeights, users: &[f32], rows: &[Row], seed: u64) -> Vec<f32> {
-    let d = weights.user_dim();
-    let n = (users.len() / d).max(1) as f32;
-    let mut mean = vec![0.0f32; d];
-    for row in users.chunks_exact(d) {
-        for (m, v) in mean.iter_mut().zip(row) {
-            *m += v / n;
-        }
-    }
+    let mean = super::model::mean_row(users, weights.user_dim());
     if rows.is_empty() {
         return mean;
     }

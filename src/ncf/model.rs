@@ -43,6 +43,19 @@ pub fn add_vec_mat(x: &[f32], w: &[f32], out: &mut [f32]) {
     }
 }
 
+/// The mean of row-major `rows` of width `dim` (zeros without rows): the
+/// mean trained user, where the card names no new-user prior.
+pub fn mean_row(rows: &[f32], dim: usize) -> Vec<f32> {
+    let n = (rows.len() / dim).max(1) as f32;
+    let mut mean = vec![0.0f32; dim];
+    for row in rows.chunks_exact(dim) {
+        for (m, v) in mean.iter_mut().zip(row) {
+            *m += v / n;
+        }
+    }
+    mean
+}
+
 /// One hidden layer, `out = relu(in·w + b)`, `w` stored row-major `[inp][out]`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Dense {

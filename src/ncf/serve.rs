@@ -299,16 +299,7 @@ impl NcfModel {
                 )))
             }
             Some(prior) => prior.clone(),
-            None => {
-                let mut mean = vec![0.0f32; d];
-                let n = card.user_ids.len().max(1) as f32;
-                for row in user_vectors.chunks_exact(d) {
-                    for (m, v) in mean.iter_mut().zip(row) {
-                        *m += v / n;
-                    }
-                }
-                mean
-            }
+            None => super::model::mean_row(&user_vectors, d),
         };
         let mut hash = Fnv::default();
         hash.write(card.model_version.as_bytes());

@@ -313,6 +313,22 @@ impl History {
         ))
     }
 
+    /// `owners`' GMF and MLP rows with their history terms added, and the
+    /// L2 term grown by the terms' squares (as for the embeddings).
+    fn add_to(
+        &self,
+        owners: &[u32],
+        held_out: Option<&[u32]>,
+        gmf: Tensor,
+        mlp: Tensor,
+        reg: Tensor,
+        device: &Device,
+    ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+        let (hg, hm) = self.sums(owners, held_out, device)?;
+        let reg = (reg + hg.sqr()?.sum_all()? + hm.sqr()?.sum_all()?)?;
+        Ok(((gmf + hg)?, (mlp + hm)?, reg))
+    }
+
     /// Every owner's term, for the export.
     /// In chunks of owners, so the dense weights stay small on big data.
     fn all(&self, device: &Device) -> candle_core::Result<(Tensor, Tensor)> {
@@ -468,19 +484,15 @@ impl Model {
             + im.sqr()?.sum_all()?
             + ub.sqr()?.sum_all()?
             + ib.sqr()?.sum_all()?)?;
+        // In training each row's counterpart is held out of its history.
+        let training = train.is_some();
         if let Some(history) = &self.history {
-            let held_out = train.is_some().then_some(items);
-            let (hg, hm) = history.sums(users, held_out, &self.device)?;
-            reg = (reg + hg.sqr()?.sum_all()? + hm.sqr()?.sum_all()?)?;
-            ug = (ug + hg)?;
-            um = (um + hm)?;
+            let held_out = training.then_some(items);
+            (ug, um, reg) = history.add_to(users, held_out, ug, um, reg, &self.device)?;
         }
         if let Some(history) = &self.item_history {
-            let held_out = train.is_some().then_some(users);
-            let (hg, hm) = history.sums(items, held_out, &self.device)?;
-            reg = (reg + hg.sqr()?.sum_all()? + hm.sqr()?.sum_all()?)?;
-            ig = (ig + hg)?;
-            im = (im + hm)?;
+            let held_out = training.then_some(users);
+            (ig, im, reg) = history.add_to(items, held_out, ig, im, reg, &self.device)?;
         }
         let reg = reg.affine(1.0 / n as f64, 0.0)?;
         let gmf = (ug * ig)?;
