@@ -84,7 +84,8 @@ pub struct Scored {
 
 /// Orders by score (descending), ties by movie id (ascending): total and deterministic.
 pub fn rank(items: &mut [Scored]) {
-    items.sort_by(|a, b| {
+    // Ids are unique, so the order is total and an unstable sort is deterministic.
+    items.sort_unstable_by(|a, b| {
         b.score
             .total_cmp(&a.score)
             .then_with(|| a.movie_id.cmp(&b.movie_id))
@@ -102,7 +103,7 @@ pub fn top_k(items: &mut Vec<Scored>, k: usize) {
         items.select_nth_unstable_by(k - 1, order);
     }
     items.truncate(k);
-    items.sort_by(order);
+    items.sort_unstable_by(order);
 }
 
 /// Picks `n` items from a ranked list such that no genre appears in more than

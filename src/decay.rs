@@ -99,8 +99,13 @@ impl Momentum {
     /// pseudo-event so that a single event on a cold item is not "trending", and
     /// damped by the short-window volume. Steady traffic scores `ln(1 + short)`.
     pub fn trending_at(&self, t: i64, hl: HalfLives) -> f64 {
+        self.trending_at_with_long(t, hl, self.long.value_at(t, hl.long_ms))
+    }
+
+    /// [`Momentum::trending_at`] given `long = self.long.value_at(t, hl.long_ms)`,
+    /// for callers that already have it.
+    pub fn trending_at_with_long(&self, t: i64, hl: HalfLives, long: f64) -> f64 {
         let short = self.short.value_at(t, hl.short_ms);
-        let long = self.long.value_at(t, hl.long_ms);
         let expected_short = long * hl.short_ms / hl.long_ms;
         let ratio = (short + 1.0) / (expected_short + 1.0);
         ratio * (1.0 + short).ln()

@@ -2,7 +2,7 @@
 //! compacted topic and carries the user's `version`: a consumer keeps the
 //! record with the highest version and drops any older one it sees later.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -155,17 +155,250 @@ impl OutputKind {
 }
 
 impl UserOutputs {
-    /// The encoded JSON payload of each record.
+    /// The encoded JSON payload of each record: exactly `serde_json::to_vec`
+    /// of each, but an item that appears in several places (the list, the
+    /// top-picks row, genre rows) is serialized once and then copied.
     pub fn encode(&self) -> [(OutputKind, Vec<u8>); 3] {
+        let mut items = ItemJson::default();
         [
-            (OutputKind::Recommendations, to_json(&self.recommendations)),
-            (OutputKind::Carousels, to_json(&self.carousels)),
+            (
+                OutputKind::Recommendations,
+                encode_recommendations(&self.recommendations, &mut items),
+            ),
+            (
+                OutputKind::Carousels,
+                encode_carousels(&self.carousels, &mut items),
+            ),
             (OutputKind::Insights, to_json(&self.insights)),
         ]
     }
 }
 
-fn to_json<T: Serialize>(value: &T) -> Vec<u8> {
+fn to_json<T: Serialize + ?Sized>(value: &T) -> Vec<u8> {
+    let mut out = Vec::new();
+    write_json(&mut out, value);
+    out
+}
+
+fn write_json<T: Serialize + ?Sized>(out: &mut Vec<u8>, value: &T) {
     // Plain structs with string keys: serialization cannot fail.
-    serde_json::to_vec(value).expect("output records always serialize")
+    serde_json::to_writer(out, value).expect("output records always serialize")
+}
+
+/// Serialized items of one user's outputs. Key: the movie and the address of
+/// its `reason`, which clones of one rendered item share, so two different
+/// renderings of a movie never share an entry.
+#[derive(Default)]
+struct ItemJson {
+    spans: HashMap<(u32, usize), std::ops::Range<usize>>,
+    bytes: Vec<u8>,
+}
+
+impl ItemJson {
+    fn write(&mut self, out: &mut Vec<u8>, item: &RecommendedItem) {
+        let key = (
+            item.movie_id,
+            Arc::as_ptr(&item.reason) as *const u8 as usize,
+        );
+        let span = match self.spans.get(&key) {
+            Some(span) => span.clone(),
+            None => {
+                let start = self.bytes.len();
+                write_json(&mut self.bytes, item);
+                let span = start..self.bytes.len();
+                self.spans.insert(key, span.clone());
+                span
+            }
+        };
+        out.extend_from_slice(&self.bytes[span]);
+    }
+
+    fn write_list(&mut self, out: &mut Vec<u8>, items: &[RecommendedItem]) {
+        out.push(b'[');
+        for (i, item) in items.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            self.write(out, item);
+        }
+        out.push(b']');
+    }
+}
+
+/// Writes `"key":` then the value, after a comma unless it is the first field.
+fn field<T: Serialize + ?Sized>(out: &mut Vec<u8>, first: bool, key: &str, value: &T) {
+    field_key(out, first, key);
+    write_json(out, value);
+}
+
+fn field_key(out: &mut Vec<u8>, first: bool, key: &str) {
+    if !first {
+        out.push(b',');
+    }
+    out.push(b'"');
+    out.extend_from_slice(key.as_bytes());
+    out.extend_from_slice(b"\":");
+}
+
+/// `serde_json::to_vec(r)`, field by field in declaration order.
+fn encode_recommendations(r: &Recommendations, items: &mut ItemJson) -> Vec<u8> {
+    let mut out = Vec::with_capacity(4096);
+    out.push(b'{');
+    field(&mut out, true, "schema", &r.schema);
+    field(&mut out, false, "user_id", &r.user_id);
+    field(&mut out, false, "version", &r.version);
+    field(&mut out, false, "as_of", &r.as_of);
+    field(&mut out, false, "variant", &r.variant);
+    if let Some(model) = &r.model {
+        field(&mut out, false, "model", model);
+    }
+    field_key(&mut out, false, "items");
+    items.write_list(&mut out, &r.items);
+    out.push(b'}');
+    out
+}
+
+/// `serde_json::to_vec(c)`, field by field in declaration order.
+fn encode_carousels(c: &Carousels, items: &mut ItemJson) -> Vec<u8> {
+    let mut out = Vec::with_capacity(16384);
+    out.push(b'{');
+    field(&mut out, true, "schema", &c.schema);
+    field(&mut out, false, "user_id", &c.user_id);
+    field(&mut out, false, "version", &c.version);
+    field(&mut out, false, "as_of", &c.as_of);
+    field(&mut out, false, "variant", &c.variant);
+    field_key(&mut out, false, "rows");
+    out.push(b'[');
+    for (i, row) in c.rows.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.push(b'{');
+        field(&mut out, true, "id", &row.id);
+        field(&mut out, false, "title", &row.title);
+        field(&mut out, false, "kind", &row.kind);
+        field_key(&mut out, false, "items");
+        items.write_list(&mut out, &row.items);
+        out.push(b'}');
+    }
+    out.push(b']');
+    out.push(b'}');
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn item(movie_id: u32, title: &str, reason: &str, ncf: Option<f64>) -> RecommendedItem {
+        RecommendedItem {
+            movie_id,
+            title: Arc::from(title),
+            genres: Arc::from(vec![Arc::from("Sci-Fi"), Arc::from("Film \"Noir\"")]),
+            year: (movie_id % 2 == 0).then_some(1999),
+            tmdb_id: (movie_id % 3 == 0).then_some(603),
+            score: 0.123456 * movie_id as f64,
+            signals: Signals {
+                affinity: -0.5,
+                similarity: 1e-7,
+                popularity: 0.999999,
+                trending: 0.0,
+                co_watched: 12345.678901,
+                ncf,
+            },
+            sources: vec![Source::Popular, Source::CoWatched],
+            reason: Arc::from(reason),
+        }
+    }
+
+    fn outputs(model: Option<ModelInfo>) -> UserOutputs {
+        let a = item(
+            1,
+            "Matrix, \"The\" \\ \u{1}é",
+            "Because you liked Alien",
+            Some(0.25),
+        );
+        let b = item(2, "Alien", "Popular in Sci-Fi", None);
+        // Same movie, a different rendering: must not reuse `b`'s bytes.
+        let b_other = item(2, "Alien", "Trending in Sci-Fi", None);
+        let row = |id: &str, items: Vec<RecommendedItem>| CarouselRow {
+            id: id.into(),
+            title: format!("Because you like {id}"),
+            kind: "genre".into(),
+            items,
+        };
+        UserOutputs {
+            recommendations: Recommendations {
+                schema: RECOMMENDATIONS_SCHEMA.into(),
+                user_id: "u\"1".into(),
+                version: 7,
+                as_of: -3,
+                variant: "control".into(),
+                model,
+                items: vec![a.clone(), b.clone()],
+            },
+            carousels: Carousels {
+                schema: CAROUSELS_SCHEMA.into(),
+                user_id: "u\"1".into(),
+                version: 7,
+                as_of: -3,
+                variant: "control".into(),
+                rows: vec![
+                    row("top-picks", vec![a.clone(), b.clone()]),
+                    row("genre:Sci-Fi", vec![b_other, a]),
+                    row("empty", vec![]),
+                ],
+            },
+            insights: Insights {
+                schema: INSIGHTS_SCHEMA.into(),
+                user_id: "u\"1".into(),
+                version: 7,
+                as_of: -3,
+                variant: "control".into(),
+                genres: vec![],
+                activity: Activity {
+                    events_total: 1,
+                    by_type: BTreeMap::new(),
+                    first_ts: 0,
+                    last_ts: 0,
+                    items_seen: 0,
+                    ratings: 0,
+                    mean_rating: None,
+                },
+                engagement: Engagement {
+                    carousel_impressions: 0,
+                    carousel_clicks: 0,
+                    ctr: 0.0,
+                    plays: 0,
+                    completions: 0,
+                    completion_rate: 0.0,
+                    dwell_seconds: 0.0,
+                    mean_dwell_seconds: 0.0,
+                },
+            },
+        }
+    }
+
+    #[test]
+    fn encode_writes_exactly_what_serde_json_writes() {
+        for model in [
+            None,
+            Some(ModelInfo {
+                name: "ncf".into(),
+                version: "v1".into(),
+            }),
+        ] {
+            let o = outputs(model);
+            let [(_, recs), (_, carousels), (_, insights)] = o.encode();
+            assert_eq!(
+                String::from_utf8(recs).unwrap(),
+                serde_json::to_string(&o.recommendations).unwrap()
+            );
+            assert_eq!(
+                String::from_utf8(carousels).unwrap(),
+                serde_json::to_string(&o.carousels).unwrap()
+            );
+            assert_eq!(insights, serde_json::to_vec(&o.insights).unwrap());
+        }
+    }
 }

@@ -48,6 +48,8 @@ pub struct ItemIndex {
     /// The [`TRENDING_RANKED`] most trending catalog items, most trending first.
     pub trending: Vec<u32>,
     pub popularity_max: f64,
+    /// `ln(1 + popularity_max)`, the popularity signal's denominator.
+    pub popularity_max_ln1p: f64,
     pub trending_max: f64,
     /// Genres by their own trending score, hottest first (cold-start rows).
     pub trending_genres: Vec<u8>,
@@ -191,6 +193,7 @@ impl ItemIndex {
             popular: popular.order.iter().map(|e| (e.1, e.2)).collect(),
             trending: hottest.iter().map(|e| e.1).collect(),
             popularity_max,
+            popularity_max_ln1p: (1.0 + popularity_max).ln(),
             trending_max,
             trending_genres,
         }
@@ -199,12 +202,26 @@ impl ItemIndex {
 
 impl ItemIndex {
     /// An item's normalized (popularity, trending) at `now`, from its counters.
+    ///
+    /// Hot path (once per candidate): the long-window value serves both
+    /// signals and `ln(1 + popularity_max)` is computed once per index, so
+    /// this equals [`blend::log_normalize`] and [`trending_now`] with three
+    /// transcendental calls instead of six.
     pub fn signal(&self, m: Option<&Momentum>) -> (f64, f64) {
         let Some(m) = m else { return (0.0, 0.0) };
-        let popularity =
-            blend::log_normalize(m.popularity_at(self.now, self.hl), self.popularity_max);
+        let long = m.popularity_at(self.now, self.hl);
+        let popularity = if self.popularity_max <= 0.0 || long <= 0.0 {
+            0.0
+        } else {
+            ((1.0 + long).ln() / self.popularity_max_ln1p).min(1.0)
+        };
         let trending = if self.trending_max > 0.0 {
-            (trending_now(m, self.now, self.hl) / self.trending_max).clamp(0.0, 1.0)
+            let now = if m.short.as_of < self.now.saturating_sub(trending_horizon(self.hl)) {
+                0.0
+            } else {
+                m.trending_at_with_long(self.now, self.hl, long)
+            };
+            (now / self.trending_max).clamp(0.0, 1.0)
         } else {
             0.0
         };
@@ -239,14 +256,41 @@ pub type SimilarItems = Arc<Vec<(u32, f32)>>;
 #[derive(Debug, Default)]
 pub struct SimilarityCache {
     map: IdMap<SimilarItems>,
+    /// The catalog's movies grouped by genre set, built on the first miss:
+    /// genres bound a group's similarity, so a search visits few groups.
+    groups: Option<Vec<GenreGroup>>,
+}
+
+/// Movies sharing one exact genre set, ids ascending.
+#[derive(Debug)]
+struct GenreGroup {
+    genres: GenreSet,
+    ids: Vec<u32>,
 }
 
 const SIMILAR_PER_SEED: usize = 30;
 const SIMILARITY_CACHE_MAX: usize = 100_000;
 
+/// The highest [`content_similarity`] any movie with genres of Jaccard `j`
+/// to the seed's can reach: the year and tag terms at most 1.
+fn similarity_bound(j: f64, seed_has_tags: bool) -> f64 {
+    let untagged = 0.75 * j + 0.25;
+    if seed_has_tags {
+        untagged.max(0.6 * j + 0.2 + 0.2)
+    } else {
+        untagged
+    }
+}
+
+/// Most similar first, ties to the lower id.
+fn by_similarity(a: &(u32, f32), b: &(u32, f32)) -> std::cmp::Ordering {
+    b.1.total_cmp(&a.1).then(a.0.cmp(&b.0))
+}
+
 impl SimilarityCache {
     pub fn clear(&mut self) {
         self.map.clear();
+        self.groups = None;
     }
 
     pub fn similar(&mut self, catalog: &Catalog, seed: u32) -> SimilarItems {
@@ -256,29 +300,67 @@ impl SimilarityCache {
         let Some(seed_movie) = catalog.get(seed) else {
             return Arc::default();
         };
-        let mut all: Vec<(u32, f32)> = catalog
-            .movies()
-            .filter(|m| {
-                m.id != seed && !(m.genres.0 & seed_movie.genres.0 == 0 && m.tags.is_empty())
-            })
-            .map(|m| (m.id, content_similarity(seed_movie, m) as f32))
-            .filter(|(_, s)| *s > 0.0)
-            .collect();
-        let k = SIMILAR_PER_SEED.min(all.len());
-        if k < all.len() {
-            all.select_nth_unstable_by(k, |a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-            all.truncate(k);
-        }
-        all.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-        // The scan allocated for the whole catalog; keep only the list.
-        all.shrink_to_fit();
+        let groups = self.groups.get_or_insert_with(|| group_by_genres(catalog));
+        let list = Arc::new(most_similar(catalog, groups, seed_movie));
         if self.map.len() >= SIMILARITY_CACHE_MAX {
             self.map.clear();
         }
-        let list = Arc::new(all);
         self.map.insert(seed, list.clone());
         list
     }
+}
+
+fn group_by_genres(catalog: &Catalog) -> Vec<GenreGroup> {
+    let mut by_set: HashMap<GenreSet, Vec<u32>> = HashMap::new();
+    for m in catalog.movies() {
+        by_set.entry(m.genres).or_default().push(m.id);
+    }
+    by_set
+        .into_iter()
+        .map(|(genres, ids)| GenreGroup { genres, ids })
+        .collect()
+}
+
+/// The [`SIMILAR_PER_SEED`] movies most similar to `seed` (positive
+/// similarity, sharing a genre or tagged), best first, ties to the lower id.
+/// Groups are visited by their similarity bound, highest first; the search
+/// stops once no later group can reach (or tie) the current last place, so
+/// the result equals a scan of the whole catalog.
+fn most_similar(catalog: &Catalog, groups: &[GenreGroup], seed: &Movie) -> Vec<(u32, f32)> {
+    let k = SIMILAR_PER_SEED;
+    let mut order: Vec<(f32, &GenreGroup)> = groups
+        .iter()
+        .map(|g| {
+            let bound = similarity_bound(seed.genres.jaccard(g.genres), !seed.tags.is_empty());
+            (bound as f32, g)
+        })
+        .collect();
+    order.sort_unstable_by(|a, b| b.0.total_cmp(&a.0));
+    let mut best: Vec<(u32, f32)> = Vec::with_capacity(2 * k);
+    for (bound, group) in order {
+        if best.len() >= k && bound < best[k - 1].1 {
+            break;
+        }
+        let shares_genre = group.genres.0 & seed.genres.0 != 0;
+        for &id in &group.ids {
+            let Some(m) = catalog.get(id) else { continue };
+            if id == seed.id || (!shares_genre && m.tags.is_empty()) {
+                continue;
+            }
+            let s = content_similarity(seed, m) as f32;
+            if s > 0.0 {
+                best.push((id, s));
+            }
+        }
+        if best.len() > k {
+            best.select_nth_unstable_by(k - 1, by_similarity);
+            best.truncate(k);
+        }
+        // `best[k - 1]` must be the last place for the stop test above.
+        best.sort_unstable_by(by_similarity);
+    }
+    best.truncate(k);
+    best
 }
 
 /// Everything the recommender reads besides the user.
@@ -368,10 +450,17 @@ pub fn build_outputs(
 
     // Candidate pool from every source, excluding what the user already consumed.
     let mut candidates: Vec<Candidate> = Vec::with_capacity(4 * lists.candidates_per_source);
-    let mut slot: IdMap<usize> = IdMap::default();
-    // Whether `id` may be recommended at all (and is now a candidate of `source`).
+    let mut slot: IdMap<usize> =
+        IdMap::with_capacity_and_hasher(8 * lists.candidates_per_source, Default::default());
+    // Whether `id` may be recommended at all (and is now a candidate of
+    // `source`). Every source but co-watch ranks catalog items only (the
+    // index and the similarity cache are rebuilt when the catalog changes),
+    // so only co-watch neighbours are looked up in the catalog.
     let mut propose = |id: u32, source: Source| -> bool {
-        if state.is_seen(id) || seeds.contains(&id) || !ctx.catalog.contains(id) {
+        if state.is_seen(id)
+            || seeds.contains(&id)
+            || (source == Source::CoWatched && !ctx.catalog.contains(id))
+        {
             return false;
         }
         let i = *slot.entry(id).or_insert_with(|| {
@@ -435,22 +524,19 @@ pub fn build_outputs(
 
     // Signals.
     let seed_movies: Vec<&Movie> = seeds.iter().filter_map(|s| ctx.catalog.get(*s)).collect();
-    let genre_weight = |g: u8| {
-        weights
-            .iter()
-            .find(|w| w.genre == g)
-            .map_or(0.0, |w| w.weight)
-    };
+    let tastes = GenreTable::new(&weights);
     for c in &mut candidates {
         let movie = ctx
             .catalog
             .get(c.movie_id)
             .expect("candidates are catalog items");
-        c.signals.affinity = affinity(movie.genres, &weights, max_abs);
-        c.reason_genre = movie
-            .genres
-            .iter()
-            .max_by(|a, b| genre_weight(*a).total_cmp(&genre_weight(*b)).then(b.cmp(a)));
+        c.signals.affinity = tastes.affinity(movie.genres, max_abs);
+        c.reason_genre = movie.genres.iter().max_by(|a, b| {
+            tastes
+                .weight(*a)
+                .total_cmp(&tastes.weight(*b))
+                .then(b.cmp(a))
+        });
         if let Some((seed, sim)) = seed_movies
             .iter()
             .map(|s| (s.id, content_similarity(movie, s)))
@@ -659,7 +745,8 @@ fn co_watched(ctx: &Context, state: &UserState) -> CoWatched {
     let co = &ctx.config.co_watch;
     let seeds: Vec<u32> = state.engaged_recent().take(co.seeds).collect();
     let count = |id: u32| ctx.items.get(&id).map_or(0.0, |m| m.count as f64);
-    let mut by_item: IdMap<CoWatchScore> = IdMap::default();
+    let mut by_item: IdMap<CoWatchScore> =
+        IdMap::with_capacity_and_hasher(seeds.len() * co.neighbors, Default::default());
     for &seed in &seeds {
         let Some(neighbours) = ctx.cowatch.get(&seed) else {
             continue;
@@ -685,13 +772,52 @@ fn co_watched(ctx: &Context, state: &UserState) -> CoWatched {
         }
     }
     let mut ranked: Vec<(u32, f64)> = by_item.iter().map(|(id, e)| (*id, e.association)).collect();
-    ranked.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    // Ids are unique: a total order, so the unstable sort is deterministic.
+    ranked.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
     let max = ranked.first().map_or(1.0, |r| r.1);
     CoWatched {
         seeds,
         ranked,
         by_item,
         max,
+    }
+}
+
+/// A user's genre weights indexed by genre, for the per-candidate signals.
+struct GenreTable {
+    weight: [f32; crate::catalog::MAX_GENRES],
+    /// Genres with a weight.
+    present: u64,
+}
+
+impl GenreTable {
+    /// `weights` as kept in the state: sorted by genre, one entry each.
+    fn new(weights: &[GenreWeight]) -> GenreTable {
+        let mut table = GenreTable {
+            weight: [0.0; crate::catalog::MAX_GENRES],
+            present: 0,
+        };
+        for w in weights.iter().rev() {
+            table.weight[w.genre as usize] = w.weight;
+            table.present |= 1u64 << w.genre;
+        }
+        table
+    }
+
+    fn weight(&self, genre: u8) -> f32 {
+        self.weight[genre as usize]
+    }
+
+    /// [`affinity`], summing the same weights in the same (genre) order.
+    fn affinity(&self, genres: GenreSet, max_abs: f64) -> f64 {
+        if genres.is_empty() || max_abs <= 0.0 {
+            return 0.0;
+        }
+        let sum: f64 = GenreSet(genres.0 & self.present)
+            .iter()
+            .map(|g| self.weight(g) as f64)
+            .sum();
+        (sum / max_abs / genres.len() as f64).clamp(-1.0, 1.0)
     }
 }
 
@@ -852,7 +978,56 @@ mod tests {
         c
     }
 
+    /// A catalog with random genres (of 6), years and tags (of 5).
+    fn varied_catalog(movies: &[(u8, Option<u16>, u8)]) -> Catalog {
+        const GENRES: [&str; 6] = ["A", "B", "C", "D", "E", "F"];
+        let mut c = Catalog::default();
+        for (i, (genres, year, tags)) in movies.iter().enumerate() {
+            c.upsert(CatalogRecord {
+                movie_id: i as u32 + 1,
+                title: format!("m{i}"),
+                genres: (0..6)
+                    .filter(|g| genres & (1 << g) != 0)
+                    .map(|g| GENRES[g].to_string())
+                    .collect(),
+                year: *year,
+                tmdb_id: None,
+                imdb_id: None,
+                tags: (0..5)
+                    .filter(|t| tags & (1 << t) != 0)
+                    .map(|t| format!("t{t}"))
+                    .collect(),
+            })
+            .unwrap();
+        }
+        c
+    }
+
     proptest! {
+        /// The pruned search by genre group returns exactly what a scan of
+        /// the whole catalog does.
+        #[test]
+        fn most_similar_equals_a_full_scan(
+            movies in proptest::collection::vec(
+                (0u8..64, proptest::option::of(1990u16..2000), prop_oneof![3 => Just(0u8), 1 => 0u8..32]),
+                1..120,
+            ),
+            seed_pick in any::<proptest::sample::Index>(),
+        ) {
+            let c = varied_catalog(&movies);
+            let seed = c.get(seed_pick.index(movies.len()) as u32 + 1).unwrap();
+            let mut full: Vec<(u32, f32)> = c
+                .movies()
+                .filter(|m| m.id != seed.id && !(m.genres.0 & seed.genres.0 == 0 && m.tags.is_empty()))
+                .map(|m| (m.id, content_similarity(seed, m) as f32))
+                .filter(|(_, s)| *s > 0.0)
+                .collect();
+            full.sort_by(by_similarity);
+            full.truncate(SIMILAR_PER_SEED);
+            let groups = group_by_genres(&c);
+            prop_assert_eq!(most_similar(&c, &groups, seed), full);
+        }
+
         /// The incrementally kept order equals a full sort by popularity at any
         /// later time (ties to the lower id), decayed or not.
         #[test]
