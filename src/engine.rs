@@ -18,7 +18,7 @@ use crate::feedback::Feedback;
 use crate::metrics;
 use crate::output::UserOutputs;
 use crate::recommend::{
-    self, Context, ItemIndex, PopularOrder, ScoreError, Scorer, SimilarityCache,
+    self, Context, ItemIndex, PopularOrder, RecomputeCache, ScoreError, Scorer,
 };
 use crate::state::{Applied, UserState};
 use crate::store::{Changes, PartitionMeta, Store, StoreError};
@@ -124,7 +124,7 @@ pub struct Engine {
     popular: PopularOrder,
     /// Items with an event within the trending horizon (id, latest event time).
     active: IdMap<i64>,
-    sims: SimilarityCache,
+    recompute_cache: RecomputeCache,
     /// The A/B variants in force (one `default` variant without an experiment).
     variants: Arc<Variants>,
     feedback: Feedback,
@@ -179,7 +179,7 @@ impl Engine {
             active: IdMap::default(),
             variants,
             feedback: Feedback::new(FEEDBACK_USERS),
-            sims: SimilarityCache::default(),
+            recompute_cache: RecomputeCache::default(),
             watermark: 0,
             genre_share_ewma: BTreeMap::new(),
             applied: HashMap::new(),
@@ -403,7 +403,7 @@ impl Engine {
                 None => self.catalog.remove(id),
             }
         }
-        self.sims.clear();
+        self.recompute_cache.catalog_changed();
         self.popular = PopularOrder::build(
             &self.catalog,
             &self.items,
@@ -691,6 +691,7 @@ impl Engine {
             &active,
         ));
         self.index_cache = Some(index.clone());
+        self.recompute_cache.index_changed();
         index
     }
 
@@ -710,7 +711,7 @@ impl Engine {
             variant,
         };
         let started = Instant::now();
-        let outputs = recommend::build_outputs(&ctx, &mut self.sims, user, state)?;
+        let outputs = recommend::build_outputs(&ctx, &mut self.recompute_cache, user, state)?;
         if variant.scorer.is_some() {
             metrics::scorer_latency(started.elapsed().as_secs_f64());
         }

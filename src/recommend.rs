@@ -268,6 +268,34 @@ struct GenreGroup {
     ids: Vec<u32>,
 }
 
+/// What recomputing users reuses between them: similar items per seed (until
+/// the catalog changes) and item signals (until the index changes).
+#[derive(Debug, Default)]
+pub struct RecomputeCache {
+    pub similar: SimilarityCache,
+    /// [`ItemIndex::signal`] of items already scored against the current index.
+    signals: IdMap<(f64, f64)>,
+}
+
+impl RecomputeCache {
+    /// Call whenever a new [`ItemIndex`] is built (the counters moved).
+    pub fn index_changed(&mut self) {
+        self.signals.clear();
+    }
+
+    pub fn catalog_changed(&mut self) {
+        self.similar.clear();
+        self.signals.clear();
+    }
+
+    fn signal(&mut self, ctx: &Context, id: u32) -> (f64, f64) {
+        *self
+            .signals
+            .entry(id)
+            .or_insert_with(|| ctx.index.signal(ctx.items.get(&id)))
+    }
+}
+
 const SIMILAR_PER_SEED: usize = 30;
 const SIMILARITY_CACHE_MAX: usize = 100_000;
 
@@ -407,7 +435,7 @@ struct Candidate {
 /// `ctx.index.now`, carrying the state's version.
 pub fn build_outputs(
     ctx: &Context,
-    sims: &mut SimilarityCache,
+    cache: &mut RecomputeCache,
     user_id: &str,
     state: &UserState,
 ) -> Result<UserOutputs, ScoreError> {
@@ -511,7 +539,7 @@ pub fn build_outputs(
     }
     let seed_lists: Vec<(u32, SimilarItems)> = seeds
         .iter()
-        .map(|&s| (s, sims.similar(ctx.catalog, s)))
+        .map(|&s| (s, cache.similar.similar(ctx.catalog, s)))
         .collect();
     for (_, similar) in &seed_lists {
         take(&mut similar.iter().map(|(id, _)| *id), Source::Similar);
@@ -545,7 +573,7 @@ pub fn build_outputs(
             c.signals.similarity = sim;
             c.because_of = Some(seed);
         }
-        let (popularity, trending) = ctx.index.signal(ctx.items.get(&c.movie_id));
+        let (popularity, trending) = cache.signal(ctx, c.movie_id);
         c.signals.popularity = popularity;
         c.signals.trending = trending;
         if let Some(s) = co_watched.by_item.get(&c.movie_id) {
@@ -643,7 +671,7 @@ pub fn build_outputs(
     let because = match row_seed {
         Some(seed) => {
             let neighbours = ctx.cowatch.get(&seed).map(Neighbors::strongest);
-            let similar = sims.similar(ctx.catalog, seed);
+            let similar = cache.similar.similar(ctx.catalog, seed);
             let ids: Vec<u32> = neighbours
                 .into_iter()
                 .flatten()
