@@ -13,7 +13,9 @@
 #   RATINGS=FILE: the throughput phase replays these MovieLens ratings in
 #   event-time order, as fast as possible, instead of synthetic users; CATALOG
 #   must hold their movies, e.g. RATINGS=../shared/data/movielens/ml-100k/u.data
-#   CATALOG=../shared/data/movielens/ml-100k/u.item)
+#   CATALOG=../shared/data/movielens/ml-100k/u.item,
+#   ENGINE_TOML=FILE: more engine settings, appended to the bench's config,
+#   e.g. [engine.lists] candidates_per_source = 120)
 source "$(dirname "$0")/broker.sh"
 
 EVENTS=${EVENTS:-200000}
@@ -38,6 +40,9 @@ if [ "$NCF" = 1 ]; then
   "$BIN" train --synthetic-users 2000 --catalog "$CATALOG" --epochs 3 --quiet \
     --out "$work/ncf" >"$work/train.log" 2>&1
   printf '[model]\npath = "%s"\n' "$work/ncf.onnx" >>"$ENGINE_CONFIG"
+fi
+if [ -n "${ENGINE_TOML:-}" ]; then
+  cat "$ENGINE_TOML" >>"$ENGINE_CONFIG"
 fi
 hport=$(free_port)
 
