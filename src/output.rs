@@ -240,15 +240,29 @@ fn field_key(out: &mut Vec<u8>, first: bool, key: &str) {
     out.extend_from_slice(b"\":");
 }
 
+/// The opening brace and the fields every record starts with.
+fn write_head(
+    out: &mut Vec<u8>,
+    schema: &str,
+    user_id: &str,
+    version: u64,
+    as_of: i64,
+    variant: &str,
+) {
+    out.push(b'{');
+    field(out, true, "schema", schema);
+    field(out, false, "user_id", user_id);
+    field(out, false, "version", &version);
+    field(out, false, "as_of", &as_of);
+    field(out, false, "variant", variant);
+}
+
 /// `serde_json::to_vec(r)`, field by field in declaration order.
 fn encode_recommendations(r: &Recommendations, items: &mut ItemJson) -> Vec<u8> {
     let mut out = Vec::with_capacity(4096);
-    out.push(b'{');
-    field(&mut out, true, "schema", &r.schema);
-    field(&mut out, false, "user_id", &r.user_id);
-    field(&mut out, false, "version", &r.version);
-    field(&mut out, false, "as_of", &r.as_of);
-    field(&mut out, false, "variant", &r.variant);
+    write_head(
+        &mut out, &r.schema, &r.user_id, r.version, r.as_of, &r.variant,
+    );
     if let Some(model) = &r.model {
         field(&mut out, false, "model", model);
     }
@@ -261,12 +275,9 @@ fn encode_recommendations(r: &Recommendations, items: &mut ItemJson) -> Vec<u8> 
 /// `serde_json::to_vec(c)`, field by field in declaration order.
 fn encode_carousels(c: &Carousels, items: &mut ItemJson) -> Vec<u8> {
     let mut out = Vec::with_capacity(16384);
-    out.push(b'{');
-    field(&mut out, true, "schema", &c.schema);
-    field(&mut out, false, "user_id", &c.user_id);
-    field(&mut out, false, "version", &c.version);
-    field(&mut out, false, "as_of", &c.as_of);
-    field(&mut out, false, "variant", &c.variant);
+    write_head(
+        &mut out, &c.schema, &c.user_id, c.version, c.as_of, &c.variant,
+    );
     field_key(&mut out, false, "rows");
     out.push(b'[');
     for (i, row) in c.rows.iter().enumerate() {
