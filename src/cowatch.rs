@@ -101,8 +101,26 @@ impl Neighbors {
 /// conditional probability of the candidate given the seed (favours popular
 /// items), `alpha = 0.5` the cosine; item counts below 1 count as 1.
 pub fn association(count: f32, seed_count: f64, candidate_count: f64, alpha: f64) -> f64 {
-    let denominator = seed_count.max(1.0).powf(1.0 - alpha) * candidate_count.max(1.0).powf(alpha);
-    count.max(0.0) as f64 / denominator
+    association_of_factors(
+        count,
+        seed_factor(seed_count, alpha),
+        candidate_factor(candidate_count, alpha),
+    )
+}
+
+/// The seed's part of [`association`]'s denominator (one per seed).
+pub fn seed_factor(seed_count: f64, alpha: f64) -> f64 {
+    seed_count.max(1.0).powf(1.0 - alpha)
+}
+
+/// The candidate's part of [`association`]'s denominator (one per candidate).
+pub fn candidate_factor(candidate_count: f64, alpha: f64) -> f64 {
+    candidate_count.max(1.0).powf(alpha)
+}
+
+/// [`association`] from its two precomputed factors.
+pub fn association_of_factors(count: f32, seed_factor: f64, candidate_factor: f64) -> f64 {
+    count.max(0.0) as f64 / (seed_factor * candidate_factor)
 }
 
 /// How much `n` co-occurrences are trusted: `n / (n + support)`, 1 when

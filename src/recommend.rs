@@ -544,9 +544,9 @@ pub fn build_outputs(
     for (_, similar) in &seed_lists {
         take(&mut similar.iter().map(|(id, _)| *id), Source::Similar);
     }
-    let co_watched = co_watched(ctx, state);
+    let mut co_watched = co_watched(ctx, state);
     take(
-        &mut co_watched.ranked.iter().map(|(id, _)| *id),
+        &mut (&mut co_watched.ranked).map(|(id, _)| id),
         Source::CoWatched,
     );
 
@@ -750,7 +750,7 @@ struct CoWatched {
     /// The user's seeds, most recent first.
     seeds: Vec<u32>,
     /// Candidates by summed association, strongest first (ties: lower id).
-    ranked: Vec<(u32, f64)>,
+    ranked: LazyRanking,
     by_item: IdMap<CoWatchScore>,
     /// The strongest association (1 when there is none), for normalizing.
     max: f64,
@@ -765,6 +765,57 @@ struct CoWatchScore {
     seed_association: f64,
     /// How often it was co-watched with the seeds.
     support: f64,
+    /// Its [`cowatch::candidate_factor`], computed once.
+    candidate_factor: f64,
+}
+
+/// `(id, score)` pairs strongest first (ties: lower id), sorted only as far
+/// as they are read: the co-watch source reads a few dozen of up to
+/// `seeds × neighbors` (1,000 by default).
+struct LazyRanking {
+    items: Vec<(u32, f64)>,
+    /// `items[..sorted]` is in final order.
+    sorted: usize,
+    next: usize,
+}
+
+fn strongest_first(a: &(u32, f64), b: &(u32, f64)) -> std::cmp::Ordering {
+    b.1.total_cmp(&a.1).then(a.0.cmp(&b.0))
+}
+
+impl LazyRanking {
+    fn new(items: Vec<(u32, f64)>) -> LazyRanking {
+        LazyRanking {
+            items,
+            sorted: 0,
+            next: 0,
+        }
+    }
+
+    /// The strongest score, if any.
+    fn top(&self) -> Option<f64> {
+        self.items.iter().map(|e| e.1).max_by(|a, b| a.total_cmp(b))
+    }
+}
+
+impl Iterator for LazyRanking {
+    type Item = (u32, f64);
+
+    fn next(&mut self) -> Option<(u32, f64)> {
+        if self.next == self.sorted && self.sorted < self.items.len() {
+            // Sort the next chunk (doubling): select it from the rest, then order it.
+            let rest = &mut self.items[self.sorted..];
+            let chunk = self.sorted.max(64).min(rest.len());
+            if chunk < rest.len() {
+                rest.select_nth_unstable_by(chunk - 1, strongest_first);
+            }
+            rest[..chunk].sort_unstable_by(strongest_first);
+            self.sorted += chunk;
+        }
+        let item = self.items.get(self.next).copied();
+        self.next += item.is_some() as usize;
+        item
+    }
 }
 
 /// Items co-watched with the user's most recent engaged ones: each seed's
@@ -779,18 +830,34 @@ fn co_watched(ctx: &Context, state: &UserState) -> CoWatched {
         let Some(neighbours) = ctx.cowatch.get(&seed) else {
             continue;
         };
-        let seed_count = count(seed);
+        let seed_factor = cowatch::seed_factor(count(seed), co.alpha);
         for n in &neighbours.entries {
-            let a = cowatch::association(n.guaranteed(), seed_count, count(n.item), co.alpha);
+            let e = match by_item.get_mut(&n.item) {
+                Some(e) => e,
+                None => {
+                    let candidate_factor = cowatch::candidate_factor(count(n.item), co.alpha);
+                    if cowatch::association_of_factors(
+                        n.guaranteed(),
+                        seed_factor,
+                        candidate_factor,
+                    ) <= 0.0
+                    {
+                        continue;
+                    }
+                    by_item.entry(n.item).or_insert(CoWatchScore {
+                        association: 0.0,
+                        seed,
+                        seed_association: 0.0,
+                        support: 0.0,
+                        candidate_factor,
+                    })
+                }
+            };
+            let a =
+                cowatch::association_of_factors(n.guaranteed(), seed_factor, e.candidate_factor);
             if a <= 0.0 {
                 continue;
             }
-            let e = by_item.entry(n.item).or_insert(CoWatchScore {
-                association: 0.0,
-                seed,
-                seed_association: 0.0,
-                support: 0.0,
-            });
             e.association += a;
             e.support += n.guaranteed() as f64;
             if a > e.seed_association {
@@ -799,10 +866,9 @@ fn co_watched(ctx: &Context, state: &UserState) -> CoWatched {
             }
         }
     }
-    let mut ranked: Vec<(u32, f64)> = by_item.iter().map(|(id, e)| (*id, e.association)).collect();
-    // Ids are unique: a total order, so the unstable sort is deterministic.
-    ranked.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-    let max = ranked.first().map_or(1.0, |r| r.1);
+    // Ids are unique: a total order, so unstable sorting is deterministic.
+    let ranked = LazyRanking::new(by_item.iter().map(|(id, e)| (*id, e.association)).collect());
+    let max = ranked.top().unwrap_or(1.0);
     CoWatched {
         seeds,
         ranked,
@@ -1032,6 +1098,23 @@ mod tests {
     }
 
     proptest! {
+        /// Reading the lazy ranking to any depth gives the fully sorted prefix.
+        #[test]
+        fn lazy_ranking_reads_like_a_full_sort(
+            scores in proptest::collection::vec(0u8..20, 0..400),
+            depth in 0usize..450,
+        ) {
+            let items: Vec<(u32, f64)> =
+                scores.iter().enumerate().map(|(i, s)| (i as u32 * 7 % 401, *s as f64)).collect();
+            let mut unique = items.clone();
+            unique.sort_by_key(|e| e.0);
+            unique.dedup_by_key(|e| e.0);
+            let mut full = unique.clone();
+            full.sort_by(strongest_first);
+            let lazy: Vec<(u32, f64)> = LazyRanking::new(unique).take(depth).collect();
+            prop_assert_eq!(&lazy[..], &full[..depth.min(full.len())]);
+        }
+
         /// The pruned search by genre group returns exactly what a scan of
         /// the whole catalog does.
         #[test]
