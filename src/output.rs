@@ -204,7 +204,7 @@ impl ItemJson {
             Some(span) => span.clone(),
             None => {
                 let start = self.bytes.len();
-                write_json(&mut self.bytes, item);
+                write_item(&mut self.bytes, item);
                 let span = start..self.bytes.len();
                 self.spans.insert(key, span.clone());
                 span
@@ -223,6 +223,51 @@ impl ItemJson {
         }
         out.push(b']');
     }
+}
+
+/// `serde_json::to_writer(out, item)` with the keys written as literals
+/// (serde_json escapes every key; items are most of the bytes published).
+/// Field order and skipping follow the struct; the encode test compares the
+/// bytes with serde_json's, so a field added to the struct fails it.
+fn write_item(out: &mut Vec<u8>, item: &RecommendedItem) {
+    out.extend_from_slice(b"{\"movie_id\":");
+    write_json(out, &item.movie_id);
+    out.extend_from_slice(b",\"title\":");
+    write_json(out, &*item.title);
+    out.extend_from_slice(b",\"genres\":");
+    write_json(out, &*item.genres);
+    if let Some(year) = item.year {
+        out.extend_from_slice(b",\"year\":");
+        write_json(out, &year);
+    }
+    if let Some(tmdb_id) = item.tmdb_id {
+        out.extend_from_slice(b",\"tmdb_id\":");
+        write_json(out, &tmdb_id);
+    }
+    out.extend_from_slice(b",\"score\":");
+    write_json(out, &item.score);
+    let s = &item.signals;
+    for (i, (key, value)) in [
+        ("affinity", s.affinity),
+        ("similarity", s.similarity),
+        ("popularity", s.popularity),
+        ("trending", s.trending),
+        ("co_watched", s.co_watched),
+    ]
+    .into_iter()
+    .chain(s.ncf.map(|n| ("ncf", n)))
+    .enumerate()
+    {
+        out.extend_from_slice(if i == 0 { b",\"signals\":{\"" } else { b",\"" });
+        out.extend_from_slice(key.as_bytes());
+        out.extend_from_slice(b"\":");
+        write_json(out, &value);
+    }
+    out.extend_from_slice(b"},\"sources\":");
+    write_json(out, &item.sources);
+    out.extend_from_slice(b",\"reason\":");
+    write_json(out, &*item.reason);
+    out.push(b'}');
 }
 
 /// Writes `"key":` then the value, after a comma unless it is the first field.
@@ -346,7 +391,12 @@ mod tests {
                 as_of: -3,
                 variant: "control".into(),
                 model,
-                items: vec![a.clone(), b.clone()],
+                // Year and TMDb id present; a non-finite score writes null.
+                items: vec![
+                    a.clone(),
+                    b.clone(),
+                    item(6, "Heat", "Popular", Some(f64::NAN)),
+                ],
             },
             carousels: Carousels {
                 schema: CAROUSELS_SCHEMA.into(),
