@@ -65,12 +65,28 @@ pub fn dominant(s: &Signals, w: &BlendWeights) -> Dominant {
         .0
 }
 
-/// `ln(1 + x) / ln(1 + max)`: popularity is heavy-tailed, so compare on a log scale.
-pub fn log_normalize(x: f64, max: f64) -> f64 {
-    if max <= 0.0 || x <= 0.0 {
-        0.0
-    } else {
-        ((1.0 + x).ln() / (1.0 + max).ln()).min(1.0)
+/// `ln(1 + x) / ln(1 + max)`: popularity is heavy-tailed, so compare on a
+/// log scale. One `max`, its denominator computed once.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LogScale {
+    max: f64,
+    ln1p_max: f64,
+}
+
+impl LogScale {
+    pub fn new(max: f64) -> LogScale {
+        LogScale {
+            max,
+            ln1p_max: (1.0 + max).ln(),
+        }
+    }
+
+    pub fn normalize(self, x: f64) -> f64 {
+        if self.max <= 0.0 || x <= 0.0 {
+            0.0
+        } else {
+            ((1.0 + x).ln() / self.ln1p_max).min(1.0)
+        }
     }
 }
 
@@ -222,10 +238,10 @@ mod tests {
         }
 
         #[test]
-        fn log_normalize_is_monotone_and_bounded(x in 0.0f64..1e6, y in 0.0f64..1e6, max in 1.0f64..1e6) {
+        fn log_scale_is_monotone_and_bounded(x in 0.0f64..1e6, y in 0.0f64..1e6, max in 1.0f64..1e6) {
             let (lo, hi) = if x < y { (x, y) } else { (y, x) };
-            prop_assert!(log_normalize(lo, max) <= log_normalize(hi, max));
-            prop_assert!((0.0..=1.0).contains(&log_normalize(x, max)));
+            prop_assert!(LogScale::new(max).normalize(lo) <= LogScale::new(max).normalize(hi));
+            prop_assert!((0.0..=1.0).contains(&LogScale::new(max).normalize(x)));
         }
     }
 }

@@ -48,8 +48,8 @@ pub struct ItemIndex {
     /// The [`TRENDING_RANKED`] most trending catalog items, most trending first.
     pub trending: Vec<u32>,
     pub popularity_max: f64,
-    /// `ln(1 + popularity_max)`, the popularity signal's denominator.
-    pub popularity_max_ln1p: f64,
+    /// Normalizes popularity against `popularity_max`.
+    pub popularity_scale: blend::LogScale,
     pub trending_max: f64,
     /// Genres by their own trending score, hottest first (cold-start rows).
     pub trending_genres: Vec<u8>,
@@ -64,10 +64,21 @@ pub fn trending_horizon(hl: HalfLives) -> i64 {
 
 /// An item's trending score at `now`, 0 beyond the horizon.
 pub fn trending_now(m: &Momentum, now: i64, hl: HalfLives) -> f64 {
+    trending_now_with_long(m, now, hl, || m.long.value_at(now, hl.long_ms))
+}
+
+/// [`trending_now`] for callers that may already have the long-window value
+/// (computed only when needed).
+fn trending_now_with_long(
+    m: &Momentum,
+    now: i64,
+    hl: HalfLives,
+    long: impl FnOnce() -> f64,
+) -> f64 {
     if m.short.as_of < now.saturating_sub(trending_horizon(hl)) {
         0.0
     } else {
-        m.trending_at(now, hl)
+        m.trending_at_with_long(now, hl, long())
     }
 }
 
@@ -193,7 +204,7 @@ impl ItemIndex {
             popular: popular.order.iter().map(|e| (e.1, e.2)).collect(),
             trending: hottest.iter().map(|e| e.1).collect(),
             popularity_max,
-            popularity_max_ln1p: (1.0 + popularity_max).ln(),
+            popularity_scale: blend::LogScale::new(popularity_max),
             trending_max,
             trending_genres,
         }
@@ -204,23 +215,14 @@ impl ItemIndex {
     /// An item's normalized (popularity, trending) at `now`, from its counters.
     ///
     /// Hot path (once per candidate): the long-window value serves both
-    /// signals and `ln(1 + popularity_max)` is computed once per index, so
-    /// this equals [`blend::log_normalize`] and [`trending_now`] with three
-    /// transcendental calls instead of six.
+    /// signals and the popularity scale's denominator is computed once per
+    /// index: three transcendental calls instead of six.
     pub fn signal(&self, m: Option<&Momentum>) -> (f64, f64) {
         let Some(m) = m else { return (0.0, 0.0) };
         let long = m.popularity_at(self.now, self.hl);
-        let popularity = if self.popularity_max <= 0.0 || long <= 0.0 {
-            0.0
-        } else {
-            ((1.0 + long).ln() / self.popularity_max_ln1p).min(1.0)
-        };
+        let popularity = self.popularity_scale.normalize(long);
         let trending = if self.trending_max > 0.0 {
-            let now = if m.short.as_of < self.now.saturating_sub(trending_horizon(self.hl)) {
-                0.0
-            } else {
-                m.trending_at_with_long(self.now, self.hl, long)
-            };
+            let now = trending_now_with_long(m, self.now, self.hl, || long);
             (now / self.trending_max).clamp(0.0, 1.0)
         } else {
             0.0
