@@ -1,6 +1,6 @@
 //! Command line: raw arguments are validated into a [`Config`] once, here.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{bail, Context as _, Result};
@@ -91,6 +91,12 @@ pub struct KafkaArgs {
     /// Bootstrap brokers, e.g. 127.0.0.1:9092.
     #[arg(long, env = "RECSTREAM_BROKERS")]
     pub brokers: Option<String>,
+}
+
+/// The config file a `--config` option names, if any; errors name the option.
+pub fn config_file(path: Option<&Path>) -> Result<Option<Config>> {
+    path.map(|p| Config::from_file(p).with_context(|| format!("--config {}", p.display())))
+        .transpose()
 }
 
 impl KafkaArgs {

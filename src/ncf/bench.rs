@@ -185,11 +185,8 @@ fn cold_start(
         progress: !args.quiet,
     })?;
     let mut model = run.model;
-    if let Some(path) = &args.config {
-        model.fold_in = crate::config::Config::from_file(path)
-            .with_context(|| format!("--config {}", path.display()))?
-            .model
-            .fold_in;
+    if let Some(config) = crate::cli::config_file(args.config.as_deref())? {
+        model.fold_in = config.model.fold_in;
     }
     let model = &model;
     let engine = EngineConfig::default();
@@ -305,6 +302,28 @@ fn peer(peers: &Value, section: &str, algo: &str, split: &str, metric: &str) -> 
 
 fn cell(v: Option<f64>) -> String {
     v.map_or("–".into(), |v| format!("{v:.4}"))
+}
+
+/// Table cells of `a / b` pairs (a metric pair per scorer), the first in
+/// bold when it is ours: `**a / b** | c / d | …`.
+fn pair_cells(values: &[Option<f64>], bold_first: bool) -> String {
+    values
+        .chunks(2)
+        .enumerate()
+        .map(|(i, pair)| {
+            let text = pair
+                .iter()
+                .map(|v| cell(*v))
+                .collect::<Vec<_>>()
+                .join(" / ");
+            if i == 0 && bold_first {
+                format!("**{text}**")
+            } else {
+                text
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" | ")
 }
 
 pub fn run(args: &EvalArgs) -> Result<()> {
@@ -465,32 +484,13 @@ fn render(
                     c.push(v);
                 }
             }
-            let _ = writeln!(
-                s,
-                "| {name} | {} / {} | {} / {} | {} / {} | {} / {} |",
-                cell(values[0]),
-                cell(values[1]),
-                cell(values[2]),
-                cell(values[3]),
-                cell(values[4]),
-                cell(values[5]),
-                cell(values[6]),
-                cell(values[7])
-            );
+            let _ = writeln!(s, "| {name} | {} |", pair_cells(&values, false));
         }
-        let m = |c: &Vec<f64>| (c.len() == explicit.len()).then(|| mean(c));
-        let _ = writeln!(
-            s,
-            "| **mean** | **{} / {}** | {} / {} | {} / {} | {} / {} |\n",
-            cell(m(&cols[0])),
-            cell(m(&cols[1])),
-            cell(m(&cols[2])),
-            cell(m(&cols[3])),
-            cell(m(&cols[4])),
-            cell(m(&cols[5])),
-            cell(m(&cols[6])),
-            cell(m(&cols[7]))
-        );
+        let means: Vec<Option<f64>> = cols
+            .iter()
+            .map(|c| (c.len() == explicit.len()).then(|| mean(c)))
+            .collect();
+        let _ = writeln!(s, "| **mean** | {} |\n", pair_cells(&means, true));
         let _ = writeln!(
             s,
             "Published (ANCHORS.md): Surprise SVD 0.934 / 0.737 and SVD++ 0.919 / 0.721 (random 5-fold); \
@@ -509,18 +509,17 @@ fn render(
         let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|");
         for (name, r, base, users) in implicit {
             let p = |algo: &str, m: &str| peer(peers, "implicit", algo, name, m);
-            let _ = writeln!(
-                s,
-                "| {name} | {users} | **{} / {}** | {} / {} | {} / {} | {} / {} |",
-                cell(metric(r, "hr@10")),
-                cell(metric(r, "ndcg@10")),
-                cell(Some(base.0)),
-                cell(Some(base.1)),
-                cell(p("implicit_als", "hr@10")),
-                cell(p("implicit_als", "ndcg@10")),
-                cell(p("implicit_bpr", "hr@10")),
-                cell(p("implicit_bpr", "ndcg@10")),
-            );
+            let values = [
+                metric(r, "hr@10"),
+                metric(r, "ndcg@10"),
+                Some(base.0),
+                Some(base.1),
+                p("implicit_als", "hr@10"),
+                p("implicit_als", "ndcg@10"),
+                p("implicit_bpr", "hr@10"),
+                p("implicit_bpr", "ndcg@10"),
+            ];
+            let _ = writeln!(s, "| {name} | {users} | {} |", pair_cells(&values, true));
         }
         let _ = writeln!(
             s,
@@ -571,4 +570,19 @@ fn render(
         );
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pair_cells_write_the_tables_row_format() {
+        let values = [Some(0.5), None, Some(1.0), Some(0.25)];
+        assert_eq!(
+            pair_cells(&values, true),
+            "**0.5000 / –** | 1.0000 / 0.2500"
+        );
+        assert_eq!(pair_cells(&values, false), "0.5000 / – | 1.0000 / 0.2500");
+    }
 }

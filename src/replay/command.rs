@@ -73,13 +73,7 @@ fn fold_in_config(args: &ReplayArgs) -> Result<FoldInConfig> {
 }
 
 fn config_file(args: &ReplayArgs) -> Result<Option<crate::config::Config>> {
-    args.config
-        .as_ref()
-        .map(|path| {
-            crate::config::Config::from_file(path)
-                .with_context(|| format!("--config {}", path.display()))
-        })
-        .transpose()
+    crate::cli::config_file(args.config.as_deref())
 }
 
 /// Published-protocol anchors of all-time popularity (issue text, ±0.003).
