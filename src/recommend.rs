@@ -834,32 +834,21 @@ fn co_watched(ctx: &Context, state: &UserState) -> CoWatched {
         };
         let seed_factor = cowatch::seed_factor(count(seed), co.alpha);
         for n in &neighbours.entries {
-            let e = match by_item.get_mut(&n.item) {
-                Some(e) => e,
-                None => {
-                    let candidate_factor = cowatch::candidate_factor(count(n.item), co.alpha);
-                    if cowatch::association_of_factors(
-                        n.guaranteed(),
-                        seed_factor,
-                        candidate_factor,
-                    ) <= 0.0
-                    {
-                        continue;
-                    }
-                    by_item.entry(n.item).or_insert(CoWatchScore {
-                        association: 0.0,
-                        seed,
-                        seed_association: 0.0,
-                        support: 0.0,
-                        candidate_factor,
-                    })
-                }
+            let candidate_factor = match by_item.get(&n.item) {
+                Some(e) => e.candidate_factor,
+                None => cowatch::candidate_factor(count(n.item), co.alpha),
             };
-            let a =
-                cowatch::association_of_factors(n.guaranteed(), seed_factor, e.candidate_factor);
+            let a = cowatch::association_of_factors(n.guaranteed(), seed_factor, candidate_factor);
             if a <= 0.0 {
                 continue;
             }
+            let e = by_item.entry(n.item).or_insert(CoWatchScore {
+                association: 0.0,
+                seed,
+                seed_association: 0.0,
+                support: 0.0,
+                candidate_factor,
+            });
             e.association += a;
             e.support += n.guaranteed() as f64;
             if a > e.seed_association {
