@@ -11,7 +11,12 @@
 //! Lists are kept per input partition (they move with it, like the item
 //! counters) and summed over the partitions an instance holds.
 
+use std::cell::OnceCell;
+use std::collections::HashMap;
+
 use serde::{Deserialize, Serialize};
+
+use crate::catalog::IdMap;
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Neighbor {
@@ -64,22 +69,32 @@ impl Neighbors {
         }
     }
 
-    /// The sum of several partitions' lists, trimmed to the `cap` strongest.
+    /// The sum of several partitions' lists, trimmed to the `cap` strongest
+    /// (strongest first; ties: lower id). Runs once per touched item and
+    /// micro-batch over up to `cap` entries per partition, so it sorts by id
+    /// and sums runs instead of searching the merged list for every entry.
+    /// Counts are whole numbers, so the sums do not depend on the order.
     pub fn merge<'a>(lists: impl IntoIterator<Item = &'a Neighbors>, cap: usize) -> Neighbors {
-        let mut all: Vec<Neighbor> = Vec::new();
-        for list in lists {
-            for n in &list.entries {
-                match all.iter_mut().find(|m| m.item == n.item) {
-                    Some(m) => {
-                        m.count += n.count;
-                        m.error += n.error;
-                    }
-                    None => all.push(*n),
-                }
+        let mut all: Vec<Neighbor> = lists
+            .into_iter()
+            .flat_map(|list| list.entries.iter().copied())
+            .collect();
+        all.sort_unstable_by_key(|n| n.item);
+        all.dedup_by(|later, kept| {
+            let same = later.item == kept.item;
+            if same {
+                kept.count += later.count;
+                kept.error += later.error;
             }
+            same
+        });
+        let strongest_first =
+            |a: &Neighbor, b: &Neighbor| b.count.total_cmp(&a.count).then(a.item.cmp(&b.item));
+        if all.len() > cap {
+            all.select_nth_unstable_by(cap, strongest_first);
+            all.truncate(cap);
         }
-        all.sort_by(|a, b| b.count.total_cmp(&a.count).then(a.item.cmp(&b.item)));
-        all.truncate(cap);
+        all.sort_unstable_by(strongest_first);
         Neighbors { entries: all }
     }
 
@@ -93,6 +108,87 @@ impl Neighbors {
             .collect();
         out.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
         out
+    }
+}
+
+/// The co-watch lists of the partitions an instance holds, and their sums:
+/// what candidates see.
+///
+/// An event changes the lists of several items, while a recompute reads the
+/// sums of a user's few seeds, so a change only forgets the item's sum and
+/// the next read merges it again.
+#[derive(Debug, Default)]
+pub struct CoWatchLists {
+    parts: HashMap<u32, IdMap<Neighbors>>,
+    /// One cell per item with a list in some partition; empty until read.
+    sums: IdMap<OnceCell<Neighbors>>,
+    cap: usize,
+}
+
+impl CoWatchLists {
+    /// Lists of at most `cap` neighbours each, per partition.
+    pub fn new(parts: HashMap<u32, IdMap<Neighbors>>, cap: usize) -> CoWatchLists {
+        let mut lists = CoWatchLists {
+            parts,
+            sums: IdMap::default(),
+            cap,
+        };
+        lists.forget_sums();
+        lists
+    }
+
+    /// Counts `amount` more co-watches of `item` with `other` in `partition`.
+    pub fn add(&mut self, partition: u32, item: u32, other: u32, amount: f32) {
+        let part = self.parts.entry(partition).or_default();
+        part.entry(item).or_default().add(other, amount, self.cap);
+        self.sums.insert(item, OnceCell::new());
+    }
+
+    /// `item`'s list in one partition, as stored.
+    pub fn partition_list(&self, partition: u32, item: u32) -> Option<&Neighbors> {
+        self.parts.get(&partition)?.get(&item)
+    }
+
+    /// `item`'s neighbours summed over the partitions held (merged on the
+    /// first read after a change).
+    pub fn get(&self, item: u32) -> Option<&Neighbors> {
+        let cell = self.sums.get(&item)?;
+        Some(cell.get_or_init(|| {
+            let lists = self.parts.values().filter_map(|part| part.get(&item));
+            Neighbors::merge(lists, self.cap)
+        }))
+    }
+
+    /// Whether no partition held has a list.
+    pub fn is_empty(&self) -> bool {
+        self.sums.is_empty()
+    }
+
+    /// Replaces (or with `None`, drops) one partition's lists.
+    pub fn set_partition(&mut self, partition: u32, lists: Option<IdMap<Neighbors>>) {
+        match lists {
+            Some(lists) => self.parts.insert(partition, lists),
+            None => self.parts.remove(&partition),
+        };
+        self.forget_sums();
+    }
+
+    fn forget_sums(&mut self) {
+        self.sums = self
+            .parts
+            .values()
+            .flat_map(|part| part.keys())
+            .map(|id| (*id, OnceCell::new()))
+            .collect();
+    }
+}
+
+/// Equal when they hold the same partitions' lists and give the same sums.
+impl PartialEq for CoWatchLists {
+    fn eq(&self, other: &CoWatchLists) -> bool {
+        self.parts == other.parts
+            && self.sums.len() == other.sums.len()
+            && self.sums.keys().all(|id| self.get(*id) == other.get(*id))
     }
 }
 
@@ -192,6 +288,67 @@ mod tests {
             association(10.0, 100.0, 1000.0, 0.0),
             association(10.0, 100.0, 20.0, 0.0)
         );
+    }
+
+    #[test]
+    fn sums_follow_changes_and_partitions() {
+        let mut lists = CoWatchLists::new(HashMap::new(), 4);
+        lists.add(0, 1, 2, 1.0);
+        assert_eq!(lists.get(1).unwrap().strongest(), vec![(2, 1.0)]);
+        // A change after a read is seen by the next read.
+        lists.add(3, 1, 2, 2.0);
+        lists.add(3, 1, 5, 1.0);
+        assert_eq!(lists.get(1).unwrap().strongest(), vec![(2, 3.0), (5, 1.0)]);
+        assert!(
+            lists.get(2).is_none(),
+            "only pairs counted in this direction"
+        );
+        // Dropping a partition leaves the others' sums.
+        lists.set_partition(3, None);
+        assert_eq!(lists.get(1).unwrap().strongest(), vec![(2, 1.0)]);
+        lists.set_partition(0, None);
+        assert!(lists.is_empty() && lists.get(1).is_none());
+    }
+
+    /// The merge as first written: search the merged list for every entry.
+    fn merge_by_search(lists: &[Neighbors], cap: usize) -> Neighbors {
+        let mut all: Vec<Neighbor> = Vec::new();
+        for list in lists {
+            for n in &list.entries {
+                match all.iter_mut().find(|m| m.item == n.item) {
+                    Some(m) => {
+                        m.count += n.count;
+                        m.error += n.error;
+                    }
+                    None => all.push(*n),
+                }
+            }
+        }
+        all.sort_by(|a, b| b.count.total_cmp(&a.count).then(a.item.cmp(&b.item)));
+        all.truncate(cap);
+        Neighbors { entries: all }
+    }
+
+    proptest! {
+        /// Sorting by id and summing runs gives the searched merge, entry for
+        /// entry, whatever the partitions' orders and the cap.
+        #[test]
+        fn merge_equals_the_searched_merge(
+            parts in proptest::collection::vec(proptest::collection::vec((0u32..40, 0u8..4), 0..80), 0..7),
+            cap in 1usize..50,
+        ) {
+            let lists: Vec<Neighbors> = parts
+                .iter()
+                .map(|adds| {
+                    let mut n = Neighbors::default();
+                    for &(item, amount) in adds {
+                        n.add(item, f32::from(amount) + 1.0, 12);
+                    }
+                    n
+                })
+                .collect();
+            prop_assert_eq!(Neighbors::merge(&lists, cap), merge_by_search(&lists, cap));
+        }
     }
 
     proptest! {

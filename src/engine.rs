@@ -10,7 +10,7 @@ use std::time::Instant;
 use crate::catalog::{Catalog, CatalogRecord, IdMap};
 use crate::changelog;
 use crate::config::EngineConfig;
-use crate::cowatch::Neighbors;
+use crate::cowatch::{CoWatchLists, Neighbors};
 use crate::decay::Momentum;
 use crate::event::{Interaction, RefreshCommand};
 use crate::experiment::Variants;
@@ -114,12 +114,12 @@ pub struct Engine {
     /// partition when it changes owner.
     item_parts: HashMap<u32, IdMap<Momentum>>,
     genre_parts: HashMap<u32, HashMap<String, Momentum>>,
-    /// Co-watch neighbours per partition, like the item counters.
-    cowatch_parts: HashMap<u32, IdMap<Neighbors>>,
+    /// Co-watch neighbours per partition, like the item counters, and
+    /// their sums.
+    cowatch: CoWatchLists,
     /// Their sums over the partitions this instance holds: what candidates see.
     items: IdMap<Momentum>,
     genres: HashMap<String, Momentum>,
-    cowatch: IdMap<Neighbors>,
     /// Catalog items by popularity, updated as items get events.
     popular: PopularOrder,
     /// Items with an event within the trending horizon (id, latest event time).
@@ -162,7 +162,7 @@ impl Engine {
         store.set_genre_vocabulary(&catalog.genre_vocabulary())?;
         let item_parts = store.items()?;
         let genre_parts = store.genres()?;
-        let cowatch_parts = store.cowatch()?;
+        let cowatch = CoWatchLists::new(store.cowatch()?, config.co_watch.neighbors);
         metrics::catalog_size(catalog.len());
         let variants = Arc::new(Variants::single(config.blend.clone(), None));
         let mut engine = Engine {
@@ -171,10 +171,9 @@ impl Engine {
             catalog,
             item_parts,
             genre_parts,
-            cowatch_parts,
+            cowatch,
             items: IdMap::default(),
             genres: HashMap::new(),
-            cowatch: IdMap::default(),
             popular: PopularOrder::default(),
             active: IdMap::default(),
             variants,
@@ -222,22 +221,6 @@ impl Engine {
             .iter()
             .map(|(id, m)| (*id, m.short.as_of))
             .collect();
-        self.cowatch.clear();
-        let ids: BTreeSet<u32> = self
-            .cowatch_parts
-            .values()
-            .flat_map(|part| part.keys().copied())
-            .collect();
-        for id in ids {
-            self.sum_cowatch(id);
-        }
-    }
-
-    /// Recomputes one item's co-watch neighbours over the partitions held.
-    fn sum_cowatch(&mut self, id: u32) {
-        let lists = self.cowatch_parts.values().filter_map(|part| part.get(&id));
-        let merged = Neighbors::merge(lists, self.config.co_watch.neighbors);
-        self.cowatch.insert(id, merged);
     }
 
     /// Restricts processing to these partitions (the consumer's assignment).
@@ -294,7 +277,7 @@ impl Engine {
     fn forget_in_memory(&mut self, partition: u32) {
         self.item_parts.remove(&partition);
         self.genre_parts.remove(&partition);
-        self.cowatch_parts.remove(&partition);
+        self.cowatch.set_partition(partition, None);
         self.applied.retain(|(_, p), _| *p as u32 != partition);
         self.sum_partitions();
     }
@@ -351,7 +334,7 @@ impl Engine {
         self.forget_in_memory(partition);
         self.item_parts.insert(partition, items);
         self.genre_parts.insert(partition, genres);
-        self.cowatch_parts.insert(partition, cowatch);
+        self.cowatch.set_partition(partition, Some(cowatch));
         self.sum_partitions();
         Ok(())
     }
@@ -491,7 +474,7 @@ impl Engine {
                             self.watermark = self.watermark.max(event.ts);
                             if event.kind.engages() {
                                 count_cowatch(
-                                    &mut self.cowatch_parts,
+                                    &mut self.cowatch,
                                     &self.config.co_watch,
                                     partition,
                                     movie.id,
@@ -561,12 +544,6 @@ impl Engine {
                 self.active.insert(id, m.short.as_of);
             }
         }
-        let mut merged: Vec<u32> = touched_cowatch.iter().map(|(_, id)| *id).collect();
-        merged.sort_unstable();
-        merged.dedup();
-        for id in merged {
-            self.sum_cowatch(id);
-        }
         metrics::stage("apply", started.elapsed().as_secs_f64());
 
         let recompute_started = Instant::now();
@@ -594,7 +571,10 @@ impl Engine {
         touched_cowatch.dedup();
         changes.cowatch = touched_cowatch
             .iter()
-            .map(|(p, id)| (*p, *id, self.cowatch_parts[p][id].clone()))
+            .filter_map(|(p, id)| {
+                let list = self.cowatch.partition_list(*p, *id)?;
+                Some((*p, *id, list.clone()))
+            })
             .collect();
         changes.items = touched_items
             .iter()
@@ -762,21 +742,20 @@ fn dead_letter(
 /// Pairs a newly engaged movie with the user's previous engaged items, both
 /// ways (the user's state already holds the new event).
 fn count_cowatch(
-    parts: &mut HashMap<u32, IdMap<Neighbors>>,
+    lists: &mut CoWatchLists,
     co: &crate::config::CoWatchConfig,
     partition: u32,
     movie: u32,
     state: &UserState,
     touched: &mut Vec<(u32, u32)>,
 ) {
-    let part = parts.entry(partition).or_default();
     for other in state
         .engaged_recent()
         .filter(|id| *id != movie)
         .take(co.window)
     {
-        part.entry(movie).or_default().add(other, 1.0, co.neighbors);
-        part.entry(other).or_default().add(movie, 1.0, co.neighbors);
+        lists.add(partition, movie, other, 1.0);
+        lists.add(partition, other, movie, 1.0);
         touched.push((partition, movie));
         touched.push((partition, other));
     }
@@ -1098,7 +1077,7 @@ mod tests {
             batch.push(record(2 * u + 1, &user, 17, EventType::Complete, 2000 + u));
         }
         e.process(batch).unwrap();
-        let three = e.cowatch[&3].strongest();
+        let three = e.cowatch.get(3).unwrap().strongest();
         assert_eq!(three[0], (17, 10.0), "{three:?}");
         // A newcomer who watched 3 gets 17 in "Because you watched" and with a
         // co-watched signal and reason.

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use crate::blend::{self, Dominant, Scored, Signals};
 use crate::catalog::{Catalog, GenreSet, IdMap, Movie};
 use crate::config::EngineConfig;
-use crate::cowatch::{self, Neighbors};
+use crate::cowatch::{self, CoWatchLists, Neighbors};
 use crate::decay::{HalfLives, Momentum};
 use crate::event::EventType;
 use crate::experiment::{source_bit, Variant};
@@ -398,7 +398,7 @@ pub struct Context<'a> {
     pub catalog: &'a Catalog,
     pub items: &'a IdMap<Momentum>,
     /// Co-watch neighbours per item, summed over the partitions held.
-    pub cowatch: &'a IdMap<Neighbors>,
+    pub cowatch: &'a CoWatchLists,
     pub index: &'a ItemIndex,
     pub config: &'a EngineConfig,
     /// The user's A/B variant: its name, blend, model and candidate sources.
@@ -668,11 +668,11 @@ pub fn build_outputs(
         .seeds
         .first()
         .copied()
-        .filter(|s| ctx.cowatch.get(s).is_some_and(|n| !n.entries.is_empty()));
+        .filter(|s| ctx.cowatch.get(*s).is_some_and(|n| !n.entries.is_empty()));
     let content_seed = seed_lists.first().map(|(s, list)| (*s, list.clone()));
     let because = match row_seed {
         Some(seed) => {
-            let neighbours = ctx.cowatch.get(&seed).map(Neighbors::strongest);
+            let neighbours = ctx.cowatch.get(seed).map(Neighbors::strongest);
             let similar = cache.similar.similar(ctx.catalog, seed);
             let ids: Vec<u32> = neighbours
                 .into_iter()
@@ -829,7 +829,7 @@ fn co_watched(ctx: &Context, state: &UserState) -> CoWatched {
     let mut by_item: IdMap<CoWatchScore> =
         IdMap::with_capacity_and_hasher(seeds.len() * co.neighbors, Default::default());
     for &seed in &seeds {
-        let Some(neighbours) = ctx.cowatch.get(&seed) else {
+        let Some(neighbours) = ctx.cowatch.get(seed) else {
             continue;
         };
         let seed_factor = cowatch::seed_factor(count(seed), co.alpha);
