@@ -412,7 +412,6 @@ impl Engine {
         let mut users: BTreeMap<(u32, String), UserState> = BTreeMap::new();
         let mut touched_items: Vec<(u32, u32)> = Vec::new();
         let mut touched_genres: Vec<(u32, String)> = Vec::new();
-        let mut touched_cowatch: Vec<(u32, u32)> = Vec::new();
         let mut offsets: BTreeMap<(Arc<str>, i32), i64> = BTreeMap::new();
         // Users whose events were applied in this batch (their model vector moves).
         let mut learned: BTreeSet<(u32, String)> = BTreeSet::new();
@@ -479,7 +478,6 @@ impl Engine {
                                     partition,
                                     movie.id,
                                     state,
-                                    &mut touched_cowatch,
                                 );
                             }
                             // Popularity counts engagement, not its sign: a
@@ -567,15 +565,7 @@ impl Engine {
         touched_items.dedup();
         touched_genres.sort_unstable();
         touched_genres.dedup();
-        touched_cowatch.sort_unstable();
-        touched_cowatch.dedup();
-        changes.cowatch = touched_cowatch
-            .iter()
-            .filter_map(|(p, id)| {
-                let list = self.cowatch.partition_list(*p, *id)?;
-                Some((*p, *id, list.clone()))
-            })
-            .collect();
+        changes.cowatch = self.cowatch.take_changes();
         changes.items = touched_items
             .iter()
             .map(|(p, id)| (*p, *id, self.item_parts[p][id]))
@@ -747,7 +737,6 @@ fn count_cowatch(
     partition: u32,
     movie: u32,
     state: &UserState,
-    touched: &mut Vec<(u32, u32)>,
 ) {
     for other in state
         .engaged_recent()
@@ -756,8 +745,6 @@ fn count_cowatch(
     {
         lists.add(partition, movie, other, 1.0);
         lists.add(partition, other, movie, 1.0);
-        touched.push((partition, movie));
-        touched.push((partition, other));
     }
 }
 
@@ -1063,6 +1050,33 @@ mod tests {
         assert!(b.items.is_empty());
         assert!(b.cowatch.is_empty());
         assert!(b.store().cowatch().unwrap().is_empty());
+    }
+
+    /// The rollback of a batch cut short relies on each entry's `prev`
+    /// being the value the key held; co-watch lists take it from memory.
+    #[test]
+    fn every_changelog_entry_carries_the_value_it_replaces() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut e = changelog_engine(dir.path());
+        let mut stored: HashMap<Vec<u8>, Vec<u8>> = HashMap::new();
+        let mut replaced_lists = 0;
+        for batch in four_batches() {
+            for b in e.process(batch).unwrap().changelog {
+                for (key, bytes) in &b.records {
+                    let name = changelog::Key::decode(key).unwrap();
+                    if name == changelog::Key::Applied {
+                        continue;
+                    }
+                    let entry = changelog::Entry::decode(key, bytes).unwrap();
+                    assert_eq!(entry.prev.as_ref(), stored.get(key), "{name:?}");
+                    if matches!(name, changelog::Key::CoWatch(_)) && entry.prev.is_some() {
+                        replaced_lists += 1;
+                    }
+                    stored.insert(key.clone(), entry.value.unwrap());
+                }
+            }
+        }
+        assert!(replaced_lists > 0, "lists changed in several batches");
     }
 
     #[test]
