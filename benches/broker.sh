@@ -1,7 +1,8 @@
 # Sourced by the benchmark scripts: builds the release engine, starts a tansu
 # broker on a free port with the declared topics, and cleans up on exit.
-# Sets BIN, work (a scratch directory), brokers, free_port and start_engine;
-# ENGINE is the engine's pid, so that the cleanup stops it too.
+# Sets BIN, work (a scratch directory), brokers, free_port, engine_config,
+# cpu_seconds and start_engine; TANSU is the broker's pid and ENGINE the
+# engine's, so that the cleanup stops it too.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash .ci/install.sh >/dev/null
@@ -36,3 +37,21 @@ start_engine() {
   done
   echo "engine not answering $3 after 60 s (log: $work/engine.log)" >&2; exit 1
 }
+
+# Writes the engine's bench config to $ENGINE_CONFIG: the consumers'
+# fetch.wait.max.ms ($FETCH_WAIT_MS) and the settings in the file
+# $ENGINE_TOML, if set. tansu 0.6 answers a fetch only when its wait ends, and
+# a produce to a partition waits for the fetch pending on it: every broker hop
+# costs up to this wait. 1 ms is the freshness setting for tansu (Kafka wakes
+# fetches on new data, so there the engine's default of 10 ms costs nothing).
+FETCH_WAIT_MS=${FETCH_WAIT_MS:-1}
+ENGINE_CONFIG="$work/bench.toml"
+engine_config() {
+  printf '[kafka.client]\n"fetch.wait.max.ms" = "%s"\n' "$FETCH_WAIT_MS" >"$ENGINE_CONFIG"
+  if [ -n "${ENGINE_TOML:-}" ]; then
+    cat "$ENGINE_TOML" >>"$ENGINE_CONFIG"
+  fi
+}
+
+# CPU seconds (user + system) that process $1 has used so far.
+cpu_seconds() { awk -v hz="$(getconf CLK_TCK)" '{printf "%.2f", ($14 + $15) / hz}' "/proc/$1/stat"; }

@@ -9,7 +9,7 @@
 # Prints one JSON line per phase plus the engine's peak RSS and counters.
 # Usage: benches/pipeline.sh   (env: EVENTS, USERS, RATE, LATENCY_EVENTS, CATALOG,
 #   NCF=1: re-score with a NeuMF model trained on synthetic users of CATALOG,
-#   FETCH_WAIT_MS: the consumers' fetch.wait.max.ms, see below,
+#   FETCH_WAIT_MS: the consumers' fetch.wait.max.ms, see benches/broker.sh,
 #   RATINGS=FILE: the throughput phase replays these MovieLens ratings in
 #   event-time order, as fast as possible, instead of synthetic users; CATALOG
 #   must hold their movies, e.g. RATINGS=../shared/data/movielens/ml-100k/u.data
@@ -24,34 +24,23 @@ RATE=${RATE:-1000}
 LATENCY_EVENTS=${LATENCY_EVENTS:-20000}
 CATALOG=${CATALOG:-../shared/data/movielens/ml-latest-small/movies.csv}
 NCF=${NCF:-0}
-# tansu 0.6 answers a fetch only when its wait ends, and a produce to a
-# partition waits for the fetch pending on it: every broker hop costs up to
-# this wait. 1 ms is the freshness setting for tansu (Kafka wakes fetches
-# on new data, so there the engine's default of 10 ms costs nothing).
-FETCH_WAIT_MS=${FETCH_WAIT_MS:-1}
 if [ ! -f "$CATALOG" ]; then
   echo "catalog $CATALOG not found (set CATALOG=...)" >&2
   exit 1
 fi
 
-ENGINE_CONFIG="$work/bench.toml"
-printf '[kafka.client]\n"fetch.wait.max.ms" = "%s"\n' "$FETCH_WAIT_MS" >"$ENGINE_CONFIG"
+engine_config
 if [ "$NCF" = 1 ]; then
   "$BIN" train --synthetic-users 2000 --catalog "$CATALOG" --epochs 3 --quiet \
     --out "$work/ncf" >"$work/train.log" 2>&1
   printf '[model]\npath = "%s"\n' "$work/ncf.onnx" >>"$ENGINE_CONFIG"
-fi
-if [ -n "${ENGINE_TOML:-}" ]; then
-  cat "$ENGINE_TOML" >>"$ENGINE_CONFIG"
 fi
 hport=$(free_port)
 
 start_engine "$work/state" "$hport" /readyz
 
 echo "# machine: $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB; catalog: $CATALOG; NCF: $NCF; fetch.wait.max.ms: $FETCH_WAIT_MS"
-# The engine's CPU seconds (user + system) so far.
-engine_cpu() { awk -v hz="$(getconf CLK_TCK)" '{printf "%.1f", ($14 + $15) / hz}' "/proc/$ENGINE/stat"; }
-cpu_before=$(engine_cpu)
+cpu_before=$(cpu_seconds "$ENGINE")
 if [ -n "${RATINGS:-}" ]; then
   echo "# throughput phase: the first $EVENTS ratings of $RATINGS in event-time order, as fast as possible"
   throughput=$("$BIN" loadgen --brokers "$brokers" --config "$ENGINE_CONFIG" --catalog "$CATALOG" --events "$EVENTS" --ratings "$RATINGS" --rate 0)
@@ -62,7 +51,7 @@ fi
 echo "$throughput"
 # A ratings file may hold fewer than EVENTS (and only the catalog's movies count).
 EVENTS=$(echo "$throughput" | grep -o '"events":[0-9]*' | cut -d: -f2)
-cpu_after=$(engine_cpu)
+cpu_after=$(cpu_seconds "$ENGINE")
 echo "# engine CPU in the throughput phase: $(awk -v a="$cpu_before" -v b="$cpu_after" -v n="$EVENTS" 'BEGIN {printf "%.1f s, %.0f events per CPU-second", b - a, n / (b - a)}')"
 echo "# ceiling: bare consume of the same $EVENTS records"
 "$BIN" loadgen --brokers "$brokers" --config "$ENGINE_CONFIG" --catalog "$CATALOG" --events "$EVENTS" --bare-consume

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Freshness at a fixed input rate on a fresh broker and engine: event ->
+# published-list latency as an app's consumer sees it (p50/p95/p99), and the
+# CPU that the engine and the broker used meanwhile (they share this host's
+# cores with the load generator).
+# Usage: RATE=3500 benches/freshness.sh   (env: RATE, SECONDS_AT_RATE=5,
+#   USERS=10000, CATALOG, FETCH_WAIT_MS, ENGINE_TOML as in pipeline.sh,
+#   RATINGS=FILE: replay these MovieLens ratings in event-time order at RATE
+#   instead of synthetic users; CATALOG must hold their movies)
+source "$(dirname "$0")/broker.sh"
+
+RATE=${RATE:-1000}
+SECONDS_AT_RATE=${SECONDS_AT_RATE:-5}
+USERS=${USERS:-10000}
+CATALOG=${CATALOG:-../shared/data/movielens/ml-latest-small/movies.csv}
+engine_config
+hport=$(free_port)
+start_engine "$work/state" "$hport" /readyz
+
+events=$((RATE * SECONDS_AT_RATE))
+if [ -n "${RATINGS:-}" ]; then
+  source_flags=(--ratings "$RATINGS")
+  echo "# $events ratings of $RATINGS at $RATE events/s; fetch.wait.max.ms: $FETCH_WAIT_MS"
+else
+  source_flags=(--users "$USERS" --seed 2)
+  echo "# $events events of $USERS synthetic users at $RATE events/s; fetch.wait.max.ms: $FETCH_WAIT_MS"
+fi
+engine_before=$(cpu_seconds "$ENGINE")
+broker_before=$(cpu_seconds "$TANSU")
+"$BIN" loadgen --brokers "$brokers" --config "$ENGINE_CONFIG" --catalog "$CATALOG" \
+  --events "$events" --rate "$RATE" "${source_flags[@]}"
+echo "# CPU meanwhile: engine $(awk -v a="$engine_before" -v b="$(cpu_seconds "$ENGINE")" 'BEGIN {printf "%.2f", b - a}') s, broker $(awk -v a="$broker_before" -v b="$(cpu_seconds "$TANSU")" 'BEGIN {printf "%.2f", b - a}') s"
+curl -sf "http://127.0.0.1:$hport/metrics" \
+  | grep -E '^recstream_(users_recomputed_total|batch_records_(sum|count)|stage_seconds_sum)' \
+  | sed 's/^/# /'
