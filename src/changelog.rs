@@ -12,10 +12,11 @@
 //! in that marker say where to resume. The restoring instance then rewrites
 //! the rolled-back keys (a repair batch) so later restores agree.
 //!
-//! Keys: `u` + user id, `i` + movie id (u32 BE), `g` + genre name, `m` (applied
-//! offsets), `p` (published offsets; advisory, never rolled back).
-//! Values: a postcard-encoded [`Entry`] whose `value`/`prev` are the raw
-//! RocksDB values (postcard `UserState` or `Momentum`).
+//! Keys: `u` + user id, `i` + movie id (u32 BE), `c` + movie id (u32 BE, its
+//! co-watch list), `g` + genre name, `m` (applied offsets), `p` (published
+//! offsets; advisory, never rolled back). Values: a postcard-encoded
+//! [`Entry`] whose `value`/`prev` are the raw RocksDB values (postcard
+//! `UserState`, `Momentum` or `Neighbors`).
 
 use std::collections::HashMap;
 

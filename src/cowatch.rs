@@ -70,10 +70,10 @@ impl Neighbors {
     }
 
     /// The sum of several partitions' lists, trimmed to the `cap` strongest
-    /// (strongest first; ties: lower id). Runs once per touched item and
-    /// micro-batch over up to `cap` entries per partition, so it sorts by id
-    /// and sums runs instead of searching the merged list for every entry.
-    /// Counts are whole numbers, so the sums do not depend on the order.
+    /// (strongest first; ties: lower id). It takes up to `cap` entries per
+    /// partition, so it sorts by id and sums runs instead of searching the
+    /// merged list for every entry. Counts are whole numbers, so the sums do
+    /// not depend on the order.
     pub fn merge<'a>(lists: impl IntoIterator<Item = &'a Neighbors>, cap: usize) -> Neighbors {
         let mut all: Vec<Neighbor> = lists
             .into_iter()
@@ -117,7 +117,7 @@ impl Neighbors {
 /// An event changes the lists of several items, while a recompute reads the
 /// sums of a user's few seeds, so a change only forgets the item's sum and
 /// the next read merges it again.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct CoWatchLists {
     parts: HashMap<u32, IdMap<Neighbors>>,
     /// One cell per item with a list in some partition; empty until read.
@@ -213,9 +213,8 @@ impl CoWatchLists {
 /// Equal when they hold the same partitions' lists and give the same sums.
 impl PartialEq for CoWatchLists {
     fn eq(&self, other: &CoWatchLists) -> bool {
-        self.parts == other.parts
-            && self.sums.len() == other.sums.len()
-            && self.sums.keys().all(|id| self.get(*id) == other.get(*id))
+        // Equal lists have the same items, so one side's keys cover both.
+        self.parts == other.parts && self.sums.keys().all(|id| self.get(*id) == other.get(*id))
     }
 }
 

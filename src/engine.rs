@@ -117,7 +117,8 @@ pub struct Engine {
     /// Co-watch neighbours per partition, like the item counters, and
     /// their sums.
     cowatch: CoWatchLists,
-    /// Their sums over the partitions this instance holds: what candidates see.
+    /// Item and genre sums over the partitions this instance holds: what
+    /// candidates see.
     items: IdMap<Momentum>,
     genres: HashMap<String, Momentum>,
     /// Catalog items by popularity, updated as items get events.
@@ -404,6 +405,9 @@ impl Engine {
     }
 
     /// Applies one micro-batch and computes the outputs of every affected user.
+    /// An error leaves the in-memory counters and co-watch lists ahead of the
+    /// store: drop the engine and start again from the store (the pipeline
+    /// and the replay stop on it).
     pub fn process(&mut self, records: Vec<Record>) -> Result<BatchResult, EngineError> {
         self.index_cache = None;
         let started = Instant::now();

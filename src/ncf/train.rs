@@ -836,17 +836,7 @@ pub fn train(
             );
         }
         epochs.push(report);
-        let improved = match &best {
-            None => true,
-            Some((b, ..)) if metric.is_nan() => b.is_nan(),
-            Some((b, ..)) => {
-                if higher_is_better {
-                    metric > *b
-                } else {
-                    metric < *b
-                }
-            }
-        };
+        let improved = improves(metric, best.as_ref().map(|b| b.0), higher_is_better);
         if config.snapshots > 1 && !metric.is_nan() {
             // Only the best `snapshots` epochs so far are kept.
             snapshots.push((metric, weights.clone(), users.clone()));
@@ -888,6 +878,19 @@ pub fn train(
     })
 }
 
+/// Whether an epoch's validation score replaces the best so far. A NaN
+/// (no validation pairs, or a diverged model) never replaces a number, a
+/// number always replaces a NaN, and among NaNs the latest epoch is kept.
+fn improves(metric: f64, best: Option<f64>, higher_is_better: bool) -> bool {
+    match best {
+        None => true,
+        Some(b) if b.is_nan() => true,
+        Some(_) if metric.is_nan() => false,
+        Some(b) if higher_is_better => metric > b,
+        Some(b) => metric < b,
+    }
+}
+
 fn progress_bar(visible: bool, steps: u64, epoch: usize, epochs: usize) -> indicatif::ProgressBar {
     if !visible {
         return indicatif::ProgressBar::hidden();
@@ -907,6 +910,17 @@ fn progress_bar(visible: bool, steps: u64, epoch: usize, epochs: usize) -> indic
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_number_replaces_a_nan_best_and_never_the_reverse() {
+        assert!(improves(f64::NAN, None, true));
+        assert!(improves(0.2, Some(f64::NAN), true), "a NaN first epoch");
+        assert!(improves(0.9, Some(f64::NAN), false));
+        assert!(!improves(f64::NAN, Some(0.2), true));
+        assert!(improves(f64::NAN, Some(f64::NAN), true), "the latest NaN");
+        assert!(improves(0.3, Some(0.2), true) && !improves(0.2, Some(0.2), true));
+        assert!(improves(0.8, Some(0.9), false) && !improves(0.9, Some(0.8), false));
+    }
 
     fn history(members: Vec<Vec<u32>>) -> History {
         let device = Device::Cpu;
