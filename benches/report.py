@@ -3,7 +3,7 @@
 writes the machine, the method, the commands and the results, with each of
 issue 5's targets next to its figure.
 
-Usage: benches/report.py            (about 30 minutes on 2 cores)
+Usage: benches/report.py            (about 5 minutes on 2 cores)
        QUICK=1 benches/report.py    (small runs: checks the script, not the figures)
 Env: DATA (default ../shared/data/movielens; the real-session runs are skipped
 without it), OUT (default benches/RESULTS.md).
