@@ -282,6 +282,11 @@ def main():
     w(f"Machine: {os.cpu_count()} cores ({cpu_model}), {mem_gib:.0f} GiB; broker "
       f"{tansu_version()} (in-memory storage) on loopback. The broker, the engine and "
       "the load generator share the cores.\n")
+    reference = stages.get("engine/recompute_one_user")
+    if reference:
+        w(f"This host's speed varies with its neighbours: `engine/recompute_one_user` took "
+          f"{duration(reference)} in this run against 56 µs in quiet runs of the same code "
+          "(2026-11-27), and whole-pipeline figures moved by up to a quarter between runs.\n")
     w("## Targets\n")
     w("| target | measured | verdict |")
     w("|---|---|---|")
