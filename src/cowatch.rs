@@ -12,7 +12,7 @@
 //! counters) and summed over the partitions an instance holds.
 
 use std::cell::OnceCell;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeSet, HashMap};
 
 use serde::{Deserialize, Serialize};
 
@@ -123,20 +123,9 @@ pub struct CoWatchLists {
     /// One cell per item with a list in some partition; empty until read.
     sums: IdMap<OnceCell<Neighbors>>,
     cap: usize,
-    /// Lists changed since the last [`CoWatchLists::take_changes`], with
-    /// their value before the first change (`None`: the list is new).
-    changed: BTreeMap<(u32, u32), Option<Neighbors>>,
-}
-
-/// One item's list in one partition, before and after a micro-batch.
-#[derive(Debug, Clone, PartialEq)]
-pub struct CoWatchChange {
-    pub partition: u32,
-    pub item: u32,
-    /// As stored before the batch; the changelog carries it so that a batch
-    /// cut short can be rolled back, and the store need not read it back.
-    pub before: Option<Neighbors>,
-    pub after: Neighbors,
+    /// (partition, item) of the lists changed since the last
+    /// [`CoWatchLists::take_changes`].
+    changed: BTreeSet<(u32, u32)>,
 }
 
 impl CoWatchLists {
@@ -146,7 +135,7 @@ impl CoWatchLists {
             parts,
             sums: IdMap::default(),
             cap,
-            changed: BTreeMap::new(),
+            changed: BTreeSet::new(),
         };
         lists.forget_sums();
         lists
@@ -155,23 +144,17 @@ impl CoWatchLists {
     /// Counts `amount` more co-watches of `item` with `other` in `partition`.
     pub fn add(&mut self, partition: u32, item: u32, other: u32, amount: f32) {
         let part = self.parts.entry(partition).or_default();
-        self.changed
-            .entry((partition, item))
-            .or_insert_with(|| part.get(&item).cloned());
         part.entry(item).or_default().add(other, amount, self.cap);
+        self.changed.insert((partition, item));
         self.sums.insert(item, OnceCell::new());
     }
 
-    /// The lists changed since the last call, in (partition, item) order.
-    pub fn take_changes(&mut self) -> Vec<CoWatchChange> {
+    /// `(partition, item, list)` of the lists changed since the last call,
+    /// in (partition, item) order.
+    pub fn take_changes(&mut self) -> Vec<(u32, u32, Neighbors)> {
         std::mem::take(&mut self.changed)
             .into_iter()
-            .map(|((partition, item), before)| CoWatchChange {
-                partition,
-                item,
-                before,
-                after: self.parts[&partition][&item].clone(),
-            })
+            .map(|(partition, item)| (partition, item, self.parts[&partition][&item].clone()))
             .collect()
     }
 
@@ -196,7 +179,7 @@ impl CoWatchLists {
             Some(lists) => self.parts.insert(partition, lists),
             None => self.parts.remove(&partition),
         };
-        self.changed.retain(|(p, _), _| *p != partition);
+        self.changed.retain(|(p, _)| *p != partition);
         self.forget_sums();
     }
 
@@ -321,22 +304,21 @@ mod tests {
         let mut lists = CoWatchLists::new(HashMap::new(), 4);
         lists.add(0, 1, 2, 1.0);
         assert_eq!(lists.get(1).unwrap().strongest(), vec![(2, 1.0)]);
-        let first = lists.take_changes();
-        assert_eq!((first.len(), first[0].before.is_none()), (1, true));
+        assert_eq!(lists.take_changes().len(), 1);
         assert!(lists.take_changes().is_empty());
         // A change after a read is seen by the next read.
         lists.add(3, 1, 2, 2.0);
         lists.add(3, 1, 5, 1.0);
         lists.add(0, 1, 2, 1.0);
         assert_eq!(lists.get(1).unwrap().strongest(), vec![(2, 4.0), (5, 1.0)]);
-        // Each changed list once, with its value before the batch.
+        // Each changed list once, as it is now.
         let changes = lists.take_changes();
         assert_eq!(changes.len(), 2);
-        assert_eq!(changes[0].before, Some(first[0].after.clone()));
-        assert_eq!(changes[0].after.strongest(), vec![(2, 2.0)]);
+        assert_eq!((changes[0].0, changes[0].1), (0, 1));
+        assert_eq!(changes[0].2.strongest(), vec![(2, 2.0)]);
         assert_eq!(
-            (changes[1].partition, changes[1].before.is_none()),
-            (3, true)
+            (changes[1].0, changes[1].2.strongest()),
+            (3, vec![(2, 2.0), (5, 1.0)])
         );
         assert!(
             lists.get(2).is_none(),

@@ -1057,7 +1057,7 @@ mod tests {
     }
 
     /// The rollback of a batch cut short relies on each entry's `prev`
-    /// being the value the key held; co-watch lists take it from memory.
+    /// being the value the key held.
     #[test]
     fn every_changelog_entry_carries_the_value_it_replaces() {
         let dir = tempfile::tempdir().unwrap();

@@ -26,7 +26,7 @@ use rocksdb::{BlockBasedOptions, Cache, ColumnFamilyDescriptor, Options, WriteBa
 
 use crate::catalog::IdMap;
 use crate::changelog::{self, Entry, Key, Marker, APPLIED_KEY};
-use crate::cowatch::{CoWatchChange, Neighbors};
+use crate::cowatch::Neighbors;
 use crate::decay::Momentum;
 use crate::state::UserState;
 
@@ -101,8 +101,8 @@ pub struct Changes {
     pub items: Vec<(u32, u32, Momentum)>,
     /// `(partition, genre, counters)`.
     pub genres: Vec<(u32, String, Momentum)>,
-    /// Changed co-watch lists, with their stored value before the batch.
-    pub cowatch: Vec<CoWatchChange>,
+    /// `(partition, movie id, co-watch neighbours)`.
+    pub cowatch: Vec<(u32, u32, Neighbors)>,
     /// `(topic, partition, next offset)`.
     pub offsets: Vec<(String, i32, i64)>,
 }
@@ -574,19 +574,14 @@ impl Store {
         // Per partition: (key, value before, value after).
         type Pending = Vec<(Key, Option<Vec<u8>>, Vec<u8>)>;
         let mut records: BTreeMap<u32, Pending> = BTreeMap::new();
-        // `known_prev`: the stored value, when the caller has it (saves a read).
         let mut change = |cf: &str,
                           partition: u32,
                           store_key: Vec<u8>,
                           key: Key,
-                          value: Vec<u8>,
-                          known_prev: Option<Option<Vec<u8>>>|
+                          value: Vec<u8>|
          -> Result<(), StoreError> {
             if self.changelog {
-                let prev = match known_prev {
-                    Some(prev) => prev,
-                    None => self.db.get_cf(self.cf(cf), &store_key)?,
-                };
+                let prev = self.db.get_cf(self.cf(cf), &store_key)?;
                 records
                     .entry(partition)
                     .or_default()
@@ -603,24 +598,15 @@ impl Store {
                 key,
                 Key::User(user.clone()),
                 encode(state),
-                None,
             )?;
         }
         for (partition, id, m) in &changes.items {
             let key = partition_prefixed(*partition, &id.to_be_bytes());
-            change(CF_ITEMS, *partition, key, Key::Item(*id), encode(m), None)?;
+            change(CF_ITEMS, *partition, key, Key::Item(*id), encode(m))?;
         }
-        for c in &changes.cowatch {
-            let key = partition_prefixed(c.partition, &c.item.to_be_bytes());
-            let prev = self.changelog.then(|| c.before.as_ref().map(encode));
-            change(
-                CF_COWATCH,
-                c.partition,
-                key,
-                Key::CoWatch(c.item),
-                encode(&c.after),
-                prev,
-            )?;
+        for (partition, id, n) in &changes.cowatch {
+            let key = partition_prefixed(*partition, &id.to_be_bytes());
+            change(CF_COWATCH, *partition, key, Key::CoWatch(*id), encode(n))?;
         }
         for (partition, name, m) in &changes.genres {
             let key = partition_prefixed(*partition, name.as_bytes());
@@ -630,7 +616,6 @@ impl Store {
                 key,
                 Key::Genre(name.clone()),
                 encode(m),
-                None,
             )?;
         }
         let offsets = self.cf(CF_OFFSETS);
