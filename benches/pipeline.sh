@@ -52,7 +52,7 @@ echo "$throughput"
 # A ratings file may hold fewer than EVENTS (and only the catalog's movies count).
 EVENTS=$(echo "$throughput" | grep -o '"events":[0-9]*' | cut -d: -f2)
 cpu_after=$(cpu_seconds "$ENGINE")
-echo "# engine CPU in the throughput phase: $(awk -v a="$cpu_before" -v b="$cpu_after" -v n="$EVENTS" 'BEGIN {printf "%.1f s, %.0f events per CPU-second", b - a, n / (b - a)}')"
+echo "# engine CPU in the throughput phase: $(awk -v a="$cpu_before" -v b="$cpu_after" -v n="$EVENTS" 'BEGIN {printf "%.2f s, %.0f events per CPU-second", b - a, n / (b - a)}')"
 echo "# ceiling: bare consume of the same $EVENTS records"
 "$BIN" loadgen --brokers "$brokers" --config "$ENGINE_CONFIG" --catalog "$CATALOG" --events "$EVENTS" --bare-consume
 echo "# freshness phase: $LATENCY_EVENTS events at $RATE events/s"

@@ -69,6 +69,7 @@ def pipeline(settings):
     counters = {k: float(v) for k, v in re.findall(r"^# (recstream_\S+) (\S+)$", text, re.M)}
     rss = re.search(r"engine peak RSS: (\d+) kB", text)
     cpu_seconds = float(cpu.group(1))
+    rescores = counters.get("recstream_ncf_inference_batch_size_count", 0)
     return {
         "settings": settings,
         "throughput": throughput,
@@ -76,6 +77,11 @@ def pipeline(settings):
         "freshness": freshness,
         "cpu_seconds": cpu_seconds,
         "per_cpu_second": throughput["events"] / cpu_seconds,
+        "share": throughput["pipeline_rate"] / ceiling["rate"],
+        # NCF batch sizes: one tract run per re-score (0 without a model).
+        "candidates_per_rescore": (
+            counters.get("recstream_ncf_inference_batch_size_sum", 0) / rescores if rescores else 0
+        ),
         "counters": counters,
         "rss_mb": int(rss.group(1)) / 1024 if rss else float("nan"),
     }
@@ -175,7 +181,7 @@ def main():
     sessions = ncf_sessions = None
     if real:
         sessions = pipeline({**ml100k, "EVENTS": n, "LATENCY_EVENTS": 2000, "RATE": 1000})
-        candidates = pathlib.Path(tempfile.mkdtemp()) / "candidates.toml"
+        candidates = LOG.parent / "candidates.toml"
         candidates.write_text("[engine.lists]\ncandidates_per_source = 200\n")
         ncf_sessions = pipeline({
             "NCF": 1,
@@ -200,14 +206,6 @@ def main():
     scoring_500 = [cells(r) for r in scoring[2:] if cells(r)[1] == "500"]
     scoring_ratio = min(float(c[-1]) for c in scoring_500) if scoring_500 else float("nan")
 
-    def candidates_per_rescore(p):
-        c = p["counters"]
-        count = c.get("recstream_ncf_inference_batch_size_count", 0)
-        return c.get("recstream_ncf_inference_batch_size_sum", 0) / count if count else 0
-
-    def share(p):
-        return p["throughput"]["pipeline_rate"] / p["ceiling"]["rate"]
-
     growth_rows = [cells(r) for r in growth[2:]]
     first, last = growth_rows[0], growth_rows[-1]
     half_load = fresh[1:]
@@ -220,21 +218,21 @@ def main():
         (
             "≥ 20 k events/s per core with NCF re-scoring 500 candidates",
             (f"real sessions: {ncf_sessions['per_cpu_second']:,.0f} events per engine CPU-second, "
-             f"{candidates_per_rescore(ncf_sessions):.0f} candidates per re-score; " if ncf_sessions else "")
+             f"{ncf_sessions['candidates_per_rescore']:.0f} candidates per re-score; " if ncf_sessions else "")
             + f"synthetic uniform users: {ncf_synthetic['per_cpu_second']:,.0f}, "
-            f"{candidates_per_rescore(ncf_synthetic):.0f} candidates",
+            f"{ncf_synthetic['candidates_per_rescore']:.0f} candidates",
             verdict(bool(ncf_sessions) and ncf_sessions["per_cpu_second"] >= 20000
-                    and candidates_per_rescore(ncf_sessions) >= 500)
+                    and ncf_sessions['candidates_per_rescore'] >= 500)
             + (" on real sessions; " + verdict(ncf_synthetic["per_cpu_second"] >= 20000)
                + " on the synthetic load" if ncf_sessions else ""),
         ),
         (
             "without NCF, ≥ 50 % of the bare-consume rate",
-            f"synthetic: {share(synthetic):.2%} ({synthetic['throughput']['pipeline_rate']:,.0f} of "
+            f"synthetic: {synthetic['share']:.2%} ({synthetic['throughput']['pipeline_rate']:,.0f} of "
             f"{synthetic['ceiling']['rate']:,.0f} records/s)"
-            + (f"; real sessions: {share(sessions):.2%} ({sessions['throughput']['pipeline_rate']:,.0f} of "
+            + (f"; real sessions: {sessions['share']:.2%} ({sessions['throughput']['pipeline_rate']:,.0f} of "
                f"{sessions['ceiling']['rate']:,.0f})" if sessions else ""),
-            verdict(max(share(p) for p in [synthetic, sessions] if p) >= 0.5),
+            verdict(max(p["share"] for p in [synthetic, sessions] if p) >= 0.5),
         ),
         (
             "freshness p99 ≤ 25 ms at half the sustainable load",
@@ -255,10 +253,10 @@ def main():
 
     def pipeline_row(name, p):
         t, f = p["throughput"], p["freshness"]
-        per_rescore = candidates_per_rescore(p)
+        per_rescore = p["candidates_per_rescore"]
         return (
             f"| {name} | {t['pipeline_rate']:,.0f} | {p['cpu_seconds']:.1f} s | {p['per_cpu_second']:,.0f} | "
-            f"{p['ceiling']['rate']:,.0f} | {share(p):.2%} | "
+            f"{p['ceiling']['rate']:,.0f} | {p['share']:.2%} | "
             f"{p['counters'].get('recstream_users_recomputed_total', 0):,.0f} | "
             f"{f'{per_rescore:.0f}' if per_rescore else '—'} | "
             f"{f['latency_ms_p50']:.0f} / {f['latency_ms_p95']:.0f} / "
