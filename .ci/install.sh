@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Idempotent installation of everything the build and the tests need on a fresh
-# machine: Debian packages, the tansu broker, and the Python Kafka client used as
-# an independent producer/consumer in the end-to-end tests.
+# machine: Debian packages, the Apache Kafka broker (from Maven Central, see
+# ops/kafka/), and the Python Kafka client used as an independent
+# producer/consumer in the end-to-end tests.
 set -euo pipefail
 
 # --build-only: just what compiling the engine needs (the demo); no broker, no Python clients.
@@ -9,14 +10,13 @@ BUILD_ONLY=false
 [ "${1:-}" = "--build-only" ] && BUILD_ONLY=true
 
 cd "$(dirname "$0")/.."
-TANSU_VERSION=0.6.0
 export PATH="$HOME/.cargo/bin:$HOME/.local/bin:$PATH"
 
 need_apt=()
 # libclang for the rocksdb crate's bindgen; cmake/g++/make for bundled librdkafka,
 # libssl-dev for its SSL/SASL-SCRAM support; fonts-dejavu-core for the
-# training-curve PNG.
-for pkg in libclang-dev clang cmake g++ make pkg-config zlib1g-dev libssl-dev curl fonts-dejavu-core; do
+# training-curve PNG; time (/usr/bin/time) for the benchmarks.
+for pkg in libclang-dev clang cmake g++ make pkg-config zlib1g-dev libssl-dev curl fonts-dejavu-core time; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
 done
 if [ ${#need_apt[@]} -gt 0 ]; then
@@ -39,10 +39,13 @@ if ! (command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>
   $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
 fi
 
-if ! (command -v tansu >/dev/null 2>&1 && tansu --version 2>/dev/null | grep -q "$TANSU_VERSION"); then
-  echo "install: tansu $TANSU_VERSION (takes ~11 minutes on a fresh machine)"
-  cargo install --quiet "tansu@$TANSU_VERSION" --locked --features dynostore,libsql
-fi
+# The Apache Kafka broker every broker test, benchmark and `ops/kafka/broker.sh`
+# runs: jars resolved by Maven (Java 17) into ~/.cache/recstream; the version
+# is pinned in ops/kafka/pom.xml.
+for tool in java mvn; do
+  command -v "$tool" >/dev/null || { echo "install: $tool is needed for the Kafka broker (Java 17, Maven)" >&2; exit 1; }
+done
+bash ops/kafka/broker.sh install
 
 # rustfmt and clippy back the lint steps of the test command.
 for component in rustfmt clippy; do

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The test command: installs what the tests need, then runs lints and every test
-# (unit, property, schema and end-to-end tests against the real tansu broker).
+# (unit, property, schema and end-to-end tests against a real Apache Kafka broker).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash .ci/install.sh

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# HTTP API benchmark against a real tansu broker process and the release engine:
+# HTTP API benchmark against a real Apache Kafka broker process and the release engine:
 # interactive queries, the intake, and like-to-event-stream freshness (what the
 # live page sees). USERS users get state from EVENTS loadgen events first.
 # Usage: benches/api.sh   (env: EVENTS, USERS)

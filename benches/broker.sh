@@ -1,8 +1,9 @@
-# Sourced by the benchmark scripts: builds the release engine, starts a tansu
-# broker on a free port with the declared topics, and cleans up on exit.
-# Sets BIN, work (a scratch directory), brokers, free_port, engine_config,
-# cpu_seconds and start_engine; TANSU is the broker's pid and ENGINE the
-# engine's, so that the cleanup stops it too.
+# Sourced by the benchmark scripts: builds the release engine, starts a
+# single-node Apache Kafka broker (ops/kafka/broker.sh, KRaft) on a free port
+# with the declared topics, and cleans up on exit. Sets BIN, work (a scratch
+# directory), brokers, free_port, engine_config, cpu_seconds and
+# start_engine; BROKER is the broker's pid and ENGINE the engine's, so that
+# the cleanup stops it too.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash .ci/install.sh >/dev/null
@@ -14,13 +15,11 @@ BIN="${BIN:-$CARGO_TARGET_DIR/release/recstream}"
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 work=$(mktemp -d)
 kport=$(free_port)
-tansu broker --listener-url "tcp://127.0.0.1:$kport" --advertised-listener-url "tcp://127.0.0.1:$kport" \
-  --storage-engine memory://tansu/ >"$work/tansu.log" 2>&1 &
-TANSU=$!
+KAFKA_CONTROLLER_PORT=$(free_port) ops/kafka/broker.sh start "$work/kafka" "$kport" >/dev/null
+BROKER=$(cat "$work/kafka/broker.pid")
 ENGINE=""
-cleanup() { [ -n "$ENGINE" ] && kill "$ENGINE" 2>/dev/null; kill "$TANSU" 2>/dev/null; wait 2>/dev/null; rm -rf "$work"; }
+cleanup() { [ -n "$ENGINE" ] && kill "$ENGINE" 2>/dev/null; ops/kafka/broker.sh stop "$work/kafka"; wait 2>/dev/null; rm -rf "$work"; }
 trap cleanup EXIT
-for _ in $(seq 100); do (echo >"/dev/tcp/127.0.0.1/$kport") 2>/dev/null && break; sleep 0.1; done
 brokers="127.0.0.1:$kport"
 "$BIN" topics apply --brokers "$brokers" >/dev/null
 
@@ -38,16 +37,20 @@ start_engine() {
   echo "engine not answering $3 after 60 s (log: $work/engine.log)" >&2; exit 1
 }
 
-# Writes the engine's bench config to $ENGINE_CONFIG: the consumers'
-# fetch.wait.max.ms ($FETCH_WAIT_MS) and the settings in the file
-# $ENGINE_TOML, if set. tansu 0.6 answers a fetch only when its wait ends, and
-# a produce to a partition waits for the fetch pending on it: every broker hop
-# costs up to this wait. 1 ms is the freshness setting for tansu (Kafka wakes
-# fetches on new data, so there the engine's default of 10 ms costs nothing).
-FETCH_WAIT_MS=${FETCH_WAIT_MS:-1}
+# Writes the engine's bench config to $ENGINE_CONFIG: the processing
+# guarantee ($GUARANTEE: at_least_once, the default, or exactly_once), the
+# consumers' fetch.wait.max.ms ($FETCH_WAIT_MS, unset by default: Kafka
+# answers a waiting fetch as soon as data arrives; brokers that answer only
+# when the wait ends, like tansu 0.6, need 1 ms for freshness) and the
+# settings in the file $ENGINE_TOML, if set.
+GUARANTEE=${GUARANTEE:-at_least_once}
+FETCH_WAIT_MS=${FETCH_WAIT_MS:-}
 ENGINE_CONFIG="$work/bench.toml"
 engine_config() {
-  printf '[kafka.client]\n"fetch.wait.max.ms" = "%s"\n' "$FETCH_WAIT_MS" >"$ENGINE_CONFIG"
+  printf '[processing]\nguarantee = "%s"\n' "$GUARANTEE" >"$ENGINE_CONFIG"
+  if [ -n "$FETCH_WAIT_MS" ]; then
+    printf '[kafka.client]\n"fetch.wait.max.ms" = "%s"\n' "$FETCH_WAIT_MS" >>"$ENGINE_CONFIG"
+  fi
   if [ -n "${ENGINE_TOML:-}" ]; then
     cat "$ENGINE_TOML" >>"$ENGINE_CONFIG"
   fi

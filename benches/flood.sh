@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Flood and restore benchmark against a real tansu broker process.
+# Flood and restore benchmark against a real Apache Kafka broker process.
 #   1. flood: EVENTS events (default 1M) for USERS users wait in the input topic;
 #      the engine starts and consumes them as fast as the broker delivers. Reports
 #      the consume time and rate, and the engine's peak RSS (VmHWM) sampled from

@@ -4,7 +4,7 @@
 # CPU that the engine and the broker used meanwhile (they share this host's
 # cores with the load generator).
 # Usage: RATE=3500 benches/freshness.sh   (env: RATE, SECONDS_AT_RATE=5,
-#   USERS=10000, CATALOG, FETCH_WAIT_MS, ENGINE_TOML as in pipeline.sh,
+#   USERS=10000, CATALOG, GUARANTEE, FETCH_WAIT_MS, ENGINE_TOML as in pipeline.sh,
 #   RATINGS=FILE: replay these MovieLens ratings in event-time order at RATE
 #   instead of synthetic users; CATALOG must hold their movies)
 source "$(dirname "$0")/broker.sh"
@@ -20,16 +20,19 @@ start_engine "$work/state" "$hport" /readyz
 events=$((RATE * SECONDS_AT_RATE))
 if [ -n "${RATINGS:-}" ]; then
   source_flags=(--ratings "$RATINGS")
-  echo "# $events ratings of $RATINGS at $RATE events/s; fetch.wait.max.ms: $FETCH_WAIT_MS"
+  echo "# $events ratings of $RATINGS at $RATE events/s; guarantee: $GUARANTEE; fetch.wait.max.ms: ${FETCH_WAIT_MS:-default}"
 else
   source_flags=(--users "$USERS" --seed 2)
-  echo "# $events events of $USERS synthetic users at $RATE events/s; fetch.wait.max.ms: $FETCH_WAIT_MS"
+  echo "# $events events of $USERS synthetic users at $RATE events/s; guarantee: $GUARANTEE; fetch.wait.max.ms: ${FETCH_WAIT_MS:-default}"
 fi
 engine_before=$(cpu_seconds "$ENGINE")
-broker_before=$(cpu_seconds "$TANSU")
-"$BIN" loadgen --brokers "$brokers" --config "$ENGINE_CONFIG" --catalog "$CATALOG" \
+broker_before=$(cpu_seconds "$BROKER")
+# The load generator's own CPU (user + system) comes from /usr/bin/time.
+/usr/bin/time -f "%U %S" -o "$work/loadgen.time" \
+  "$BIN" loadgen --brokers "$brokers" --config "$ENGINE_CONFIG" --catalog "$CATALOG" \
   --events "$events" --rate "$RATE" "${source_flags[@]}"
-echo "# CPU meanwhile: engine $(awk -v a="$engine_before" -v b="$(cpu_seconds "$ENGINE")" 'BEGIN {printf "%.2f", b - a}') s, broker $(awk -v a="$broker_before" -v b="$(cpu_seconds "$TANSU")" 'BEGIN {printf "%.2f", b - a}') s"
+loadgen_cpu=$(awk '{printf "%.2f", $1 + $2}' "$work/loadgen.time")
+echo "# CPU meanwhile: engine $(awk -v a="$engine_before" -v b="$(cpu_seconds "$ENGINE")" 'BEGIN {printf "%.2f", b - a}') s, broker $(awk -v a="$broker_before" -v b="$(cpu_seconds "$BROKER")" 'BEGIN {printf "%.2f", b - a}') s, load generator $loadgen_cpu s"
 curl -sf "http://127.0.0.1:$hport/metrics" \
-  | grep -E '^recstream_(users_recomputed_total|batch_records_(sum|count)|stage_seconds_sum)' \
+  | grep -E '^recstream_(users_recomputed_total|batch_records_(sum|count)|stage_seconds_sum|processing_seconds_(bucket|sum|count)|transaction_commit_seconds_(sum|count)|event_to_publish_seconds_(sum|count))' \
   | sed 's/^/# /'

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Whole-pipeline benchmark against a real tansu broker process, in one run:
+# Whole-pipeline benchmark against a real Apache Kafka broker process, in one run:
 #   1. throughput: produce EVENTS as fast as the broker takes them, measure until
 #      every user's output reflects their last event;
 #   2. ceiling: a plain consumer (the engine's client settings, records
@@ -9,6 +9,7 @@
 # Prints one JSON line per phase plus the engine's peak RSS and counters.
 # Usage: benches/pipeline.sh   (env: EVENTS, USERS, RATE, LATENCY_EVENTS, CATALOG,
 #   NCF=1: re-score with a NeuMF model trained on synthetic users of CATALOG,
+#   GUARANTEE=exactly_once: Kafka transactions (default at_least_once),
 #   FETCH_WAIT_MS: the consumers' fetch.wait.max.ms, see benches/broker.sh,
 #   RATINGS=FILE: the throughput phase replays these MovieLens ratings in
 #   event-time order, as fast as possible, instead of synthetic users; CATALOG
@@ -39,7 +40,7 @@ hport=$(free_port)
 
 start_engine "$work/state" "$hport" /readyz
 
-echo "# machine: $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB; catalog: $CATALOG; NCF: $NCF; fetch.wait.max.ms: $FETCH_WAIT_MS"
+echo "# machine: $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB; catalog: $CATALOG; NCF: $NCF; guarantee: $GUARANTEE; fetch.wait.max.ms: ${FETCH_WAIT_MS:-default}"
 cpu_before=$(cpu_seconds "$ENGINE")
 if [ -n "${RATINGS:-}" ]; then
   echo "# throughput phase: the first $EVENTS ratings of $RATINGS in event-time order, as fast as possible"

@@ -228,11 +228,29 @@ pub async fn run_engine(config: Config) -> Result<()> {
         info!(%bound, instance = api.instance(), "live page at {url}/, API at {url}/api, metrics at {url}/metrics");
         routing = Some(api.start_routing(url, stop_rx.clone()));
     }
-    let mut rx = stop_rx;
-    pipeline::run(config, catalog, job, async move {
-        let _ = rx.wait_for(|s| *s).await;
-    })
-    .await?;
+    // Restarts back off from 1 s to 30 s while they keep failing.
+    let mut backoff = std::time::Duration::from_secs(1);
+    loop {
+        let mut rx = stop_rx.clone();
+        let started = std::time::Instant::now();
+        let stopped = async move {
+            let _ = rx.wait_for(|s| *s).await;
+        };
+        match pipeline::run(config.clone(), catalog.clone(), job.clone(), stopped).await {
+            Ok(()) => break,
+            // An aborted transaction (the local state is ahead of Kafka) or a
+            // failed handover: a fresh run re-joins and restores what was committed.
+            Err(e) if e.restartable() && !*stop_rx.borrow() => {
+                if started.elapsed() > std::time::Duration::from_secs(60) {
+                    backoff = std::time::Duration::from_secs(1);
+                }
+                tracing::warn!(error = %e, "restarting the job in {backoff:?}");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(std::time::Duration::from_secs(30));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
     if let Some(routing) = routing {
         routing.finish().await;
     }

@@ -160,6 +160,13 @@ pub struct ProcessingConfig {
     pub max_event_bytes: usize,
     /// Graceful shutdown deadline.
     pub shutdown_timeout_ms: u64,
+    /// What a crash or a rebalance may do to the output topics.
+    pub guarantee: Guarantee,
+    /// `exactly_once`: how long the broker lets a transaction stay open before
+    /// it aborts it (a crashed instance's open transaction holds back
+    /// `read_committed` readers of its partitions for this long, unless the
+    /// instance restarts sooner). Kafka Streams uses 10 s for the same reason.
+    pub transaction_timeout_ms: u64,
 }
 
 impl Default for ProcessingConfig {
@@ -169,6 +176,33 @@ impl Default for ProcessingConfig {
             batch_max_wait_ms: 10,
             max_event_bytes: crate::event::DEFAULT_MAX_EVENT_BYTES,
             shutdown_timeout_ms: 10_000,
+            guarantee: Guarantee::AtLeastOnce,
+            transaction_timeout_ms: 10_000,
+        }
+    }
+}
+
+/// `processing.guarantee`. State is exactly-once in both modes (each event is
+/// applied once, offsets live with the state); they differ in the outputs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Guarantee {
+    /// Outputs are published, then offsets stored; after a crash the records
+    /// since the last acknowledged batch are recomputed and their outputs
+    /// published again with the same `version` (consumers drop repeats).
+    #[default]
+    AtLeastOnce,
+    /// Each micro-batch's outputs, dead letters, changelog records and input
+    /// offsets are one Kafka transaction: a `read_committed` consumer sees
+    /// every output record exactly once, in order.
+    ExactlyOnce,
+}
+
+impl Guarantee {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Guarantee::AtLeastOnce => "at_least_once",
+            Guarantee::ExactlyOnce => "exactly_once",
         }
     }
 }
@@ -515,6 +549,15 @@ impl Config {
                 "must be in 1..=60000",
             ));
         }
+        if p.guarantee == Guarantee::ExactlyOnce
+            && !(1_000..=900_000).contains(&p.transaction_timeout_ms)
+        {
+            // The broker caps it at transaction.max.timeout.ms (15 min by default).
+            return Err(invalid(
+                "processing.transaction_timeout_ms",
+                "must be in 1000..=900000",
+            ));
+        }
         if !(256..=1 << 20).contains(&p.max_event_bytes) {
             return Err(invalid(
                 "processing.max_event_bytes",
@@ -660,6 +703,11 @@ mod tests {
             c.processing.batch_max_records,
             d.processing.batch_max_records
         );
+        assert_eq!(c.processing.guarantee, d.processing.guarantee);
+        assert_eq!(
+            c.processing.transaction_timeout_ms,
+            d.processing.transaction_timeout_ms
+        );
     }
 
     #[test]
@@ -679,6 +727,19 @@ mod tests {
 
         let e = toml::from_str::<Config>("[processing]\nbatch_max_record = 3\n").unwrap_err();
         assert!(e.to_string().contains("batch_max_record"), "{e}");
+
+        let e = toml::from_str::<Config>("[processing]\nguarantee = \"exactly-once\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("guarantee") && e.contains("exactly_once"),
+            "names the field and the choices: {e}"
+        );
+        let mut c: Config = toml::from_str("[processing]\nguarantee = \"exactly_once\"\n").unwrap();
+        assert_eq!(c.processing.guarantee, Guarantee::ExactlyOnce);
+        c.processing.transaction_timeout_ms = 10;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("processing.transaction_timeout_ms"), "{e}");
     }
 
     #[test]

@@ -142,6 +142,11 @@ pub struct Engine {
     /// Whether `process` computes the affected users' outputs (the replay
     /// reads lists through `peek` instead and turns this off).
     outputs: bool,
+    /// Whether a user whose state a batch did not change (only duplicates or
+    /// replayed records) gets outputs again. At-least-once needs them: those
+    /// outputs may never have reached the broker. Exactly-once does not (every
+    /// committed batch's outputs are committed with it) and must not repeat a version.
+    republish_unchanged: bool,
 }
 
 /// Users whose last published lists the feedback metrics remember.
@@ -186,6 +191,7 @@ impl Engine {
             owned: None,
             index_cache: None,
             outputs: true,
+            republish_unchanged: true,
         };
         engine.sum_partitions();
         Ok(engine)
@@ -225,6 +231,12 @@ impl Engine {
     }
 
     /// Restricts processing to these partitions (the consumer's assignment).
+    /// Whether users whose state a batch left unchanged get outputs again
+    /// (true by default; the exactly-once pipeline turns it off).
+    pub fn set_republish_unchanged(&mut self, republish: bool) {
+        self.republish_unchanged = republish;
+    }
+
     pub fn set_owned(&mut self, partitions: Option<BTreeSet<u32>>) {
         self.owned = partitions;
     }
@@ -419,6 +431,8 @@ impl Engine {
         let mut offsets: BTreeMap<(Arc<str>, i32), i64> = BTreeMap::new();
         // Users whose events were applied in this batch (their model vector moves).
         let mut learned: BTreeSet<(u32, String)> = BTreeSet::new();
+        // Each touched user's version before the batch.
+        let mut before: HashMap<(u32, String), u64> = HashMap::new();
         let hl = self.config.decay.item_half_lives();
 
         for record in records {
@@ -438,6 +452,9 @@ impl Engine {
                 .or_insert(0);
             *next = (*next).max(record.source.offset + 1);
             match record.body {
+                // Its dead letter went out with the batch that first read it,
+                // in the same transaction under exactly-once.
+                Body::Invalid(_) if replayed && !self.republish_unchanged => {}
                 Body::Invalid(rejection) => {
                     result.dead_letters.push(dead_letter(
                         record.source,
@@ -448,6 +465,9 @@ impl Engine {
                 }
                 Body::Event(event) => {
                     let Some(movie) = self.catalog.get(event.movie_id) else {
+                        if replayed && !self.republish_unchanged {
+                            continue;
+                        }
                         let rejection = Rejection {
                             reason: "unknown_movie",
                             detail: format!("movie_id {} is not in the catalog", event.movie_id),
@@ -461,7 +481,13 @@ impl Engine {
                         ));
                         continue;
                     };
-                    let state = user_entry(&self.store, &mut users, partition, &event.user_id)?;
+                    let state = user_entry(
+                        &self.store,
+                        &mut users,
+                        &mut before,
+                        partition,
+                        &event.user_id,
+                    )?;
                     if replayed {
                         metrics::event(event.kind.as_str(), "replayed");
                         continue;
@@ -511,7 +537,8 @@ impl Engine {
                 Body::Refresh(cmd) => match cmd.user_id {
                     Some(user) => {
                         metrics::refresh("user");
-                        let state = user_entry(&self.store, &mut users, partition, &user)?;
+                        let state =
+                            user_entry(&self.store, &mut users, &mut before, partition, &user)?;
                         if !replayed {
                             state.refresh();
                         }
@@ -551,12 +578,16 @@ impl Engine {
         let recompute_started = Instant::now();
         let index = self.current_index();
         let mut changes = Changes::default();
-        for ((partition, user), state) in users {
-            if !self.outputs {
+        for (key, state) in users {
+            let previous_version = before.get(&key).copied().unwrap_or(state.version);
+            let (partition, user) = key;
+            let unchanged = state.version == previous_version;
+            if !self.outputs || (unchanged && !self.republish_unchanged) {
                 changes.users.push((partition, user, state));
                 continue;
             }
-            let outputs = self.outputs_for(&index, &user, &state)?;
+            let mut outputs = self.outputs_for(&index, &user, &state)?;
+            outputs.previous_version = previous_version;
             self.feedback.published(&user, &outputs);
             result.outputs.push((user.clone(), outputs));
             changes.users.push((partition, user, state));
@@ -622,8 +653,10 @@ impl Engine {
         let mut outputs = Vec::with_capacity(page.len());
         let mut changes = Changes::default();
         for (user, mut state) in page {
+            let previous_version = state.version;
             state.refresh();
-            let o = self.outputs_for(&index, &user, &state)?;
+            let mut o = self.outputs_for(&index, &user, &state)?;
+            o.previous_version = previous_version;
             self.feedback.published(&user, &o);
             outputs.push((user.clone(), o));
             changes.users.push((partition, user, state));
@@ -753,9 +786,12 @@ fn count_cowatch(
 }
 
 /// The user's state in this batch, loaded from the store on first use.
+/// The batch's copy of a user's state, loaded on first touch (its version
+/// then noted in `before`).
 fn user_entry<'u>(
     store: &Store,
     users: &'u mut BTreeMap<(u32, String), UserState>,
+    before: &mut HashMap<(u32, String), u64>,
     partition: u32,
     user: &str,
 ) -> Result<&'u mut UserState, StoreError> {
@@ -764,6 +800,7 @@ fn user_entry<'u>(
         Entry::Occupied(e) => Ok(e.into_mut()),
         Entry::Vacant(e) => {
             let state = store.user(partition, user)?.unwrap_or_default();
+            before.insert(e.key().clone(), state.version);
             Ok(e.insert(state))
         }
     }
@@ -886,6 +923,36 @@ mod tests {
             .process(vec![record(1, "a", 4, EventType::Like, 6000)])
             .unwrap();
         assert_eq!(next.outputs[0].1.recommendations.version, 2);
+    }
+
+    #[test]
+    fn outputs_carry_the_previous_version_and_exactly_once_skips_repeats() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut e = engine(dir.path());
+        let first = e
+            .process(vec![
+                record(0, "a", 3, EventType::Play, 5000),
+                record(1, "a", 4, EventType::Like, 5001),
+            ])
+            .unwrap();
+        let a = &first.outputs[0].1;
+        assert_eq!((a.previous_version, a.recommendations.version), (0, 2));
+        // Redelivered: nothing changes; at-least-once republishes, marked as a repeat.
+        let again = e
+            .process(vec![record(1, "a", 4, EventType::Like, 5001)])
+            .unwrap();
+        let a = &again.outputs[0].1;
+        assert_eq!((a.previous_version, a.recommendations.version), (2, 2));
+        e.set_republish_unchanged(false);
+        let again = e
+            .process(vec![record(1, "a", 4, EventType::Like, 5001)])
+            .unwrap();
+        assert!(again.outputs.is_empty(), "no version published twice");
+        let next = e
+            .process(vec![record(2, "a", 5, EventType::Complete, 5002)])
+            .unwrap();
+        let a = &next.outputs[0].1;
+        assert_eq!((a.previous_version, a.recommendations.version), (2, 3));
     }
 
     #[test]

@@ -22,6 +22,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use tracing::{info, warn};
 
 use crate::changelog::{self, ChangelogError, Entry, Key, Marker, Restorer, APPLIED_KEY};
+use crate::config::Guarantee;
 use crate::engine::{Engine, EngineError};
 use crate::metrics;
 use crate::store::{PartitionMeta, StoreError};
@@ -43,12 +44,20 @@ pub enum HandoverError {
 
 const KAFKA_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// Changelog batches the broker has: `(partition, seq, next changelog offset)`.
+type Acknowledged = Vec<(u32, u64, i64)>;
+
 pub struct Handover {
     /// Consumer settings for changelog readers (brokers, security).
     pub reader_config: ClientConfig,
+    /// Non-transactional: probes and repair batches, written before the
+    /// partition is processed.
     pub producer: FutureProducer,
     pub changelog_topic: String,
     pub input_topics: Vec<String>,
+    pub guarantee: Guarantee,
+    /// A changelog read that gets no record for this long fails the handover.
+    pub no_progress: Duration,
 }
 
 impl Handover {
@@ -85,13 +94,17 @@ impl Handover {
             .set("enable.auto.commit", "false")
             .set("enable.partition.eof", "false")
             .set("auto.offset.reset", "earliest")
+            // Aborted transactions never reach the state.
+            .set("isolation.level", "read_committed")
             .create()
             .map_err(|source| HandoverError::Kafka {
                 partition: first,
                 source,
             })?;
-        // The broker's end offset can trail acknowledged writes (tansu's does):
-        // each partition is read up to a probe of our own, all sent at once.
+        // Each partition is read up to a probe of our own, all sent at once:
+        // once the probe is read, so is everything acknowledged before it. On
+        // Apache Kafka the end offset would do; the probe also covers brokers
+        // whose end offset trails acknowledged writes (tansu 0.6).
         let writer = engine.store().writer_id();
         let probe = vec![(
             changelog::PROBE_KEY.to_vec(),
@@ -138,19 +151,45 @@ impl Handover {
             .fetch_watermarks(&self.changelog_topic, partition as i32, KAFKA_TIMEOUT)
             .map_err(kafka)?;
         if let Some(meta) = engine.store().partition_meta(partition)? {
-            if meta.changelog_next >= low
-                && self.is_current(reader, writer, partition, meta.changelog_next, high)?
-            {
+            if meta.changelog_next >= low {
                 let pending = engine.store().outbox(partition)?;
-                let acked = send(&self.producer, &self.changelog_topic, &pending).map_err(kafka)?;
-                engine.store().acknowledge(&acked, &[])?;
-                metrics::partition_handover("kept");
-                info!(
-                    partition,
-                    resent = pending.len(),
-                    "kept local partition state (the changelog has nothing newer)"
-                );
-                return Ok(());
+                let known = meta.changelog_next;
+                let kept = match self.guarantee {
+                    Guarantee::AtLeastOnce => {
+                        if self.is_current(reader, writer, partition, known, high)? {
+                            // The outbox was committed locally and may be
+                            // missing from the changelog: send it again.
+                            let acked = send(&self.producer, &self.changelog_topic, &pending)
+                                .map_err(kafka)?;
+                            engine.store().acknowledge(&acked, &[])?;
+                            Some(pending.len())
+                        } else {
+                            None
+                        }
+                    }
+                    // The outbox must not be sent again: its outputs were in
+                    // the same transactions. Committed, it is acknowledged;
+                    // aborted, the local state is ahead of Kafka: restore.
+                    Guarantee::ExactlyOnce => {
+                        match self
+                            .committed_outbox(reader, writer, partition, known, high, &pending)?
+                        {
+                            Some(acked) => {
+                                engine.store().acknowledge(&acked, &[])?;
+                                Some(0)
+                            }
+                            None => None,
+                        }
+                    }
+                };
+                if let Some(resent) = kept {
+                    metrics::partition_handover("kept");
+                    info!(
+                        partition,
+                        resent, "kept local partition state (the changelog has nothing newer)"
+                    );
+                    return Ok(());
+                }
             }
         }
 
@@ -205,6 +244,57 @@ impl Handover {
         known_end: i64,
         high: i64,
     ) -> Result<bool, HandoverError> {
+        Ok(self
+            .own_markers(reader, writer, partition, known_end, high)?
+            .is_some())
+    }
+
+    /// exactly_once: whether the local state is what Kafka committed. It is
+    /// when every committed changelog record from `known_end` to `high` is
+    /// this store's own and every batch of its outbox is among them (its
+    /// transaction committed before the instance could acknowledge it).
+    /// Returns the outbox batches' acknowledgements, or `None`: restore.
+    fn committed_outbox(
+        &self,
+        reader: &BaseConsumer,
+        writer: u64,
+        partition: u32,
+        known_end: i64,
+        high: i64,
+        pending: &[changelog::Batch],
+    ) -> Result<Option<Acknowledged>, HandoverError> {
+        let Some(committed) = self.own_markers(reader, writer, partition, known_end, high)? else {
+            return Ok(None);
+        };
+        let mut acked = Vec::with_capacity(pending.len());
+        for batch in pending {
+            match committed.get(&batch.seq) {
+                Some(next) => acked.push((partition, batch.seq, *next)),
+                None => {
+                    info!(
+                        partition,
+                        seq = batch.seq,
+                        "a batch applied locally was not committed to Kafka (its transaction aborted)"
+                    );
+                    return Ok(None);
+                }
+            }
+        }
+        Ok(Some(acked))
+    }
+
+    /// Reads the changelog from `known_end` to `high`: `None` when another
+    /// writer's record is there or the changelog ends before `known_end` (the
+    /// local copy is stale), else this writer's markers there (seq -> the
+    /// offset after the marker).
+    fn own_markers(
+        &self,
+        reader: &BaseConsumer,
+        writer: u64,
+        partition: u32,
+        known_end: i64,
+        high: i64,
+    ) -> Result<Option<std::collections::HashMap<u64, i64>>, HandoverError> {
         if high < known_end {
             // The changelog lost records this store saw acknowledged
             // (recreated topic?): trust the changelog, not the local copy.
@@ -212,17 +302,22 @@ impl Handover {
                 partition,
                 known_end, high, "changelog ends before what this instance wrote"
             );
-            return Ok(false);
+            return Ok(None);
         }
         let mut foreign = false;
-        self.read(reader, partition, known_end, high, |key, value| {
-            let ours = value
-                .map(|v| Entry::decode(key, v).is_ok_and(|e| e.writer == writer))
-                .unwrap_or(false);
-            foreign |= !ours;
+        let mut markers = std::collections::HashMap::new();
+        self.read_with_offsets(reader, partition, known_end, high, |offset, key, value| {
+            match value.map(|v| Entry::decode(key, v)) {
+                Some(Ok(e)) if e.writer == writer => {
+                    if key == APPLIED_KEY {
+                        markers.insert(e.seq, offset + 1);
+                    }
+                }
+                _ => foreign = true,
+            }
             Ok(())
         })?;
-        Ok(!foreign)
+        Ok((!foreign).then_some(markers))
     }
 
     /// Reads a changelog partition from `from` up to `to` (exclusive; `to` is
@@ -234,6 +329,20 @@ impl Handover {
         from: i64,
         to: i64,
         mut each: impl FnMut(&[u8], Option<&[u8]>) -> Result<(), ChangelogError>,
+    ) -> Result<i64, HandoverError> {
+        self.read_with_offsets(reader, partition, from, to, |_, key, value| {
+            each(key, value)
+        })
+    }
+
+    /// [`Handover::read`], telling `each` every record's offset too.
+    fn read_with_offsets(
+        &self,
+        reader: &BaseConsumer,
+        partition: u32,
+        from: i64,
+        to: i64,
+        mut each: impl FnMut(i64, &[u8], Option<&[u8]>) -> Result<(), ChangelogError>,
     ) -> Result<i64, HandoverError> {
         let kafka = |source| HandoverError::Kafka { partition, source };
         if to <= from {
@@ -254,7 +363,7 @@ impl Handover {
             match reader.poll(Duration::from_millis(100)) {
                 Some(Ok(m)) => {
                     if m.offset() < to {
-                        each(m.key().unwrap_or_default(), m.payload())
+                        each(m.offset(), m.key().unwrap_or_default(), m.payload())
                             .map_err(|source| HandoverError::Changelog { partition, source })?;
                         read += 1;
                     }
@@ -268,7 +377,7 @@ impl Handover {
                 Some(Err(e))
                     if e.rdkafka_error_code() == Some(RDKafkaErrorCode::OperationTimedOut) => {}
                 Some(Err(e)) => return Err(kafka(e)),
-                None if last_progress.elapsed() > NO_PROGRESS => {
+                None if last_progress.elapsed() > self.no_progress => {
                     return Err(kafka(KafkaError::Canceled));
                 }
                 None => {}
@@ -279,9 +388,6 @@ impl Handover {
         Ok(next)
     }
 }
-
-/// A changelog read that gets no record for this long fails the handover.
-const NO_PROGRESS: Duration = Duration::from_secs(60);
 
 /// The records that put rolled-back keys back to their restored values, and a
 /// marker that commits them.

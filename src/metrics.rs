@@ -41,6 +41,8 @@ pub struct Metrics {
     restore_remaining: IntGauge,
     restore_seconds: Histogram,
     changelog_records: IntCounter,
+    transactions: IntCounterVec,
+    transaction_seconds: Histogram,
     broker_up: IntGauge,
     feedback_impressions: IntCounterVec,
     feedback_clicks: IntCounterVec,
@@ -218,6 +220,19 @@ fn build() -> Metrics {
             "State changes written to the changelog topic (acknowledged)."
         )
         .unwrap()),
+        transactions: reg!(IntCounterVec::new(
+            Opts::new(
+                "transactions_total",
+                "exactly_once: Kafka transactions by outcome (committed, aborted, fenced)."
+            ),
+            &["outcome"]
+        )
+        .unwrap()),
+        transaction_seconds: reg!(hist(
+            "transaction_commit_seconds",
+            "exactly_once: time from the last record of a batch's transaction handed to the producer until the commit returned (offsets and EndTxn round trips).",
+            latency_buckets.clone()
+        )),
         broker_up: reg!(IntGauge::new(
             "broker_up",
             "1 while librdkafka reports at least one broker connection up, 0 during an outage."
@@ -404,6 +419,15 @@ pub fn restore_finished(seconds: f64) {
 
 pub fn changelog_written(records: u64) {
     METRICS.changelog_records.inc_by(records);
+}
+
+/// `outcome`: committed, aborted or fenced.
+pub fn transaction(outcome: &'static str) {
+    METRICS.transactions.with_label_values(&[outcome]).inc();
+}
+
+pub fn transaction_commit(seconds: f64) {
+    METRICS.transaction_seconds.observe(seconds);
 }
 
 pub fn broker_up(up: bool) {

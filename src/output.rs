@@ -134,7 +134,18 @@ pub struct UserOutputs {
     pub recommendations: Recommendations,
     pub carousels: Carousels,
     pub insights: Insights,
+    /// The user's version before the change (equal to `version` for a
+    /// re-publication): published as the records' [`PREVIOUS_VERSION_HEADER`],
+    /// so a consumer can tell a gap from a coalesced batch.
+    pub previous_version: u64,
 }
+
+/// Kafka header of every output record: the version of the user's previous
+/// record. Under `exactly_once` each committed record's header equals the
+/// version of the record before it for the same user (a consumer can check
+/// that nothing is missing); under `at_least_once` a re-publication repeats
+/// its version.
+pub const PREVIOUS_VERSION_HEADER: &str = "recstream.previous_version";
 
 /// The three output kinds, for topic routing and metric labels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -384,6 +395,7 @@ mod tests {
             items,
         };
         UserOutputs {
+            previous_version: 6,
             recommendations: Recommendations {
                 schema: RECOMMENDATIONS_SCHEMA.into(),
                 user_id: "u\"1".into(),

@@ -18,7 +18,7 @@ use crate::experiment::{self, ExperimentError, ExperimentSource, ModelCache, Var
 use std::collections::BTreeSet;
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -39,7 +39,7 @@ use tracing::{debug, info, warn};
 
 use crate::catalog::{Catalog, CatalogRecord};
 use crate::changelog;
-use crate::config::{Config, TopicNames};
+use crate::config::{Config, Guarantee, TopicNames};
 use crate::engine::{
     Body, DeadLetter, Engine, EngineError, Record, Rejection, SourcePos, UserOutputList,
 };
@@ -69,10 +69,36 @@ pub enum PipelineError {
     Topics(String),
     #[error("shutdown did not finish within {0:?}")]
     ShutdownTimeout(Duration),
-    #[error("taking over assigned partitions failed; stopping so that another instance (or a restart) takes them: {0}")]
+    #[error("taking over assigned partitions failed; the job restarts (another instance may take them meanwhile): {0}")]
     Handover(String),
     #[error("the pipeline needs tokio's multi-thread runtime: rebalances block while state is handed over")]
     NeedsMultiThreadRuntime,
+    /// exactly_once: a transaction failed and was aborted (broker outage past
+    /// the transaction timeout, a lost group generation). The local state is
+    /// ahead of what Kafka committed: the job restarts from the committed state.
+    #[error("transaction aborted; the job restarts from the committed state: {0}")]
+    TransactionAborted(KafkaError),
+    /// exactly_once: another producer with this instance's transactional id
+    /// (a newer copy of this instance) took over; this one must stop writing.
+    /// Or a newer group member with this `kafka.instance_id` joined.
+    #[error("fenced: a newer instance took over ({0}); this instance stops writing")]
+    Fenced(String),
+}
+
+impl PipelineError {
+    /// Whether running the job again (re-joining the group, restoring what
+    /// Kafka committed) may recover from this error: an aborted transaction,
+    /// a handover that failed or metadata that could not be read (e.g. the
+    /// broker went away meanwhile).
+    pub fn restartable(&self) -> bool {
+        matches!(
+            self,
+            PipelineError::TransactionAborted(_)
+                | PipelineError::Handover(_)
+                // Metadata or watermarks unavailable at start (a broker outage).
+                | PipelineError::Kafka(KafkaError::MetadataFetch(_))
+        )
+    }
 }
 
 /// The running job as the HTTP server sees it: readiness, the input
@@ -210,18 +236,14 @@ pub fn client_config(config: &Config) -> ClientConfig {
 
 /// Consumer settings on top of [`client_config`]; `kafka.client` still wins.
 pub fn consumer_config(config: &Config) -> ClientConfig {
-    // Freshness: brokers without fetch long-poll wake-up (tansu) hold a fetch
-    // for the whole wait; 10 ms bounds that.
     // Memory: librdkafka pre-fetches up to `queued.max.messages.kbytes` per
     // assigned partition (64 MiB by default); 8 MiB keeps a flood's backlog
     // at the broker, where it belongs, and still saturates the engine.
-    base_config(
-        config,
-        &[
-            ("fetch.wait.max.ms", "10"),
-            ("queued.max.messages.kbytes", "8192"),
-        ],
-    )
+    // Freshness needs no short `fetch.wait.max.ms` on Kafka, which answers a
+    // waiting fetch as soon as data arrives. Brokers that answer only when
+    // the wait ends (tansu 0.6) need `"fetch.wait.max.ms" = "1"` to "10" in
+    // `[kafka.client]`; every broker hop costs up to that wait there.
+    base_config(config, &[("queued.max.messages.kbytes", "8192")])
 }
 
 fn base_config(config: &Config, defaults: &[(&str, &str)]) -> ClientConfig {
@@ -262,12 +284,88 @@ pub fn producer(config: &Config) -> Result<FutureProducer, KafkaError> {
         .create()
 }
 
+/// exactly_once: the producer of every batch's transaction. Its
+/// transactional id is stable per state directory (group id and the store's
+/// writer id), so a restarted instance fences its own previous incarnation and
+/// aborts whatever transaction it left open, before any state is read.
+async fn transactional_producer(
+    config: &Config,
+    writer_id: u64,
+) -> Result<(FutureProducer, String), PipelineError> {
+    let id = format!("{}-{writer_id:016x}", config.kafka.group_id);
+    let producer: FutureProducer = client_config(config)
+        .set("transactional.id", &id)
+        .set("linger.ms", "2")
+        .set("compression.type", "lz4")
+        // librdkafka bounds message.timeout.ms by this (and defaults it to it).
+        .set(
+            "transaction.timeout.ms",
+            config.processing.transaction_timeout_ms.to_string(),
+        )
+        .set("queue.buffering.max.messages", "200000")
+        .create()?;
+    let init = producer.clone();
+    tokio::task::spawn_blocking(move || init.init_transactions(TRANSACTION_CALL_TIMEOUT))
+        .await
+        .map_err(|_| PipelineError::EngineGone)?
+        .map_err(|e| transaction_error(e, &producer, &id, None))?;
+    info!(transactional_id = %id, "exactly_once: transactions initialised (any transaction this instance left open is aborted)");
+    Ok((producer, id))
+}
+
+/// How long one transactional call (init, offsets, commit, abort) may block.
+/// A broker outage shorter than this is ridden out; a longer one aborts.
+const TRANSACTION_CALL_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Broker outages seen so far ("all brokers are down"), for telling a
+/// transaction the coordinator timed out during an outage from a fenced one.
+static BROKER_OUTAGES: AtomicU64 = AtomicU64::new(0);
+
+/// Classifies a failed transactional call: fenced (stop), or aborted (restart).
+/// librdkafka reports both a newer producer with this transactional id and
+/// the coordinator aborting a transaction that outlived its timeout as a
+/// producer fence. Only the latter can follow a broker outage during the
+/// transaction (`outages_at_begin`): then restart; otherwise stop. Losing
+/// the static membership (FENCED_INSTANCE_ID) always stops.
+fn transaction_error(
+    e: KafkaError,
+    producer: &FutureProducer,
+    transactional_id: &str,
+    outages_at_begin: Option<u64>,
+) -> PipelineError {
+    // After a fatal error every call fails with `Fatal`; the cause is kept.
+    let code = producer
+        .client()
+        .fatal_error()
+        .map(|(code, _)| code)
+        .or(e.rdkafka_error_code());
+    let epoch_fenced = matches!(
+        code,
+        Some(
+            RDKafkaErrorCode::Fenced
+                | RDKafkaErrorCode::ProducerFenced
+                | RDKafkaErrorCode::InvalidProducerEpoch
+        )
+    );
+    let outage = outages_at_begin.is_some_and(|n| BROKER_OUTAGES.load(Ordering::SeqCst) != n);
+    let fenced = (epoch_fenced && !outage) || code == Some(RDKafkaErrorCode::FencedInstanceId);
+    if fenced {
+        metrics::transaction("fenced");
+        tracing::error!(error = %e, transactional_id, "fenced by a newer instance with the same transactional id; this instance stops writing");
+        PipelineError::Fenced(transactional_id.to_string())
+    } else {
+        metrics::transaction("aborted");
+        PipelineError::TransactionAborted(e)
+    }
+}
+
 /// Consumer context: hands partitions over on every rebalance (through the
 /// engine thread, see [`crate::handover`]), resumes assigned partitions where
 /// the local state says, reports lag and broker outages, tracks the assignment.
 struct EngineContext {
     job: Arc<JobHandle>,
     store: Arc<Store>,
+    guarantee: Guarantee,
     input_topic: String,
     /// Weak: the engine thread stops when the consume loop drops its sender.
     work_tx: mpsc::WeakSender<Work>,
@@ -313,7 +411,9 @@ impl EngineContext {
 
 impl EngineContext {
     /// Points each assigned partition at its resume offset from RocksDB; the
-    /// group's committed offsets serve lag monitoring only.
+    /// group's committed offsets serve lag monitoring only. exactly_once
+    /// resumes at the applied offsets: after the handover the local state is
+    /// what Kafka committed, outputs included, so nothing needs republishing.
     fn resume(&self, tpl: &mut TopicPartitionList) {
         let parts: Vec<(String, i32)> = tpl
             .elements()
@@ -321,7 +421,11 @@ impl EngineContext {
             .map(|e| (e.topic().to_string(), e.partition()))
             .collect();
         for (topic, partition) in parts {
-            match self.store.resume_offset(&topic, partition) {
+            let resume = match self.guarantee {
+                Guarantee::AtLeastOnce => self.store.resume_offset(&topic, partition),
+                Guarantee::ExactlyOnce => self.store.offset(&topic, partition),
+            };
+            match resume {
                 Ok(Some(offset)) => {
                     debug!(%topic, partition, offset, "resuming from local state");
                     if let Err(e) =
@@ -361,12 +465,19 @@ impl ClientContext for EngineContext {
 
     fn error(&self, error: KafkaError, reason: &str) {
         metrics::kafka_error("client");
-        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) {
-            metrics::broker_up(false);
-            warn!(%error, reason, "all brokers are down; retrying until they are back");
-        } else {
-            warn!(%error, reason, "kafka client error");
-        }
+        report_client_error(&error, reason);
+    }
+}
+
+/// A client error, whether librdkafka hands it to the context or, for the
+/// consumer, to `recv()`: an outage is reported as such.
+fn report_client_error(error: &KafkaError, reason: &str) {
+    if error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) {
+        BROKER_OUTAGES.fetch_add(1, Ordering::SeqCst);
+        metrics::broker_up(false);
+        warn!(%error, reason, "all brokers are down; retrying until they are back");
+    } else {
+        warn!(%error, reason, "kafka client error");
     }
 }
 
@@ -536,6 +647,7 @@ pub async fn run(
         fold_in: config.model.fold_in,
     };
     let source = experiment.clone();
+    let guarantee = config.processing.guarantee;
     let (mut engine, models, variants) = tokio::task::spawn_blocking(
         move || -> Result<(Engine, ModelCache, Arc<Variants>), PipelineError> {
             let mut store = Store::open(&dir, cache_mb)?;
@@ -543,6 +655,7 @@ pub async fn run(
             let mut engine = Engine::new(engine_config, store, catalog)?;
             // Nothing is processed before the group assigns partitions.
             engine.set_owned(Some(BTreeSet::new()));
+            engine.set_republish_unchanged(guarantee == Guarantee::AtLeastOnce);
             let mut models = ModelCache::default();
             let variants = Arc::new(load_variants(&source, &mut models)?);
             engine.set_variants(variants.clone());
@@ -553,6 +666,13 @@ pub async fn run(
     .map_err(|_| PipelineError::EngineGone)??;
     let store = engine.store_handle();
     let producer = producer(&config)?;
+    // Before the group assigns anything: the handover must not read the
+    // changelog while a transaction of this instance's previous run is open.
+    let transactions = match guarantee {
+        Guarantee::ExactlyOnce => Some(transactional_producer(&config, store.writer_id()).await?),
+        Guarantee::AtLeastOnce => None,
+    };
+    info!(guarantee = guarantee.as_str(), "processing guarantee");
 
     // Catalog first: events on movies not yet in the catalog would be dead-lettered.
     let (catalog_updates, caught_up, catalog_follower) =
@@ -580,15 +700,22 @@ pub async fn run(
     let consumer: Arc<StreamConsumer<EngineContext>> = Arc::new(
         consumer_settings
             .set("group.id", &config.kafka.group_id)
-            .set("enable.auto.commit", "true")
+            // at_least_once: the group's offsets (stored once published) serve
+            // lag monitoring only; exactly_once commits them in each transaction.
+            .set(
+                "enable.auto.commit",
+                (guarantee == Guarantee::AtLeastOnce).to_string(),
+            )
             .set("auto.commit.interval.ms", "1000")
             .set("enable.auto.offset.store", "false")
+            .set("isolation.level", "read_committed")
             .set("auto.offset.reset", "earliest")
             .set("statistics.interval.ms", "5000")
             .set("enable.partition.eof", "false")
             .create_with_context(EngineContext {
                 job: job.clone(),
                 store: store.clone(),
+                guarantee,
                 input_topic: config.topics.interactions.clone(),
                 work_tx: work_tx.downgrade(),
                 failure: failure.clone(),
@@ -602,7 +729,17 @@ pub async fn run(
     }
 
     let changelog_producer = changelog_producer(&config)?;
+    // exactly_once: a crashed owner's open transaction holds a read_committed
+    // restore back until the broker aborts it.
+    let no_progress = Duration::from_secs(60)
+        + match guarantee {
+            Guarantee::ExactlyOnce => {
+                Duration::from_millis(config.processing.transaction_timeout_ms)
+            }
+            Guarantee::AtLeastOnce => Duration::ZERO,
+        };
     let handover = Handover {
+        no_progress,
         reader_config: consumer_config(&config),
         producer: changelog_producer.clone(),
         changelog_topic: config.topics.changelog.clone(),
@@ -610,6 +747,7 @@ pub async fn run(
             config.topics.interactions.clone(),
             config.topics.refresh.clone(),
         ],
+        guarantee,
     };
     // Batches handed to the engine thread and not yet acknowledged by the
     // broker (see [`InFlight`]).
@@ -618,16 +756,39 @@ pub async fn run(
         .name("engine".into())
         .spawn(move || engine_loop(engine, handover, work_rx, publish_tx))
         .expect("spawn engine thread");
-    let publisher = tokio::spawn(publish_loop(
-        Producers {
-            outputs: producer.clone(),
-            changelog: changelog_producer.clone(),
-        },
-        consumer.clone(),
-        store,
-        config.topics.clone(),
-        publish_rx,
-    ));
+    let publishing: std::pin::Pin<Box<dyn Future<Output = Result<(), PipelineError>> + Send>> =
+        match &transactions {
+            None => Box::pin(publish_loop(
+                Producers {
+                    outputs: producer.clone(),
+                    changelog: changelog_producer.clone(),
+                },
+                consumer.clone(),
+                store,
+                config.topics.clone(),
+                publish_rx,
+            )),
+            Some((transactional, id)) => Box::pin(transaction_loop(
+                Transactions {
+                    producer: transactional.clone(),
+                    id: id.clone(),
+                },
+                consumer.clone(),
+                store,
+                config.topics.clone(),
+                publish_rx,
+            )),
+        };
+    // The consume loop stops when the publisher fails, even with no input.
+    let publisher_failed = Arc::new(tokio::sync::Notify::new());
+    let signal = publisher_failed.clone();
+    let publisher = tokio::spawn(async move {
+        let published = publishing.await;
+        if published.is_err() {
+            signal.notify_one();
+        }
+        published
+    });
     let catalog_task = tokio::spawn(forward_catalog(catalog_updates, work_tx.clone()));
     let experiment_task = tokio::spawn(watch_experiment(
         experiment,
@@ -638,12 +799,12 @@ pub async fn run(
     ));
 
     let failure_signal = async {
-        failed.notified().await;
-        failure
-            .lock()
-            .expect("not poisoned")
-            .clone()
-            .unwrap_or_default()
+        tokio::select! {
+            _ = failed.notified() => StageFailure::Handover(
+                failure.lock().expect("not poisoned").clone().unwrap_or_default(),
+            ),
+            _ = publisher_failed.notified() => StageFailure::Publisher,
+        }
     };
     let consumed = consume_loop(
         &config,
@@ -675,8 +836,15 @@ pub async fn run(
     .await;
     let (published, engine_result) =
         drained.map_err(|_| PipelineError::ShutdownTimeout(deadline))?;
-    consumed?;
-    published?;
+    // A fenced instance stops, whichever stage saw it first; otherwise the
+    // publisher's error: the consume loop then only saw the engine go.
+    match (published, consumed) {
+        (Err(e @ PipelineError::Fenced(_)), _) | (_, Err(e @ PipelineError::Fenced(_))) => {
+            return Err(e)
+        }
+        (Err(e), _) | (Ok(()), Err(e)) => return Err(e),
+        (Ok(()), Ok(())) => {}
+    }
     match engine_result {
         Some(Ok(engine)) => tokio::task::spawn_blocking(move || engine.store().flush())
             .await
@@ -687,7 +855,12 @@ pub async fn run(
     // The final commit, the producer flush and closing the consumer (leaving the
     // group) all block on the network: do them off the runtime.
     tokio::task::spawn_blocking(move || {
-        if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
+        // exactly_once committed every batch's offsets in its transaction.
+        let committed = match guarantee {
+            Guarantee::AtLeastOnce => consumer.commit_consumer_state(CommitMode::Sync),
+            Guarantee::ExactlyOnce => Ok(()),
+        };
+        if let Err(e) = committed {
             // Nothing stored since the last auto-commit is not an error; the
             // group's offsets only serve lag monitoring anyway.
             if e.rdkafka_error_code() != Some(RDKafkaErrorCode::NoOffset) {
@@ -695,6 +868,9 @@ pub async fn run(
             }
         }
         drop(consumer);
+        if let Some((transactional, _)) = transactions {
+            transactional.flush(Duration::from_secs(5))?;
+        }
         changelog_producer.flush(Duration::from_secs(5))?;
         producer.flush(Duration::from_secs(5))
     })
@@ -721,6 +897,14 @@ async fn input_partition_count(config: &Config) -> Result<u32, PipelineError> {
     }
 }
 
+/// Why another stage stops the consume loop.
+enum StageFailure {
+    /// A partition handover failed (the reason).
+    Handover(String),
+    /// The publisher stopped with an error.
+    Publisher,
+}
+
 /// One `select!` over incoming records, the batch timer and shutdown.
 ///
 /// Micro-batches form only while the pipeline is busy: a record that finds
@@ -735,10 +919,10 @@ async fn consume_loop(
     batches_in_flight: &Arc<AtomicUsize>,
     work_tx: mpsc::Sender<Work>,
     shutdown: impl Future<Output = ()>,
-    handover_failed: impl Future<Output = String>,
+    stage_failed: impl Future<Output = StageFailure>,
 ) -> Result<(), PipelineError> {
     tokio::pin!(shutdown);
-    tokio::pin!(handover_failed);
+    tokio::pin!(stage_failed);
     let max_records = config.processing.batch_max_records;
     let max_wait = Duration::from_millis(config.processing.batch_max_wait_ms);
     let mut batch: Vec<Record> = Vec::with_capacity(max_records);
@@ -757,11 +941,22 @@ async fn consume_loop(
                 info!("shutdown requested; draining");
                 break;
             }
-            reason = &mut handover_failed => {
-                send_batch(&work_tx, &mut batch, batches_in_flight).await?;
-                return Err(PipelineError::Handover(reason));
-            }
+            failure = &mut stage_failed => match failure {
+                StageFailure::Handover(reason) => {
+                    send_batch(&work_tx, &mut batch, batches_in_flight).await?;
+                    return Err(PipelineError::Handover(reason));
+                }
+                // Its error is the one the job reports.
+                StageFailure::Publisher => return Err(PipelineError::EngineGone),
+            },
             _ = tokio::time::sleep_until(flush_at), if batch_deadline.is_some() => {
+                if assignments.load(Ordering::SeqCst) != batch_assignment {
+                    // As below: a rebalance ran since these were read.
+                    for _ in batch.drain(..) {
+                        metrics::record_not_owned();
+                    }
+                    batch_assignment = assignments.load(Ordering::SeqCst);
+                }
                 send_batch(&work_tx, &mut batch, batches_in_flight).await?;
                 batch_deadline = None;
             }
@@ -781,9 +976,16 @@ async fn consume_loop(
                         metrics::broker_up(true);
                         m
                     }
+                    // A fatal consumer error (e.g. FENCED_INSTANCE_ID: a newer
+                    // member with this kafka.instance_id joined) ends this member.
+                    Err(e @ KafkaError::MessageConsumptionFatal(_)) => {
+                        metrics::kafka_error("consume");
+                        tracing::error!(%e, "the consumer was fenced out of the group; this instance stops");
+                        return Err(PipelineError::Fenced(format!("consumer: {e}")));
+                    }
                     Err(e) => {
                         metrics::kafka_error("consume");
-                        warn!(%e, "consume error");
+                        report_client_error(&e, "consume");
                         continue;
                     }
                 };
@@ -1142,15 +1344,217 @@ async fn confirm_loop(
         }
         // The consumer may now hand the engine more records.
         drop(batch.in_flight);
-        for r in batch.received {
-            metrics::processing_latency(r.elapsed().as_secs_f64());
-        }
-        let now_ms = wall_clock_ms();
-        for ts in batch.event_times {
-            metrics::event_to_publish_lag((now_ms - ts) as f64 / 1000.0);
-        }
+        observe_published(batch.received, batch.event_times);
     }
     Ok(())
+}
+
+/// The exactly-once publisher's producer and its transactional id (for messages).
+struct Transactions {
+    producer: FutureProducer,
+    id: String,
+}
+
+/// One batch's records for the exactly-once publisher.
+struct TransactionBatch {
+    outputs: UserOutputList,
+    dead_letters: Vec<DeadLetter>,
+    changelog: Vec<changelog::Batch>,
+    /// `(input topic, partition, next offset)`; empty for refresh pages.
+    offsets: Vec<(Arc<str>, i32, i64)>,
+    received: Vec<Instant>,
+    event_times: Vec<i64>,
+    in_flight: Option<InFlight>,
+}
+
+/// The exactly-once publish stage: each batch is one Kafka transaction of its
+/// outputs, dead letters, changelog records (data and marker together: the
+/// transaction makes them atomic, so no marker needs to wait for its data) and
+/// the consumer offsets (`send_offsets_to_transaction` with the group's
+/// metadata, so a zombie of an older generation is fenced by the
+/// coordinator). Transactions run one at a time, in batch order; the engine
+/// computes the next batch meanwhile. Only a committed batch is acknowledged
+/// in the store; a failure stops the job (see [`PipelineError::restartable`]).
+async fn transaction_loop(
+    transactions: Transactions,
+    consumer: Arc<StreamConsumer<EngineContext>>,
+    store: Arc<Store>,
+    topics: TopicNames,
+    mut publish_rx: mpsc::Receiver<Publish>,
+) -> Result<(), PipelineError> {
+    while let Some(msg) = publish_rx.recv().await {
+        let batch = match msg {
+            // Every batch before it is committed: transactions are sequential.
+            Publish::Barrier(done) => {
+                let _ = done.send(());
+                continue;
+            }
+            // Pages of a refresh of everyone read no input of their own; they
+            // commit their partitions' applied offsets again, so that the group
+            // coordinator fences a zombie's pages like its batches.
+            Publish::Outputs { outputs, changelog } => TransactionBatch {
+                offsets: applied_offsets(&store, &topics, &changelog)?,
+                outputs,
+                dead_letters: Vec::new(),
+                changelog,
+                received: Vec::new(),
+                event_times: Vec::new(),
+                in_flight: None,
+            },
+            Publish::Batch {
+                outputs,
+                dead_letters,
+                changelog,
+                offsets,
+                received,
+                event_times,
+                in_flight,
+            } => TransactionBatch {
+                outputs,
+                dead_letters,
+                changelog,
+                offsets,
+                received,
+                event_times,
+                in_flight: Some(in_flight),
+            },
+        };
+        let acked = match transact(&transactions, &consumer, &topics, &batch).await {
+            Ok(acked) => acked,
+            Err(e) => return Err(abort(&transactions, e).await),
+        };
+        // Outputs committed with the state: published up to the applied offsets.
+        let published: Vec<(String, i32, i64)> = batch
+            .offsets
+            .iter()
+            .map(|(t, p, o)| (t.to_string(), *p, *o))
+            .collect();
+        store.acknowledge(&acked, &published)?;
+        drop(batch.in_flight);
+        observe_published(batch.received, batch.event_times);
+    }
+    Ok(())
+}
+
+/// The applied offsets of both input topics of the partitions these changelog
+/// batches belong to.
+fn applied_offsets(
+    store: &Store,
+    topics: &TopicNames,
+    changelog: &[changelog::Batch],
+) -> Result<Vec<(Arc<str>, i32, i64)>, PipelineError> {
+    let partitions: BTreeSet<u32> = changelog.iter().map(|b| b.partition).collect();
+    let mut offsets = Vec::new();
+    for partition in partitions {
+        for topic in [&topics.interactions, &topics.refresh] {
+            if let Some(next) = store.offset(topic, partition as i32)? {
+                offsets.push((Arc::from(topic.as_str()), partition as i32, next));
+            }
+        }
+    }
+    Ok(offsets)
+}
+
+/// Writes one batch as one transaction and commits it; returns the changelog
+/// batches as `(partition, seq, next changelog offset)`.
+async fn transact(
+    transactions: &Transactions,
+    consumer: &Arc<StreamConsumer<EngineContext>>,
+    topics: &TopicNames,
+    batch: &TransactionBatch,
+) -> Result<Vec<(u32, u64, i64)>, PipelineError> {
+    let producer = &transactions.producer;
+    let outages = BROKER_OUTAGES.load(Ordering::SeqCst);
+    let failed = |e: KafkaError| transaction_error(e, producer, &transactions.id, Some(outages));
+    // Local bookkeeping in librdkafka: no network round trip.
+    producer.begin_transaction().map_err(failed)?;
+    let outputs = send_outputs(producer, topics, &batch.outputs, &batch.dead_letters)
+        .await
+        .map_err(|e| match e {
+            PipelineError::Publish(k) => failed(k),
+            other => other,
+        })?;
+    let mut changelog = Vec::with_capacity(batch.changelog.len());
+    for cb in &batch.changelog {
+        let mut deliveries = Vec::with_capacity(cb.records.len());
+        for (key, value) in &cb.records {
+            let record = FutureRecord::to(&topics.changelog)
+                .partition(cb.partition as i32)
+                .key(key)
+                .payload(value);
+            deliveries.push(enqueue(producer, record).await.map_err(failed)?);
+        }
+        changelog.push((cb.partition, cb.seq, cb.records.len() as u64, deliveries));
+    }
+    let mut offsets = TopicPartitionList::new();
+    for (topic, partition, next) in &batch.offsets {
+        offsets
+            .add_partition_offset(topic, *partition, Offset::Offset(*next))
+            .map_err(failed)?;
+    }
+    // Offsets and commit block on broker round trips: off the runtime.
+    let (txn_producer, txn_consumer) = (producer.clone(), consumer.clone());
+    let started = Instant::now();
+    tokio::task::spawn_blocking(move || -> Result<(), KafkaError> {
+        if offsets.count() > 0 {
+            let group = txn_consumer
+                .group_metadata()
+                // Not a group member (any more): nothing to commit offsets for.
+                .ok_or(KafkaError::ConsumerCommit(
+                    RDKafkaErrorCode::UnknownMemberId,
+                ))?;
+            txn_producer.send_offsets_to_transaction(&offsets, &group, TRANSACTION_CALL_TIMEOUT)?;
+        }
+        txn_producer.commit_transaction(TRANSACTION_CALL_TIMEOUT)
+    })
+    .await
+    .map_err(|_| PipelineError::EngineGone)?
+    .map_err(failed)?;
+    metrics::transaction_commit(started.elapsed().as_secs_f64());
+    metrics::transaction("committed");
+    // Committed: every delivery has succeeded; collect the changelog offsets.
+    outputs.confirm().await?;
+    let mut acked = Vec::with_capacity(changelog.len());
+    for (partition, seq, records, deliveries) in changelog {
+        let next = await_offsets(deliveries).await?;
+        metrics::changelog_written(records);
+        acked.push((partition, seq, next));
+    }
+    Ok(acked)
+}
+
+/// Aborts the open transaction after a failure (unless fenced: then there is
+/// nothing this instance may still write) and returns the error to stop with.
+async fn abort(transactions: &Transactions, error: PipelineError) -> PipelineError {
+    if matches!(error, PipelineError::Fenced(_)) {
+        return error;
+    }
+    warn!(%error, "aborting the transaction");
+    let producer = transactions.producer.clone();
+    let aborted =
+        tokio::task::spawn_blocking(move || producer.abort_transaction(TRANSACTION_CALL_TIMEOUT))
+            .await;
+    if let Ok(Err(e)) = aborted {
+        // The broker aborts it after transaction_timeout_ms, or the restarted
+        // job's init_transactions does.
+        warn!(%e, "abort failed");
+    }
+    match error {
+        PipelineError::Publish(e) => PipelineError::TransactionAborted(e),
+        other => other,
+    }
+}
+
+/// Latency metrics of a batch whose outputs the broker has (acknowledged or
+/// committed): from receiving each record, and from each event's time.
+fn observe_published(received: Vec<Instant>, event_times: Vec<i64>) {
+    for r in received {
+        metrics::processing_latency(r.elapsed().as_secs_f64());
+    }
+    let now_ms = wall_clock_ms();
+    for ts in event_times {
+        metrics::event_to_publish_lag((now_ms - ts) as f64 / 1000.0);
+    }
 }
 
 /// Changelog batches whose data records are on their way: `(partition, seq,
@@ -1326,15 +1730,21 @@ pub async fn send_outputs(
     let mut pending = Vec::with_capacity(outputs.len() * 3 + dead_letters.len());
     let mut counts = [0u64; 3];
     for (user, out) in outputs {
+        let previous_version = out.previous_version.to_string();
         for (i, (kind, payload)) in out.encode().into_iter().enumerate() {
             let topic = match kind {
                 crate::output::OutputKind::Recommendations => &topics.recommendations,
                 crate::output::OutputKind::Carousels => &topics.carousels,
                 crate::output::OutputKind::Insights => &topics.insights,
             };
+            let headers = OwnedHeaders::new_with_capacity(1).insert(Header {
+                key: crate::output::PREVIOUS_VERSION_HEADER,
+                value: Some(&previous_version),
+            });
             let record = FutureRecord::to(topic)
                 .key(user.as_bytes())
-                .payload(&payload);
+                .payload(&payload)
+                .headers(headers);
             pending.push(
                 enqueue(producer, record)
                     .await
@@ -1441,9 +1851,9 @@ async fn follow_catalog(
         .set("group.id", format!("{}-catalog", config.kafka.group_id))
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "false")
-        // Catalog changes need no millisecond freshness, and on brokers that
-        // answer fetches only when the wait ends (tansu) a short wait is paid
-        // in broker CPU: a quarter of an idle engine's cost at 1 ms.
+        // Catalog changes need no millisecond freshness: whatever wait
+        // `kafka.client` sets for the interactions (1 ms on tansu, which
+        // answers fetches only when the wait ends), 100 ms here.
         .set("fetch.wait.max.ms", "100")
         .clone();
     let topic = config.topics.catalog.clone();

@@ -723,6 +723,8 @@ pub fn build_outputs(
     rows.retain(|r| !r.items.is_empty());
 
     Ok(UserOutputs {
+        // Nothing new unless the caller says what the user held before.
+        previous_version: version,
         recommendations: Recommendations {
             schema: RECOMMENDATIONS_SCHEMA.into(),
             user_id: user_id.into(),

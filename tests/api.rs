@@ -1,4 +1,4 @@
-//! The HTTP API against the real tansu broker and the engine binary: the
+//! The HTTP API against the real Apache Kafka broker and the engine binary: the
 //! intake validates like the consumer and produces to Kafka, queries answer
 //! from local state (cold-start rows marked), refresh commands go through the
 //! refresh topic, server-sent events carry the output records, queries for a
@@ -33,7 +33,7 @@ fn api_config(dir: &Path, brokers: &str, catalog: &Path, port: u16, group: &str)
 
 /// A broker, the topics and one engine with the API token, ready.
 fn one_engine(dir: &Path, group: &str) -> (Broker, EngineProcess, u16) {
-    let broker = Broker::start_memory();
+    let broker = Broker::start();
     let catalog = synthetic_catalog(dir, &GENRES, 10);
     let port = free_port();
     let config = api_config(dir, &broker.bootstrap(), &catalog, port, group);
@@ -326,7 +326,7 @@ fn ask(port_of: &HashMap<String, u16>, port: u16, user: &str) -> (u16, String, V
 #[test]
 fn queries_are_sent_to_the_instance_that_owns_the_user() {
     let dir = tempfile::tempdir().unwrap();
-    let broker = Broker::start_memory();
+    let broker = Broker::start();
     let catalog = synthetic_catalog(dir.path(), &GENRES, 10);
     let ports = [free_port(), free_port()];
     let configs: Vec<PathBuf> = ports

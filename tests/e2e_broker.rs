@@ -1,4 +1,4 @@
-//! End to end against the real tansu broker process: topics applied by the CLI,
+//! End to end against the real Apache Kafka broker process: topics applied by the CLI,
 //! the engine as a separate process, events produced by the Python
 //! confluent-kafka client, outputs and dead letters read back.
 
@@ -42,7 +42,7 @@ struct Seen {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fans_genre_rises_and_bad_input_is_dead_lettered() {
     let dir = tempfile::tempdir().unwrap();
-    let broker = Broker::start_memory();
+    let broker = Broker::start();
     let brokers = broker.bootstrap();
     let catalog = synthetic_catalog(dir.path(), &GENRES, PER_GENRE);
     let http_port = free_port();

@@ -1,4 +1,4 @@
-//! A/B variants and model hot-reload against the real tansu broker: users are
+//! A/B variants and model hot-reload against the real Apache Kafka broker: users are
 //! split between two variants by hash and every output record says which; the
 //! shares change without a restart; a new model file is loaded, checked
 //! against its card and swapped in while events flow; a broken one is
@@ -105,7 +105,7 @@ fn metric(port: u16, series: &str) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn variants_split_users_switch_live_and_models_reload_safely() {
     let dir = tempfile::tempdir().unwrap();
-    let broker = Broker::start_memory();
+    let broker = Broker::start();
     let brokers = broker.bootstrap();
     let demo_model = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/demo/ncf-demo.onnx");
     std::fs::create_dir_all(dir.path().join("served")).unwrap();

@@ -1,5 +1,5 @@
 //! The live page in a real browser (Debian's Chromium driven by Playwright)
-//! against the engine and the real tansu broker: liking several titles of one
+//! against the engine and the real Apache Kafka broker: liking several titles of one
 //! genre brings that genre's row to the top (below "Top picks"), and the liked
 //! titles leave the rows, each update arriving by server-sent events. The
 //! screenshot is kept as a CI artefact (`tests/browser/artifacts/`, or
@@ -33,7 +33,7 @@ fn liking_a_genre_brings_its_row_to_the_top_in_a_real_browser() {
         "playwright-core and Chromium are missing: run .ci/install.sh"
     );
     let dir = tempfile::tempdir().unwrap();
-    let broker = Broker::start_memory();
+    let broker = Broker::start();
     let brokers = broker.bootstrap();
     let catalog = synthetic_catalog(dir.path(), &GENRES, 12);
     let port = free_port();

@@ -1,5 +1,5 @@
 //! A real Prometheus server (Debian's `prometheus`) scrapes the running engine
-//! while events flow through the real tansu broker; the test asks Prometheus'
+//! while events flow through the real Apache Kafka broker; the test asks Prometheus'
 //! HTTP API that the key series exist and move, and that the committed alert
 //! rules (`ops/prometheus/rules`) load and evaluate.
 
@@ -119,7 +119,7 @@ fn events(tag: &str, n: usize) -> Vec<Value> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prometheus_scrapes_the_engine_and_loads_the_alert_rules() {
     let dir = tempfile::tempdir().unwrap();
-    let broker = Broker::start_memory();
+    let broker = Broker::start();
     let brokers = broker.bootstrap();
     let catalog = synthetic_catalog(dir.path(), &["Comedy", "Drama", "Sci-Fi", "Horror"], 10);
     let http_port = free_port();

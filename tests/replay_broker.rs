@@ -1,4 +1,4 @@
-//! The prequential replay through the real tansu broker scores every event
+//! The prequential replay through the real Apache Kafka broker scores every event
 //! exactly as the in-process replay does: the Kafka path (produce, consume,
 //! decode, micro-batch, RocksDB, publish) and the in-process path run the same
 //! engine code, and the broker replay's lists come from the pipeline's
@@ -14,7 +14,7 @@ use recstream::replay::{self, Models, Settings, Stream};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_kafka_path_scores_like_the_in_process_replay() {
-    let broker = Broker::start_memory();
+    let broker = Broker::start();
     let stream = Stream::synthetic(160, 11);
     let work = tempfile::tempdir().unwrap();
     let settings = Settings {

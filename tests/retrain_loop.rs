@@ -1,4 +1,4 @@
-//! The retraining loop against the real tansu broker, every step a separate
+//! The retraining loop against the real Apache Kafka broker, every step a separate
 //! process: interactions produced to the topic are archived as Parquet by
 //! event day (a second archive run adds nothing: no duplicates across
 //! restarts), a tiny model is trained from the archive and exported, and the
@@ -42,7 +42,7 @@ fn events(tag: &str, per_user: usize, ts0: i64) -> Vec<Value> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn interactions_are_archived_trained_on_and_served() {
     let dir = tempfile::tempdir().unwrap();
-    let broker = Broker::start_memory();
+    let broker = Broker::start();
     let brokers = broker.bootstrap();
     let catalog = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/demo/catalog.csv");
     let demo_model = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/demo/ncf-demo.onnx");

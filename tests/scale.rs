@@ -1,6 +1,6 @@
-//! Scale-out against the real tansu broker: while the Python client streams
-//! events, the consumer group grows from one engine instance to three and
-//! shrinks back to one. Partitions move twice; each move hands state over
+//! Scale-out against the real Apache Kafka broker, in both guarantee modes:
+//! while the Python client streams events, the consumer group grows from one
+//! engine instance to three and shrinks back to one. Partitions move twice; each move hands state over
 //! through the changelog topic. Afterwards the remaining instance's state
 //! (users and per-partition item counters) equals a clean single-process
 //! replay bit for bit, and every user's latest recommendation record carries
@@ -46,11 +46,19 @@ fn stream(movies: u64) -> Vec<Value> {
 }
 
 /// One instance's own directory, config and HTTP port; all share the consumer group.
-fn instance(root: &Path, name: &str, brokers: &str, catalog: &Path) -> (PathBuf, u16) {
+fn instance(
+    root: &Path,
+    name: &str,
+    brokers: &str,
+    catalog: &Path,
+    guarantee: &str,
+) -> (PathBuf, u16) {
     let dir = root.join(name);
     std::fs::create_dir_all(&dir).unwrap();
     let port = free_port();
-    let config = write_config(&dir, brokers, catalog, port, "scale-engine", false);
+    let group = format!("scale-{guarantee}");
+    let config = write_config(&dir, brokers, catalog, port, &group, false);
+    set_guarantee(&config, guarantee);
     (config, port)
 }
 
@@ -72,14 +80,23 @@ async fn await_log(engine: &EngineProcess, needle: &str, timeout: Duration) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn one_to_three_to_one_instances_keep_state_exact() {
+async fn at_least_once_one_to_three_to_one_instances_keep_state_exact() {
+    one_to_three_to_one("at_least_once").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exactly_once_one_to_three_to_one_instances_keep_outputs_exact() {
+    one_to_three_to_one("exactly_once").await;
+}
+
+async fn one_to_three_to_one(guarantee: &str) {
     let dir = tempfile::tempdir().unwrap();
-    let broker = Broker::start_memory();
+    let broker = Broker::start();
     let brokers = broker.bootstrap();
     let catalog = synthetic_catalog(dir.path(), &["Comedy", "Drama", "Sci-Fi", "Horror"], 15);
     let instances: Vec<(PathBuf, u16)> = ["i0", "i1", "i2"]
         .iter()
-        .map(|n| instance(dir.path(), n, &brokers, &catalog))
+        .map(|n| instance(dir.path(), n, &brokers, &catalog, guarantee))
         .collect();
     recstream(&[
         "topics",
@@ -127,6 +144,7 @@ async fn one_to_three_to_one_instances_keep_state_exact() {
     assert!(status.success(), "engine exit {status:?}");
     let applied = verifier::assert_state_equal(&dir.path().join("i0/state"), &expected);
     assert_eq!(applied, EVENTS as u64, "every event applied exactly once");
+    let check = verifier::assert_outputs(&brokers, &expected, guarantee);
 
     let logs: Vec<String> = (0..3)
         .map(|i| std::fs::read_to_string(log(i)).unwrap_or_default())
@@ -138,7 +156,7 @@ async fn one_to_three_to_one_instances_keep_state_exact() {
         "the first instance restored the partitions it got back"
     );
     println!(
-        "scale test: 1 -> 3 -> 1 instances in {:.1} s while {} records streamed; {} assignments, {} partition restores, {} kept, {} dropped; {} users and every partition's item counters identical, {} events applied once",
+        "scale test ({guarantee}): 1 -> 3 -> 1 instances in {:.1} s while {} records streamed; {} assignments, {} partition restores, {} kept, {} dropped; {} users and every partition's item counters identical, {} events applied once; read_committed output: {check:?}",
         streamed.as_secs_f64(),
         expected.records,
         total("partitions assigned"),

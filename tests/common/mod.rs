@@ -1,4 +1,4 @@
-//! Helpers for tests against real processes: the tansu broker, the engine
+//! Helpers for tests against real processes: the Apache Kafka broker, the engine
 //! binary and the Python client.
 
 #![allow(dead_code)]
@@ -38,90 +38,138 @@ fn wait_for_port(port: u16, timeout: Duration) -> bool {
     false
 }
 
-/// Locates the tansu binary; tests that need the real broker fail loudly
-/// without it (`.ci/install.sh` installs it).
-pub fn tansu_bin() -> PathBuf {
-    if let Ok(p) = std::env::var("TANSU_BIN") {
-        return PathBuf::from(p);
-    }
-    let home = std::env::var("HOME").unwrap_or_default();
-    let cargo_bin = Path::new(&home).join(".cargo/bin/tansu");
-    if cargo_bin.exists() {
-        return cargo_bin;
-    }
-    if let Ok(out) = Command::new("which").arg("tansu").output() {
-        if out.status.success() {
-            return PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-        }
-    }
-    panic!("tansu not found: run .ci/install.sh (cargo install tansu@0.6.0 --locked --features dynostore,libsql)");
-}
-
-/// A tansu broker process on a free loopback port, killed on drop.
+/// A single-node Apache Kafka broker (KRaft) on free loopback ports, started
+/// by `ops/kafka/broker.sh run` in its own directory; killed on drop. The
+/// broker's jars come from `.ci/install.sh` (`ops/kafka/broker.sh install`).
 pub struct Broker {
-    child: Child,
+    child: Option<Child>,
     pub port: u16,
-    storage: String,
-    workdir: PathBuf,
+    controller_port: u16,
+    dir: PathBuf,
+    /// Keeps a temporary directory alive for the broker's lifetime.
+    _temp: Option<tempfile::TempDir>,
 }
 
 impl Broker {
-    pub fn start_memory() -> Broker {
-        Broker::start("memory://tansu/".into(), free_port(), std::env::temp_dir())
+    /// A broker whose data lives in a temporary directory.
+    pub fn start() -> Broker {
+        let temp = tempfile::tempdir().expect("broker directory");
+        let dir = temp.path().to_path_buf();
+        let mut broker = Broker::launch(dir, free_port(), free_port());
+        broker._temp = Some(temp);
+        broker
     }
 
-    /// A broker with file-backed storage (survives a restart). tansu resolves
-    /// the sqlite path against its working directory.
-    pub fn start_sqlite(dir: &Path) -> Broker {
-        Broker::start("sqlite://tansu.db".into(), free_port(), dir.to_path_buf())
+    /// A broker whose data lives in `dir` (survives [`Broker::restart`]).
+    pub fn start_in(dir: &Path) -> Broker {
+        Broker::launch(dir.join("kafka"), free_port(), free_port())
     }
 
-    fn start(storage: String, port: u16, workdir: PathBuf) -> Broker {
-        let url = format!("tcp://127.0.0.1:{port}");
-        let child = Command::new(tansu_bin())
-            .current_dir(&workdir)
-            .args([
-                "broker",
-                "--listener-url",
-                &url,
-                "--advertised-listener-url",
-                &url,
-            ])
-            .args(["--storage-engine", &storage])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
+    fn launch(dir: PathBuf, port: u16, controller_port: u16) -> Broker {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("ops/kafka/broker.sh");
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("broker.log"))
+            .unwrap();
+        let child = Command::new("bash")
+            .arg(script)
+            .arg("run")
+            .arg(&dir)
+            .arg(port.to_string())
+            .env("KAFKA_CONTROLLER_PORT", controller_port.to_string())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
             .spawn()
-            .expect("spawn tansu");
-        assert!(
-            wait_for_port(port, Duration::from_secs(30)),
-            "tansu did not listen on {port}"
-        );
-        Broker {
-            child,
+            .expect("spawn ops/kafka/broker.sh (run .ci/install.sh)");
+        let mut broker = Broker {
+            child: Some(child),
             port,
-            storage,
-            workdir,
+            controller_port,
+            dir,
+            _temp: None,
+        };
+        broker.await_ready();
+        broker
+    }
+
+    /// Waits until the broker answers a metadata request (it listens a little
+    /// before it serves).
+    fn await_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!("the Kafka broker exited ({status}):\n{}", self.log_tail());
+            }
+            if wait_for_port(self.port, Duration::from_millis(200)) {
+                let admin: Result<rdkafka::consumer::BaseConsumer, _> = ClientConfig::new()
+                    .set("bootstrap.servers", self.bootstrap())
+                    .create();
+                if admin.is_ok_and(|c| c.fetch_metadata(None, Duration::from_secs(2)).is_ok()) {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the Kafka broker did not answer within 120 s:\n{}",
+                self.log_tail()
+            );
+            std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// The end of the broker's log, for a failing test's message.
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(self.dir.join("broker.log")).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
     }
 
     pub fn bootstrap(&self) -> String {
         format!("127.0.0.1:{}", self.port)
     }
 
+    /// Stops the broker cleanly and starts it again on the same ports and data.
     pub fn restart(&mut self) {
         self.stop();
-        *self = Broker::start(self.storage.clone(), self.port, self.workdir.clone());
+        let (dir, port, controller_port) = (self.dir.clone(), self.port, self.controller_port);
+        let temp = self._temp.take();
+        *self = Broker::launch(dir, port, controller_port);
+        self._temp = temp;
     }
 
+    /// SIGTERM (a controlled shutdown), SIGKILL after 30 s.
     pub fn stop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if child.try_wait().ok().flatten().is_some() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
     }
 }
 
 impl Drop for Broker {
     fn drop(&mut self) {
-        self.stop();
+        // No clean shutdown needed for a broker whose data goes away.
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 
@@ -282,19 +330,16 @@ pub fn write_config(
     static_membership: bool,
 ) -> PathBuf {
     let path = dir.join("recstream.toml");
-    // Static membership lets a SIGKILLed instance take its partitions back at
-    // once; tansu never expires a dead dynamic member's assignment. Off by
-    // default: with it tansu revokes once after the first join and pauses ~9 s.
+    // Static membership lets a SIGKILLed instance take its partitions back as
+    // soon as it restarts (no rebalance); a dynamic member's partitions wait
+    // for its session to expire.
     let instance = if static_membership {
         format!("instance_id = \"{group}-0\"")
     } else {
         String::new()
     };
-    // A dynamic member's restart rebalances sooner with a short session. A
-    // static member needs a long one (Kafka's own advice): tansu 0.6 checks a
-    // rejoined static member's session against its last heartbeat *before*
-    // the crash, so a restart slower than the session (a loaded machine)
-    // evicts the member that leads the group and the group never settles.
+    // A dynamic member's crash rebalances sooner with a short session; a
+    // static member's long session (Kafka's advice) covers a slow restart.
     let session_ms = if static_membership { 30_000 } else { 6_000 };
     std::fs::write(
         &path,
@@ -327,6 +372,16 @@ batch_max_wait_ms = 20
     )
     .unwrap();
     path
+}
+
+/// Sets `processing.guarantee` (`at_least_once` or `exactly_once`) in a
+/// config written by [`write_config`].
+pub fn set_guarantee(config: &Path, guarantee: &str) {
+    let text = std::fs::read_to_string(config).unwrap().replace(
+        "[processing]\n",
+        &format!("[processing]\nguarantee = \"{guarantee}\"\n"),
+    );
+    std::fs::write(config, text).unwrap();
 }
 
 /// Gives the engine config beside it an API token (a file in the config's
