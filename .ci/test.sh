@@ -9,6 +9,8 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/recstream/target}"
 cargo fmt --check
 cargo clippy --quiet --all-targets -- -D warnings
 python3 tests/clients/check_schemas.py samples
+# The Kafka Streams peer of the benchmarks: compiled, and its parity test run.
+bash benches/peers/kafka-streams/run.sh build
 cargo test --benches   # the criterion benches run once as smoke tests
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT

@@ -112,6 +112,29 @@ def freshness(settings):
     return median
 
 
+def side_by_side(settings):
+    """One benches/peer.sh run: the engine and the Kafka Streams peer on the
+    same broker and input, one after the other."""
+    text = run(settings, "benches/peer.sh")
+    systems = {}
+    for block in re.split(r"^## ", text, flags=re.M)[1:]:
+        name, body = block.split("\n", 1)
+        lines = json_lines(body)
+        throughput, fresh = lines[0], lines[1:]
+        cpu = re.search(r"throughput CPU: \S+ ([\d.]+) s, broker ([\d.]+) s", body)
+        state = int(re.search(r"# state: (\d+) bytes", body).group(1))
+        systems[name.strip()] = {
+            "throughput": throughput,
+            "freshness": fresh,
+            "cpu": float(cpu.group(1)),
+            "broker_cpu": float(cpu.group(2)),
+            "per_cpu_second": throughput["events"] / float(cpu.group(1)),
+            "rss_mb": int(re.search(r"# peak RSS: (\d+) kB", body).group(1)) / 1024,
+            "state_per_user": state / max(1, throughput["users_touched"]),
+        }
+    return {"settings": settings, **systems}
+
+
 def engine_share(text):
     """From the engine's own histograms: the mean time from receiving a record
     to its outputs being acknowledged (or committed), its p99 bucket bound,
@@ -241,6 +264,16 @@ def main():
             seconds = max(1, min(5, sess["throughput"]["events"] // rate))
             fresh.append(freshness({**mode, **ml100k, "RATE": rate, "SECONDS_AT_RATE": seconds}))
 
+    # The Kafka Streams peer beside the engine: synthetic users in both
+    # guarantee modes, real sessions in the default one.
+    peer_rates = "500 1000" if QUICK else "1000 2000"
+    peer_runs = [
+        ("synthetic", side_by_side({"EVENTS": n, "RATES": peer_rates})),
+        ("synthetic", side_by_side({**eos, "EVENTS": n, "RATES": peer_rates})),
+    ]
+    if real:
+        peer_runs.append(("ML-100K ratings", side_by_side({**ml100k, "EVENTS": n, "RATES": peer_rates})))
+
     # Targets.
     scoring_500 = [cells(r) for r in scoring[2:] if cells(r)[1] == "500"]
     scoring_ratio = min(float(c[-1]) for c in scoring_500) if scoring_500 else float("nan")
@@ -307,6 +340,19 @@ def main():
             verdict(float(last[5]) <= 256),
         ),
     ]
+
+    for load, pr in peer_runs:
+        e, k = pr["engine"], pr["peer"]
+        ratio = e["per_cpu_second"] / k["per_cpu_second"]
+        lower = all(a["latency_ms_p99"] < b["latency_ms_p99"] for a, b in zip(e["freshness"], k["freshness"]))
+        targets.append((
+            f"vs the Kafka Streams peer ({load}, {mode_of(pr['settings'])}): ≥ 3× its events per CPU-second, "
+            "lower p99 at every common rate",
+            f"{ratio:.2f}× ({e['per_cpu_second']:,.0f} against {k['per_cpu_second']:,.0f}); p99 "
+            + ", ".join(f"{a['latency_ms_p99']:.0f} against {b['latency_ms_p99']:.0f} ms at {a['target_rate']:,}/s"
+                        for a, b in zip(e["freshness"], k["freshness"])),
+            f"{verdict(ratio >= 3)} (CPU); {verdict(lower)} (p99)",
+        ))
 
     def pipeline_row(name, p):
         t, f = p["throughput"], p["freshness"]
@@ -395,6 +441,31 @@ def main():
     w("```sh")
     for _, p in runs:
         w(command_of(p["settings"], "benches/pipeline.sh"))
+    w("```\n")
+    w("## Beside the Kafka Streams peer\n")
+    w("`benches/peer.sh`: the engine (`[engine.lists] top_n = 20`) and the Kafka Streams "
+      "application of `benches/peers/kafka-streams` (the seed's job: decayed genre tastes, "
+      "decayed popularity overall and per genre, a top-20 list and genre carousels per user; "
+      "Kafka Streams defaults but the producer's linger, 2 ms as the engine's) on the same broker, "
+      "the same events and the same machine, one after the other. The engine does strictly "
+      "more per event (co-watch, content similarity, trending, three outputs with insights). "
+      "CPU is the process's own (user + system); the broker's is beside it.\n")
+    w("| load | guarantee | system | events/s | CPU | events per CPU-second | broker CPU | "
+      "freshness p50 / p99 | peak RSS | state per user |")
+    w("|---|---|---|---:|---:|---:|---:|---|---:|---:|")
+    for load, pr in peer_runs:
+        for name in ["engine", "peer"]:
+            x = pr[name]
+            fresh_cells = "; ".join(
+                f"{f['latency_ms_p50']:.0f} / {f['latency_ms_p99']:.0f} ms at {f['target_rate']:,}/s"
+                for f in x["freshness"])
+            w(f"| {load} | {mode_of(pr['settings'])} | {'recstream' if name == 'engine' else 'Kafka Streams peer'} | "
+              f"{x['throughput']['pipeline_rate']:,.0f} | {x['cpu']:.1f} s | {x['per_cpu_second']:,.0f} | "
+              f"{x['broker_cpu']:.1f} s | {fresh_cells} | {x['rss_mb']:.0f} MB | {x['state_per_user']:,.0f} B |")
+    w("")
+    w("```sh")
+    for _, pr in peer_runs:
+        w(command_of(pr["settings"], "benches/peer.sh"))
     w("```\n")
     w("## Freshness on a fresh broker\n")
     w("| guarantee | load | rate | p50 | p95 | p99 (each run) | max | CPU over the run: engine / broker / load generator |")

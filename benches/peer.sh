@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# The engine and the Kafka Streams peer (benches/peers/kafka-streams) side by
+# side on one Apache Kafka broker, the same input and the same machine, one
+# after the other (each with the host to itself): for each,
+#   1. throughput: EVENTS produced as fast as the broker takes them, until
+#      every user's output reflects their last event; the system's and the
+#      broker's CPU seconds over the phase;
+#   2. freshness at each rate of RATES (event -> published list, as an app's
+#      consumer of the output topic sees it);
+#   3. peak RSS, and the bytes of its state directory per user.
+# Both read their own copy of the input topic (same partitions, same events:
+# the load generator's seeds). Prints one "## engine" / "## peer" block each,
+# with the load generator's JSON lines.
+# Usage: benches/peer.sh   (env: EVENTS=100000 USERS=10000 RATES="1000 2000"
+#   SECONDS_AT_RATE=5 CATALOG GUARANTEE=at_least_once|exactly_once,
+#   RATINGS=FILE: the throughput phase replays MovieLens ratings,
+#   ENGINE_TOML=FILE: more engine settings, PEER_ARGS: more peer options)
+source "$(dirname "$0")/broker.sh"
+
+EVENTS=${EVENTS:-100000}
+USERS=${USERS:-10000}
+RATES=${RATES:-1000 2000}
+SECONDS_AT_RATE=${SECONDS_AT_RATE:-5}
+CATALOG=${CATALOG:-../shared/data/movielens/ml-latest-small/movies.csv}
+PEER=benches/peers/kafka-streams/run.sh
+# The seed's list is 20 long; the engine publishes the same length here.
+top_n=20
+peer_guarantee=$([ "$GUARANTEE" = exactly_once ] && echo exactly_once_v2 || echo at_least_once)
+$PEER build -DskipTests -q >/dev/null
+
+engine_config
+printf '[engine.lists]\ntop_n = %s\n' "$top_n" >>"$ENGINE_CONFIG"
+# The peer's copy of the topics; the load generator reads topic names from a config.
+PEER_CONFIG="$work/peer.toml"
+printf '[topics]\ninteractions = "peer.interactions"\nrecommendations = "peer.recommendations"\n' >"$PEER_CONFIG"
+partitions=$(awk -F' *= *' '$1 == "partitions" {print $2}' topics/interactions.toml)
+python3 - "$brokers" "$partitions" <<'PY'
+import sys
+from confluent_kafka.admin import AdminClient, NewTopic
+admin = AdminClient({"bootstrap.servers": sys.argv[1]})
+for f in admin.create_topics([NewTopic("peer.interactions", int(sys.argv[2]), 1)]).values():
+    f.result()
+PY
+
+# measure NAME PID CONFIG STATE_DIR: the three phases against the running system PID.
+measure() {
+  echo "## $1"
+  local before broker_before
+  before=$(cpu_seconds "$2")
+  broker_before=$(cpu_seconds "$BROKER")
+  if [ -n "${RATINGS:-}" ]; then
+    "$BIN" loadgen --brokers "$brokers" --config "$3" --catalog "$CATALOG" --events "$EVENTS" --ratings "$RATINGS" --rate 0
+  else
+    "$BIN" loadgen --brokers "$brokers" --config "$3" --catalog "$CATALOG" --events "$EVENTS" --users "$USERS" --rate 0 --seed 1
+  fi
+  echo "# throughput CPU: $1 $(awk -v a="$before" -v b="$(cpu_seconds "$2")" 'BEGIN {printf "%.2f", b - a}') s, broker $(awk -v a="$broker_before" -v b="$(cpu_seconds "$BROKER")" 'BEGIN {printf "%.2f", b - a}') s"
+  for rate in $RATES; do
+    before=$(cpu_seconds "$2")
+    "$BIN" loadgen --brokers "$brokers" --config "$3" --catalog "$CATALOG" \
+      --events $((rate * SECONDS_AT_RATE)) --users "$USERS" --rate "$rate" --seed 2
+    echo "# freshness CPU at $rate/s: $1 $(awk -v a="$before" -v b="$(cpu_seconds "$2")" 'BEGIN {printf "%.2f", b - a}') s"
+  done
+  echo "# peak RSS: $(awk '/VmHWM/{print $2}' "/proc/$2/status") kB"
+  echo "# state: $(du -sb "$4" | cut -f1) bytes"
+}
+
+hport=$(free_port)
+start_engine "$work/state" "$hport" /readyz
+measure engine "$ENGINE" "$ENGINE_CONFIG" "$work/state"
+kill "$ENGINE"; wait "$ENGINE" 2>/dev/null || true; ENGINE=""
+
+# shellcheck disable=SC2086
+$PEER --brokers "$brokers" --catalog "$CATALOG" --input peer.interactions --state-dir "$work/peer-state" \
+  --guarantee "$peer_guarantee" --top-n "$top_n" ${PEER_ARGS:-} >>"$work/peer.log" 2>&1 &
+ENGINE=$!   # the cleanup stops it
+for _ in $(seq 600); do
+  grep -q -- '-> RUNNING' "$work/peer.log" 2>/dev/null && break
+  sleep 0.1
+done
+grep -q -- '-> RUNNING' "$work/peer.log" || { echo "peer not running after 60 s:" >&2; tail "$work/peer.log" >&2; exit 1; }
+# run.sh execs java: $ENGINE is the JVM.
+measure peer "$ENGINE" "$PEER_CONFIG" "$work/peer-state"
