@@ -8,6 +8,8 @@
 #   2. freshness at each rate of RATES (event -> published list, as an app's
 #      consumer of the output topic sees it);
 #   3. peak RSS, and the bytes of its state directory per user.
+# Before the throughput phase, WARMUP_EVENTS (default 20000) events of other
+# users warm both up (the JVM's JIT, the engine's caches).
 # Both read their own copy of the input topic (same partitions, same events:
 # the load generator's seeds). Prints one "## engine" / "## peer" block each,
 # with the load generator's JSON lines.
@@ -26,7 +28,7 @@ PEER=benches/peers/kafka-streams/run.sh
 # The seed's list is 20 long; the engine publishes the same length here.
 top_n=20
 peer_guarantee=$([ "$GUARANTEE" = exactly_once ] && echo exactly_once_v2 || echo at_least_once)
-$PEER build -DskipTests -q >/dev/null
+$PEER build -DskipTests >/dev/null
 
 engine_config
 printf '[engine.lists]\ntop_n = %s\n' "$top_n" >>"$ENGINE_CONFIG"
@@ -46,6 +48,8 @@ PY
 measure() {
   echo "## $1"
   local before broker_before
+  "$BIN" loadgen --brokers "$brokers" --config "$3" --catalog "$CATALOG" --events "${WARMUP_EVENTS:-20000}" \
+    --users "$USERS" --rate 0 --seed 3 >/dev/null
   before=$(cpu_seconds "$2")
   broker_before=$(cpu_seconds "$BROKER")
   if [ -n "${RATINGS:-}" ]; then

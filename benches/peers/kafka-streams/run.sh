@@ -17,7 +17,8 @@ build() {
 }
 
 if [ "${1:-}" = "build" ]; then
-  build
+  shift
+  build "$@"
   exit 0
 fi
 if [ "$(cat "$stamp" 2>/dev/null)" != "$sources" ]; then
