@@ -18,7 +18,17 @@ kport=$(free_port)
 KAFKA_CONTROLLER_PORT=$(free_port) ops/kafka/broker.sh start "$work/kafka" "$kport" >/dev/null
 BROKER=$(cat "$work/kafka/broker.pid")
 ENGINE=""
-cleanup() { [ -n "$ENGINE" ] && kill "$ENGINE" 2>/dev/null; ops/kafka/broker.sh stop "$work/kafka"; wait 2>/dev/null; rm -rf "$work"; }
+# The engine stops first, while the broker still answers its last commit and
+# its group leave (at most 30 s, then it is killed); then the broker.
+cleanup() {
+  if [ -n "$ENGINE" ] && kill "$ENGINE" 2>/dev/null; then
+    for _ in $(seq 300); do kill -0 "$ENGINE" 2>/dev/null || break; sleep 0.1; done
+    kill -9 "$ENGINE" 2>/dev/null || true
+  fi
+  ops/kafka/broker.sh stop "$work/kafka"
+  wait 2>/dev/null
+  rm -rf "$work"
+}
 trap cleanup EXIT
 brokers="127.0.0.1:$kport"
 "$BIN" topics apply --brokers "$brokers" >/dev/null

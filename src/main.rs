@@ -1,4 +1,5 @@
 use std::process::ExitCode;
+use std::time::Duration;
 
 // The engine allocates many short-lived records per event; glibc malloc's
 // consolidation showed up as a third of the batch time in profiles.
@@ -8,8 +9,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use clap::Parser;
 use recstream::cli::{Cli, Command};
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let cli = Cli::parse();
     // The demo prints its own story; keep its logs to warnings unless asked.
     let default_filter = match cli.command {
@@ -23,7 +23,18 @@ async fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    match recstream::cli::run(cli).await {
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: starting the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(recstream::cli::run(cli));
+    // A blocking call left waiting on a broker that no longer answers (see the
+    // pipeline's bounded close) must not keep the process alive.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");

@@ -32,7 +32,11 @@ fn the_rules_constants_are_the_engine_defaults() {
             EventType::Progress => Some(1.0),
             _ => None,
         };
-        assert_eq!(config.event_weights.weight(kind, full), weight.as_f64().unwrap(), "{name}");
+        assert_eq!(
+            config.event_weights.weight(kind, full),
+            weight.as_f64().unwrap(),
+            "{name}"
+        );
     }
     assert_eq!(
         rules["user_half_life_hours"].as_f64().unwrap(),
@@ -46,8 +50,14 @@ fn the_rules_constants_are_the_engine_defaults() {
         rules["genre_rows"].as_u64().unwrap() as usize,
         config.lists.genre_rows
     );
-    assert_eq!(rules["row_size"].as_u64().unwrap() as usize, config.lists.row_size);
-    assert_eq!(rules["dedup_window"].as_u64().unwrap() as usize, DEDUP_WINDOW);
+    assert_eq!(
+        rules["row_size"].as_u64().unwrap() as usize,
+        config.lists.row_size
+    );
+    assert_eq!(
+        rules["dedup_window"].as_u64().unwrap() as usize,
+        DEDUP_WINDOW
+    );
 }
 
 #[test]

@@ -83,7 +83,16 @@ run() {
   write_properties "$dir" "$port" "$cport"
   if [ ! -f "$dir/data/meta.properties" ]; then
     local id
-    id=$(python3 -c 'import base64,uuid; print(base64.urlsafe_b64encode(uuid.uuid4().bytes).decode()[:22])')
+    # A cluster id is 16 random bytes in URL-safe base64; one starting with '-'
+    # would read as an option of the storage tool, so draw again (as Kafka's own
+    # Uuid.randomUuid does).
+    id=$(python3 -c '
+import base64, uuid
+while True:
+    id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode()[:22]
+    if not id.startswith("-"):
+        print(id)
+        break')
     kafka_java kafka.tools.StorageTool format -t "$id" -c "$dir/server.properties" >"$dir/format.log" 2>&1 \
       || { cat "$dir/format.log" >&2; exit 1; }
   fi
