@@ -12,20 +12,22 @@ public final class UserProfile {
     public TreeMap<String, Double> genres = new TreeMap<>();
     public long genresAsOf;
     public TreeSet<Integer> seen = new TreeSet<>();
-    public List<String> recentEventIds = new ArrayList<>();
+    /** 64-bit hashes of the last event ids (the engine keeps hashes too). */
+    public List<Long> recentEventIds = new ArrayList<>();
     public long lastTs;
     /** Applied events: the version of the user's outputs. */
     public long version;
 
     /** Applies one event; false if it was applied before (a redelivery). */
     boolean apply(Event e, List<String> movieGenres) {
-        if (recentEventIds.contains(e.eventId)) {
+        long id = eventIdHash(e.eventId);
+        if (recentEventIds.contains(id)) {
             return false;
         }
         if (recentEventIds.size() >= Rules.DEDUP_WINDOW) {
             recentEventIds.remove(0);
         }
-        recentEventIds.add(e.eventId);
+        recentEventIds.add(id);
         version++;
         lastTs = Math.max(lastTs, e.ts);
         double weight = Rules.weight(e.type, e.value);
@@ -48,6 +50,16 @@ public final class UserProfile {
             seen.add(e.movieId);
         }
         return true;
+    }
+
+    /** FNV-1a, 64 bits, of the id's UTF-8 bytes. */
+    static long eventIdHash(String eventId) {
+        long h = 0xcbf29ce484222325L;
+        for (byte b : eventId.getBytes(java.nio.charset.StandardCharsets.UTF_8)) {
+            h ^= b & 0xff;
+            h *= 0x100000001b3L;
+        }
+        return h;
     }
 
     /** The strongest genres with a positive weight, strongest first (ties by name). */
