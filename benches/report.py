@@ -451,7 +451,7 @@ def main():
       "more per event (co-watch, content similarity, trending, three outputs with insights). "
       "CPU is the process's own (user + system); the broker's is beside it.\n")
     w("| load | guarantee | system | events/s | CPU | events per CPU-second | broker CPU | "
-      "freshness p50 / p99 | peak RSS | state per user |")
+      "freshness p50 / p99 | peak RSS | state dir on disk per user (not comparable: see README) |")
     w("|---|---|---|---:|---:|---:|---:|---|---:|---:|")
     for load, pr in peer_runs:
         for name in ["engine", "peer"]:
