@@ -14,6 +14,7 @@
 # ~/.cache/recstream/kafka-local); PORT defaults to 9092. The controller listens
 # on a second port (PORT+1 by default, KAFKA_CONTROLLER_PORT to choose).
 # Restarting with the same DIR keeps every topic and offset.
+# KAFKA_EXTRA_PROPERTIES: more server.properties lines, for an experiment.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 KAFKA_VERSION=$(sed -n 's:.*<kafka.version>\(.*\)</kafka.version>.*:\1:p' "$here/pom.xml")
@@ -73,6 +74,10 @@ log.cleaner.threads=1
 log.cleaner.min.compaction.lag.ms=0
 log.segment.bytes=67108864
 PROPS
+  # More settings for an experiment, one `key=value` a line (later lines win).
+  if [ -n "${KAFKA_EXTRA_PROPERTIES:-}" ]; then
+    printf '%s\n' "$KAFKA_EXTRA_PROPERTIES" >>"$dir/server.properties"
+  fi
 }
 
 run() {
