@@ -1366,25 +1366,28 @@ struct Transactions {
     id: String,
 }
 
-/// One batch's records for the exactly-once publisher.
+/// The records of one transaction: the batches queued behind the last one.
+#[derive(Default)]
 struct TransactionBatch {
     outputs: UserOutputList,
     dead_letters: Vec<DeadLetter>,
     changelog: Vec<changelog::Batch>,
-    /// `(input topic, partition, next offset)`; empty for refresh pages.
+    /// `(input topic, partition, next offset)`, the furthest per partition.
     offsets: Vec<(Arc<str>, i32, i64)>,
     received: Vec<Instant>,
     event_times: Vec<i64>,
-    in_flight: Option<InFlight>,
+    /// Released once the transaction commits.
+    in_flight: Vec<InFlight>,
 }
 
-/// The exactly-once publish stage: each batch is one Kafka transaction of its
+/// The exactly-once publish stage: the batches queued behind the last commit
+/// (at most [`MAX_BATCHES_PER_TRANSACTION`]) are one Kafka transaction of their
 /// outputs, dead letters, changelog records (data and marker together: the
 /// transaction makes them atomic, so no marker needs to wait for its data) and
 /// the consumer offsets (`send_offsets_to_transaction` with the group's
 /// metadata, so a zombie of an older generation is fenced by the
 /// coordinator). Transactions run one at a time, in batch order; the engine
-/// computes the next batch meanwhile. Only a committed batch is acknowledged
+/// computes the next batches meanwhile. Only a committed batch is acknowledged
 /// in the store; a failure stops the job (see [`PipelineError::restartable`]).
 async fn transaction_loop(
     transactions: Transactions,
@@ -1393,58 +1396,96 @@ async fn transaction_loop(
     topics: TopicNames,
     mut publish_rx: mpsc::Receiver<Publish>,
 ) -> Result<(), PipelineError> {
-    while let Some(msg) = publish_rx.recv().await {
-        let batch = match msg {
-            // Every batch before it is committed: transactions are sequential.
-            Publish::Barrier(done) => {
-                let _ = done.send(());
-                continue;
+    while let Some(first) = publish_rx.recv().await {
+        // Every batch queued while the last transaction committed goes into
+        // this one: a commit costs about 100 ms even on a local broker, so it
+        // is paid once per wait, not once per micro-batch (one transaction a
+        // batch let a queue of batches form, each waiting for the commits of
+        // those before it: ≈ 1 s of freshness at any rate).
+        let mut batch = TransactionBatch::default();
+        let mut barrier = None;
+        let mut next = Some(first);
+        let mut taken = 0;
+        while let Some(msg) = next.take() {
+            match msg {
+                // Answered once everything before it is committed.
+                Publish::Barrier(done) => {
+                    barrier = Some(done);
+                    break;
+                }
+                // Pages of a refresh of everyone read no input of their own;
+                // they commit their partitions' applied offsets again, so that
+                // the group coordinator fences a zombie's pages like its batches.
+                Publish::Outputs { outputs, changelog } => {
+                    let offsets = applied_offsets(&store, &topics, &changelog)?;
+                    batch.outputs.extend(outputs);
+                    batch.changelog.extend(changelog);
+                    batch.add_offsets(offsets);
+                }
+                Publish::Batch {
+                    outputs,
+                    dead_letters,
+                    changelog,
+                    offsets,
+                    received,
+                    event_times,
+                    in_flight,
+                } => {
+                    batch.outputs.extend(outputs);
+                    batch.dead_letters.extend(dead_letters);
+                    batch.changelog.extend(changelog);
+                    batch.add_offsets(offsets);
+                    batch.received.extend(received);
+                    batch.event_times.extend(event_times);
+                    batch.in_flight.push(in_flight);
+                }
             }
-            // Pages of a refresh of everyone read no input of their own; they
-            // commit their partitions' applied offsets again, so that the group
-            // coordinator fences a zombie's pages like its batches.
-            Publish::Outputs { outputs, changelog } => TransactionBatch {
-                offsets: applied_offsets(&store, &topics, &changelog)?,
-                outputs,
-                dead_letters: Vec::new(),
-                changelog,
-                received: Vec::new(),
-                event_times: Vec::new(),
-                in_flight: None,
-            },
-            Publish::Batch {
-                outputs,
-                dead_letters,
-                changelog,
-                offsets,
-                received,
-                event_times,
-                in_flight,
-            } => TransactionBatch {
-                outputs,
-                dead_letters,
-                changelog,
-                offsets,
-                received,
-                event_times,
-                in_flight: Some(in_flight),
-            },
-        };
-        let acked = match transact(&transactions, &consumer, &topics, &batch).await {
-            Ok(acked) => acked,
-            Err(e) => return Err(abort(&transactions, e).await),
-        };
-        // Outputs committed with the state: published up to the applied offsets.
-        let published: Vec<(String, i32, i64)> = batch
-            .offsets
-            .iter()
-            .map(|(t, p, o)| (t.to_string(), *p, *o))
-            .collect();
-        store.acknowledge(&acked, &published)?;
-        drop(batch.in_flight);
-        observe_published(batch.received, batch.event_times);
+            taken += 1;
+            if taken < MAX_BATCHES_PER_TRANSACTION {
+                next = publish_rx.try_recv().ok();
+            }
+        }
+        if taken > 0 {
+            let acked = match transact(&transactions, &consumer, &topics, &batch).await {
+                Ok(acked) => acked,
+                Err(e) => return Err(abort(&transactions, e).await),
+            };
+            // Outputs committed with the state: published up to the applied offsets.
+            let published: Vec<(String, i32, i64)> = batch
+                .offsets
+                .iter()
+                .map(|(t, p, o)| (t.to_string(), *p, *o))
+                .collect();
+            store.acknowledge(&acked, &published)?;
+            drop(batch.in_flight);
+            observe_published(batch.received, batch.event_times);
+        }
+        if let Some(done) = barrier {
+            let _ = done.send(());
+        }
     }
     Ok(())
+}
+
+/// At most this many queued batches (each at most `batch_max_records`
+/// records) go into one transaction, which keeps it far inside
+/// `transaction_timeout_ms`.
+const MAX_BATCHES_PER_TRANSACTION: usize = 16;
+
+impl TransactionBatch {
+    /// Adds input offsets, keeping the furthest per partition.
+    fn add_offsets(&mut self, offsets: Vec<(Arc<str>, i32, i64)>) {
+        for (topic, partition, next) in offsets {
+            match self
+                .offsets
+                .iter_mut()
+                .find(|(t, p, _)| *t == topic && *p == partition)
+            {
+                Some(entry) => entry.2 = entry.2.max(next),
+                None => self.offsets.push((topic, partition, next)),
+            }
+        }
+    }
 }
 
 /// The applied offsets of both input topics of the partitions these changelog
