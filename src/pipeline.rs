@@ -943,6 +943,7 @@ async fn consume_loop(
         .into_iter()
         .map(|t| (t.clone(), Arc::from(t.as_str())))
         .collect();
+    let gather_while_committing = config.processing.guarantee == Guarantee::ExactlyOnce;
     loop {
         let flush_at = batch_deadline
             .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
@@ -961,6 +962,16 @@ async fn consume_loop(
                 StageFailure::Publisher => return Err(PipelineError::EngineGone),
             },
             _ = tokio::time::sleep_until(flush_at), if batch_deadline.is_some() => {
+                // exactly_once: while the transactions in flight commit (≈ 100 ms
+                // each), the batch keeps growing instead of queueing behind
+                // them as many 10 ms batches; it goes when one commits (the
+                // next record or tick finds room) or when it is full.
+                if gather_while_committing
+                    && batches_in_flight.load(Ordering::SeqCst) >= MAX_BATCHES_IN_FLIGHT
+                {
+                    batch_deadline = Some(tokio::time::Instant::now() + max_wait);
+                    continue;
+                }
                 if assignments.load(Ordering::SeqCst) != batch_assignment {
                     // As below: a rebalance ran since these were read.
                     for _ in batch.drain(..) {
