@@ -3,7 +3,7 @@
 # published-list latency as an app's consumer sees it (p50/p95/p99), and the
 # CPU that the engine and the broker used meanwhile (they share this host's
 # cores with the load generator).
-# Usage: RATE=3500 benches/freshness.sh   (env: RATE, SECONDS_AT_RATE=5,
+# Usage: RATE=3500 benches/freshness.sh   (env: RATE, SECONDS_AT_RATE=5, WARMUP_EVENTS=2000,
 #   USERS=10000, CATALOG, GUARANTEE, FETCH_WAIT_MS, ENGINE_TOML as in pipeline.sh,
 #   RATINGS=FILE: replay these MovieLens ratings in event-time order at RATE
 #   instead of synthetic users; CATALOG must hold their movies)
@@ -24,6 +24,13 @@ if [ -n "${RATINGS:-}" ]; then
 else
   source_flags=(--users "$USERS" --seed 2)
   echo "# $events events of $USERS synthetic users at $RATE events/s; guarantee: $GUARANTEE; fetch.wait.max.ms: ${FETCH_WAIT_MS:-default}"
+fi
+# A warm-up first (WARMUP_EVENTS, default 2000, as fast as they go; 0 to
+# skip): the first produces to just-created output topics and the first
+# batches of a new engine are a cold start, not the steady state measured here.
+if [ "${WARMUP_EVENTS:-2000}" -gt 0 ]; then
+  "$BIN" loadgen --brokers "$brokers" --config "$ENGINE_CONFIG" --catalog "$CATALOG" \
+    --events "${WARMUP_EVENTS:-2000}" --users "$USERS" --rate 0 --seed 3 >/dev/null
 fi
 engine_before=$(cpu_seconds "$ENGINE")
 broker_before=$(cpu_seconds "$BROKER")
