@@ -10,31 +10,18 @@ use std::time::{Duration, Instant};
 
 use common::verifier::{self, INTERACTIONS};
 use common::*;
-use serde_json::{json, Value};
 
 const EVENTS: usize = 8_000;
 const USERS: u64 = 250;
 
-fn stream(movies: u64) -> Vec<Value> {
-    let mut rng = recstream::rng::Rng::new(0x0b5e_55ed);
-    let mut next = move || rng.next_u64();
-    let kinds = ["play", "complete", "like", "dislike", "rate", "click"];
-    let t0 = 1_767_225_600_000i64;
-    (0..EVENTS)
-        .map(|i| {
-            let user = format!("b{}", next() % USERS);
-            let kind = kinds[(next() % kinds.len() as u64) as usize];
-            let mut e = json!({
-                "event_id": format!("e{i}"), "user_id": user, "movie_id": 1 + next() % movies,
-                "type": kind, "ts": t0 + i as i64 * 1000
-            });
-            if kind == "rate" {
-                e["value"] = json!(1 + next() % 5);
-            }
-            json!({"key": user, "value": e})
-        })
-        .collect()
-}
+const STREAM: verifier::StreamSpec = verifier::StreamSpec {
+    seed: 0x0b5e_55ed,
+    prefix: "b",
+    users: USERS,
+    events: EVENTS,
+    kinds: &["play", "complete", "like", "dislike", "rate", "click"],
+    redeliver: false,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn at_least_once_rides_out_a_broker_restart() {
@@ -58,7 +45,7 @@ async fn rides_out_a_broker_restart(guarantee: &str) {
     recstream(&["topics", "apply", "--config", config.to_str().unwrap()]);
     let log = dir.path().join("engine.log");
 
-    let records = stream(60);
+    let records = verifier::stream(&STREAM, 60);
     let mut producer =
         python_produce_in_background(&brokers, INTERACTIONS, &records, 1_000, dir.path());
     let engine = EngineProcess::spawn(&config, log.clone());

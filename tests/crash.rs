@@ -13,40 +13,19 @@ use std::time::Duration;
 
 use common::verifier::{self, INTERACTIONS};
 use common::*;
-use serde_json::{json, Value};
 const EVENTS: usize = 12_000;
 const USERS: u64 = 300;
 
-/// A deterministic stream with a realistic mix and some redelivered duplicates.
-fn stream(movies: u64) -> Vec<Value> {
-    let mut rng = recstream::rng::Rng::new(0x2545_f491);
-    let mut next = move || rng.next_u64();
-    let kinds = [
+const STREAM: verifier::StreamSpec = verifier::StreamSpec {
+    seed: 0x2545_f491,
+    prefix: "u",
+    users: USERS,
+    events: EVENTS,
+    kinds: &[
         "play", "complete", "like", "dislike", "rate", "click", "view", "skip", "progress",
-    ];
-    let mut out = Vec::with_capacity(EVENTS);
-    let t0 = 1_767_225_600_000i64;
-    for i in 0..EVENTS {
-        let user = format!("u{}", next() % USERS);
-        let kind = kinds[(next() % kinds.len() as u64) as usize];
-        let mut e = json!({
-            "event_id": format!("e{i}"), "user_id": user, "movie_id": 1 + next() % movies,
-            "type": kind, "ts": t0 + i as i64 * 1000
-        });
-        match kind {
-            "rate" => e["value"] = json!(1 + next() % 5),
-            "progress" => e["value"] = json!(0.5),
-            _ => {}
-        }
-        // Every 50th event is produced twice (a producer retry).
-        let record = json!({"key": user, "value": e});
-        if i % 50 == 0 {
-            out.push(record.clone());
-        }
-        out.push(record);
-    }
-    out
-}
+    ],
+    redeliver: true,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn at_least_once_state_survives_repeated_kill_9() {
@@ -70,7 +49,7 @@ async fn survives_repeated_kill_9(guarantee: &str) {
     recstream(&["topics", "apply", "--config", config.to_str().unwrap()]);
     let log = dir.path().join("engine.log");
 
-    let records = stream(60);
+    let records = verifier::stream(&STREAM, 60);
     let mut producer =
         python_produce_in_background(&brokers, INTERACTIONS, &records, 2_000, dir.path());
     let mut engine = EngineProcess::spawn(&config, log.clone());

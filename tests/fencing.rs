@@ -14,31 +14,18 @@ use std::time::{Duration, Instant};
 
 use common::verifier::{self, INTERACTIONS};
 use common::*;
-use serde_json::{json, Value};
 
 const EVENTS: usize = 8_000;
 const USERS: u64 = 200;
 
-fn stream(movies: u64) -> Vec<Value> {
-    let mut rng = recstream::rng::Rng::new(0xfe1c_ed00);
-    let mut next = move || rng.next_u64();
-    let kinds = ["play", "complete", "like", "dislike", "rate", "click"];
-    let t0 = 1_767_225_600_000i64;
-    (0..EVENTS)
-        .map(|i| {
-            let user = format!("f{}", next() % USERS);
-            let kind = kinds[(next() % kinds.len() as u64) as usize];
-            let mut e = json!({
-                "event_id": format!("e{i}"), "user_id": user, "movie_id": 1 + next() % movies,
-                "type": kind, "ts": t0 + i as i64 * 1000
-            });
-            if kind == "rate" {
-                e["value"] = json!(1 + next() % 5);
-            }
-            json!({"key": user, "value": e})
-        })
-        .collect()
-}
+const STREAM: verifier::StreamSpec = verifier::StreamSpec {
+    seed: 0xfe1c_ed00,
+    prefix: "f",
+    users: USERS,
+    events: EVENTS,
+    kinds: &["play", "complete", "like", "dislike", "rate", "click"],
+    redeliver: false,
+};
 
 fn signal(engine: &EngineProcess, sig: &str) {
     let pid = engine.child.id().to_string();
@@ -76,7 +63,7 @@ async fn a_zombie_is_fenced_and_stops_writing() {
     set_guarantee(&old_config, "exactly_once");
     recstream(&["topics", "apply", "--config", old_config.to_str().unwrap()]);
 
-    let records = stream(60);
+    let records = verifier::stream(&STREAM, 60);
     let mut producer =
         python_produce_in_background(&brokers, INTERACTIONS, &records, 1_000, root.path());
     let mut old = EngineProcess::spawn(&old_config, old_dir.join("engine.log"));

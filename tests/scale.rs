@@ -13,37 +13,20 @@ use std::time::{Duration, Instant};
 
 use common::verifier::{self, INTERACTIONS};
 use common::*;
-use serde_json::{json, Value};
 
 const EVENTS: usize = 12_000;
 const USERS: u64 = 400;
 
-fn stream(movies: u64) -> Vec<Value> {
-    let mut rng = recstream::rng::Rng::new(0x51ed_270b);
-    let mut next = move || rng.next_u64();
-    let kinds = [
+const STREAM: verifier::StreamSpec = verifier::StreamSpec {
+    seed: 0x51ed_270b,
+    prefix: "s",
+    users: USERS,
+    events: EVENTS,
+    kinds: &[
         "play", "complete", "like", "dislike", "rate", "click", "view",
-    ];
-    let t0 = 1_767_225_600_000i64;
-    let mut out = Vec::with_capacity(EVENTS + EVENTS / 50);
-    for i in 0..EVENTS {
-        let user = format!("s{}", next() % USERS);
-        let kind = kinds[(next() % kinds.len() as u64) as usize];
-        let mut e = json!({
-            "event_id": format!("e{i}"), "user_id": user, "movie_id": 1 + next() % movies,
-            "type": kind, "ts": t0 + i as i64 * 1000
-        });
-        if kind == "rate" {
-            e["value"] = json!(1 + next() % 5);
-        }
-        let record = json!({"key": user, "value": e});
-        if i % 50 == 0 {
-            out.push(record.clone());
-        }
-        out.push(record);
-    }
-    out
-}
+    ],
+    redeliver: true,
+};
 
 /// One instance's own directory, config and HTTP port; all share the consumer group.
 fn instance(
@@ -106,7 +89,7 @@ async fn one_to_three_to_one(guarantee: &str) {
     ]);
     let log = |i: usize| dir.path().join(format!("i{i}/engine.log"));
 
-    let records = stream(60);
+    let records = verifier::stream(&STREAM, 60);
     let started = Instant::now();
     let mut producer =
         python_produce_in_background(&brokers, INTERACTIONS, &records, 1_500, dir.path());

@@ -369,3 +369,43 @@ pub fn assert_outputs(brokers: &str, expected: &Expected, guarantee: &str) -> Ve
     }
     check
 }
+
+/// A deterministic interaction stream for the reliability tests.
+pub struct StreamSpec {
+    pub seed: u64,
+    /// Users are `{prefix}{n}`, `n < users`.
+    pub prefix: &'static str,
+    pub users: u64,
+    pub events: usize,
+    pub kinds: &'static [&'static str],
+    /// Every 50th record is produced twice (a producer retry).
+    pub redeliver: bool,
+}
+
+/// `spec.events` records `{"key", "value"}` over movies `1..=movies`, one
+/// second apart in event time; rates get 1–5 stars, progress 0.5.
+pub fn stream(spec: &StreamSpec, movies: u64) -> Vec<Value> {
+    let mut rng = recstream::rng::Rng::new(spec.seed);
+    let mut next = move || rng.next_u64();
+    let t0 = 1_767_225_600_000i64;
+    let mut out = Vec::with_capacity(spec.events + spec.events / 50);
+    for i in 0..spec.events {
+        let user = format!("{}{}", spec.prefix, next() % spec.users);
+        let kind = spec.kinds[(next() % spec.kinds.len() as u64) as usize];
+        let mut e = serde_json::json!({
+            "event_id": format!("e{i}"), "user_id": user, "movie_id": 1 + next() % movies,
+            "type": kind, "ts": t0 + i as i64 * 1000
+        });
+        match kind {
+            "rate" => e["value"] = serde_json::json!(1 + next() % 5),
+            "progress" => e["value"] = serde_json::json!(0.5),
+            _ => {}
+        }
+        let record = serde_json::json!({"key": user, "value": e});
+        if spec.redeliver && i % 50 == 0 {
+            out.push(record.clone());
+        }
+        out.push(record);
+    }
+    out
+}
