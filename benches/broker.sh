@@ -12,6 +12,10 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/recstream/target}"
 cargo build --release --quiet --bin recstream
 BIN="${BIN:-$CARGO_TARGET_DIR/release/recstream}"
 
+# A benchmark measures a warmed-up broker: full JIT (C2), as in production
+# (see KAFKA_JIT in ops/kafka/broker.sh; the scripts warm it up before timing).
+export KAFKA_JIT="${KAFKA_JIT:-full}"
+
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 work=$(mktemp -d)
 kport=$(free_port)

@@ -3,10 +3,11 @@
 # published-list latency as an app's consumer sees it (p50/p95/p99), and the
 # CPU that the engine and the broker used meanwhile (they share this host's
 # cores with the load generator).
-# Usage: RATE=3500 benches/freshness.sh   (env: RATE, SECONDS_AT_RATE=5, WARMUP_EVENTS=2000,
+# Usage: RATE=3500 benches/freshness.sh   (env: RATE, SECONDS_AT_RATE=5, WARMUP_SECONDS=10,
 #   USERS=10000, CATALOG, GUARANTEE, FETCH_WAIT_MS, ENGINE_TOML as in pipeline.sh,
 #   RATINGS=FILE: replay these MovieLens ratings in event-time order at RATE
-#   instead of synthetic users; CATALOG must hold their movies)
+#   instead of synthetic users; CATALOG must hold their movies;
+#   LATENCY_LOG=FILE: each output's latency split into engine and delivery, as CSV)
 source "$(dirname "$0")/broker.sh"
 
 RATE=${RATE:-1000}
@@ -25,19 +26,20 @@ else
   source_flags=(--users "$USERS" --seed 2)
   echo "# $events events of $USERS synthetic users at $RATE events/s; guarantee: $GUARANTEE; fetch.wait.max.ms: ${FETCH_WAIT_MS:-default}"
 fi
-# A warm-up first (WARMUP_EVENTS, default 2000, as fast as they go; 0 to
-# skip): the first produces to just-created output topics and the first
-# batches of a new engine are a cold start, not the steady state measured here.
-if [ "${WARMUP_EVENTS:-2000}" -gt 0 ]; then
+# A warm-up first, at the same rate (WARMUP_SECONDS, default 10; 0 to skip):
+# the broker's JIT compiles its hot paths only after thousands of requests,
+# and the first produces to just-created output topics and the first batches
+# of a new engine are a cold start, not the steady state measured here.
+if [ "${WARMUP_SECONDS:-10}" -gt 0 ]; then
   "$BIN" loadgen --brokers "$brokers" --config "$ENGINE_CONFIG" --catalog "$CATALOG" \
-    --events "${WARMUP_EVENTS:-2000}" --users "$USERS" --rate 0 --seed 3 >/dev/null
+    --events $((RATE * ${WARMUP_SECONDS:-10})) --users "$USERS" --rate "$RATE" --seed 3 >/dev/null
 fi
 engine_before=$(cpu_seconds "$ENGINE")
 broker_before=$(cpu_seconds "$BROKER")
 # The load generator's own CPU (user + system) comes from /usr/bin/time.
 /usr/bin/time -f "%U %S" -o "$work/loadgen.time" \
   "$BIN" loadgen --brokers "$brokers" --config "$ENGINE_CONFIG" --catalog "$CATALOG" \
-  --events "$events" --rate "$RATE" "${source_flags[@]}"
+  --events "$events" --rate "$RATE" "${source_flags[@]}" ${LATENCY_LOG:+--latency-log "$LATENCY_LOG"}
 loadgen_cpu=$(awk '{printf "%.2f", $1 + $2}' "$work/loadgen.time")
 echo "# CPU meanwhile: engine $(awk -v a="$engine_before" -v b="$(cpu_seconds "$ENGINE")" 'BEGIN {printf "%.2f", b - a}') s, broker $(awk -v a="$broker_before" -v b="$(cpu_seconds "$BROKER")" 'BEGIN {printf "%.2f", b - a}') s, load generator $loadgen_cpu s"
 curl -sf "http://127.0.0.1:$hport/metrics" \

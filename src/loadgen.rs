@@ -63,6 +63,13 @@ pub struct LoadgenArgs {
     /// speed (instead of --rate).
     #[arg(long, requires = "ratings")]
     pub speedup: Option<f64>,
+    /// Write one CSV line per timed output to this file, for finding where
+    /// latency goes: `seen_ms` (since the first produce), `latency_ms`
+    /// (event -> seen) and `engine_ms` (event -> the output's record
+    /// timestamp, which the engine's producer sets when it enqueues it; the
+    /// rest is the broker round trip to this consumer).
+    #[arg(long)]
+    pub latency_log: Option<PathBuf>,
 }
 
 #[derive(Debug, Serialize)]
@@ -310,7 +317,7 @@ pub async fn run(args: LoadgenArgs) -> Result<()> {
 
     // Outputs are timestamped as they arrive, concurrently with producing.
     let (seen_tx, mut seen_rx) =
-        tokio::sync::mpsc::unbounded_channel::<(String, i64, i64, Instant)>();
+        tokio::sync::mpsc::unbounded_channel::<(String, i64, i64, Instant, Option<i64>)>();
     let watcher = tokio::spawn(async move {
         loop {
             let Ok(m) = consumer.recv().await else {
@@ -325,8 +332,12 @@ pub async fn run(args: LoadgenArgs) -> Result<()> {
                 .payload()
                 .and_then(|p| serde_json::from_slice::<serde_json::Value>(p).ok())
                 .and_then(|v| v["as_of"].as_i64());
+            let enqueued_ms = m.timestamp().to_millis();
             if let Some(as_of) = as_of {
-                if seen_tx.send((user, as_of, seen_ms, seen_at)).is_err() {
+                if seen_tx
+                    .send((user, as_of, seen_ms, seen_at, enqueued_ms))
+                    .is_err()
+                {
                     break;
                 }
             }
@@ -344,12 +355,13 @@ pub async fn run(args: LoadgenArgs) -> Result<()> {
     let mut waiting = last_ts.clone();
     let mut newest_seen: HashMap<String, i64> = HashMap::new();
     let mut latencies: Vec<f64> = Vec::new();
+    let mut latency_log = String::from("seen_ms,latency_ms,engine_ms\n");
     let mut outputs = 0usize;
     let mut last_output = Instant::now();
     let deadline = Instant::now() + Duration::from_secs(args.timeout_secs);
     while !waiting.is_empty() {
         let remaining = deadline.saturating_duration_since(Instant::now());
-        let Ok(Some((user, as_of, seen_ms, seen_at))) =
+        let Ok(Some((user, as_of, seen_ms, seen_at, enqueued_ms))) =
             tokio::time::timeout(remaining, seen_rx.recv()).await
         else {
             watcher.abort();
@@ -365,12 +377,24 @@ pub async fn run(args: LoadgenArgs) -> Result<()> {
             outputs += 1;
             latencies.push((seen_ms - as_of) as f64);
             last_output = seen_at;
+            if args.latency_log.is_some() {
+                let engine_ms = enqueued_ms.map_or(String::new(), |t| (t - as_of).to_string());
+                latency_log.push_str(&format!(
+                    "{},{},{engine_ms}\n",
+                    seen_ms - started_ms,
+                    seen_ms - as_of
+                ));
+            }
         }
         if waiting.get(&user).is_some_and(|t| as_of >= *t) {
             waiting.remove(&user);
         }
     }
     watcher.abort();
+    if let Some(path) = &args.latency_log {
+        std::fs::write(path, latency_log)
+            .with_context(|| format!("--latency-log {}", path.display()))?;
+    }
     let pipeline_seconds = (last_output - started).as_secs_f64();
     latencies.sort_by(f64::total_cmp);
     let pct = |q: f64| latencies[((latencies.len() - 1) as f64 * q).round() as usize];

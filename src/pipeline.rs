@@ -594,28 +594,81 @@ enum Publish {
     Barrier(std::sync::mpsc::Sender<()>),
 }
 
-/// Counts a batch of records from its hand-off to the engine until the broker
-/// acknowledged everything it wrote. Dropped on every path, so it never leaks.
-pub(crate) struct InFlight(Arc<AtomicUsize>);
+/// Where the batches handed to the engine are: the consume loop sends a
+/// record at once while there is room (see [`BatchCounts::has_room`]) and
+/// otherwise gathers records into a bigger batch.
+#[derive(Debug, Default)]
+pub(crate) struct BatchCounts {
+    /// Handed to the engine thread and not yet processed by it.
+    at_engine: AtomicUsize,
+    /// Handed to the engine thread and not yet acknowledged by the broker
+    /// (at_least_once) or committed (exactly_once).
+    unconfirmed: AtomicUsize,
+    /// Woken when either count falls, so a gathered batch goes as soon as
+    /// there is room rather than at the next record or the batch timer.
+    room: tokio::sync::Notify,
+}
+
+/// at_least_once: at most this many batches wait for their changelog round
+/// trips (two per batch, one batch at a time); beyond it, records gather into
+/// bigger batches instead of queueing as many small ones.
+const MAX_UNCONFIRMED_BATCHES: usize = 8;
+
+/// exactly_once: a transaction's commit takes ≈ 100 ms; while this many are
+/// unconfirmed, records gather (the next transaction takes all of them).
+const MAX_TRANSACTIONS_IN_FLIGHT: usize = 2;
+
+impl BatchCounts {
+    /// Whether a batch may go to the engine now. at_least_once: whenever the
+    /// engine thread is idle, so light load pays no batching delay and heavy
+    /// load batches by itself (records gather while the engine computes);
+    /// the outputs are sent as soon as computed, so the changelog round trips
+    /// behind them need not hold the next records back.
+    fn has_room(&self, guarantee: Guarantee) -> bool {
+        let unconfirmed = self.unconfirmed.load(Ordering::SeqCst);
+        match guarantee {
+            Guarantee::AtLeastOnce => {
+                self.at_engine.load(Ordering::SeqCst) == 0 && unconfirmed < MAX_UNCONFIRMED_BATCHES
+            }
+            Guarantee::ExactlyOnce => unconfirmed < MAX_TRANSACTIONS_IN_FLIGHT,
+        }
+    }
+}
+
+/// Counts a batch of records in [`BatchCounts`] from its hand-off to the
+/// engine until the broker acknowledged everything it wrote. Dropped on every
+/// path, so it never leaks.
+pub(crate) struct InFlight {
+    counts: Arc<BatchCounts>,
+    at_engine: bool,
+}
 
 impl InFlight {
-    fn new(counter: &Arc<AtomicUsize>) -> InFlight {
-        counter.fetch_add(1, Ordering::SeqCst);
-        InFlight(counter.clone())
+    fn new(counts: &Arc<BatchCounts>) -> InFlight {
+        counts.at_engine.fetch_add(1, Ordering::SeqCst);
+        counts.unconfirmed.fetch_add(1, Ordering::SeqCst);
+        InFlight {
+            counts: counts.clone(),
+            at_engine: true,
+        }
+    }
+
+    /// The engine thread is done with the batch.
+    fn processed(&mut self) {
+        if std::mem::take(&mut self.at_engine) {
+            self.counts.at_engine.fetch_sub(1, Ordering::SeqCst);
+            self.counts.room.notify_one();
+        }
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
+        self.processed();
+        self.counts.unconfirmed.fetch_sub(1, Ordering::SeqCst);
+        self.counts.room.notify_one();
     }
 }
-
-/// A record is handed to the engine at once while fewer batches than this are
-/// in flight; otherwise records gather into the next batch. Two keep the
-/// engine busy while the previous batch's changelog round trips run, and keep
-/// the queues behind the broker's acknowledgements short (freshness).
-const MAX_BATCHES_IN_FLIGHT: usize = 2;
 
 /// Bounded hand-off between stages: at most this many batches wait at each.
 const STAGE_QUEUE: usize = 2;
@@ -749,9 +802,7 @@ pub async fn run(
         ],
         guarantee,
     };
-    // Batches handed to the engine thread and not yet acknowledged by the
-    // broker (see [`InFlight`]).
-    let batches_in_flight = Arc::new(AtomicUsize::new(0));
+    let batch_counts = Arc::new(BatchCounts::default());
     let engine_thread = std::thread::Builder::new()
         .name("engine".into())
         .spawn(move || engine_loop(engine, handover, work_rx, publish_tx))
@@ -810,7 +861,7 @@ pub async fn run(
         &config,
         &consumer,
         &assignments,
-        &batches_in_flight,
+        &batch_counts,
         work_tx,
         shutdown,
         failure_signal,
@@ -919,15 +970,14 @@ enum StageFailure {
 /// One `select!` over incoming records, the batch timer and shutdown.
 ///
 /// Micro-batches form only while the pipeline is busy: a record that finds
-/// fewer than [`MAX_BATCHES_IN_FLIGHT`] batches unconfirmed is sent at once (no
-/// batching delay at light load); otherwise records gather until the next
-/// record finds room, the batch is full, or `batch_max_wait_ms` has passed
-/// since its first record.
+/// room ([`BatchCounts::has_room`]) is sent at once (no batching delay at
+/// light load); otherwise records gather until the next record finds room,
+/// the batch is full, or `batch_max_wait_ms` has passed since its first record.
 async fn consume_loop(
     config: &Config,
     consumer: &StreamConsumer<EngineContext>,
     assignments: &std::sync::atomic::AtomicU64,
-    batches_in_flight: &Arc<AtomicUsize>,
+    batch_counts: &Arc<BatchCounts>,
     work_tx: mpsc::Sender<Work>,
     shutdown: impl Future<Output = ()>,
     stage_failed: impl Future<Output = StageFailure>,
@@ -943,11 +993,12 @@ async fn consume_loop(
         .into_iter()
         .map(|t| (t.clone(), Arc::from(t.as_str())))
         .collect();
-    let gather_while_committing = config.processing.guarantee == Guarantee::ExactlyOnce;
+    let guarantee = config.processing.guarantee;
     loop {
         let flush_at = batch_deadline
             .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
-        tokio::select! {
+        // Whether the gathered batch goes to the engine now.
+        let send_now = tokio::select! {
             biased;
             _ = &mut shutdown => {
                 info!("shutdown requested; draining");
@@ -955,32 +1006,24 @@ async fn consume_loop(
             }
             failure = &mut stage_failed => match failure {
                 StageFailure::Handover(reason) => {
-                    send_batch(&work_tx, &mut batch, batches_in_flight).await?;
+                    send_batch(&work_tx, &mut batch, batch_counts).await?;
                     return Err(PipelineError::Handover(reason));
                 }
                 // Its error is the one the job reports.
                 StageFailure::Publisher => return Err(PipelineError::EngineGone),
             },
+            // The gathered batch goes once there is room; under exactly_once the
+            // timer alone does not send it while the transactions in flight
+            // commit (≈ 100 ms each): it keeps growing instead of queueing
+            // behind them as many 10 ms batches, and goes when one commits or
+            // when it is full.
+            _ = batch_counts.room.notified(), if !batch.is_empty() => batch_counts.has_room(guarantee),
             _ = tokio::time::sleep_until(flush_at), if batch_deadline.is_some() => {
-                // exactly_once: while the transactions in flight commit (≈ 100 ms
-                // each), the batch keeps growing instead of queueing behind
-                // them as many 10 ms batches; it goes when one commits (the
-                // next record or tick finds room) or when it is full.
-                if gather_while_committing
-                    && batches_in_flight.load(Ordering::SeqCst) >= MAX_BATCHES_IN_FLIGHT
-                {
+                let hold = guarantee == Guarantee::ExactlyOnce && !batch_counts.has_room(guarantee);
+                if hold {
                     batch_deadline = Some(tokio::time::Instant::now() + max_wait);
-                    continue;
                 }
-                if assignments.load(Ordering::SeqCst) != batch_assignment {
-                    // As below: a rebalance ran since these were read.
-                    for _ in batch.drain(..) {
-                        metrics::record_not_owned();
-                    }
-                    batch_assignment = assignments.load(Ordering::SeqCst);
-                }
-                send_batch(&work_tx, &mut batch, batches_in_flight).await?;
-                batch_deadline = None;
+                !hold
             }
             message = consumer.recv() => {
                 let assignment = assignments.load(Ordering::SeqCst);
@@ -1026,28 +1069,34 @@ async fn consume_loop(
                 if batch.len() == 1 {
                     batch_deadline = Some(tokio::time::Instant::now() + max_wait);
                 }
-                if batch.len() >= max_records
-                    || batches_in_flight.load(Ordering::SeqCst) < MAX_BATCHES_IN_FLIGHT
-                {
-                    send_batch(&work_tx, &mut batch, batches_in_flight).await?;
-                    batch_deadline = None;
-                }
+                batch.len() >= max_records || batch_counts.has_room(guarantee)
             }
+        };
+        if send_now {
+            if assignments.load(Ordering::SeqCst) != batch_assignment {
+                // A rebalance ran since these were read (as above).
+                for _ in batch.drain(..) {
+                    metrics::record_not_owned();
+                }
+                batch_assignment = assignments.load(Ordering::SeqCst);
+            }
+            send_batch(&work_tx, &mut batch, batch_counts).await?;
+            batch_deadline = None;
         }
     }
-    send_batch(&work_tx, &mut batch, batches_in_flight).await
+    send_batch(&work_tx, &mut batch, batch_counts).await
 }
 
 async fn send_batch(
     work_tx: &mpsc::Sender<Work>,
     batch: &mut Vec<Record>,
-    batches_in_flight: &Arc<AtomicUsize>,
+    batch_counts: &Arc<BatchCounts>,
 ) -> Result<(), PipelineError> {
     if batch.is_empty() {
         return Ok(());
     }
     let records = std::mem::take(batch);
-    let in_flight = InFlight::new(batches_in_flight);
+    let in_flight = InFlight::new(batch_counts);
     work_tx
         .send(Work::Batch(records, in_flight))
         .await
@@ -1185,9 +1234,10 @@ fn engine_loop(
                 engine.set_owned(Some(BTreeSet::new()));
                 let _ = reply.send(Ok(()));
             }
-            Work::Batch(records, in_flight) => {
+            Work::Batch(records, mut in_flight) => {
                 let received: Vec<Instant> = records.iter().map(|r| r.received).collect();
                 let result = engine.process(records)?;
+                in_flight.processed();
                 let msg = Publish::Batch {
                     outputs: result.outputs,
                     dead_letters: result.dead_letters,

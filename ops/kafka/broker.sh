@@ -15,6 +15,9 @@
 # on a second port (PORT+1 by default, KAFKA_CONTROLLER_PORT to choose).
 # Restarting with the same DIR keeps every topic and offset.
 # KAFKA_EXTRA_PROPERTIES: more server.properties lines, for an experiment.
+# KAFKA_JIT: quick (the default: C1 only, the JVM starts and warms up fast, as
+# the tests want) or full (C1 then C2, as a long-running broker runs: slower
+# to warm up, then less CPU per request; the benchmarks use it).
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 KAFKA_VERSION=$(sed -n 's:.*<kafka.version>\(.*\)</kafka.version>.*:\1:p' "$here/pom.xml")
@@ -22,7 +25,12 @@ KAFKA_LIBS="${KAFKA_LIBS:-$HOME/.cache/recstream/kafka-$KAFKA_VERSION/libs}"
 # A 2-core machine shared with the engine and a load generator: a small heap,
 # few threads, G1 with short pauses.
 KAFKA_HEAP_OPTS="${KAFKA_HEAP_OPTS:--Xms256m -Xmx1g}"
-KAFKA_JVM_OPTS="${KAFKA_JVM_OPTS:--XX:+UseG1GC -XX:MaxGCPauseMillis=20 -XX:InitiatingHeapOccupancyPercent=35 -XX:+ExplicitGCInvokesConcurrent -XX:TieredStopAtLevel=1 -Djava.awt.headless=true}"
+case "${KAFKA_JIT:-quick}" in
+  quick) jit="-XX:TieredStopAtLevel=1" ;;
+  full) jit="" ;;
+  *) echo "KAFKA_JIT must be quick or full, not '$KAFKA_JIT'" >&2; exit 2 ;;
+esac
+KAFKA_JVM_OPTS="${KAFKA_JVM_OPTS:--XX:+UseG1GC -XX:MaxGCPauseMillis=20 -XX:InitiatingHeapOccupancyPercent=35 -XX:+ExplicitGCInvokesConcurrent $jit -Djava.awt.headless=true}"
 
 install() {
   if [ -f "$KAFKA_LIBS/kafka_2.13-$KAFKA_VERSION.jar" ] && [ -f "$KAFKA_LIBS/.complete" ]; then
