@@ -55,7 +55,21 @@ fn bench(c: &mut Criterion) {
             BatchSize::LargeInput,
         )
     });
+    // Light load: a batch of one event, so every per-batch cost (the item
+    // index, the RocksDB commit) falls on that event.
+    let single = events(200, 2_000, items);
+    let mut next = 0;
     g.throughput(Throughput::Elements(1));
+    g.bench_function("process_batch_1_event", |b| {
+        b.iter_batched(
+            || {
+                next = (next + 1) % single.len();
+                records(&single[next..next + 1])
+            },
+            |r| engine.process(r).unwrap(),
+            BatchSize::SmallInput,
+        )
+    });
     g.bench_function("recompute_one_user", |b| {
         b.iter(|| engine.peek(0, black_box("u7")).unwrap())
     });

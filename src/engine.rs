@@ -421,7 +421,6 @@ impl Engine {
     /// store: drop the engine and start again from the store (the pipeline
     /// and the replay stop on it).
     pub fn process(&mut self, records: Vec<Record>) -> Result<BatchResult, EngineError> {
-        self.index_cache = None;
         let started = Instant::now();
         metrics::batch(records.len());
         let mut result = BatchResult::default();
@@ -678,8 +677,15 @@ impl Engine {
     }
 
     fn current_index(&mut self) -> Arc<ItemIndex> {
+        // Rebuilt once the newest event is `ranking_refresh_ms` past it.
         if let Some(index) = &self.index_cache {
-            return index.clone();
+            if self.watermark
+                < index
+                    .now
+                    .saturating_add(self.config.lists.ranking_refresh_ms)
+            {
+                return index.clone();
+            }
         }
         let hl = self.config.decay.item_half_lives();
         let horizon = self
@@ -953,6 +959,41 @@ mod tests {
             .unwrap();
         let a = &next.outputs[0].1;
         assert_eq!((a.previous_version, a.recommendations.version), (2, 3));
+    }
+
+    #[test]
+    fn catalog_wide_rankings_trail_the_newest_event_by_at_most_the_refresh_interval() {
+        let popular_head = |e: &mut Engine| {
+            let out = e.peek(2, "newcomer").unwrap();
+            let row = out
+                .carousels
+                .rows
+                .iter()
+                .find(|r| r.id == "popular")
+                .unwrap();
+            row.items[0].movie_id
+        };
+        let plays = |first: i64, movie: u32, n: i64, ts: i64| -> Vec<Record> {
+            (first..first + n)
+                .map(|i| record(i, &format!("v{i}"), movie, EventType::Play, ts))
+                .collect()
+        };
+        for refresh_ms in [1000, 0] {
+            let dir = tempfile::tempdir().unwrap();
+            let mut config = EngineConfig::default();
+            config.lists.ranking_refresh_ms = refresh_ms;
+            let mut e =
+                Engine::new(config, Store::open(dir.path(), 8).unwrap(), catalog()).unwrap();
+            e.process(plays(0, 1, 2, 10_000)).unwrap();
+            assert_eq!(popular_head(&mut e), 1);
+            // Movie 2 overtakes half a second later.
+            e.process(plays(2, 2, 3, 10_500)).unwrap();
+            let expected = if refresh_ms == 0 { 2 } else { 1 };
+            assert_eq!(popular_head(&mut e), expected, "refresh {refresh_ms} ms");
+            // A second after the rankings were built, they are rebuilt.
+            e.process(plays(5, 3, 1, 11_000)).unwrap();
+            assert_eq!(popular_head(&mut e), 2, "refresh {refresh_ms} ms");
+        }
     }
 
     #[test]

@@ -58,7 +58,7 @@ pub async fn run_variant(
     config.state.dir = scratch.path().join("state");
     config.http.listen = String::new();
     config.processing.batch_max_wait_ms = 1;
-    config.engine = spec.config.clone();
+    config.engine = super::exact_rankings(&spec.config);
     config.model.fold_in = spec.model.fold_in(settings);
     config.experiment.reload_interval_ms = 100;
     let t = &mut config.topics;

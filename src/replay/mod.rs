@@ -355,6 +355,14 @@ impl ModelPlan {
     }
 }
 
+/// The protocol scores each list against the rankings of every event before
+/// it, so the replay never lets them trail (`lists.ranking_refresh_ms` = 0).
+pub fn exact_rankings(config: &EngineConfig) -> EngineConfig {
+    let mut config = config.clone();
+    config.lists.ranking_refresh_ms = 0;
+    config
+}
+
 /// Replays the stream through one variant and scores every interaction.
 pub fn run_variant(
     stream: &Stream,
@@ -368,7 +376,7 @@ pub fn run_variant(
         source,
     })?;
     let store = Store::open(dir.path(), 64)?;
-    let mut engine = Engine::new(spec.config.clone(), store, stream.catalog.clone())?;
+    let mut engine = Engine::new(exact_rankings(&spec.config), store, stream.catalog.clone())?;
     // Lists are read through `peek` before each event; the outputs of each
     // one-event batch would go unused.
     engine.compute_outputs(false);
