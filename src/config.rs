@@ -123,7 +123,7 @@ impl Default for TopicNames {
             interactions: "reco.interactions.v1".into(),
             catalog: "reco.catalog.v1".into(),
             recommendations: "reco.recommendations.v1".into(),
-            carousels: "reco.carousels.v1".into(),
+            carousels: "reco.carousels.v2".into(),
             insights: "reco.insights.v1".into(),
             refresh: "reco.refresh.v1".into(),
             dead_letters: "reco.dead-letters.v1".into(),

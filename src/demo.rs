@@ -230,7 +230,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         let leaked: Vec<u32> = rows
             .rows
             .iter()
-            .flat_map(|r| r.items.iter().map(|i| i.movie_id))
+            .flat_map(|r| r.movie_ids.iter().copied())
             .filter(|id| consumed.contains(id))
             .collect();
         if !leaked.is_empty() {
@@ -545,7 +545,7 @@ fn print_state(
     let titles: Vec<&str> = rows.rows.iter().map(|r| r.title.as_str()).collect();
     println!("  rows      : {}", titles.join(" | "));
     if let Some(top) = rows.rows.first() {
-        for (i, item) in top.items.iter().take(5).enumerate() {
+        for (i, item) in rows.row_items(top).take(5).enumerate() {
             let year = item.year.map(|y| format!(", {y}")).unwrap_or_default();
             println!(
                 "  {}. {:<34} {:<28} {}",

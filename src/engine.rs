@@ -890,7 +890,7 @@ mod tests {
         assert_eq!(fan.carousels.rows[1].id, "genre:Sci-Fi");
         for row in &fan.carousels.rows {
             assert!(
-                row.items.iter().all(|i| !(21..=25).contains(&i.movie_id)),
+                row.movie_ids.iter().all(|i| !(21..=25).contains(i)),
                 "{}",
                 row.id
             );
@@ -971,7 +971,7 @@ mod tests {
                 .iter()
                 .find(|r| r.id == "popular")
                 .unwrap();
-            row.items[0].movie_id
+            row.movie_ids[0]
         };
         let plays = |first: i64, movie: u32, n: i64, ts: i64| -> Vec<Record> {
             (first..first + n)
@@ -1218,7 +1218,7 @@ mod tests {
             .find(|r| r.kind == "because_you_watched")
             .unwrap();
         assert_eq!(row.id, "because-you-watched:3");
-        assert_eq!(row.items[0].movie_id, 17);
+        assert_eq!(row.movie_ids[0], 17);
         let pick = o
             .recommendations
             .items

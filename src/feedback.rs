@@ -60,21 +60,27 @@ impl Feedback {
     pub fn published(&mut self, user_id: &str, outputs: &UserOutputs) {
         let variant: Arc<str> = outputs.recommendations.variant.as_str().into();
         let mut items = Vec::new();
-        let lists = std::iter::once(("recommendations", &outputs.recommendations.items)).chain(
+        let list_ids: Vec<u32> = outputs
+            .recommendations
+            .items
+            .iter()
+            .map(|i| i.movie_id)
+            .collect();
+        let lists = std::iter::once(("recommendations", &list_ids)).chain(
             outputs
                 .carousels
                 .rows
                 .iter()
-                .map(|r| (r.kind.as_str(), &r.items)),
+                .map(|r| (r.kind.as_str(), &r.movie_ids)),
         );
         for (kind, list) in lists {
             let Some(l) = LISTS.iter().position(|k| *k == kind) else {
                 continue;
             };
-            for (p, item) in list.iter().enumerate() {
+            for (p, movie_id) in list.iter().enumerate() {
                 let position = (p + 1).min(MAX_POSITION + 1);
                 metrics::feedback_impression(&variant, LISTS[l], position);
-                items.push((item.movie_id, l as u8, position as u8));
+                items.push((*movie_id, l as u8, position as u8));
             }
         }
         metrics::variant_list(&variant);

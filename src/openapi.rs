@@ -21,8 +21,8 @@ const SCHEMAS: [(&str, &str); 7] = [
         include_str!("../schemas/recommendations.v1.schema.json"),
     ),
     (
-        "carousels.v1",
-        include_str!("../schemas/carousels.v1.schema.json"),
+        "carousels.v2",
+        include_str!("../schemas/carousels.v2.schema.json"),
     ),
     (
         "insights.v1",

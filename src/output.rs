@@ -2,7 +2,7 @@
 //! compacted topic and carries the user's `version`: a consumer keeps the
 //! record with the highest version and drops any older one it sees later.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use crate::blend::Signals;
 
 pub const RECOMMENDATIONS_SCHEMA: &str = "recstream.recommendations.v1";
-pub const CAROUSELS_SCHEMA: &str = "recstream.carousels.v1";
+pub const CAROUSELS_SCHEMA: &str = "recstream.carousels.v2";
 pub const INSIGHTS_SCHEMA: &str = "recstream.insights.v1";
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -66,7 +66,38 @@ pub struct CarouselRow {
     pub id: String,
     pub title: String,
     pub kind: String,
-    pub items: Vec<RecommendedItem>,
+    /// The row's items in order, each described once in [`Carousels::items`].
+    pub movie_ids: Vec<u32>,
+}
+
+/// What an app shows on a card. The signals and sources that explain a score
+/// are in the recommendations record (v1 repeated them for every row: 18 of
+/// the 21 KB a recompute published).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CarouselItem {
+    pub movie_id: u32,
+    pub title: Arc<str>,
+    pub genres: Arc<[Arc<str>]>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub year: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tmdb_id: Option<u32>,
+    pub score: f64,
+    pub reason: Arc<str>,
+}
+
+impl From<&RecommendedItem> for CarouselItem {
+    fn from(item: &RecommendedItem) -> CarouselItem {
+        CarouselItem {
+            movie_id: item.movie_id,
+            title: item.title.clone(),
+            genres: item.genres.clone(),
+            year: item.year,
+            tmdb_id: item.tmdb_id,
+            score: item.score,
+            reason: item.reason.clone(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -76,7 +107,18 @@ pub struct Carousels {
     pub version: u64,
     pub as_of: i64,
     pub variant: String,
+    /// Every item any row shows, once, in order of first appearance.
+    pub items: Vec<CarouselItem>,
     pub rows: Vec<CarouselRow>,
+}
+
+impl Carousels {
+    /// A row's items, looked up in [`Carousels::items`].
+    pub fn row_items<'a>(&'a self, row: &'a CarouselRow) -> impl Iterator<Item = &'a CarouselItem> {
+        row.movie_ids
+            .iter()
+            .filter_map(|id| self.items.iter().find(|i| i.movie_id == *id))
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -167,19 +209,14 @@ impl OutputKind {
 
 impl UserOutputs {
     /// The encoded JSON payload of each record: exactly `serde_json::to_vec`
-    /// of each, but an item that appears in several places (the list, the
-    /// top-picks row, genre rows) is serialized once and then copied.
+    /// of each.
     pub fn encode(&self) -> [(OutputKind, Vec<u8>); 3] {
-        let mut items = ItemJson::default();
         [
             (
                 OutputKind::Recommendations,
-                encode_recommendations(&self.recommendations, &mut items),
+                encode_recommendations(&self.recommendations),
             ),
-            (
-                OutputKind::Carousels,
-                encode_carousels(&self.carousels, &mut items),
-            ),
+            (OutputKind::Carousels, encode_carousels(&self.carousels)),
             (OutputKind::Insights, to_json(&self.insights)),
         ]
     }
@@ -196,65 +233,19 @@ fn write_json<T: Serialize + ?Sized>(out: &mut Vec<u8>, value: &T) {
     serde_json::to_writer(out, value).expect("output records always serialize")
 }
 
-/// Serialized items of one user's outputs. Key: the movie and the address of
-/// its `reason`, which clones of one rendered item share, so two different
-/// renderings of a movie never share an entry.
-#[derive(Default)]
-struct ItemJson {
-    spans: HashMap<(u32, usize), std::ops::Range<usize>>,
-    bytes: Vec<u8>,
-}
-
-impl ItemJson {
-    fn write(&mut self, out: &mut Vec<u8>, item: &RecommendedItem) {
-        let key = (
-            item.movie_id,
-            Arc::as_ptr(&item.reason) as *const u8 as usize,
-        );
-        let span = match self.spans.get(&key) {
-            Some(span) => span.clone(),
-            None => {
-                let start = self.bytes.len();
-                write_item(&mut self.bytes, item);
-                let span = start..self.bytes.len();
-                self.spans.insert(key, span.clone());
-                span
-            }
-        };
-        out.extend_from_slice(&self.bytes[span]);
-    }
-
-    fn write_list(&mut self, out: &mut Vec<u8>, items: &[RecommendedItem]) {
-        out.push(b'[');
-        for (i, item) in items.iter().enumerate() {
-            if i > 0 {
-                out.push(b',');
-            }
-            self.write(out, item);
-        }
-        out.push(b']');
-    }
-}
-
 /// `serde_json::to_writer(out, item)` with the keys written as literals
 /// (serde_json escapes every key; items are most of the bytes published).
 /// Field order and skipping follow the struct; the encode test compares the
 /// bytes with serde_json's, so a field added to the struct fails it.
 fn write_item(out: &mut Vec<u8>, item: &RecommendedItem) {
-    out.extend_from_slice(b"{\"movie_id\":");
-    write_json(out, &item.movie_id);
-    out.extend_from_slice(b",\"title\":");
-    write_json(out, &*item.title);
-    out.extend_from_slice(b",\"genres\":");
-    write_json(out, &*item.genres);
-    if let Some(year) = item.year {
-        out.extend_from_slice(b",\"year\":");
-        write_json(out, &year);
-    }
-    if let Some(tmdb_id) = item.tmdb_id {
-        out.extend_from_slice(b",\"tmdb_id\":");
-        write_json(out, &tmdb_id);
-    }
+    write_card(
+        out,
+        item.movie_id,
+        &item.title,
+        &item.genres,
+        item.year,
+        item.tmdb_id,
+    );
     out.extend_from_slice(b",\"score\":");
     write_json(out, &item.score);
     let s = &item.signals;
@@ -279,6 +270,60 @@ fn write_item(out: &mut Vec<u8>, item: &RecommendedItem) {
     out.extend_from_slice(b",\"reason\":");
     write_json(out, &*item.reason);
     out.push(b'}');
+}
+
+/// [`write_item`] for a [`CarouselItem`].
+fn write_carousel_item(out: &mut Vec<u8>, item: &CarouselItem) {
+    write_card(
+        out,
+        item.movie_id,
+        &item.title,
+        &item.genres,
+        item.year,
+        item.tmdb_id,
+    );
+    out.extend_from_slice(b",\"score\":");
+    write_json(out, &item.score);
+    out.extend_from_slice(b",\"reason\":");
+    write_json(out, &*item.reason);
+    out.push(b'}');
+}
+
+/// The opening brace and the catalog fields both item kinds start with.
+fn write_card(
+    out: &mut Vec<u8>,
+    movie_id: u32,
+    title: &str,
+    genres: &[Arc<str>],
+    year: Option<u16>,
+    tmdb_id: Option<u32>,
+) {
+    out.extend_from_slice(b"{\"movie_id\":");
+    write_json(out, &movie_id);
+    out.extend_from_slice(b",\"title\":");
+    write_json(out, title);
+    out.extend_from_slice(b",\"genres\":");
+    write_json(out, genres);
+    if let Some(year) = year {
+        out.extend_from_slice(b",\"year\":");
+        write_json(out, &year);
+    }
+    if let Some(tmdb_id) = tmdb_id {
+        out.extend_from_slice(b",\"tmdb_id\":");
+        write_json(out, &tmdb_id);
+    }
+}
+
+/// `[a,b,...]` with `write` for each element.
+fn write_list<T>(out: &mut Vec<u8>, items: &[T], write: fn(&mut Vec<u8>, &T)) {
+    out.push(b'[');
+    for (i, item) in items.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        write(out, item);
+    }
+    out.push(b']');
 }
 
 /// Writes `"key":` then the value, after a comma unless it is the first field.
@@ -314,7 +359,7 @@ fn write_head(
 }
 
 /// `serde_json::to_vec(r)`, field by field in declaration order.
-fn encode_recommendations(r: &Recommendations, items: &mut ItemJson) -> Vec<u8> {
+fn encode_recommendations(r: &Recommendations) -> Vec<u8> {
     let mut out = Vec::with_capacity(4096);
     write_head(
         &mut out, &r.schema, &r.user_id, r.version, r.as_of, &r.variant,
@@ -323,32 +368,28 @@ fn encode_recommendations(r: &Recommendations, items: &mut ItemJson) -> Vec<u8> 
         field(&mut out, false, "model", model);
     }
     field_key(&mut out, false, "items");
-    items.write_list(&mut out, &r.items);
+    write_list(&mut out, &r.items, write_item);
     out.push(b'}');
     out
 }
 
 /// `serde_json::to_vec(c)`, field by field in declaration order.
-fn encode_carousels(c: &Carousels, items: &mut ItemJson) -> Vec<u8> {
-    let mut out = Vec::with_capacity(16384);
+fn encode_carousels(c: &Carousels) -> Vec<u8> {
+    let mut out = Vec::with_capacity(8192);
     write_head(
         &mut out, &c.schema, &c.user_id, c.version, c.as_of, &c.variant,
     );
+    field_key(&mut out, false, "items");
+    write_list(&mut out, &c.items, write_carousel_item);
     field_key(&mut out, false, "rows");
-    out.push(b'[');
-    for (i, row) in c.rows.iter().enumerate() {
-        if i > 0 {
-            out.push(b',');
-        }
+    write_list(&mut out, &c.rows, |out, row| {
         out.push(b'{');
-        field(&mut out, true, "id", &row.id);
-        field(&mut out, false, "title", &row.title);
-        field(&mut out, false, "kind", &row.kind);
-        field_key(&mut out, false, "items");
-        items.write_list(&mut out, &row.items);
+        field(out, true, "id", &row.id);
+        field(out, false, "title", &row.title);
+        field(out, false, "kind", &row.kind);
+        field(out, false, "movie_ids", &row.movie_ids);
         out.push(b'}');
-    }
-    out.push(b']');
+    });
     out.push(b'}');
     out
 }
@@ -386,13 +427,11 @@ mod tests {
             Some(0.25),
         );
         let b = item(2, "Alien", "Popular in Sci-Fi", None);
-        // Same movie, a different rendering: must not reuse `b`'s bytes.
-        let b_other = item(2, "Alien", "Trending in Sci-Fi", None);
-        let row = |id: &str, items: Vec<RecommendedItem>| CarouselRow {
+        let row = |id: &str, movie_ids: Vec<u32>| CarouselRow {
             id: id.into(),
             title: format!("Because you like {id}"),
             kind: "genre".into(),
-            items,
+            movie_ids,
         };
         UserOutputs {
             previous_version: 6,
@@ -416,9 +455,14 @@ mod tests {
                 version: 7,
                 as_of: -3,
                 variant: "control".into(),
+                items: vec![
+                    (&a).into(),
+                    (&b).into(),
+                    (&item(3, "Heat", "", None)).into(),
+                ],
                 rows: vec![
-                    row("top-picks", vec![a.clone(), b.clone()]),
-                    row("genre:Sci-Fi", vec![b_other, a]),
+                    row("top-picks", vec![1, 2]),
+                    row("genre:Sci-Fi", vec![2, 1, 3]),
                     row("empty", vec![]),
                 ],
             },

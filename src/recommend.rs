@@ -613,24 +613,27 @@ pub fn build_outputs(
     let mut ranked: Vec<Scored> = candidates.iter().map(|c| scored(c, c.score)).collect();
     blend::rank(&mut ranked);
     let mut rendered: IdMap<RecommendedItem> = IdMap::default();
+    // The carousels' items, once each, in order of first appearance.
+    let mut shown: Vec<u32> = Vec::new();
     let mut item = |id: u32| {
-        rendered
-            .entry(id)
-            .or_insert_with(|| render(ctx, &candidates[slot[&id]]))
-            .clone()
+        rendered.entry(id).or_insert_with(|| {
+            shown.push(id);
+            render(ctx, &candidates[slot[&id]])
+        });
+        id
     };
     let top = blend::diversify(&ranked, lists.top_n, lists.max_genre_share);
-    let top_items: Vec<RecommendedItem> = top.iter().map(|s| item(s.movie_id)).collect();
+    let top_ids: Vec<u32> = top.iter().map(|s| item(s.movie_id)).collect();
 
     let mut rows = vec![CarouselRow {
         id: "top-picks".into(),
         title: "Top picks for you".into(),
         kind: "top_picks".into(),
-        items: top_items.clone(),
+        movie_ids: top_ids.clone(),
     }];
     for g in &top_genres {
         let name = ctx.catalog.genre_name(g.genre);
-        let row: Vec<RecommendedItem> = ranked
+        let row: Vec<u32> = ranked
             .iter()
             .filter(|s| s.genres.contains(g.genre))
             .take(lists.row_size)
@@ -640,7 +643,7 @@ pub fn build_outputs(
             id: format!("genre:{name}"),
             title: format!("Because you like {name}"),
             kind: "genre".into(),
-            items: row,
+            movie_ids: row,
         });
     }
     for &genre in &cold_genres {
@@ -659,7 +662,7 @@ pub fn build_outputs(
             id: format!("trending-genre:{name}"),
             title: format!("Trending in {name}"),
             kind: "trending_genre".into(),
-            items: row.iter().map(|s| item(s.movie_id)).collect(),
+            movie_ids: row.iter().map(|s| item(s.movie_id)).collect(),
         });
     }
     // Because you watched the latest engaged item: what others watched with it,
@@ -685,12 +688,12 @@ pub fn build_outputs(
         None => content_seed.map(|(seed, list)| (seed, list.iter().map(|(id, _)| *id).collect())),
     };
     if let Some((seed, ids)) = because.as_ref() {
-        let mut row: Vec<RecommendedItem> = Vec::with_capacity(lists.row_size);
+        let mut row: Vec<u32> = Vec::with_capacity(lists.row_size);
         for id in ids.iter().filter(|id| slot.contains_key(id)) {
             if row.len() == lists.row_size {
                 break;
             }
-            if row.iter().all(|r| r.movie_id != *id) {
+            if !row.contains(id) {
                 row.push(item(*id));
             }
         }
@@ -700,7 +703,7 @@ pub fn build_outputs(
             id: format!("because-you-watched:{seed}"),
             title: format!("Because you watched {title}"),
             kind: "because_you_watched".into(),
-            items: row,
+            movie_ids: row,
         });
     }
     for (id, title, key) in [
@@ -717,10 +720,12 @@ pub fn build_outputs(
             id: id.into(),
             title: title.into(),
             kind: id.into(),
-            items: by_key.iter().map(|s| item(s.movie_id)).collect(),
+            movie_ids: by_key.iter().map(|s| item(s.movie_id)).collect(),
         });
     }
-    rows.retain(|r| !r.items.is_empty());
+    rows.retain(|r| !r.movie_ids.is_empty());
+    let top_items: Vec<RecommendedItem> = top_ids.iter().map(|id| rendered[id].clone()).collect();
+    let carousel_items: Vec<CarouselItem> = shown.iter().map(|id| (&rendered[id]).into()).collect();
 
     Ok(UserOutputs {
         // Nothing new unless the caller says what the user held before.
@@ -740,6 +745,7 @@ pub fn build_outputs(
             version,
             as_of,
             variant: ctx.variant.name.to_string(),
+            items: carousel_items,
             rows,
         },
         insights: Insights {

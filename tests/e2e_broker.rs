@@ -146,7 +146,7 @@ async fn a_fans_genre_rises_and_bad_input_is_dead_lettered() {
     consumer
         .subscribe(&[
             "reco.recommendations.v1",
-            "reco.carousels.v1",
+            "reco.carousels.v2",
             "reco.insights.v1",
             "reco.dead-letters.v1",
         ])
@@ -159,13 +159,13 @@ async fn a_fans_genre_rises_and_bad_input_is_dead_lettered() {
             .filter(|i| i["activity"]["events_total"] == json!(fan_events))
             .map(|i| i["version"].clone());
         let fan_done = final_version.is_some_and(|v| {
-            ["reco.recommendations.v1", "reco.carousels.v1"]
+            ["reco.recommendations.v1", "reco.carousels.v2"]
                 .iter()
                 .all(|t| fan(t).is_some_and(|r| r["version"] == v))
         });
         let crowd_done = (0..20).all(|u| {
             seen.latest
-                .contains_key(&("reco.carousels.v1".into(), format!("crowd-{u}")))
+                .contains_key(&("reco.carousels.v2".into(), format!("crowd-{u}")))
         });
         fan_done && crowd_done && seen.dead_letters.len() >= 5
     };
@@ -227,7 +227,7 @@ async fn a_fans_genre_rises_and_bad_input_is_dead_lettered() {
         );
     }
 
-    let carousels = &seen.latest[&("reco.carousels.v1".to_string(), "fan".to_string())];
+    let carousels = &seen.latest[&("reco.carousels.v2".to_string(), "fan".to_string())];
     let rows = carousels["rows"].as_array().unwrap();
     let row_ids: Vec<&str> = rows.iter().map(|r| r["id"].as_str().unwrap()).collect();
     assert_eq!(row_ids[0], "top-picks", "{row_ids:?}");
@@ -248,11 +248,25 @@ async fn a_fans_genre_rises_and_bad_input_is_dead_lettered() {
         .chain([*genre_ids(4).start(), topic_only_movie])
         .collect();
     let recs = &seen.latest[&("reco.recommendations.v1".to_string(), "fan".to_string())];
+    let described: Vec<u64> = carousels["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["movie_id"].as_u64().unwrap())
+        .collect();
     let listed: Vec<u32> = rows
         .iter()
-        .flat_map(|r| r["items"].as_array().unwrap().iter())
-        .chain(recs["items"].as_array().unwrap().iter())
-        .map(|i| i["movie_id"].as_u64().unwrap() as u32)
+        .flat_map(|r| r["movie_ids"].as_array().unwrap().iter())
+        .map(|id| id.as_u64().unwrap())
+        .inspect(|id| assert!(described.contains(id), "row item {id} is described"))
+        .chain(
+            recs["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|i| i["movie_id"].as_u64().unwrap()),
+        )
+        .map(|id| id as u32)
         .collect();
     for id in &consumed {
         assert!(!listed.contains(id), "consumed movie {id} came back");

@@ -482,7 +482,7 @@ impl<'s> Scoring<'s> {
             .carousels
             .rows
             .iter()
-            .any(|row| row.items.iter().any(|i| i.movie_id == event.movie_id));
+            .any(|row| row.movie_ids.contains(&event.movie_id));
         let genres: Vec<GenreSet> = listed
             .iter()
             .map(|id| catalog.get(*id).map(|m| m.genres).unwrap_or_default())

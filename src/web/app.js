@@ -195,6 +195,8 @@ function renderCarousels(record) {
     note.textContent = "New user: these are cold-start rows (popular and trending) until the first interaction.";
     rows.append(note);
   }
+  // v2 describes each item once; rows hold movie ids.
+  const byId = new Map(record.items.map((item) => [item.movie_id, item]));
   for (const row of record.rows) {
     const section = document.createElement("section");
     section.className = "row";
@@ -208,7 +210,7 @@ function renderCarousels(record) {
     h.append(kind);
     const cards = document.createElement("div");
     cards.className = "cards";
-    row.items.forEach((item, i) => cards.append(card(item, row.id, i)));
+    row.movie_ids.forEach((id, i) => cards.append(card(byId.get(id), row.id, i)));
     section.append(h, cards);
     rows.append(section);
   }

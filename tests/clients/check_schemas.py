@@ -15,7 +15,7 @@ from referencing import Registry, Resource
 ROOT = pathlib.Path(__file__).resolve().parents[2] / "schemas"
 BY_NAME = {
     "recstream.recommendations.v1": "recommendations.v1.schema.json",
-    "recstream.carousels.v1": "carousels.v1.schema.json",
+    "recstream.carousels.v2": "carousels.v2.schema.json",
     "recstream.insights.v1": "insights.v1.schema.json",
 }
 
