@@ -16,6 +16,8 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use prometheus::IntCounter;
+
 use crate::event::{EventType, Interaction};
 use crate::metrics;
 use crate::output::UserOutputs;
@@ -32,6 +34,8 @@ pub const LISTS: [&str; 7] = [
 ];
 /// Positions above this share one label.
 pub const MAX_POSITION: usize = 20;
+/// Position labels: 1 ..= MAX_POSITION and one for the rest (index 0 unused).
+const POSITIONS: usize = MAX_POSITION + 2;
 
 struct Shown {
     variant: Arc<str>,
@@ -40,6 +44,9 @@ struct Shown {
 }
 
 pub struct Feedback {
+    /// Impression counters per variant, by `list * POSITIONS + position`,
+    /// looked up on first use.
+    impressions: HashMap<Arc<str>, Vec<Option<IntCounter>>>,
     current: HashMap<Arc<str>, Shown>,
     previous: HashMap<Arc<str>, Shown>,
     /// Users per generation.
@@ -50,6 +57,7 @@ impl Feedback {
     /// Remembers the last lists of up to about `users` users.
     pub fn new(users: usize) -> Feedback {
         Feedback {
+            impressions: HashMap::new(),
             current: HashMap::new(),
             previous: HashMap::new(),
             generation: (users / 2).max(1),
@@ -59,6 +67,10 @@ impl Feedback {
     /// Counts the impressions of a user's new lists and remembers them.
     pub fn published(&mut self, user_id: &str, outputs: &UserOutputs) {
         let variant: Arc<str> = outputs.recommendations.variant.as_str().into();
+        let counters = self
+            .impressions
+            .entry(variant.clone())
+            .or_insert_with(|| vec![None; LISTS.len() * POSITIONS]);
         let mut items = Vec::new();
         let list_ids: Vec<u32> = outputs
             .recommendations
@@ -79,7 +91,11 @@ impl Feedback {
             };
             for (p, movie_id) in list.iter().enumerate() {
                 let position = (p + 1).min(MAX_POSITION + 1);
-                metrics::feedback_impression(&variant, LISTS[l], position);
+                counters[l * POSITIONS + position]
+                    .get_or_insert_with(|| {
+                        metrics::feedback_impression_counter(&variant, LISTS[l], position)
+                    })
+                    .inc();
                 items.push((*movie_id, l as u8, position as u8));
             }
         }

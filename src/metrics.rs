@@ -487,11 +487,13 @@ fn position_label(position: usize) -> &'static str {
     &POSITIONS[position.min(crate::feedback::MAX_POSITION + 1)]
 }
 
-pub fn feedback_impression(variant: &str, list: &str, position: usize) {
+/// The impressions counter of one (variant, list, position): callers that
+/// count many impressions keep the handle (a label lookup hashes three
+/// strings under a lock; the handle's increment is one atomic add).
+pub fn feedback_impression_counter(variant: &str, list: &str, position: usize) -> IntCounter {
     METRICS
         .feedback_impressions
         .with_label_values(&[variant, list, position_label(position)])
-        .inc();
 }
 
 pub fn feedback_click(variant: &str, list: &str, position: usize) {

@@ -419,8 +419,10 @@ fn enabled(variant: &Variant, source: Source) -> bool {
     variant.sources & source_bit(source) != 0
 }
 
-struct Candidate {
+struct Candidate<'a> {
     movie_id: u32,
+    /// Looked up once, when the candidate is first proposed.
+    movie: &'a Movie,
     /// Bit set of the sources that proposed it.
     sources: u8,
     signals: Signals,
@@ -479,32 +481,36 @@ pub fn build_outputs(
         .collect();
 
     // Candidate pool from every source, excluding what the user already consumed.
-    let mut candidates: Vec<Candidate> = Vec::with_capacity(4 * lists.candidates_per_source);
+    let mut candidates: Vec<Candidate<'_>> = Vec::with_capacity(4 * lists.candidates_per_source);
     let mut slot: IdMap<usize> =
         IdMap::with_capacity_and_hasher(8 * lists.candidates_per_source, Default::default());
     // Whether `id` may be recommended at all (and is now a candidate of
     // `source`). Every source but co-watch ranks catalog items only (the
-    // index and the similarity cache are rebuilt when the catalog changes),
-    // so only co-watch neighbours are looked up in the catalog.
+    // index and the similarity cache are rebuilt when the catalog changes);
+    // a co-watch neighbour outside the catalog is not proposed.
     let mut propose = |id: u32, source: Source| -> bool {
-        if state.is_seen(id)
-            || seeds.contains(&id)
-            || (source == Source::CoWatched && !ctx.catalog.contains(id))
-        {
+        if state.is_seen(id) || seeds.contains(&id) {
             return false;
         }
-        let i = *slot.entry(id).or_insert_with(|| {
-            candidates.push(Candidate {
-                movie_id: id,
-                sources: 0,
-                signals: Signals::default(),
-                because_of: None,
-                co_watched_with: None,
-                reason_genre: None,
-                score: 0.0,
-            });
-            candidates.len() - 1
-        });
+        let i = match slot.entry(id) {
+            std::collections::hash_map::Entry::Occupied(e) => *e.get(),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                let Some(movie) = ctx.catalog.get(id) else {
+                    return false;
+                };
+                candidates.push(Candidate {
+                    movie_id: id,
+                    movie,
+                    sources: 0,
+                    signals: Signals::default(),
+                    because_of: None,
+                    co_watched_with: None,
+                    reason_genre: None,
+                    score: 0.0,
+                });
+                *e.insert(candidates.len() - 1)
+            }
+        };
         candidates[i].sources |= source_bit(source);
         true
     };
@@ -556,10 +562,7 @@ pub fn build_outputs(
     let seed_movies: Vec<&Movie> = seeds.iter().filter_map(|s| ctx.catalog.get(*s)).collect();
     let tastes = GenreTable::new(&weights);
     for c in &mut candidates {
-        let movie = ctx
-            .catalog
-            .get(c.movie_id)
-            .expect("candidates are catalog items");
+        let movie = c.movie;
         c.signals.affinity = tastes.affinity(movie.genres, max_abs);
         c.reason_genre = movie.genres.iter().max_by(|a, b| {
             tastes
@@ -604,11 +607,7 @@ pub fn build_outputs(
     let scored = |c: &Candidate, score: f64| Scored {
         movie_id: c.movie_id,
         score,
-        genres: ctx
-            .catalog
-            .get(c.movie_id)
-            .map(|m| m.genres)
-            .unwrap_or_default(),
+        genres: c.movie.genres,
     };
     let mut ranked: Vec<Scored> = candidates.iter().map(|c| scored(c, c.score)).collect();
     blend::rank(&mut ranked);
@@ -650,11 +649,7 @@ pub fn build_outputs(
         let name = ctx.catalog.genre_name(genre);
         let mut row: Vec<Scored> = candidates
             .iter()
-            .filter(|c| {
-                ctx.catalog
-                    .get(c.movie_id)
-                    .is_some_and(|m| m.genres.contains(genre))
-            })
+            .filter(|c| c.movie.genres.contains(genre))
             .map(|c| scored(c, c.signals.trending))
             .collect();
         blend::top_k(&mut row, lists.row_size);
@@ -834,6 +829,14 @@ fn co_watched(ctx: &Context, state: &UserState) -> CoWatched {
     let co = &ctx.config.co_watch;
     let seeds: Vec<u32> = state.engaged_recent().take(co.seeds).collect();
     let count = |id: u32| ctx.items.get(&id).map_or(0.0, |m| m.count as f64);
+    // With alpha 0 (the default) the candidate's factor is 1: no count lookup.
+    let candidate_factor = |id: u32| {
+        if co.alpha == 0.0 {
+            1.0
+        } else {
+            cowatch::candidate_factor(count(id), co.alpha)
+        }
+    };
     let mut by_item: IdMap<CoWatchScore> =
         IdMap::with_capacity_and_hasher(seeds.len() * co.neighbors, Default::default());
     for &seed in &seeds {
@@ -842,21 +845,19 @@ fn co_watched(ctx: &Context, state: &UserState) -> CoWatched {
         };
         let seed_factor = cowatch::seed_factor(count(seed), co.alpha);
         for n in &neighbours.entries {
-            let candidate_factor = match by_item.get(&n.item) {
-                Some(e) => e.candidate_factor,
-                None => cowatch::candidate_factor(count(n.item), co.alpha),
-            };
-            let a = cowatch::association_of_factors(n.guaranteed(), seed_factor, candidate_factor);
-            if a <= 0.0 {
+            // The factors are positive: only a positive count associates.
+            if n.guaranteed() <= 0.0 {
                 continue;
             }
-            let e = by_item.entry(n.item).or_insert(CoWatchScore {
+            let e = by_item.entry(n.item).or_insert_with(|| CoWatchScore {
                 association: 0.0,
                 seed,
                 seed_association: 0.0,
                 support: 0.0,
-                candidate_factor,
+                candidate_factor: candidate_factor(n.item),
             });
+            let a =
+                cowatch::association_of_factors(n.guaranteed(), seed_factor, e.candidate_factor);
             e.association += a;
             e.support += n.guaranteed() as f64;
             if a > e.seed_association {
@@ -928,10 +929,7 @@ pub fn affinity(genres: GenreSet, weights: &[GenreWeight], max_abs: f64) -> f64 
 }
 
 fn render(ctx: &Context, c: &Candidate) -> RecommendedItem {
-    let movie = ctx
-        .catalog
-        .get(c.movie_id)
-        .expect("candidates are catalog items");
+    let movie = c.movie;
     let first_genre = movie
         .genres
         .iter()

@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Cost per event on the synthetic uniform load (every event its own
+# recompute), against a real Apache Kafka broker: after a warm-up of
+# WARMUP_EVENTS, EVENTS events of USERS users are produced as fast as the
+# broker takes them; prints the engine's and the broker's CPU over that
+# phase, events per engine CPU-second, and the mean size of the records
+# each output topic holds (SIZE_SAMPLE per topic, read back with the Python
+# client). This is the figure issue 22's cost-per-event targets are about.
+# Usage: benches/cost.sh   (env: EVENTS=100000 USERS=10000 WARMUP_EVENTS=20000
+#   SIZE_SAMPLE=2000, CATALOG, NCF=1 a NeuMF model, GUARANTEE, ENGINE_TOML,
+#   PERF=FILE: also `perf record` the engine over the measured phase into FILE)
+source "$(dirname "$0")/broker.sh"
+
+EVENTS=${EVENTS:-100000}
+USERS=${USERS:-10000}
+WARMUP_EVENTS=${WARMUP_EVENTS:-20000}
+SIZE_SAMPLE=${SIZE_SAMPLE:-2000}
+CATALOG=${CATALOG:-../shared/data/movielens/ml-latest-small/movies.csv}
+if [ ! -f "$CATALOG" ]; then
+  echo "catalog $CATALOG not found (set CATALOG=...)" >&2
+  exit 1
+fi
+
+engine_config
+if [ "${NCF:-0}" = 1 ]; then
+  "$BIN" train --synthetic-users 2000 --catalog "$CATALOG" --epochs 3 --quiet \
+    --out "$work/ncf" >"$work/train.log" 2>&1
+  printf '[model]\npath = "%s"\n' "$work/ncf.onnx" >>"$ENGINE_CONFIG"
+fi
+hport=$(free_port)
+start_engine "$work/state" "$hport" /readyz
+load() { "$BIN" loadgen --brokers "$brokers" --config "$ENGINE_CONFIG" --catalog "$CATALOG" --users "$USERS" --rate 0 "$@"; }
+
+echo "# machine: $(nproc) cores; catalog: $CATALOG; NCF: ${NCF:-0}; guarantee: $GUARANTEE; $USERS users"
+load --events "$WARMUP_EVENTS" --seed 7 >/dev/null
+engine0=$(cpu_seconds "$ENGINE")
+broker0=$(cpu_seconds "$BROKER")
+if [ -n "${PERF:-}" ]; then
+  perf record -F 499 --call-graph dwarf,16384 -p "$ENGINE" -o "$PERF" >/dev/null 2>&1 &
+  perf_pid=$!
+fi
+load --events "$EVENTS" --seed 1
+engine1=$(cpu_seconds "$ENGINE")
+broker1=$(cpu_seconds "$BROKER")
+if [ -n "${PERF:-}" ]; then
+  kill -INT "$perf_pid"
+  wait "$perf_pid" || true
+fi
+awk -v a="$engine0" -v b="$engine1" -v c="$broker0" -v d="$broker1" -v n="$EVENTS" 'BEGIN {
+  printf "# engine %.2f CPU-s, %.0f events per engine CPU-second (%.1f us per event); broker %.2f CPU-s (%.1f us per event)\n",
+    b - a, n / (b - a), 1e6 * (b - a) / n, d - c, 1e6 * (d - c) / n }'
+python3 - "$brokers" "$SIZE_SAMPLE" <<'PY'
+import pathlib, sys, tomllib
+from confluent_kafka import Consumer
+brokers, sample = sys.argv[1], int(sys.argv[2])
+# The output topics as declared in topics/ (the bench config keeps their names).
+topics = {}
+for f in sorted(pathlib.Path("topics").glob("*.toml")):
+    t = tomllib.loads(f.read_text())
+    if t["role"] in ("recommendations", "carousels", "insights", "changelog"):
+        topics[t["role"]] = t["name"]
+for role, name in topics.items():
+    c = Consumer({"bootstrap.servers": brokers, "group.id": "bench-cost-sizes",
+                  "auto.offset.reset": "earliest", "enable.auto.commit": False})
+    c.subscribe([name])
+    sizes = []
+    while len(sizes) < sample:
+        m = c.poll(5)
+        if m is None:
+            break
+        if not m.error():
+            sizes.append(len(m.value() or b""))
+    c.close()
+    mean = sum(sizes) / len(sizes) if sizes else 0
+    print(f"# {role} ({name}): mean record {mean:,.0f} B over {len(sizes)} records")
+PY
