@@ -704,7 +704,6 @@ impl Engine {
             &active,
         ));
         self.index_cache = Some(index.clone());
-        self.recompute_cache.index_changed();
         index
     }
 

@@ -44,15 +44,32 @@ pub struct ItemIndex {
     /// Every catalog item with its genres, most popular first: a source takes
     /// the first items the user has not seen, so heavy users still get full
     /// candidate lists; genre sources filter it by genre.
-    pub popular: Vec<(u32, GenreSet)>,
+    pub popular: Vec<RankedItem>,
+    /// `popular` split by genre (each item under each of its genres, same
+    /// order): a genre source reads its genre's items, not the catalog.
+    pub popular_by_genre: Vec<Vec<RankedItem>>,
     /// The [`TRENDING_RANKED`] most trending catalog items, most trending first.
-    pub trending: Vec<u32>,
+    pub trending: Vec<RankedItem>,
+    /// [`ItemIndex::signal`] of every item with events, computed with the
+    /// index: a candidate reads its signals instead of deriving them.
+    signals: IdMap<Signal>,
     pub popularity_max: f64,
     /// Normalizes popularity against `popularity_max`.
     pub popularity_scale: blend::LogScale,
     pub trending_max: f64,
     /// Genres by their own trending score, hottest first (cold-start rows).
     pub trending_genres: Vec<u8>,
+}
+
+/// An item's normalized (popularity, trending) at the index's `now`.
+pub type Signal = (f64, f64);
+
+/// One entry of a ranking, with what every candidate source needs of it.
+#[derive(Debug, Clone, Copy)]
+pub struct RankedItem {
+    pub id: u32,
+    pub genres: GenreSet,
+    pub signal: Signal,
 }
 
 /// Trending is counted over items with an event in the last 16 short
@@ -147,12 +164,26 @@ impl PopularOrder {
         else {
             return;
         };
-        let (_, _, genres) = self.order.remove(i);
-        let at = self
-            .order
-            .binary_search_by(|e| by_key(&(e.0, e.1), &(new, id)))
-            .unwrap_or_else(|i| i);
-        self.order.insert(at, (new, id, genres));
+        // Shift only the items between the old and the new place (an item
+        // usually moves a few places): not the whole tail twice, as a
+        // remove and an insert would.
+        let genres = self.order[i].2;
+        let place = |e: &(f64, u32, GenreSet)| by_key(&(e.0, e.1), &(new, id));
+        if by_key(&(new, id), &(old, id)).is_lt() {
+            let at = self.order[..i]
+                .binary_search_by(place)
+                .unwrap_or_else(|j| j);
+            self.order[i] = (new, id, genres);
+            self.order[at..=i].rotate_right(1);
+        } else {
+            let at = i
+                + 1
+                + self.order[i + 1..]
+                    .binary_search_by(place)
+                    .unwrap_or_else(|j| j);
+            self.order[i] = (new, id, genres);
+            self.order[i..at].rotate_left(1);
+        }
         self.keys.insert(id, new);
     }
 }
@@ -198,25 +229,62 @@ impl ItemIndex {
             .first()
             .and_then(|e| items.get(&e.1))
             .map_or(0.0, |m| m.popularity_at(now, hl));
-        ItemIndex {
+        let mut index = ItemIndex {
             now,
             hl,
-            popular: popular.order.iter().map(|e| (e.1, e.2)).collect(),
-            trending: hottest.iter().map(|e| e.1).collect(),
+            popular: Vec::new(),
+            popular_by_genre: Vec::new(),
+            trending: Vec::new(),
+            signals: IdMap::default(),
             popularity_max,
             popularity_scale: blend::LogScale::new(popularity_max),
             trending_max,
             trending_genres,
+        };
+        // Once per index, not once per candidate of every user: the
+        // signals are a function of the counters at `now` alone.
+        index.signals.reserve(items.len());
+        for (id, m) in items {
+            if catalog.contains(*id) {
+                index.signals.insert(*id, index.signal(Some(m)));
+            }
         }
+        let ranked = |id: u32, genres: GenreSet| RankedItem {
+            id,
+            genres,
+            signal: index.signal_of(id),
+        };
+        let popular: Vec<RankedItem> = popular.order.iter().map(|e| ranked(e.1, e.2)).collect();
+        let mut by_genre: Vec<Vec<RankedItem>> = vec![Vec::new(); catalog.genre_count()];
+        for e in &popular {
+            for g in e.genres.iter() {
+                if let Some(list) = by_genre.get_mut(g as usize) {
+                    list.push(*e);
+                }
+            }
+        }
+        let trending = hottest
+            .iter()
+            .filter_map(|e| Some(ranked(e.1, catalog.get(e.1)?.genres)))
+            .collect();
+        index.popular = popular;
+        index.popular_by_genre = by_genre;
+        index.trending = trending;
+        index
+    }
+
+    /// The signals of any item: (0, 0) for an item without events.
+    pub fn signal_of(&self, id: u32) -> Signal {
+        self.signals.get(&id).copied().unwrap_or((0.0, 0.0))
     }
 }
 
 impl ItemIndex {
     /// An item's normalized (popularity, trending) at `now`, from its counters.
     ///
-    /// Hot path (once per candidate): the long-window value serves both
-    /// signals and the popularity scale's denominator is computed once per
-    /// index: three transcendental calls instead of six.
+    /// Once per item with events and index: the long-window value serves
+    /// both signals and the popularity scale's denominator is computed once
+    /// per index: three transcendental calls instead of six.
     pub fn signal(&self, m: Option<&Momentum>) -> (f64, f64) {
         let Some(m) = m else { return (0.0, 0.0) };
         let long = m.popularity_at(self.now, self.hl);
@@ -271,30 +339,15 @@ struct GenreGroup {
 }
 
 /// What recomputing users reuses between them: similar items per seed (until
-/// the catalog changes) and item signals (until the index changes).
+/// the catalog changes; item signals live in the [`ItemIndex`]).
 #[derive(Debug, Default)]
 pub struct RecomputeCache {
     pub similar: SimilarityCache,
-    /// [`ItemIndex::signal`] of items already scored against the current index.
-    signals: IdMap<(f64, f64)>,
 }
 
 impl RecomputeCache {
-    /// Call whenever a new [`ItemIndex`] is built (the counters moved).
-    pub fn index_changed(&mut self) {
-        self.signals.clear();
-    }
-
     pub fn catalog_changed(&mut self) {
         self.similar.clear();
-        self.signals.clear();
-    }
-
-    fn signal(&mut self, ctx: &Context, id: u32) -> (f64, f64) {
-        *self
-            .signals
-            .entry(id)
-            .or_insert_with(|| ctx.index.signal(ctx.items.get(&id)))
     }
 }
 
@@ -488,7 +541,8 @@ pub fn build_outputs(
     // `source`). Every source but co-watch ranks catalog items only (the
     // index and the similarity cache are rebuilt when the catalog changes);
     // a co-watch neighbour outside the catalog is not proposed.
-    let mut propose = |id: u32, source: Source| -> bool {
+    // A ranking's entry brings the item's signals along (no lookup).
+    let mut propose = |id: u32, signal: Option<Signal>, source: Source| -> bool {
         if state.is_seen(id) || seeds.contains(&id) {
             return false;
         }
@@ -498,11 +552,16 @@ pub fn build_outputs(
                 let Some(movie) = ctx.catalog.get(id) else {
                     return false;
                 };
+                let (popularity, trending) = signal.unwrap_or_else(|| ctx.index.signal_of(id));
                 candidates.push(Candidate {
                     movie_id: id,
                     movie,
                     sources: 0,
-                    signals: Signals::default(),
+                    signals: Signals {
+                        popularity,
+                        trending,
+                        ..Signals::default()
+                    },
                     because_of: None,
                     co_watched_with: None,
                     reason_genre: None,
@@ -516,45 +575,53 @@ pub fn build_outputs(
     };
     // Each source proposes its best `per_source` items the user may get.
     let per_source = lists.candidates_per_source;
-    let mut take = |ranked: &mut dyn Iterator<Item = u32>, source: Source| {
+    let mut take = |ranked: &mut dyn Iterator<Item = (u32, Option<Signal>)>, source: Source| {
         if !enabled(ctx.variant, source) {
             return;
         }
         let mut taken = 0;
-        for id in ranked {
+        for (id, signal) in ranked {
             if taken == per_source {
                 break;
             }
-            if propose(id, source) {
+            if propose(id, signal, source) {
                 taken += 1;
             }
         }
     };
-    take(&mut ctx.index.popular.iter().map(|e| e.0), Source::Popular);
-    take(&mut ctx.index.trending.iter().copied(), Source::Trending);
+    let with_signal = |e: &RankedItem| (e.id, Some(e.signal));
+    take(
+        &mut ctx.index.popular.iter().map(with_signal),
+        Source::Popular,
+    );
+    take(
+        &mut ctx.index.trending.iter().map(with_signal),
+        Source::Trending,
+    );
     for g in top_genres
         .iter()
         .map(|g| g.genre)
         .chain(cold_genres.iter().copied())
     {
-        let mut genre_items = ctx
-            .index
-            .popular
-            .iter()
-            .filter(|e| e.1.contains(g))
-            .map(|e| e.0);
-        take(&mut genre_items, Source::Genre);
+        let genre_items = ctx.index.popular_by_genre.get(g as usize);
+        take(
+            &mut genre_items.into_iter().flatten().map(with_signal),
+            Source::Genre,
+        );
     }
     let seed_lists: Vec<(u32, SimilarItems)> = seeds
         .iter()
         .map(|&s| (s, cache.similar.similar(ctx.catalog, s)))
         .collect();
     for (_, similar) in &seed_lists {
-        take(&mut similar.iter().map(|(id, _)| *id), Source::Similar);
+        take(
+            &mut similar.iter().map(|(id, _)| (*id, None)),
+            Source::Similar,
+        );
     }
     let mut co_watched = co_watched(ctx, state);
     take(
-        &mut (&mut co_watched.ranked).map(|(id, _)| id),
+        &mut (&mut co_watched.ranked).map(|(id, _)| (id, None)),
         Source::CoWatched,
     );
 
@@ -578,9 +645,6 @@ pub fn build_outputs(
             c.signals.similarity = sim;
             c.because_of = Some(seed);
         }
-        let (popularity, trending) = cache.signal(ctx, c.movie_id);
-        c.signals.popularity = popularity;
-        c.signals.trending = trending;
         if let Some(s) = co_watched.by_item.get(&c.movie_id) {
             c.signals.co_watched = s.association / co_watched.max
                 * cowatch::confidence(s.support, ctx.config.co_watch.support);
@@ -1172,6 +1236,12 @@ mod tests {
                     "{} ({a}) before {} ({b})", w[0], w[1]);
             }
             prop_assert_eq!(got.len(), expected.len());
+            // The moves in place give exactly the order a rebuild gives.
+            let rebuilt = PopularOrder::build(&c, &items, hl);
+            let bits = |o: &PopularOrder| -> Vec<(u64, u32)> {
+                o.order.iter().map(|e| (e.0.to_bits(), e.1)).collect()
+            };
+            prop_assert_eq!(bits(&order), bits(&rebuilt));
         }
     }
 }
