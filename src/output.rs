@@ -289,8 +289,70 @@ fn write_carousel_item(out: &mut Vec<u8>, item: &CarouselItem) {
     out.push(b'}');
 }
 
+/// A movie's rendered catalog fields, kept for the next record that shows it.
+struct Card {
+    /// Held, so that their addresses cannot be reused while the card is
+    /// kept: pointer equality then means the very same catalog entry.
+    title: Arc<str>,
+    genres: Arc<[Arc<str>]>,
+    year: Option<u16>,
+    tmdb_id: Option<u32>,
+    bytes: Vec<u8>,
+}
+
+/// Cards kept per encoding thread; emptied when full (a catalog far larger
+/// than what is being shown).
+const CARDS_MAX: usize = 65_536;
+
+thread_local! {
+    static CARDS: std::cell::RefCell<crate::catalog::IdMap<Card>> =
+        std::cell::RefCell::new(crate::catalog::IdMap::default());
+}
+
 /// The opening brace and the catalog fields both item kinds start with.
+/// A movie's fields are the same in every record that shows it, and the
+/// catalog shares their text (`Arc`s), so they are rendered (escaped) once
+/// per catalog entry and copied afterwards.
 fn write_card(
+    out: &mut Vec<u8>,
+    movie_id: u32,
+    title: &Arc<str>,
+    genres: &Arc<[Arc<str>]>,
+    year: Option<u16>,
+    tmdb_id: Option<u32>,
+) {
+    CARDS.with(|cards| {
+        let mut cards = cards.borrow_mut();
+        if let Some(card) = cards.get(&movie_id) {
+            if Arc::ptr_eq(&card.title, title)
+                && Arc::ptr_eq(&card.genres, genres)
+                && card.year == year
+                && card.tmdb_id == tmdb_id
+            {
+                out.extend_from_slice(&card.bytes);
+                return;
+            }
+        }
+        let mut bytes = Vec::with_capacity(64 + title.len());
+        render_card(&mut bytes, movie_id, title, genres, year, tmdb_id);
+        out.extend_from_slice(&bytes);
+        if cards.len() >= CARDS_MAX {
+            cards.clear();
+        }
+        cards.insert(
+            movie_id,
+            Card {
+                title: title.clone(),
+                genres: genres.clone(),
+                year,
+                tmdb_id,
+                bytes,
+            },
+        );
+    })
+}
+
+fn render_card(
     out: &mut Vec<u8>,
     movie_id: u32,
     title: &str,
@@ -517,5 +579,37 @@ mod tests {
             );
             assert_eq!(insights, serde_json::to_vec(&o.insights).unwrap());
         }
+    }
+
+    /// A kept card is reused only for the very same catalog entry: a movie
+    /// whose title, genres, year or TMDb id changed is rendered anew.
+    #[test]
+    fn kept_cards_follow_catalog_changes() {
+        let encode = |item: &RecommendedItem| {
+            let mut out = Vec::new();
+            write_item(&mut out, item);
+            assert_eq!(out, serde_json::to_vec(item).unwrap());
+            String::from_utf8(out).unwrap()
+        };
+        let first = item(424_242, "Old \"title\"", "r", None);
+        assert!(encode(&first).contains("Old \\\"title\\\""));
+        assert_eq!(encode(&first), encode(&first.clone()));
+        let renamed = RecommendedItem {
+            title: Arc::from("New title"),
+            ..first.clone()
+        };
+        assert!(encode(&renamed).contains("New title"));
+        let regenred = RecommendedItem {
+            genres: Arc::from(vec![Arc::from("Drama")]),
+            ..renamed.clone()
+        };
+        assert!(encode(&regenred).contains("[\"Drama\"]"));
+        let dated = RecommendedItem {
+            year: Some(2001),
+            tmdb_id: None,
+            ..regenred.clone()
+        };
+        let text = encode(&dated);
+        assert!(text.contains("\"year\":2001") && !text.contains("tmdb_id"));
     }
 }
