@@ -43,7 +43,7 @@ pub struct ItemIndex {
     pub hl: HalfLives,
     /// Every catalog item with its genres, most popular first: a source takes
     /// the first items the user has not seen, so heavy users still get full
-    /// candidate lists; genre sources filter it by genre.
+    /// candidate lists.
     pub popular: Vec<RankedItem>,
     /// `popular` split by genre (each item under each of its genres, same
     /// order): a genre source reads its genre's items, not the catalog.
@@ -246,7 +246,7 @@ impl ItemIndex {
         index.signals.reserve(items.len());
         for (id, m) in items {
             if catalog.contains(*id) {
-                index.signals.insert(*id, index.signal(Some(m)));
+                index.signals.insert(*id, index.signal(m));
             }
         }
         let ranked = |id: u32, genres: GenreSet| RankedItem {
@@ -285,8 +285,7 @@ impl ItemIndex {
     /// Once per item with events and index: the long-window value serves
     /// both signals and the popularity scale's denominator is computed once
     /// per index: three transcendental calls instead of six.
-    pub fn signal(&self, m: Option<&Momentum>) -> (f64, f64) {
-        let Some(m) = m else { return (0.0, 0.0) };
+    fn signal(&self, m: &Momentum) -> Signal {
         let long = m.popularity_at(self.now, self.hl);
         let popularity = self.popularity_scale.normalize(long);
         let trending = if self.trending_max > 0.0 {
