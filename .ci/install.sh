@@ -82,3 +82,11 @@ if ! python3 -c "import confluent_kafka, jsonschema, yaml" >/dev/null 2>&1; then
     || python3 -m pip install --quiet "confluent-kafka>=2.10" jsonschema pyyaml 2>/dev/null \
     || python3 -m pip install --quiet --user --break-system-packages "confluent-kafka>=2.10" jsonschema pyyaml
 fi
+
+# benches/report.py draws the growth curves (benches/growth.png) with matplotlib.
+if ! python3 -c "import matplotlib" >/dev/null 2>&1; then
+  echo "install: python matplotlib (benchmark plots)"
+  python3 -m pip install --quiet --user "matplotlib>=3.7" 2>/dev/null \
+    || python3 -m pip install --quiet "matplotlib>=3.7" 2>/dev/null \
+    || python3 -m pip install --quiet --user --break-system-packages "matplotlib>=3.7"
+fi

@@ -2,8 +2,8 @@
 # single-node Apache Kafka broker (ops/kafka/broker.sh, KRaft) on a free port
 # with the declared topics, and cleans up on exit. Sets BIN, work (a scratch
 # directory), brokers, free_port, engine_config, cpu_seconds and
-# start_engine; BROKER is the broker's pid and ENGINE the engine's, so that
-# the cleanup stops it too.
+# start_engine; BROKER is the broker's pid, ENGINE the last started engine's
+# and ENGINES every started engine's, so that the cleanup stops them too.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash .ci/install.sh >/dev/null
@@ -22,13 +22,16 @@ kport=$(free_port)
 KAFKA_CONTROLLER_PORT=$(free_port) ops/kafka/broker.sh start "$work/kafka" "$kport" >/dev/null
 BROKER=$(cat "$work/kafka/broker.pid")
 ENGINE=""
-# The engine stops first, while the broker still answers its last commit and
-# its group leave (at most 30 s, then it is killed); then the broker.
+ENGINES=""
+# The engines stop first, while the broker still answers their last commits
+# and group leaves (at most 30 s, then they are killed); then the broker.
 cleanup() {
-  if [ -n "$ENGINE" ] && kill "$ENGINE" 2>/dev/null; then
-    for _ in $(seq 300); do kill -0 "$ENGINE" 2>/dev/null || break; sleep 0.1; done
-    kill -9 "$ENGINE" 2>/dev/null || true
-  fi
+  local e
+  for e in $ENGINES; do kill "$e" 2>/dev/null || true; done
+  for e in $ENGINES; do
+    for _ in $(seq 300); do kill -0 "$e" 2>/dev/null || break; sleep 0.1; done
+    kill -9 "$e" 2>/dev/null || true
+  done
   ops/kafka/broker.sh stop "$work/kafka"
   wait 2>/dev/null
   rm -rf "$work"
@@ -39,11 +42,13 @@ brokers="127.0.0.1:$kport"
 
 # Starts the engine on the catalog $CATALOG with state in $1 and HTTP on port
 # $2 (and the config file $ENGINE_CONFIG if set), and waits until GET $3
-# answers (/metrics: up; /readyz: partitions assigned).
+# answers (/metrics: up; /readyz: partitions assigned). Engines started
+# one after another join one consumer group.
 start_engine() {
   "$BIN" run --brokers "$brokers" --catalog "$CATALOG" --state-dir "$1" \
     --http-listen "127.0.0.1:$2" ${ENGINE_CONFIG:+--config "$ENGINE_CONFIG"} >>"$work/engine.log" 2>&1 &
   ENGINE=$!
+  ENGINES="$ENGINES $ENGINE"
   for _ in $(seq 600); do
     curl -sf "http://127.0.0.1:$2$3" >/dev/null 2>&1 && return
     sleep 0.1

@@ -77,6 +77,7 @@ kill "$ENGINE"; wait "$ENGINE" 2>/dev/null || true; ENGINE=""
 $PEER --brokers "$brokers" --catalog "$CATALOG" --input peer.interactions --state-dir "$work/peer-state" \
   --guarantee "$peer_guarantee" --top-n "$top_n" ${PEER_ARGS:-} >>"$work/peer.log" 2>&1 &
 ENGINE=$!   # the cleanup stops it
+ENGINES="$ENGINES $ENGINE"
 for _ in $(seq 600); do
   grep -q -- '-> RUNNING' "$work/peer.log" 2>/dev/null && break
   sleep 0.1

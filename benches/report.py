@@ -4,8 +4,10 @@ writes the machine, the method, the commands and the results, with each
 target (issues 5 and 20) next to its figure. Runs against a local Apache
 Kafka broker (ops/kafka/broker.sh), both guarantee modes side by side.
 
-Usage: benches/report.py            (about 15 minutes on 2 cores)
+Usage: benches/report.py            (about 40 minutes on 2 cores)
        QUICK=1 benches/report.py    (small runs: checks the script, not the figures)
+       benches/report.py growth     (only the growth curves: prints the tables, writes benches/growth.png)
+       benches/report.py scaleout   (only the 1/2/3-instance runs: prints the table)
 Env: DATA (default ../shared/data/movielens; the real-session runs are skipped
 without it), OUT (default benches/RESULTS.md).
 """
@@ -162,6 +164,85 @@ def markdown_rows(text):
     return [line for line in text.splitlines() if line.startswith("|")]
 
 
+def markdown_tables(text):
+    """Every markdown table in `text`, as lists of rows (header first)."""
+    tables, current = [], []
+    for line in text.splitlines():
+        if line.startswith("|"):
+            current.append(line)
+        elif current:
+            tables.append(current)
+            current = []
+    if current:
+        tables.append(current)
+    return tables
+
+
+def growth_curves():
+    """cargo bench --bench state_growth: the users table and the catalogue
+    table (markdown rows each), and benches/growth.png drawn from them."""
+    text = run({"USERS": "10000,100000" if QUICK else "10000,30000,100000,300000,1000000",
+                "ITEMS": "10000,30000" if QUICK else "10000,30000,100000"},
+               "cargo bench --quiet --bench state_growth")
+    users, items = markdown_tables(text)
+    plot_growth(users, items, ROOT / "benches/growth.png")
+    return users, items
+
+
+def plot_growth(users, items, path):
+    """Engine time per event against users and against catalogue size, and
+    RocksDB bytes per user, on log axes: what a user sizes a deployment by."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    u = [cells(r) for r in users[2:]]
+    i = [cells(r) for r in items[2:]]
+    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(13, 4), dpi=100)
+    n_users = [int(r[0]) for r in u]
+    left.plot(n_users, [1e6 / float(r[2]) for r in u], "o-")
+    left.set(xscale="log", xlabel="users with state", ylabel="engine µs per event",
+             title="Cost with users (10k items)", ylim=(0, None))
+    middle.plot([int(r[0]) for r in i], [float(r[4]) for r in i], "o-", color="C1")
+    middle.set(xscale="log", xlabel="catalogue items", ylabel="engine µs per event",
+               title="Cost with catalogue size (10k users)", ylim=(0, None))
+    right.plot(n_users, [float(r[3]) for r in u], "o-", color="C2", label="RocksDB SST (compressed)")
+    right.plot(n_users, [float(r[4]) for r in u], "s--", color="C3", label="encoded state")
+    right.set(xscale="log", xlabel="users with state", ylabel="bytes per user",
+              title="State per user", ylim=(0, None))
+    right.legend()
+    for ax in (left, middle, right):
+        ax.grid(True, which="both", alpha=0.3)
+    fig.suptitle("recstream engine stage (apply, recompute, commit; one thread), "
+                 "`cargo bench --bench state_growth`", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def scaleout_runs():
+    """benches/scaleout.sh with 1, 2 and 3 instances: one summary each."""
+    results = []
+    for k in [1, 2, 3]:
+        settings = {"INSTANCES": k, "EVENTS": 20000 if QUICK else 100000}
+        (summary,) = [j for j in json_lines(run(settings, "benches/scaleout.sh"))
+                      if j.get("phase") == "scaleout"]
+        results.append((settings, summary))
+    return results
+
+
+def scaleout_table(results):
+    rows = ["| instances | throughput, events/s | engine CPU (all instances) | events per engine CPU-second | "
+            "broker CPU | freshness p50 / p99 at 1,000/s | peak RSS, all instances | share of events per instance |",
+            "|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for _, r in results:
+        rows.append(
+            f"| {r['instances']} | {r['throughput']:,} | {r['engine_cpu_s']:.1f} s | {r['per_engine_cpu_second']:,} | "
+            f"{r['broker_cpu_s']:.1f} s | {r['p50_ms']:.0f} / {r['p99_ms']:.0f} ms | {r['peak_rss_mb_total']:,} MB | "
+            f"{' / '.join(f'{x:.0%}' for x in r['event_share'])} |")
+    return rows
+
+
 def cells(row):
     return [c.strip().strip("*") for c in row.strip("|").split("|")]
 
@@ -223,10 +304,7 @@ def main():
     scoring = markdown_rows(
         run({"SECONDS_PER_POINT": "0.5" if QUICK else "2"}, "benches/scoring.sh")
     )
-    growth = markdown_rows(
-        run({"USERS": "10000,100000" if QUICK else "10000,100000,1000000"},
-            "cargo bench --quiet --bench state_growth")
-    )
+    growth, item_growth = growth_curves()
 
     eos = {"GUARANTEE": "exactly_once"}
     synthetic = pipeline({"EVENTS": n, "LATENCY_EVENTS": 5000, "RATE": 1000})
@@ -273,6 +351,7 @@ def main():
     ]
     if real:
         peer_runs.append(("ML-100K ratings", side_by_side({**ml100k, "EVENTS": n, "RATES": peer_rates})))
+    scaleout = scaleout_runs()
 
     # Targets.
     scoring_500 = [cells(r) for r in scoring[2:] if cells(r)[1] == "500"]
@@ -513,13 +592,37 @@ def main():
     for name, ns in stages.items():
         w(f"| `{name}` | {duration(ns)} |")
     w("")
-    w("## State size and growth with the number of users\n")
-    w("`cargo bench --bench state_growth`:\n")
+    w("## Scale-out on one machine\n")
+    w("`benches/scaleout.sh`: 1, 2 and 3 engine instances in one consumer group on the same "
+      "broker and the same 2 cores (synthetic users; fresh broker and state per row). The "
+      "broker, every instance and the load generator share the cores, so the rows say what "
+      "more instances cost on one host, not what more hosts give.\n")
+    out.extend(scaleout_table(scaleout))
+    w("")
+    w("```sh")
+    for settings, _ in scaleout:
+        w(command_of(settings, "benches/scaleout.sh"))
+    w("```\n")
+    w("## Growth with users and with the catalogue\n")
+    w("`cargo bench --bench state_growth` (the engine stage alone, one thread; the output "
+      "encoding and the broker add a cost per recompute that depends on neither axis):\n")
+    w("![growth curves](growth.png)\n")
     out.extend(growth)
+    w("")
+    out.extend(item_growth)
     w("")
     OUT.write_text("\n".join(out))
     print(f"wrote {OUT} (log: {LOG})", file=sys.stderr)
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:] == ["growth"]:
+        for table in growth_curves():
+            print("\n".join(table) + "\n")
+        print(f"wrote {ROOT / 'benches/growth.png'}", file=sys.stderr)
+    elif sys.argv[1:] == ["scaleout"]:
+        print("\n".join(scaleout_table(scaleout_runs())))
+    elif sys.argv[1:]:
+        sys.exit("usage: benches/report.py [growth | scaleout]")
+    else:
+        main()
