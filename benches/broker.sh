@@ -24,14 +24,18 @@ BROKER=$(cat "$work/kafka/broker.pid")
 ENGINE=""
 ENGINES=""
 # The engines stop first, while the broker still answers their last commits
-# and group leaves (at most 30 s, then they are killed); then the broker.
+# and group leaves (at most 30 s for all of them, then they are killed); then
+# the broker. A script that stops an engine itself also clears ENGINES.
 cleanup() {
   local e
   for e in $ENGINES; do kill "$e" 2>/dev/null || true; done
-  for e in $ENGINES; do
-    for _ in $(seq 300); do kill -0 "$e" 2>/dev/null || break; sleep 0.1; done
-    kill -9 "$e" 2>/dev/null || true
+    for _ in $(seq 300); do
+    local alive=""
+    for e in $ENGINES; do kill -0 "$e" 2>/dev/null && alive=yes; done
+    [ -n "$alive" ] || break
+    sleep 0.1
   done
+  for e in $ENGINES; do kill -9 "$e" 2>/dev/null || true; done
   ops/kafka/broker.sh stop "$work/kafka"
   wait 2>/dev/null
   rm -rf "$work"

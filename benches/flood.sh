@@ -55,6 +55,7 @@ EOF
 echo "# rocksdb live bytes: $live; users recomputed: $users_state"
 kill -TERM "$ENGINE"; wait "$ENGINE" || true
 ENGINE=""
+ENGINES=""
 
 # Restore: a fresh instance in the same group takes every partition over.
 hport=$(free_port)

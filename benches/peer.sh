@@ -71,7 +71,7 @@ measure() {
 hport=$(free_port)
 start_engine "$work/state" "$hport" /readyz
 measure engine "$ENGINE" "$ENGINE_CONFIG" "$work/state"
-kill "$ENGINE"; wait "$ENGINE" 2>/dev/null || true; ENGINE=""
+kill "$ENGINE"; wait "$ENGINE" 2>/dev/null || true; ENGINE=""; ENGINES=""
 
 # shellcheck disable=SC2086
 $PEER --brokers "$brokers" --catalog "$CATALOG" --input peer.interactions --state-dir "$work/peer-state" \

@@ -10,8 +10,8 @@
 #      list as an app's consumer sees it.
 # The broker, the instances and the load generator share this host's cores,
 # so the figures say what more instances cost here, not what more hosts give.
-# Prints the load generator's JSON lines, one summary JSON line and each
-# instance's share of the events.
+# Prints the load generator's JSON lines and one summary JSON line (with
+# each instance's share of the events).
 # Usage: INSTANCES=3 benches/scaleout.sh   (env: INSTANCES=1, EVENTS=100000,
 #   USERS=10000, WARMUP_EVENTS=20000, RATE=1000, SECONDS_AT_RATE=5, CATALOG,
 #   GUARANTEE, ENGINE_TOML as in pipeline.sh)
@@ -28,8 +28,10 @@ if [ ! -f "$CATALOG" ]; then
   echo "catalog $CATALOG not found (set CATALOG=...)" >&2
   exit 1
 fi
-# The engine consumes the interactions and the refresh topics.
+# The engine consumes the interactions and the refresh topics (the gauge
+# counts both); users are spread over the interactions topic's partitions.
 partitions=$(awk -F' *= *' '$1 == "partitions" { p += $2 } END { print p }' topics/interactions.toml topics/refresh.toml)
+user_partitions=$(awk -F' *= *' '$1 == "partitions" { print $2 }' topics/interactions.toml)
 
 engine_config
 ports=()
@@ -40,10 +42,10 @@ for i in $(seq "$INSTANCES"); do
 done
 
 metric() { # metric PORT NAME: the sum of the samples of NAME on instance PORT
-  curl -sf "http://127.0.0.1:$1/metrics" | awk -v n="$2" '$1 == n || index($1, n "{") == 1 { s += $2 } END { print s + 0 }'
+    { curl -sf --max-time 5 "http://127.0.0.1:$1/metrics" || true; } | awk -v n="$2" '$1 == n || index($1, n "{") == 1 { s += $2 } END { print s + 0 }'
 }
 # The group has settled when the instances own every partition between them
-# and none is idle (with more instances than partitions some would be).
+# and none is idle (with more instances than user partitions some are).
 settled=""
 for _ in $(seq 600); do
   total=0; idle=0
@@ -52,7 +54,7 @@ for _ in $(seq 600); do
     total=$((total + owned))
     [ "$owned" -gt 0 ] || idle=$((idle + 1))
   done
-  if [ "$total" -eq "$partitions" ] && { [ "$idle" -eq 0 ] || [ "$INSTANCES" -gt "$partitions" ]; }; then
+  if [ "$total" -eq "$partitions" ] && { [ "$idle" -eq 0 ] || [ "$INSTANCES" -gt "$user_partitions" ]; }; then
     settled=yes
     break
   fi
