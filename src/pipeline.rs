@@ -259,29 +259,48 @@ fn base_config(config: &Config, defaults: &[(&str, &str)]) -> ClientConfig {
     c
 }
 
+/// Producer settings: these defaults, then `kafka.client` (an operator may
+/// trade CPU for bytes with `compression.type`, or latency for batching with
+/// `linger.ms`); each producer then sets what its guarantees rest on.
+fn producer_config(config: &Config, linger_ms: &str) -> ClientConfig {
+    base_config(
+        config,
+        &[
+            ("linger.ms", linger_ms),
+            ("compression.type", "lz4"),
+            ("queue.buffering.max.messages", "200000"),
+        ],
+    )
+}
+
 /// The changelog's producer: one request in flight per connection, so a
 /// retried request can never land after a later one (a partition's batches
 /// must stay in order; the broker need not support idempotence). Markers are
-/// sent only after their batch's data records are acknowledged.
+/// sent only after their batch's data records are acknowledged, so lingering
+/// would only delay them.
 fn changelog_producer(config: &Config) -> Result<FutureProducer, KafkaError> {
-    client_config(config)
+    changelog_settings(config).create()
+}
+
+fn changelog_settings(config: &Config) -> ClientConfig {
+    let mut settings = producer_config(config, "0");
+    settings
         .set("acks", "all")
-        .set("linger.ms", "0")
-        .set("compression.type", "lz4")
         .set("max.in.flight.requests.per.connection", "1")
-        .set("message.timeout.ms", "60000")
-        .set("queue.buffering.max.messages", "200000")
-        .create()
+        .set("message.timeout.ms", "60000");
+    settings
 }
 
 pub fn producer(config: &Config) -> Result<FutureProducer, KafkaError> {
-    client_config(config)
+    output_settings(config).create()
+}
+
+fn output_settings(config: &Config) -> ClientConfig {
+    let mut settings = producer_config(config, "2");
+    settings
         .set("acks", "all")
-        .set("linger.ms", "2")
-        .set("compression.type", "lz4")
-        .set("message.timeout.ms", "60000")
-        .set("queue.buffering.max.messages", "200000")
-        .create()
+        .set("message.timeout.ms", "60000");
+    settings
 }
 
 /// exactly_once: the producer of every batch's transaction. Its
@@ -293,16 +312,13 @@ async fn transactional_producer(
     writer_id: u64,
 ) -> Result<(FutureProducer, String), PipelineError> {
     let id = format!("{}-{writer_id:016x}", config.kafka.group_id);
-    let producer: FutureProducer = client_config(config)
+    let producer: FutureProducer = producer_config(config, "2")
         .set("transactional.id", &id)
-        .set("linger.ms", "2")
-        .set("compression.type", "lz4")
         // librdkafka bounds message.timeout.ms by this (and defaults it to it).
         .set(
             "transaction.timeout.ms",
             config.processing.transaction_timeout_ms.to_string(),
         )
-        .set("queue.buffering.max.messages", "200000")
         .create()?;
     let init = producer.clone();
     tokio::task::spawn_blocking(move || init.init_transactions(TRANSACTION_CALL_TIMEOUT))
@@ -2168,6 +2184,37 @@ mod tests {
         assert_eq!(r.key.as_deref(), Some(&b"u1"[..]));
         let r = decode(source(), Some(b"*"), b"{}", true, 1024);
         assert!(matches!(r.body, Body::Invalid(ref rej) if rej.reason == "schema_violation"));
+    }
+
+    #[test]
+    fn operators_tune_producers_but_not_their_guarantees() {
+        let mut config = Config::default();
+        config.kafka.brokers = "localhost:9092".into();
+        for (k, v) in [
+            ("compression.type", "zstd"),
+            ("linger.ms", "20"),
+            ("acks", "1"),
+            ("max.in.flight.requests.per.connection", "5"),
+        ] {
+            config.kafka.client.insert(k.into(), v.into());
+        }
+        for settings in [output_settings(&config), changelog_settings(&config)] {
+            assert_eq!(settings.get("compression.type"), Some("zstd"));
+            assert_eq!(settings.get("linger.ms"), Some("20"));
+            assert_eq!(settings.get("acks"), Some("all"));
+        }
+        let changelog = changelog_settings(&config);
+        assert_eq!(
+            changelog.get("max.in.flight.requests.per.connection"),
+            Some("1")
+        );
+        let defaults = output_settings(&Config::default());
+        assert_eq!(defaults.get("compression.type"), Some("lz4"));
+        assert_eq!(defaults.get("linger.ms"), Some("2"));
+        assert_eq!(
+            changelog_settings(&Config::default()).get("linger.ms"),
+            Some("0")
+        );
     }
 
     #[test]

@@ -435,8 +435,8 @@ fn group_by_genres(catalog: &Catalog) -> Vec<GenreGroup> {
     groups
 }
 
-/// A group's movies with a year, nearest to `year` first (ties: earlier
-/// year, then lower id), each with its distance in years.
+/// A group's movies with a year, nearest to `year` first (at equal distance
+/// the earlier year first), each with its distance in years.
 fn nearest_years(by_year: &[(u16, u32)], year: u16) -> impl Iterator<Item = (u16, u32)> + '_ {
     let split = by_year.partition_point(|&(y, _)| y < year);
     let mut below = by_year[..split].iter().rev().peekable();
@@ -500,6 +500,7 @@ fn most_similar(catalog: &Catalog, groups: &[GenreGroup], seed: &Movie) -> Vec<(
                 }
             }
             // Without the seed's year every year term is 0: no order helps.
+            None if search.beyond_reach(similarity_bound(j, 0.0, tagged) as f32) => {}
             None => group
                 .by_year
                 .iter()
