@@ -60,6 +60,16 @@ start_engine() {
   echo "engine not answering $3 after 60 s (log: $work/engine.log)" >&2; exit 1
 }
 
+# Sets CATALOG (the movies the engine and the load generator read; by default
+# ml-latest-small's from ../shared/data) and stops if the file is missing.
+require_catalog() {
+  CATALOG=${CATALOG:-../shared/data/movielens/ml-latest-small/movies.csv}
+  if [ ! -f "$CATALOG" ]; then
+    echo "catalog $CATALOG not found (set CATALOG=...)" >&2
+    exit 1
+  fi
+}
+
 # Writes the engine's bench config to $ENGINE_CONFIG: the processing
 # guarantee ($GUARANTEE: at_least_once, the default, or exactly_once), the
 # consumers' fetch.wait.max.ms ($FETCH_WAIT_MS, unset by default: Kafka

@@ -15,11 +15,7 @@ EVENTS=${EVENTS:-100000}
 USERS=${USERS:-10000}
 WARMUP_EVENTS=${WARMUP_EVENTS:-20000}
 SIZE_SAMPLE=${SIZE_SAMPLE:-2000}
-CATALOG=${CATALOG:-../shared/data/movielens/ml-latest-small/movies.csv}
-if [ ! -f "$CATALOG" ]; then
-  echo "catalog $CATALOG not found (set CATALOG=...)" >&2
-  exit 1
-fi
+require_catalog
 
 engine_config
 if [ "${NCF:-0}" = 1 ]; then

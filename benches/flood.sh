@@ -13,11 +13,7 @@ source "$(dirname "$0")/broker.sh"
 
 EVENTS=${EVENTS:-1000000}
 USERS=${USERS:-100000}
-CATALOG=${CATALOG:-../shared/data/movielens/ml-latest-small/movies.csv}
-if [ ! -f "$CATALOG" ]; then
-  echo "catalog $CATALOG not found (set CATALOG=...)" >&2
-  exit 1
-fi
+require_catalog
 
 
 metric() { # sum of a metric's samples (optionally filtered by a label regex)

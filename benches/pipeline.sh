@@ -23,12 +23,8 @@ EVENTS=${EVENTS:-200000}
 USERS=${USERS:-10000}
 RATE=${RATE:-1000}
 LATENCY_EVENTS=${LATENCY_EVENTS:-20000}
-CATALOG=${CATALOG:-../shared/data/movielens/ml-latest-small/movies.csv}
 NCF=${NCF:-0}
-if [ ! -f "$CATALOG" ]; then
-  echo "catalog $CATALOG not found (set CATALOG=...)" >&2
-  exit 1
-fi
+require_catalog
 
 engine_config
 if [ "$NCF" = 1 ]; then

@@ -23,11 +23,7 @@ USERS=${USERS:-10000}
 WARMUP_EVENTS=${WARMUP_EVENTS:-20000}
 RATE=${RATE:-1000}
 SECONDS_AT_RATE=${SECONDS_AT_RATE:-5}
-CATALOG=${CATALOG:-../shared/data/movielens/ml-latest-small/movies.csv}
-if [ ! -f "$CATALOG" ]; then
-  echo "catalog $CATALOG not found (set CATALOG=...)" >&2
-  exit 1
-fi
+require_catalog
 # The engine consumes the interactions and the refresh topics (the gauge
 # counts both); users are spread over the interactions topic's partitions.
 partitions=$(awk -F' *= *' '$1 == "partitions" { p += $2 } END { print p }' topics/interactions.toml topics/refresh.toml)

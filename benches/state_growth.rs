@@ -45,29 +45,27 @@ fn main() {
     } else {
         "10000,30000,100000,300000,1000000"
     };
-    let user_counts: Vec<usize> = std::env::var("USERS")
-        .unwrap_or_else(|_| default_users.into())
-        .split(',')
-        .map(|n| {
-            n.trim()
-                .parse()
-                .expect("USERS: comma-separated user counts")
-        })
-        .collect();
+    let user_counts: Vec<usize> = counts("USERS", default_users);
     let workload_events = if smoke { 1_000 } else { WORKLOAD_EVENTS };
     users_axis(smoke, &user_counts, workload_events);
     let default_items = if smoke { "2000" } else { "10000,30000,100000" };
-    let item_counts: Vec<u32> = std::env::var("ITEMS")
-        .unwrap_or_else(|_| default_items.into())
+    let item_counts: Vec<u32> = counts("ITEMS", default_items);
+    println!();
+    items_axis(smoke, &item_counts, workload_events);
+}
+
+/// The comma-separated numbers in the environment variable `name`, or in
+/// `default` when it is not set.
+fn counts<T: std::str::FromStr>(name: &str, default: &str) -> Vec<T> {
+    std::env::var(name)
+        .unwrap_or_else(|_| default.into())
         .split(',')
         .map(|n| {
             n.trim()
                 .parse()
-                .expect("ITEMS: comma-separated catalogue sizes")
+                .unwrap_or_else(|_| panic!("{name}: comma-separated numbers, got {n:?}"))
         })
-        .collect();
-    println!();
-    items_axis(smoke, &item_counts, workload_events);
+        .collect()
 }
 
 /// The users table: cost and state size per user count.
