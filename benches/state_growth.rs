@@ -151,17 +151,10 @@ fn items_axis(smoke: bool, item_counts: &[u32], workload_events: usize) {
     println!("|---:|---:|---:|---:|---:|---:|");
     for &m in item_counts {
         let dir = tempfile::tempdir().unwrap();
+        let mut engine = warm_engine(dir.path(), warm_events, users, m);
+        // The same deterministic stream, continued past the warm-up.
         let stream = events(warm_events + workload_events, users, m);
         let (warm, workload) = stream.split_at(warm_events);
-        let mut engine = Engine::new(
-            EngineConfig::default(),
-            Store::open(dir.path(), 64).unwrap(),
-            catalog(m),
-        )
-        .unwrap();
-        for chunk in warm.chunks(1000) {
-            engine.process(records(chunk)).unwrap();
-        }
         let with_events = warm
             .iter()
             .map(|e| e.movie_id)

@@ -283,11 +283,8 @@ fn changelog_producer(config: &Config) -> Result<FutureProducer, KafkaError> {
 }
 
 fn changelog_settings(config: &Config) -> ClientConfig {
-    let mut settings = producer_config(config, "0");
-    settings
-        .set("acks", "all")
-        .set("max.in.flight.requests.per.connection", "1")
-        .set("message.timeout.ms", "60000");
+    let mut settings = acknowledged_settings(config, "0");
+    settings.set("max.in.flight.requests.per.connection", "1");
     settings
 }
 
@@ -296,7 +293,13 @@ pub fn producer(config: &Config) -> Result<FutureProducer, KafkaError> {
 }
 
 fn output_settings(config: &Config) -> ClientConfig {
-    let mut settings = producer_config(config, "2");
+    acknowledged_settings(config, "2")
+}
+
+/// A non-transactional producer whose every record must reach all in-sync
+/// replicas, or fail within a minute.
+fn acknowledged_settings(config: &Config, linger_ms: &str) -> ClientConfig {
+    let mut settings = producer_config(config, linger_ms);
     settings
         .set("acks", "all")
         .set("message.timeout.ms", "60000");

@@ -478,10 +478,12 @@ fn most_similar(catalog: &Catalog, groups: &[GenreGroup], seed: &Movie) -> Vec<(
         best: Vec::with_capacity(2 * k),
         last_place: None,
     };
-    'groups: for (bound, j, group) in order {
+    for (bound, j, group) in order {
         if search.beyond_reach(bound) {
             break;
         }
+        // The most a movie of this group without a (shared) year can reach.
+        let floor = similarity_bound(j, 0.0, tagged) as f32;
         let shares_genre = group.genres.0 & seed.genres.0 != 0;
         let visit = |search: &mut TopSimilar, id: u32| {
             let Some(m) = catalog.get(id) else { return };
@@ -500,18 +502,19 @@ fn most_similar(catalog: &Catalog, groups: &[GenreGroup], seed: &Movie) -> Vec<(
                 }
             }
             // Without the seed's year every year term is 0: no order helps.
-            None if search.beyond_reach(similarity_bound(j, 0.0, tagged) as f32) => {}
+            None if search.beyond_reach(floor) => {}
             None => group
                 .by_year
                 .iter()
                 .for_each(|&(_, id)| visit(&mut search, id)),
         }
-        if search.beyond_reach(similarity_bound(j, 0.0, tagged) as f32) {
-            continue 'groups;
+        if !search.beyond_reach(floor) {
+            for &id in &group.without_year {
+                visit(&mut search, id);
+            }
         }
-        for &id in &group.without_year {
-            visit(&mut search, id);
-        }
+        // Know the last place before the next group's bound is tested.
+        search.cut();
     }
     search.best.sort_unstable_by(by_similarity);
     search.best.truncate(k);
@@ -519,7 +522,7 @@ fn most_similar(catalog: &Catalog, groups: &[GenreGroup], seed: &Movie) -> Vec<(
 }
 
 /// The best [`SIMILAR_PER_SEED`] offers so far, kept loosely: between 0 and
-/// 2k entries, cut back to the best k whenever full.
+/// 2k entries, cut back to the best k whenever full and after each group.
 struct TopSimilar {
     best: Vec<(u32, f32)>,
     /// The k-th best similarity at the last cut: no later offer below it
@@ -534,7 +537,14 @@ impl TopSimilar {
         }
         self.best.push((id, similarity));
         if self.best.len() == 2 * SIMILAR_PER_SEED {
-            let k = SIMILAR_PER_SEED;
+            self.cut();
+        }
+    }
+
+    /// Keeps the best k offers and remembers the k-th (once there are k).
+    fn cut(&mut self) {
+        let k = SIMILAR_PER_SEED;
+        if self.best.len() >= k {
             self.best.select_nth_unstable_by(k - 1, by_similarity);
             self.best.truncate(k);
             self.last_place = Some(self.best[k - 1].1);
