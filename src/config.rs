@@ -45,6 +45,30 @@ pub struct Config {
     pub engine: EngineConfig,
     pub model: ModelConfig,
     pub experiment: ExperimentConfig,
+    pub global_items: GlobalItemsConfig,
+}
+
+/// `[global_items]`: every instance follows the item side (popularity,
+/// trending, genre counters, co-watch lists) of the partitions other
+/// instances hold, from the changelog topic, so scaling out does not split
+/// what the crowd teaches (see `global`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GlobalItemsConfig {
+    pub enabled: bool,
+    /// How often followed changes are folded into the item tables the
+    /// candidates read: the view lags the other instances by about this
+    /// plus the changelog's own delay (`recstream_global_items_lag_seconds`).
+    pub flush_interval_ms: u64,
+}
+
+impl Default for GlobalItemsConfig {
+    fn default() -> Self {
+        GlobalItemsConfig {
+            enabled: true,
+            flush_interval_ms: 1000,
+        }
+    }
 }
 
 /// A/B variants (see `experiment`): the file is re-read while the engine
@@ -516,6 +540,12 @@ impl Config {
             return Err(invalid(
                 "experiment.reload_interval_ms",
                 "must be in 100..=3600000",
+            ));
+        }
+        if !(10..=600_000).contains(&self.global_items.flush_interval_ms) {
+            return Err(invalid(
+                "global_items.flush_interval_ms",
+                "must be in 10..=600000",
             ));
         }
         if let Some(file) = &self.experiment.file {

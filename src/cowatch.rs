@@ -12,7 +12,7 @@
 //! counters) and summed over the partitions an instance holds.
 
 use std::cell::OnceCell;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use serde::{Deserialize, Serialize};
 
@@ -119,7 +119,9 @@ impl Neighbors {
 /// the next read merges it again.
 #[derive(Debug)]
 pub struct CoWatchLists {
-    parts: HashMap<u32, IdMap<Neighbors>>,
+    /// In partition order: sums merge the same lists in the same order on
+    /// every instance.
+    parts: BTreeMap<u32, IdMap<Neighbors>>,
     /// One cell per item with a list in some partition; empty until read.
     sums: IdMap<OnceCell<Neighbors>>,
     cap: usize,
@@ -132,7 +134,7 @@ impl CoWatchLists {
     /// Lists of at most `cap` neighbours each, per partition.
     pub fn new(parts: HashMap<u32, IdMap<Neighbors>>, cap: usize) -> CoWatchLists {
         let mut lists = CoWatchLists {
-            parts,
+            parts: parts.into_iter().collect(),
             sums: IdMap::default(),
             cap,
             changed: BTreeSet::new(),
@@ -171,6 +173,27 @@ impl CoWatchLists {
     /// Whether no partition held has a list.
     pub fn is_empty(&self) -> bool {
         self.sums.is_empty()
+    }
+
+    /// Replaces (or with `None`, drops) one partition's list of `item`, as
+    /// followed from the instance that holds the partition.
+    pub fn set(&mut self, partition: u32, item: u32, list: Option<Neighbors>) {
+        let part = self.parts.entry(partition).or_default();
+        match list {
+            Some(list) => {
+                part.insert(item, list);
+            }
+            None => {
+                part.remove(&item);
+            }
+        }
+        // A sum cell stays for an item no partition lists any more: it reads empty.
+        self.sums.insert(item, OnceCell::new());
+    }
+
+    /// The partitions with lists.
+    pub fn partitions(&self) -> impl Iterator<Item = u32> + '_ {
+        self.parts.keys().copied()
     }
 
     /// Replaces (or with `None`, drops) one partition's lists.

@@ -15,13 +15,14 @@ use crate::decay::Momentum;
 use crate::event::{Interaction, RefreshCommand};
 use crate::experiment::Variants;
 use crate::feedback::Feedback;
+use crate::global::ItemBatch;
 use crate::metrics;
 use crate::output::UserOutputs;
 use crate::recommend::{
     self, Context, ItemIndex, PopularOrder, RecomputeCache, ScoreError, Scorer,
 };
 use crate::state::{Applied, UserState};
-use crate::store::{Changes, PartitionMeta, Store, StoreError};
+use crate::store::{Changes, Followed, PartitionMeta, Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -111,9 +112,11 @@ pub struct Engine {
     store: Arc<Store>,
     catalog: Catalog,
     /// Item and genre counters per input partition: they move with their
-    /// partition when it changes owner.
-    item_parts: HashMap<u32, IdMap<Momentum>>,
-    genre_parts: HashMap<u32, HashMap<String, Momentum>>,
+    /// partition when it changes owner. Besides the partitions held, the
+    /// ones followed from other instances (global item tables). Summed in
+    /// partition order, so every instance's sums agree to the bit.
+    item_parts: BTreeMap<u32, IdMap<Momentum>>,
+    genre_parts: BTreeMap<u32, HashMap<String, Momentum>>,
     /// Co-watch neighbours per partition, like the item counters, and
     /// their sums.
     cowatch: CoWatchLists,
@@ -147,6 +150,11 @@ pub struct Engine {
     /// outputs may never have reached the broker. Exactly-once does not (every
     /// committed batch's outputs are committed with it) and must not repeat a version.
     republish_unchanged: bool,
+    /// Items and genres whose sums moved since they were last folded from
+    /// the partitions (batches add to the sums incrementally, followed
+    /// values replace parts): [`Engine::settle_item_tables`] folds them again.
+    stale_items: BTreeSet<u32>,
+    stale_genres: bool,
 }
 
 /// Users whose last published lists the feedback metrics remember.
@@ -166,8 +174,8 @@ impl Engine {
             catalog.adopt_genre_vocabulary(&vocabulary)?;
         }
         store.set_genre_vocabulary(&catalog.genre_vocabulary())?;
-        let item_parts = store.items()?;
-        let genre_parts = store.genres()?;
+        let item_parts = store.items()?.into_iter().collect();
+        let genre_parts = store.genres()?.into_iter().collect();
         let cowatch = CoWatchLists::new(store.cowatch()?, config.co_watch.neighbors);
         metrics::catalog_size(catalog.len());
         let variants = Arc::new(Variants::single(config.blend.clone(), None));
@@ -192,6 +200,8 @@ impl Engine {
             index_cache: None,
             outputs: true,
             republish_unchanged: true,
+            stale_items: BTreeSet::new(),
+            stale_genres: false,
         };
         engine.sum_partitions();
         Ok(engine)
@@ -200,6 +210,8 @@ impl Engine {
     /// Recomputes the counters candidates see from the per-partition ones.
     fn sum_partitions(&mut self) {
         self.index_cache = None;
+        self.stale_items.clear();
+        self.stale_genres = false;
         let hl = self.config.decay.item_half_lives();
         self.items.clear();
         for part in self.item_parts.values() {
@@ -285,6 +297,129 @@ impl Engine {
         self.store.drop_partition(partition, input_topics)?;
         self.forget_in_memory(partition);
         Ok(())
+    }
+
+    /// Gives up a partition this instance lost but keeps following its item
+    /// side (global item tables): its users, outbox and offsets go; its
+    /// counters and co-watch lists stay, as of this instance's last commit,
+    /// and the follower updates them from the new owner's changelog.
+    pub fn release_partition(
+        &mut self,
+        partition: u32,
+        input_topics: &[&str],
+    ) -> Result<(), EngineError> {
+        self.store.drop_user_side(partition, input_topics)?;
+        self.applied.retain(|(_, p), _| *p as u32 != partition);
+        Ok(())
+    }
+
+    /// Partitions whose item side (counters or co-watch lists) this
+    /// instance keeps, held or followed.
+    pub fn item_side_partitions(&self) -> BTreeSet<u32> {
+        self.item_parts
+            .keys()
+            .chain(self.genre_parts.keys())
+            .copied()
+            .chain(self.cowatch.partitions())
+            .collect()
+    }
+
+    /// Applies the item side of other instances' complete changelog batches
+    /// (global item tables) and stores where to resume following. Batches of
+    /// partitions this instance holds are skipped: its own state is as new.
+    /// The sums candidates read change at the next [`Engine::settle_item_tables`].
+    /// Returns how many batches were applied.
+    pub fn apply_followed(&mut self, batches: &[ItemBatch]) -> Result<usize, EngineError> {
+        let mut followed = Followed::default();
+        let mut applied = 0;
+        for batch in batches {
+            let partition = batch.partition;
+            followed.positions.push((partition, batch.next_offset));
+            if self.owns(partition) {
+                metrics::global_items_batch("own");
+                continue;
+            }
+            metrics::global_items_batch("applied");
+            applied += 1;
+            for (id, raw) in &batch.items {
+                let Some(value) = decoded::<Momentum>(raw, "item counters") else {
+                    continue;
+                };
+                let part = self.item_parts.entry(partition).or_default();
+                match value {
+                    Some(m) => part.insert(*id, m),
+                    None => part.remove(id),
+                };
+                followed.items.push((partition, *id, raw.clone()));
+                self.stale_items.insert(*id);
+            }
+            for (genre, raw) in &batch.genres {
+                let Some(value) = decoded::<Momentum>(raw, "genre counters") else {
+                    continue;
+                };
+                let part = self.genre_parts.entry(partition).or_default();
+                match value {
+                    Some(m) => part.insert(genre.clone(), m),
+                    None => part.remove(genre),
+                };
+                followed
+                    .genres
+                    .push((partition, genre.clone(), raw.clone()));
+                self.stale_genres = true;
+            }
+            for (id, raw) in &batch.cowatch {
+                let Some(value) = decoded::<Neighbors>(raw, "co-watch list") else {
+                    continue;
+                };
+                self.cowatch.set(partition, *id, value);
+                followed.cowatch.push((partition, *id, raw.clone()));
+            }
+        }
+        self.store.apply_followed(&followed)?;
+        Ok(applied)
+    }
+
+    /// Folds the sums of the items and genres that moved since the last call
+    /// from every partition's counters (held and followed), in partition
+    /// order, as [`Engine::sum_partitions`] does for all: every instance
+    /// then ranks the catalog from the same sums to the bit, whatever order
+    /// its batches came in. The pipeline calls it at each global flush.
+    pub fn settle_item_tables(&mut self) {
+        if self.stale_items.is_empty() && !self.stale_genres {
+            return;
+        }
+        let hl = self.config.decay.item_half_lives();
+        for id in std::mem::take(&mut self.stale_items) {
+            let sum = self
+                .item_parts
+                .values()
+                .filter_map(|part| part.get(&id))
+                .fold(None, |total: Option<Momentum>, m| {
+                    Some(total.unwrap_or_default().merge(*m, hl))
+                });
+            match sum {
+                Some(m) => {
+                    self.items.insert(id, m);
+                    self.active.insert(id, m.short.as_of);
+                    self.watermark = self.watermark.max(m.long.as_of);
+                }
+                None => {
+                    self.items.remove(&id);
+                    self.active.remove(&id);
+                }
+            }
+            self.popular.update(id, self.items.get(&id), hl);
+        }
+        if std::mem::take(&mut self.stale_genres) {
+            self.genres.clear();
+            for part in self.genre_parts.values() {
+                for (g, m) in part {
+                    let total = self.genres.entry(g.clone()).or_default();
+                    *total = total.merge(*m, hl);
+                }
+            }
+        }
+        self.index_cache = None;
     }
 
     fn forget_in_memory(&mut self, partition: u32) {
@@ -520,6 +655,8 @@ impl Engine {
                                 let m = self.items.entry(movie.id).or_default();
                                 *m = m.add(1.0, event.ts, hl);
                                 touched_items.push((partition, movie.id));
+                                self.stale_items.insert(movie.id);
+                                self.stale_genres = true;
                                 for g in movie.genres.iter() {
                                     let name = self.catalog.genre_name(g).to_string();
                                     let part = self.genre_parts.entry(partition).or_default();
@@ -751,6 +888,22 @@ impl Engine {
         }
         for (genre, share) in &self.genre_share_ewma {
             metrics::genre_weight(genre, *share);
+        }
+    }
+}
+
+/// A followed store value: `Some(None)` for a deleted key, `None` (counted
+/// as undecodable, never stored) when it is not a value of this kind.
+fn decoded<T: serde::de::DeserializeOwned>(
+    raw: &Option<Vec<u8>>,
+    what: &'static str,
+) -> Option<Option<T>> {
+    match raw.as_deref().map(postcard::from_bytes::<T>).transpose() {
+        Ok(value) => Some(value),
+        Err(e) => {
+            metrics::global_items_batch("undecodable");
+            tracing::warn!(%e, what, "followed changelog value cannot be read; skipped");
+            None
         }
     }
 }
@@ -1245,5 +1398,146 @@ mod tests {
             .unwrap();
         assert!(result.outputs.is_empty() && result.offsets.is_empty());
         assert!(e.store().user(2, "a").unwrap().is_none());
+    }
+
+    /// `record` on another partition.
+    fn on(partition: u32, mut r: Record) -> Record {
+        r.source.partition = partition as i32;
+        r
+    }
+
+    /// Every engine's changelog batches, assembled as the follower does.
+    fn assembled(
+        assembler: &mut crate::global::Assembler,
+        results: &[BatchResult],
+    ) -> Vec<ItemBatch> {
+        let mut out = Vec::new();
+        for result in results {
+            for batch in &result.changelog {
+                for (offset, (key, value)) in batch.records.iter().enumerate() {
+                    if let Some(b) = assembler
+                        .push(batch.partition, offset as i64, key, Some(value))
+                        .unwrap()
+                    {
+                        out.push(b);
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    fn item_side_equal(a: &Engine, b: &Engine) {
+        assert_eq!(a.item_parts, b.item_parts, "item counters per partition");
+        assert_eq!(a.genre_parts, b.genre_parts, "genre counters per partition");
+        assert_eq!(a.cowatch, b.cowatch, "co-watch lists and their sums");
+        // Sums to the bit, and so the same popular order.
+        let bits = |e: &Engine| -> BTreeMap<u32, (u64, u64)> {
+            e.items
+                .iter()
+                .map(|(id, m)| (*id, (m.long.value.to_bits(), m.short.value.to_bits())))
+                .collect()
+        };
+        assert_eq!(bits(a), bits(b), "item sums");
+        assert_eq!(a.genres, b.genres, "genre sums");
+    }
+
+    #[test]
+    fn instances_following_each_other_know_what_one_instance_knows() {
+        let dirs: Vec<_> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
+        let mut whole = changelog_engine(dirs[3].path());
+        let mut parts: Vec<Engine> = (0..3)
+            .map(|k| {
+                let mut e = changelog_engine(dirs[k].path());
+                e.set_owned(Some([k as u32].into_iter().collect()));
+                e
+            })
+            .collect();
+        let mut assembler = crate::global::Assembler::default();
+        for (round, batch) in four_batches().into_iter().enumerate() {
+            // Users spread over three partitions.
+            let batch: Vec<Record> = batch
+                .into_iter()
+                .map(|r| {
+                    let p = r.key.as_ref().unwrap().last().unwrap() % 3;
+                    on(p as u32, r)
+                })
+                .collect();
+            whole.process(batch.clone()).unwrap();
+            let results: Vec<BatchResult> = parts
+                .iter_mut()
+                .enumerate()
+                .map(|(k, e)| {
+                    let mine: Vec<Record> = batch
+                        .iter()
+                        .filter(|r| r.source.partition == k as i32)
+                        .cloned()
+                        .collect();
+                    e.process(mine).unwrap()
+                })
+                .collect();
+            // Delivered in a different order to each instance.
+            let mut followed = assembled(&mut assembler, &results);
+            for (k, e) in parts.iter_mut().enumerate() {
+                let by = (k + round) % followed.len().max(1);
+                followed.rotate_left(by);
+                let applied = e.apply_followed(&followed).unwrap();
+                assert!(applied > 0, "the others' batches are applied");
+                e.settle_item_tables();
+            }
+        }
+        whole.settle_item_tables();
+        for e in &parts {
+            item_side_equal(e, &whole);
+        }
+        // The followed item side survives a restart, and the follower resumes
+        // after the last batch applied.
+        let resumed: Vec<BTreeMap<u32, i64>> = parts
+            .iter()
+            .map(|e| e.store().follow_positions().unwrap().into_iter().collect())
+            .collect();
+        drop(parts);
+        for (k, dir) in dirs.iter().take(3).enumerate() {
+            let mut again = changelog_engine(dir.path());
+            again.set_owned(Some([k as u32].into_iter().collect()));
+            again.sum_partitions();
+            item_side_equal(&again, &whole);
+            let others: Vec<u32> = (0..3u32).filter(|p| *p != k as u32).collect();
+            for p in others {
+                assert!(resumed[k].contains_key(&p), "position of partition {p}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_released_partition_keeps_its_item_side_and_follows_the_new_owner() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut e = changelog_engine(dir.path());
+        e.set_owned(Some([2].into_iter().collect()));
+        e.process(vec![record(0, "a", 3, EventType::Complete, 10)])
+            .unwrap();
+        e.release_partition(2, &["in"]).unwrap();
+        e.set_owned(Some(BTreeSet::new()));
+        assert!(e.store().user(2, "a").unwrap().is_none(), "users go");
+        assert_eq!(e.store().items().unwrap()[&2].len(), 1, "counters stay");
+        assert_eq!(e.item_side_partitions(), [2].into_iter().collect());
+        // The new owner's next batch replaces them.
+        let other = tempfile::tempdir().unwrap();
+        let mut owner = changelog_engine(other.path());
+        owner.set_owned(Some([2].into_iter().collect()));
+        owner
+            .process(vec![record(0, "a", 3, EventType::Complete, 10)])
+            .unwrap();
+        let result = owner
+            .process(vec![record(1, "b", 3, EventType::Complete, 20)])
+            .unwrap();
+        let batches = assembled(&mut crate::global::Assembler::default(), &[result]);
+        assert_eq!(e.apply_followed(&batches).unwrap(), 1);
+        e.settle_item_tables();
+        assert_eq!(e.item_parts[&2][&3], owner.item_parts[&2][&3]);
+        assert_eq!(e.items[&3], owner.item_parts[&2][&3]);
+        // A batch of a partition it holds is its own business.
+        e.set_owned(Some([2].into_iter().collect()));
+        assert_eq!(e.apply_followed(&batches).unwrap(), 0);
     }
 }

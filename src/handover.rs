@@ -58,6 +58,9 @@ pub struct Handover {
     pub guarantee: Guarantee,
     /// A changelog read that gets no record for this long fails the handover.
     pub no_progress: Duration,
+    /// Global item tables: a partition lost keeps its item side, followed
+    /// from its new owner, instead of being dropped whole.
+    pub keep_item_side: bool,
 }
 
 impl Handover {
@@ -70,13 +73,30 @@ impl Handover {
     ) -> Result<(), HandoverError> {
         let topics: Vec<&str> = self.input_topics.iter().map(String::as_str).collect();
         for (p, _) in engine.store().partitions()? {
-            if !partitions.contains(&p) {
+            if partitions.contains(&p) {
+                continue;
+            }
+            metrics::partition_handover("dropped");
+            if self.keep_item_side {
+                engine.release_partition(p, &topics)?;
+                info!(
+                    partition = p,
+                    "dropped the user state of a partition now held elsewhere; following its item side"
+                );
+            } else {
                 engine.drop_partition(p, &topics)?;
-                metrics::partition_handover("dropped");
                 info!(
                     partition = p,
                     "dropped the state of a partition now held elsewhere"
                 );
+            }
+        }
+        if !self.keep_item_side {
+            // Item sides followed while global item tables were on.
+            for p in engine.item_side_partitions() {
+                if !partitions.contains(&p) {
+                    engine.drop_partition(p, &topics)?;
+                }
             }
         }
         if partitions.is_empty() {

@@ -22,6 +22,7 @@ pub mod event;
 pub mod experiment;
 pub mod feedback;
 pub mod fnv;
+pub mod global;
 pub mod handover;
 pub mod http;
 pub mod live;

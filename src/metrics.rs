@@ -39,6 +39,8 @@ pub struct Metrics {
     partition_handovers: IntCounterVec,
     restore_records: IntCounter,
     restore_remaining: IntGauge,
+    global_items_batches: IntCounterVec,
+    global_items_lag: Gauge,
     restore_seconds: Histogram,
     changelog_records: IntCounter,
     transactions: IntCounterVec,
@@ -208,6 +210,19 @@ fn build() -> Metrics {
         restore_remaining: reg!(IntGauge::new(
             "restore_remaining_records",
             "Changelog records still to read before the partitions being restored can be processed (0: none in progress)."
+        )
+        .unwrap()),
+        global_items_batches: reg!(IntCounterVec::new(
+            Opts::new(
+                "global_items_batches_total",
+                "Changelog batches the global item follower read: applied (another instance's partition), own (a partition this instance holds, skipped), undecodable (skipped, logged)."
+            ),
+            &["outcome"]
+        )
+        .unwrap()),
+        global_items_lag: reg!(Gauge::new(
+            "global_items_lag_seconds",
+            "How far the global item tables handed to the engine trail the changelog: 0 once every partition was read to its end; otherwise the age of the newest complete batch read of the furthest-behind partition."
         )
         .unwrap()),
         restore_seconds: reg!(hist(
@@ -400,6 +415,18 @@ pub fn record_not_owned() {
 }
 
 /// `outcome`: kept, restored or dropped.
+/// `outcome`: applied, own or undecodable.
+pub fn global_items_batch(outcome: &'static str) {
+    METRICS
+        .global_items_batches
+        .with_label_values(&[outcome])
+        .inc();
+}
+
+pub fn global_items_lag(seconds: f64) {
+    METRICS.global_items_lag.set(seconds);
+}
+
 pub fn partition_handover(outcome: &'static str) {
     METRICS
         .partition_handovers

@@ -44,6 +44,7 @@ use crate::engine::{
     Body, DeadLetter, Engine, EngineError, Record, Rejection, SourcePos, UserOutputList,
 };
 use crate::event::{decode_interaction, parse_refresh, Interaction};
+use crate::global;
 use crate::handover::Handover;
 use crate::metrics;
 use crate::routing::Assignment;
@@ -572,6 +573,8 @@ enum Work {
     /// Serve these A/B variants from the next batch on.
     Variants(Arc<Variants>),
     Catalog(Vec<(u32, Option<CatalogRecord>)>),
+    /// Item-side changes of other instances' partitions (global item tables).
+    Followed(global::Followed),
     /// Take these partitions over (keep, restore or drop state), then answer.
     Assign {
         partitions: BTreeSet<u32>,
@@ -727,6 +730,7 @@ pub async fn run(
     let partition_count = input_partition_count(&config).await?;
     job.assignment
         .send_modify(|a| a.partition_count = partition_count);
+    let positions = store.follow_positions()?;
 
     let (work_tx, work_rx) = mpsc::channel::<Work>(STAGE_QUEUE);
     *job.engine.lock().expect("not poisoned") = Some(work_tx.downgrade());
@@ -789,6 +793,18 @@ pub async fn run(
             config.topics.refresh.clone(),
         ],
         guarantee,
+        keep_item_side: config.global_items.enabled,
+    };
+    let item_follower = match config.global_items.enabled {
+        true => Some(tokio::spawn(follow_items(
+            follower_settings(&config),
+            config.topics.changelog.clone(),
+            partition_count,
+            positions,
+            Duration::from_millis(config.global_items.flush_interval_ms),
+            work_tx.clone(),
+        ))),
+        false => None,
     };
     let batches_in_flight = Arc::new(BatchesInFlight::default());
     let engine_thread = std::thread::Builder::new()
@@ -857,6 +873,10 @@ pub async fn run(
     .await;
     catalog_task.abort();
     experiment_task.abort();
+    if let Some(follower) = item_follower {
+        follower.abort();
+        let _ = follower.await;
+    }
     if let Some(follower) = catalog_follower {
         follower.abort();
         let _ = follower.await;
@@ -1192,6 +1212,10 @@ fn engine_loop(
                 }
             }
             Work::Variants(variants) => engine.set_variants(variants),
+            Work::Followed(followed) => {
+                engine.apply_followed(&followed.batches)?;
+                engine.settle_item_tables();
+            }
             Work::Query {
                 user_id,
                 home,
@@ -2068,6 +2092,64 @@ async fn catalog_update(
     };
     publish_outputs(producer, topics, &[], &[dead_letter]).await?;
     Ok(None)
+}
+
+/// The global item follower's consumer: assigned, never in a group's
+/// rebalances; `read_committed`, so aborted transactions never reach the tables.
+fn follower_settings(config: &Config) -> ClientConfig {
+    consumer_config(config)
+        .set(
+            "group.id",
+            format!("{}-global-items", config.kafka.group_id),
+        )
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .set("auto.offset.reset", "earliest")
+        .set("isolation.level", "read_committed")
+        // The tables are folded in once per flush interval: no need to wait
+        // less than that for a fetch, nor to poll the broker more often.
+        .set("fetch.wait.max.ms", "100")
+        .clone()
+}
+
+/// Follows every changelog partition and hands complete batches to the engine
+/// thread once per flush interval. Not fatal: a follower that cannot start
+/// leaves the tables as they are, and says so.
+async fn follow_items(
+    settings: ClientConfig,
+    topic: String,
+    partitions: u32,
+    positions: HashMap<u32, i64>,
+    flush_interval: Duration,
+    work_tx: mpsc::Sender<Work>,
+) {
+    let follower = match settings.create::<StreamConsumer>() {
+        Ok(consumer) => global::Follower {
+            consumer,
+            topic,
+            flush_interval,
+        },
+        Err(e) => {
+            warn!(%e, "global item follower could not start; item tables cover only this instance's partitions");
+            return;
+        }
+    };
+    if let Err(e) = follower.assign(partitions, &positions) {
+        warn!(%e, "global item follower could not assign the changelog partitions; item tables cover only this instance's partitions");
+        return;
+    }
+    info!(
+        partitions,
+        "following every partition's item side (global item tables)"
+    );
+    let (tx, mut rx) = mpsc::channel::<global::Followed>(1);
+    let reader = tokio::spawn(follower.run(tx));
+    while let Some(followed) = rx.recv().await {
+        if work_tx.send(Work::Followed(followed)).await.is_err() {
+            break;
+        }
+    }
+    reader.abort();
 }
 
 async fn forward_catalog(mut updates: mpsc::Receiver<CatalogUpdates>, work_tx: mpsc::Sender<Work>) {

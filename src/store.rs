@@ -11,7 +11,8 @@
 //!   republished after a restart, never applied twice.
 //!
 //! - `meta`: the genre vocabulary that user state's genre ids refer to, this
-//!   store's writer id and the layout version.
+//!   store's writer id, the layout version and where the global item
+//!   follower resumes each changelog partition.
 //! - `partitions`: `partition (u32 BE)` → [`PartitionMeta`]: present exactly for
 //!   the partitions whose state this store holds.
 //! - `outbox`: `partition ++ seq (u64 BE)` → changelog records committed with
@@ -53,6 +54,9 @@ const ALL_CFS: [&str; 9] = [
 const GENRE_VOCABULARY: &[u8] = b"genre_vocabulary";
 const WRITER_ID: &[u8] = b"writer_id";
 const LAYOUT: &[u8] = b"layout";
+/// `follow` ++ partition (u32 BE) → the next changelog offset the global
+/// item follower reads (i64 BE).
+const FOLLOW_PREFIX: &[u8] = b"follow";
 const MEMTABLE_BUDGET: usize = 64 * 1024 * 1024;
 /// Bumped when keys change meaning; older state directories are refused.
 const LAYOUT_VERSION: u32 = 2;
@@ -107,6 +111,17 @@ pub struct Changes {
     pub offsets: Vec<(String, i32, i64)>,
 }
 
+/// Item-side values read from other instances' changelog batches
+/// (`None`: the key no longer exists) and where their partitions resume.
+#[derive(Debug, Default)]
+pub struct Followed {
+    pub items: Vec<(u32, u32, Option<Vec<u8>>)>,
+    pub genres: Vec<(u32, String, Option<Vec<u8>>)>,
+    pub cowatch: Vec<(u32, u32, Option<Vec<u8>>)>,
+    /// `(partition, next changelog offset)`.
+    pub positions: Vec<(u32, i64)>,
+}
+
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct StoreStats {
     pub live_bytes: u64,
@@ -129,6 +144,10 @@ fn partition_prefixed(partition: u32, rest: &[u8]) -> Vec<u8> {
 
 fn outbox_key(partition: u32, seq: u64) -> Vec<u8> {
     partition_prefixed(partition, &seq.to_be_bytes())
+}
+
+fn follow_key(partition: u32) -> Vec<u8> {
+    [FOLLOW_PREFIX, &partition.to_be_bytes()[..]].concat()
 }
 
 fn offset_key(topic: &str, partition: i32) -> Vec<u8> {
@@ -432,6 +451,73 @@ impl Store {
             batch.delete_cf(self.cf(CF_OFFSETS), offset_key(topic, partition as i32));
             batch.delete_cf(self.cf(CF_PUBLISHED), offset_key(topic, partition as i32));
         }
+    }
+
+    /// Forgets a partition's users, outbox and offsets but keeps its item
+    /// side (counters, co-watch lists): the global item tables go on
+    /// following it from the changelog.
+    pub fn drop_user_side(&self, partition: u32, input_topics: &[&str]) -> Result<(), StoreError> {
+        let _meta = self.meta_lock.lock().expect("not poisoned");
+        let mut batch = WriteBatch::default();
+        let to = match partition.checked_add(1) {
+            Some(next) => next.to_be_bytes().to_vec(),
+            None => vec![0xff; 5],
+        };
+        for cf in [CF_USERS, CF_OUTBOX] {
+            batch.delete_range_cf(self.cf(cf), &partition.to_be_bytes()[..], &to[..]);
+        }
+        batch.delete_cf(self.cf(CF_PARTITIONS), partition.to_be_bytes());
+        for topic in input_topics {
+            batch.delete_cf(self.cf(CF_OFFSETS), offset_key(topic, partition as i32));
+            batch.delete_cf(self.cf(CF_PUBLISHED), offset_key(topic, partition as i32));
+        }
+        self.db.write(batch)?;
+        Ok(())
+    }
+
+    /// Writes item-side values followed from other instances' changelog
+    /// batches, with the changelog positions to resume from, atomically.
+    pub fn apply_followed(&self, followed: &Followed) -> Result<(), StoreError> {
+        let mut batch = WriteBatch::default();
+        let mut put = |cf: &str, partition: u32, key: &[u8], value: &Option<Vec<u8>>| {
+            let k = partition_prefixed(partition, key);
+            match value {
+                Some(v) => batch.put_cf(self.cf(cf), k, v),
+                None => batch.delete_cf(self.cf(cf), k),
+            }
+        };
+        for (p, id, v) in &followed.items {
+            put(CF_ITEMS, *p, &id.to_be_bytes(), v);
+        }
+        for (p, genre, v) in &followed.genres {
+            put(CF_GENRES, *p, genre.as_bytes(), v);
+        }
+        for (p, id, v) in &followed.cowatch {
+            put(CF_COWATCH, *p, &id.to_be_bytes(), v);
+        }
+        for (p, next) in &followed.positions {
+            batch.put_cf(self.cf(CF_META), follow_key(*p), next.to_be_bytes());
+        }
+        self.db.write(batch)?;
+        Ok(())
+    }
+
+    /// Where the global item follower resumes each changelog partition.
+    pub fn follow_positions(&self) -> Result<HashMap<u32, i64>, StoreError> {
+        let mut out = HashMap::new();
+        for kv in self.db.iterator_cf(
+            self.cf(CF_META),
+            rocksdb::IteratorMode::From(FOLLOW_PREFIX, rocksdb::Direction::Forward),
+        ) {
+            let (k, v) = kv?;
+            let Some(rest) = k.strip_prefix(FOLLOW_PREFIX) else {
+                break;
+            };
+            if let (Ok(p), Ok(o)) = (<[u8; 4]>::try_from(rest), <[u8; 8]>::try_from(&v[..])) {
+                out.insert(u32::from_be_bytes(p), i64::from_be_bytes(o));
+            }
+        }
+        Ok(out)
     }
 
     /// Replaces a partition's state with one restored from the changelog, atomically.

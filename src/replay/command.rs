@@ -7,8 +7,10 @@ use std::process::Command;
 use anyhow::{bail, Context as _, Result};
 use clap::Args;
 
-use super::report::{self, DatasetReport, PeerResult};
-use super::{run_variant, standard_variants, Models, Settings, Stream, VariantSpec};
+use super::report::{self, DatasetReport, PeerResult, SplitResult};
+use super::{
+    run_split, run_variant, standard_variants, Models, Settings, Split, Stream, VariantSpec,
+};
 use crate::config::EngineConfig;
 use crate::ncf::foldin::FoldInConfig;
 
@@ -58,6 +60,11 @@ pub struct ReplayArgs {
     /// instead of the defaults: every variant, and the sweep's start, builds on them.
     #[arg(long)]
     pub config: Option<PathBuf>,
+    /// Also replay each variant split over these numbers of simulated
+    /// instances (users hashed to one partition each), once with global item
+    /// tables and once with each instance's item knowledge isolated.
+    #[arg(long, value_delimiter = ',')]
+    pub instances: Vec<usize>,
 }
 
 /// The engine settings the variants build on.
@@ -261,6 +268,34 @@ fn dataset(path: &Path, args: &ReplayArgs) -> Result<DatasetReport> {
         );
         variants.push(result);
     }
+    let mut instances = Vec::new();
+    for &n in args.instances.iter().filter(|n| **n > 1) {
+        for spec in &specs {
+            for global_items in [true, false] {
+                let split = Split {
+                    instances: n,
+                    global_items,
+                };
+                let result =
+                    run_split(&stream, spec, &settings, &mut models, split).with_context(|| {
+                        format!("{}: variant {} over {n} instances", stream.name, spec.name)
+                    })?;
+                eprintln!(
+                    "{}: {:<22} {n} instances, {}: HR@10 {:.4} (second half) in {:.0} s",
+                    stream.name,
+                    spec.name,
+                    if global_items { "global" } else { "isolated" },
+                    result.second_half.hr,
+                    result.seconds
+                );
+                instances.push(SplitResult {
+                    instances: n,
+                    global_items,
+                    result,
+                });
+            }
+        }
+    }
     let peers = if args.no_peers {
         Vec::new()
     } else {
@@ -277,6 +312,7 @@ fn dataset(path: &Path, args: &ReplayArgs) -> Result<DatasetReport> {
         retrain_days,
         variants,
         peers,
+        instances,
     })
 }
 

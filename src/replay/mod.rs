@@ -55,6 +55,8 @@ pub enum ReplayError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("exchanging item knowledge: {0}")]
+    Changelog(#[from] crate::changelog::ChangelogError),
     #[error("{0}")]
     Invalid(String),
 }
@@ -370,16 +372,65 @@ pub fn run_variant(
     settings: &Settings,
     models: &mut Models,
 ) -> Result<VariantResult, ReplayError> {
+    run_split(stream, spec, settings, models, Split::ONE)
+}
+
+/// How the replay spreads users over simulated engine instances.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Split {
+    /// Instances, one input partition each; users go to a partition by the
+    /// engine's partitioner, as a Kafka producer keyed by user sends them.
+    pub instances: usize,
+    /// Whether instances exchange item knowledge through the global item
+    /// tables (each one's changelog batches, assembled and applied by the
+    /// others as the live follower does); without, each instance knows only
+    /// its own users' interactions (the design before global item tables).
+    pub global_items: bool,
+}
+
+impl Split {
+    pub const ONE: Split = Split {
+        instances: 1,
+        global_items: true,
+    };
+}
+
+/// Replays the stream through one variant spread over `split.instances`
+/// engines and scores every interaction against its owner's list. With
+/// global item tables, each instance's changelog batches reach every other
+/// instance before the next event (the live pipeline's flush interval, a
+/// second by default, is far below the time between a stream's events).
+pub fn run_split(
+    stream: &Stream,
+    spec: &VariantSpec,
+    settings: &Settings,
+    models: &mut Models,
+    split: Split,
+) -> Result<VariantResult, ReplayError> {
     let started = Instant::now();
-    let dir = tempfile::tempdir().map_err(|source| ReplayError::Io {
-        path: std::env::temp_dir(),
-        source,
-    })?;
-    let store = Store::open(dir.path(), 64)?;
-    let mut engine = Engine::new(exact_rankings(&spec.config), store, stream.catalog.clone())?;
-    // Lists are read through `peek` before each event; the outputs of each
-    // one-event batch would go unused.
-    engine.compute_outputs(false);
+    let n = split.instances.max(1);
+    let mut dirs = Vec::with_capacity(n);
+    let mut engines = Vec::with_capacity(n);
+    for k in 0..n {
+        let dir = tempfile::tempdir().map_err(|source| ReplayError::Io {
+            path: std::env::temp_dir(),
+            source,
+        })?;
+        let mut store = Store::open(dir.path(), 64)?;
+        let exchange = n > 1 && split.global_items;
+        if exchange {
+            store.enable_changelog();
+        }
+        let mut engine = Engine::new(exact_rankings(&spec.config), store, stream.catalog.clone())?;
+        // Lists are read through `peek` before each event; the outputs of each
+        // one-event batch would go unused.
+        engine.compute_outputs(false);
+        if n > 1 {
+            engine.set_owned(Some(std::iter::once(k as u32).collect()));
+        }
+        dirs.push(dir);
+        engines.push(engine);
+    }
     let install = |engine: &mut Engine, scorer: Option<Arc<dyn Scorer>>| {
         engine.set_variants(Arc::new(Variants::only(Variant {
             name: spec.name.as_str().into(),
@@ -390,28 +441,40 @@ pub fn run_variant(
             model_path: None,
         })));
     };
-    install(&mut engine, None);
+    for engine in &mut engines {
+        install(engine, None);
+    }
     let fold_in = spec.model.fold_in(settings);
     let mut next_training = spec.model.first_training(stream);
     let mut model: Option<Arc<NcfModel>> = None;
     let mut trainings = 0;
+    // The engine's producers key by user with librdkafka's default partitioner.
+    let partitioner = crate::routing::Partitioner::Crc32;
+    let mut assembler = crate::global::Assembler::default();
 
     let mut scoring = Scoring::new(stream, settings, spec.config.lists.top_n);
     for (k, event) in stream.events.iter().enumerate() {
         if let Some(t) = next_training.filter(|t| event.ts_ms >= *t) {
             let m = Arc::new(models.at(stream, t, spec.objective, settings, fold_in)?);
-            install(&mut engine, Some(Arc::new(NcfScorer { model: m.clone() })));
+            for engine in &mut engines {
+                install(engine, Some(Arc::new(NcfScorer { model: m.clone() })));
+            }
             model = Some(m);
             trainings += 1;
             next_training = spec.model.next_training(t, event.ts_ms);
         }
         let user = event.user_id.to_string();
+        let partition = match n {
+            1 => PARTITION,
+            _ => partitioner.partition(user.as_bytes(), n as u32),
+        };
+        let engine = &mut engines[partition as usize];
         // What the engine would publish for this user right now.
-        let outputs = engine.peek(PARTITION, &user)?;
+        let outputs = engine.peek(partition, &user)?;
         // The engine's rating prediction when its model is an explicit one.
         let predicted = match (&model, spec.objective) {
             (Some(m), Objective::Explicit) => {
-                let state = engine.store().user(PARTITION, &user)?.unwrap_or_default();
+                let state = engine.store().user(partition, &user)?.unwrap_or_default();
                 m.item_index(event.movie_id)
                     .map(|i| {
                         m.score_user(m.user_vector(&user, &state), &[i as i64])
@@ -422,8 +485,26 @@ pub fn run_variant(
             _ => None,
         };
         scoring.score(event, &outputs, predicted);
-        engine.process(vec![record(k as i64, event)])?;
+        let result = engine.process(vec![record(k as i64, partition, event)])?;
+        if n > 1 && split.global_items {
+            let mut batches = Vec::new();
+            for batch in &result.changelog {
+                for (offset, (key, value)) in batch.records.iter().enumerate() {
+                    if let Some(b) =
+                        assembler.push(batch.partition, offset as i64, key, Some(value))?
+                    {
+                        batches.push(b);
+                    }
+                }
+            }
+            for engine in &mut engines {
+                engine.apply_followed(&batches)?;
+                engine.settle_item_tables();
+            }
+        }
     }
+    drop(engines);
+    drop(dirs);
     Ok(scoring.finish(&spec.name, started.elapsed().as_secs_f64(), trainings))
 }
 
@@ -534,12 +615,12 @@ impl<'s> Scoring<'s> {
 }
 
 /// A rating as the interaction record the Kafka path would decode.
-fn record(offset: i64, r: &Rating) -> Record {
+fn record(offset: i64, partition: u32, r: &Rating) -> Record {
     let user = r.user_id.to_string();
     Record {
         source: SourcePos {
             topic: Arc::from("replay"),
-            partition: PARTITION as i32,
+            partition: partition as i32,
             offset,
         },
         key: Some(user.as_bytes().to_vec()),

@@ -35,6 +35,17 @@ pub struct DatasetReport {
     pub retrain_days: f64,
     pub variants: Vec<VariantResult>,
     pub peers: Vec<PeerResult>,
+    /// Variants replayed over several simulated instances (`--instances`).
+    pub instances: Vec<SplitResult>,
+}
+
+/// One variant replayed over `instances` simulated instances.
+#[derive(Debug, Clone, Serialize)]
+pub struct SplitResult {
+    pub instances: usize,
+    /// Whether the instances shared item knowledge (global item tables).
+    pub global_items: bool,
+    pub result: VariantResult,
 }
 
 fn f4(x: f64) -> String {
@@ -140,7 +151,51 @@ pub fn markdown(r: &DatasetReport, anchor: Option<f64>) -> String {
         let _ = writeln!(s, "{line}");
     }
     let _ = writeln!(s);
+    if !r.instances.is_empty() {
+        instances_table(&mut s, r);
+    }
     s
+}
+
+/// Each split variant beside its one-instance run: what scaling out costs
+/// the lists with and without global item tables.
+fn instances_table(s: &mut String, r: &DatasetReport) {
+    let _ = writeln!(
+        s,
+        "Scaled out (`--instances`): users hashed to one partition per simulated instance by the engine's partitioner; each list comes from its user's instance. *global* = instances share item knowledge through the global item tables (each one's changelog batches folded in by every other before the next event); *isolated* = each instance learns popularity, trending and co-watch from its own users only (the design before global item tables).\n"
+    );
+    let _ = writeln!(
+        s,
+        "| variant | instances | item knowledge | HR@10 | vs one instance | NDCG@10 | carousels HR | seconds |"
+    );
+    let _ = writeln!(s, "|---|---:|---|---:|---:|---:|---:|---:|");
+    for split in &r.instances {
+        let v = &split.result;
+        let one = r.variants.iter().find(|o| o.name == v.name);
+        let delta = one.map_or("–".to_string(), |o| {
+            format!(
+                "{:+.1} %",
+                (v.second_half.hr / o.second_half.hr.max(1e-12) - 1.0) * 100.0
+            )
+        });
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {} | {} | {} | {:.0} |",
+            v.name,
+            split.instances,
+            if split.global_items {
+                "global"
+            } else {
+                "isolated"
+            },
+            f4(v.second_half.hr),
+            delta,
+            f4(v.second_half.ndcg),
+            f4(v.second_half.carousel_hr),
+            v.seconds
+        );
+    }
+    let _ = writeln!(s);
 }
 
 /// Variants that blend several sources; every other variant is one source or
