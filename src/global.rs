@@ -27,12 +27,13 @@
 //! tables then. [`Follower`] reports how far behind the changelog the handed
 //! view is (`recstream_global_items_lag_seconds`).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use futures::StreamExt;
-use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::error::KafkaError;
+use rdkafka::client::ClientContext;
+use rdkafka::consumer::{Consumer, ConsumerContext, StreamConsumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::mpsc;
@@ -61,15 +62,22 @@ impl ItemBatch {
 }
 
 /// Gathers a changelog partition's records into complete batches.
+///
+/// A writer sends several batches' data before their markers (the publisher
+/// sends a round's data, then each batch's marker once its data is
+/// acknowledged), so records of consecutive batches interleave; markers come
+/// in batch order.
 #[derive(Debug, Default)]
 pub struct Assembler {
-    pending: HashMap<u32, ItemBatch>,
+    /// Per partition, the batches whose marker has not come yet, by seq.
+    pending: HashMap<u32, BTreeMap<u64, ItemBatch>>,
 }
 
 impl Assembler {
     /// Adds the next record of `partition` (at `offset`); returns the batch
-    /// it completes, if it is a marker. Records of a batch that is never
-    /// completed are dropped when a newer batch starts.
+    /// it completes, if it is a marker. A marker also drops the older batches
+    /// still pending: their writer died before completing them (a restore
+    /// rolls them back), as markers come in batch order.
     pub fn push(
         &mut self,
         partition: u32,
@@ -85,26 +93,28 @@ impl Assembler {
         }
         let entry = Entry::decode(&key.encode(), value)?;
         let pending = self.pending.entry(partition).or_default();
-        // A marker completes only its own batch; a marker of a batch without
-        // item records ends whatever unfinished batch is pending too.
-        if pending.seq != entry.seq {
-            // A new batch: whatever the older one left unfinished never committed.
-            *pending = ItemBatch {
+        if key == Key::Applied {
+            let mut done = pending.remove(&entry.seq).unwrap_or_else(|| ItemBatch {
                 partition,
                 seq: entry.seq,
                 ..ItemBatch::default()
-            };
+            });
+            *pending = pending.split_off(&entry.seq);
+            done.next_offset = offset + 1;
+            return Ok(Some(done));
         }
+        let batch = pending.entry(entry.seq).or_insert_with(|| ItemBatch {
+            partition,
+            seq: entry.seq,
+            ..ItemBatch::default()
+        });
         match key {
-            Key::Item(id) => pending.items.push((id, entry.value)),
-            Key::Genre(g) => pending.genres.push((g, entry.value)),
-            Key::CoWatch(id) => pending.cowatch.push((id, entry.value)),
-            Key::Applied => {
-                let mut done = std::mem::take(pending);
-                done.next_offset = offset + 1;
-                return Ok(Some(done));
+            Key::Item(id) => batch.items.push((id, entry.value)),
+            Key::Genre(g) => batch.genres.push((g, entry.value)),
+            Key::CoWatch(id) => batch.cowatch.push((id, entry.value)),
+            Key::Applied | Key::User(_) | Key::Probe | Key::Published => {
+                unreachable!("handled above")
             }
-            Key::User(_) | Key::Probe | Key::Published => unreachable!("skipped above"),
         }
         Ok(None)
     }
@@ -116,10 +126,28 @@ pub struct Followed {
     pub batches: Vec<ItemBatch>,
 }
 
+/// Reaching a partition's end is how the follower knows it is current, not
+/// an error: librdkafka's default context would log each one as an error.
+pub struct FollowerContext;
+
+impl ClientContext for FollowerContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        let end = matches!(
+            error,
+            KafkaError::PartitionEOF(_) | KafkaError::Global(RDKafkaErrorCode::PartitionEOF)
+        );
+        if !end {
+            warn!(%error, reason, "global item follower");
+        }
+    }
+}
+
+impl ConsumerContext for FollowerContext {}
+
 /// Follows every partition of the changelog topic from the positions the
 /// store kept (the beginning for partitions never followed).
 pub struct Follower {
-    pub consumer: StreamConsumer,
+    pub consumer: StreamConsumer<FollowerContext>,
     pub topic: String,
     pub flush_interval: Duration,
 }
@@ -300,6 +328,24 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!((batch.seq, batch.items.len()), (5, 0));
+    }
+
+    #[test]
+    fn interleaved_batches_of_one_writer_are_both_applied() {
+        let mut a = Assembler::default();
+        let (one, two) = (Key::Item(1).encode(), Key::Item(2).encode());
+        // Two batches' data, then their markers in order.
+        a.push(0, 0, &one, Some(&entry(4, b"a"))).unwrap();
+        a.push(0, 1, &two, Some(&entry(5, b"b"))).unwrap();
+        a.push(0, 2, &one, Some(&entry(5, b"c"))).unwrap();
+        let four = a.push(0, 3, APPLIED_KEY, Some(&marker(4))).unwrap().unwrap();
+        let five = a.push(0, 4, APPLIED_KEY, Some(&marker(5))).unwrap().unwrap();
+        assert_eq!(four.items, vec![(1, Some(b"a".to_vec()))]);
+        assert_eq!(
+            five.items,
+            vec![(2, Some(b"b".to_vec())), (1, Some(b"c".to_vec()))]
+        );
+        assert_eq!((four.next_offset, five.next_offset), (4, 5));
     }
 
     #[test]

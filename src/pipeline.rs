@@ -2123,7 +2123,7 @@ async fn follow_items(
     flush_interval: Duration,
     work_tx: mpsc::Sender<Work>,
 ) {
-    let follower = match settings.create::<StreamConsumer>() {
+    let follower = match settings.create_with_context(global::FollowerContext) {
         Ok(consumer) => global::Follower {
             consumer,
             topic,

@@ -141,6 +141,8 @@ pub struct Expected {
     pub records: usize,
     pub users: BTreeMap<(u32, String), UserState>,
     pub items: HashMap<u32, IdMap<Momentum>>,
+    pub genres: HashMap<u32, HashMap<String, Momentum>>,
+    pub cowatch: HashMap<u32, IdMap<recstream::cowatch::Neighbors>>,
 }
 
 pub fn expected(brokers: &str, catalog: &Path, dir: &Path) -> Expected {
@@ -151,6 +153,8 @@ pub fn expected(brokers: &str, catalog: &Path, dir: &Path) -> Expected {
         records,
         users: users(engine.store()),
         items: engine.store().items().unwrap(),
+        genres: engine.store().genres().unwrap(),
+        cowatch: engine.store().cowatch().unwrap(),
     }
 }
 
