@@ -338,8 +338,14 @@ mod tests {
         a.push(0, 0, &one, Some(&entry(4, b"a"))).unwrap();
         a.push(0, 1, &two, Some(&entry(5, b"b"))).unwrap();
         a.push(0, 2, &one, Some(&entry(5, b"c"))).unwrap();
-        let four = a.push(0, 3, APPLIED_KEY, Some(&marker(4))).unwrap().unwrap();
-        let five = a.push(0, 4, APPLIED_KEY, Some(&marker(5))).unwrap().unwrap();
+        let four = a
+            .push(0, 3, APPLIED_KEY, Some(&marker(4)))
+            .unwrap()
+            .unwrap();
+        let five = a
+            .push(0, 4, APPLIED_KEY, Some(&marker(5)))
+            .unwrap()
+            .unwrap();
         assert_eq!(four.items, vec![(1, Some(b"a".to_vec()))]);
         assert_eq!(
             five.items,

@@ -80,7 +80,12 @@ async fn three_instances(guarantee: &str) {
         .map(|i| EngineProcess::spawn(&configs[i], log(i)))
         .collect();
     for engine in &engines {
-        await_log(engine, "following every partition's item side", Duration::from_secs(60)).await;
+        await_log(
+            engine,
+            "following every partition's item side",
+            Duration::from_secs(60),
+        )
+        .await;
         await_log(engine, "partitions assigned", Duration::from_secs(90)).await;
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -123,7 +128,12 @@ async fn three_instances(guarantee: &str) {
                     let example = want
                         .iter()
                         .find(|(id, m)| got.and_then(|g| g.get(id)) != Some(m))
-                        .map(|(id, m)| format!("item {id}: want {m:?}, got {:?}", got.and_then(|g| g.get(id))));
+                        .map(|(id, m)| {
+                            format!(
+                                "item {id}: want {m:?}, got {:?}",
+                                got.and_then(|g| g.get(id))
+                            )
+                        });
                     format!("partition {p}: {example:?}")
                 })
                 .collect();
