@@ -303,14 +303,22 @@ impl Engine {
     /// side (global item tables): its users, outbox and offsets go; its
     /// counters and co-watch lists stay, as of this instance's last commit,
     /// and the follower updates them from the new owner's changelog.
+    ///
+    /// Returns the changelog offset up to which the kept item side reflects
+    /// every record: the follower must read the partition again from there,
+    /// since it skipped the partition's batches while this store held it.
     pub fn release_partition(
         &mut self,
         partition: u32,
         input_topics: &[&str],
-    ) -> Result<(), EngineError> {
+    ) -> Result<i64, EngineError> {
+        let known = self
+            .store
+            .partition_meta(partition)?
+            .map_or(0, |m| m.changelog_next);
         self.store.drop_user_side(partition, input_topics)?;
         self.applied.retain(|(_, p), _| *p as u32 != partition);
-        Ok(())
+        Ok(known)
     }
 
     /// Partitions whose item side (counters or co-watch lists) this
@@ -326,16 +334,26 @@ impl Engine {
 
     /// Applies the item side of other instances' complete changelog batches
     /// (global item tables) and stores where to resume following. Batches of
-    /// partitions this instance holds are skipped: its own state is as new.
+    /// partitions whose whole state this store holds are skipped (held now,
+    /// or between a revoke and the next assignment): its own state is at
+    /// least as new, and a lagging follower's older batches must not
+    /// overwrite it. A partition it gives up is read again from where its
+    /// state was known ([`Engine::release_partition`]).
     /// The sums candidates read change at the next [`Engine::settle_item_tables`].
     /// Returns how many batches were applied.
     pub fn apply_followed(&mut self, batches: &[ItemBatch]) -> Result<usize, EngineError> {
         let mut followed = Followed::default();
         let mut applied = 0;
+        let held: BTreeSet<u32> = self
+            .store
+            .partitions()?
+            .into_iter()
+            .map(|(p, _)| p)
+            .collect();
         for batch in batches {
             let partition = batch.partition;
             followed.positions.push((partition, batch.next_offset));
-            if self.owns(partition) {
+            if held.contains(&partition) || self.owned.is_none() {
                 metrics::global_items_batch("own");
                 continue;
             }
@@ -1536,8 +1554,7 @@ mod tests {
         e.settle_item_tables();
         assert_eq!(e.item_parts[&2][&3], owner.item_parts[&2][&3]);
         assert_eq!(e.items[&3], owner.item_parts[&2][&3]);
-        // A batch of a partition it holds is its own business.
-        e.set_owned(Some([2].into_iter().collect()));
-        assert_eq!(e.apply_followed(&batches).unwrap(), 0);
+        // A batch of a partition whose state a store holds is its own business.
+        assert_eq!(owner.apply_followed(&batches).unwrap(), 0);
     }
 }

@@ -74,6 +74,11 @@ pub struct Assembler {
 }
 
 impl Assembler {
+    /// Drops a partition's unfinished batches (before reading it again).
+    pub fn forget(&mut self, partition: u32) {
+        self.pending.remove(&partition);
+    }
+
     /// Adds the next record of `partition` (at `offset`); returns the batch
     /// it completes, if it is a marker. A marker also drops the older batches
     /// still pending: their writer died before completing them (a restore
@@ -168,7 +173,14 @@ impl Follower {
     /// Reads until `updates` closes, handing complete batches over at each
     /// flush. Read errors are counted and logged, never fatal: the view
     /// only ages (and the lag gauge says so).
-    pub async fn run(self, updates: mpsc::Sender<Followed>) {
+    ///
+    /// `rewinds` asks it to read a partition again from an offset (one this
+    /// instance gave up, whose batches it skipped while holding it).
+    pub async fn run(
+        self,
+        updates: mpsc::Sender<Followed>,
+        mut rewinds: mpsc::UnboundedReceiver<(u32, i64)>,
+    ) {
         let mut assembler = Assembler::default();
         let mut ready: Vec<ItemBatch> = Vec::new();
         let mut lag = Lag::new(wall_ms());
@@ -201,6 +213,19 @@ impl Follower {
                     }
                     None => return,
                 },
+                Some((partition, offset)) = rewinds.recv() => {
+                    assembler.forget(partition);
+                    lag.reading(partition);
+                    // Asynchronous (no wait): the next fetch starts there.
+                    if let Err(e) = self.consumer.seek(
+                        &self.topic,
+                        partition as i32,
+                        Offset::Offset(offset),
+                        Duration::ZERO,
+                    ) {
+                        warn!(%e, partition, offset, "global item follower could not read a released partition again; its item side stays as this instance left it");
+                    }
+                }
                 _ = ticker.tick() => {
                     metrics::global_items_lag(lag.seconds(wall_ms()));
                     let batches = std::mem::take(&mut ready);

@@ -58,9 +58,10 @@ pub struct Handover {
     pub guarantee: Guarantee,
     /// A changelog read that gets no record for this long fails the handover.
     pub no_progress: Duration,
-    /// Global item tables: a partition lost keeps its item side, followed
-    /// from its new owner, instead of being dropped whole.
-    pub keep_item_side: bool,
+    /// Global item tables: a partition lost keeps its item side instead of
+    /// being dropped whole, and the follower is told to read it again from
+    /// where its state was known (`(partition, changelog offset)`).
+    pub rewind_follower: Option<tokio::sync::mpsc::UnboundedSender<(u32, i64)>>,
 }
 
 impl Handover {
@@ -77,8 +78,10 @@ impl Handover {
                 continue;
             }
             metrics::partition_handover("dropped");
-            if self.keep_item_side {
-                engine.release_partition(p, &topics)?;
+            if let Some(rewind) = &self.rewind_follower {
+                let known = engine.release_partition(p, &topics)?;
+                // The follower is gone only when the pipeline stops.
+                let _ = rewind.send((p, known));
                 info!(
                     partition = p,
                     "dropped the user state of a partition now held elsewhere; following its item side"
@@ -91,7 +94,7 @@ impl Handover {
                 );
             }
         }
-        if !self.keep_item_side {
+        if self.rewind_follower.is_none() {
             // Item sides followed while global item tables were on.
             for p in engine.item_side_partitions() {
                 if !partitions.contains(&p) {

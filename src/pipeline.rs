@@ -783,6 +783,13 @@ pub async fn run(
             }
             Guarantee::AtLeastOnce => Duration::ZERO,
         };
+    let (rewind_tx, rewind_rx) = match config.global_items.enabled {
+        true => {
+            let (tx, rx) = mpsc::unbounded_channel();
+            (Some(tx), Some(rx))
+        }
+        false => (None, None),
+    };
     let handover = Handover {
         no_progress,
         reader_config: consumer_config(&config),
@@ -793,18 +800,19 @@ pub async fn run(
             config.topics.refresh.clone(),
         ],
         guarantee,
-        keep_item_side: config.global_items.enabled,
+        rewind_follower: rewind_tx,
     };
-    let item_follower = match config.global_items.enabled {
-        true => Some(tokio::spawn(follow_items(
+    let item_follower = match rewind_rx {
+        Some(rewinds) => Some(tokio::spawn(follow_items(
             follower_settings(&config),
             config.topics.changelog.clone(),
             partition_count,
             positions,
             Duration::from_millis(config.global_items.flush_interval_ms),
+            rewinds,
             work_tx.clone(),
         ))),
-        false => None,
+        None => None,
     };
     let batches_in_flight = Arc::new(BatchesInFlight::default());
     let engine_thread = std::thread::Builder::new()
@@ -2121,6 +2129,7 @@ async fn follow_items(
     partitions: u32,
     positions: HashMap<u32, i64>,
     flush_interval: Duration,
+    rewinds: mpsc::UnboundedReceiver<(u32, i64)>,
     work_tx: mpsc::Sender<Work>,
 ) {
     let follower = match settings.create_with_context(global::FollowerContext) {
@@ -2143,7 +2152,7 @@ async fn follow_items(
         "following every partition's item side (global item tables)"
     );
     let (tx, mut rx) = mpsc::channel::<global::Followed>(1);
-    let reader = tokio::spawn(follower.run(tx));
+    let reader = tokio::spawn(follower.run(tx, rewinds));
     while let Some(followed) = rx.recv().await {
         if work_tx.send(Work::Followed(followed)).await.is_err() {
             break;
