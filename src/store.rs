@@ -437,13 +437,25 @@ impl Store {
     }
 
     fn drop_into(&self, batch: &mut WriteBatch, partition: u32, input_topics: &[&str]) {
+        let all = [CF_USERS, CF_ITEMS, CF_GENRES, CF_OUTBOX, CF_COWATCH];
+        self.drop_cfs_into(batch, partition, input_topics, &all);
+    }
+
+    /// Deletes partition `p`'s keys of `cfs`, its metadata and its offsets.
+    fn drop_cfs_into(
+        &self,
+        batch: &mut WriteBatch,
+        partition: u32,
+        input_topics: &[&str],
+        cfs: &[&str],
+    ) {
         // Every key of partition p starts with its 4 big-endian bytes, so it
         // sorts below the next partition's prefix.
         let to = match partition.checked_add(1) {
             Some(next) => next.to_be_bytes().to_vec(),
             None => vec![0xff; 5],
         };
-        for cf in [CF_USERS, CF_ITEMS, CF_GENRES, CF_OUTBOX, CF_COWATCH] {
+        for &cf in cfs {
             batch.delete_range_cf(self.cf(cf), &partition.to_be_bytes()[..], &to[..]);
         }
         batch.delete_cf(self.cf(CF_PARTITIONS), partition.to_be_bytes());
@@ -459,18 +471,7 @@ impl Store {
     pub fn drop_user_side(&self, partition: u32, input_topics: &[&str]) -> Result<(), StoreError> {
         let _meta = self.meta_lock.lock().expect("not poisoned");
         let mut batch = WriteBatch::default();
-        let to = match partition.checked_add(1) {
-            Some(next) => next.to_be_bytes().to_vec(),
-            None => vec![0xff; 5],
-        };
-        for cf in [CF_USERS, CF_OUTBOX] {
-            batch.delete_range_cf(self.cf(cf), &partition.to_be_bytes()[..], &to[..]);
-        }
-        batch.delete_cf(self.cf(CF_PARTITIONS), partition.to_be_bytes());
-        for topic in input_topics {
-            batch.delete_cf(self.cf(CF_OFFSETS), offset_key(topic, partition as i32));
-            batch.delete_cf(self.cf(CF_PUBLISHED), offset_key(topic, partition as i32));
-        }
+        self.drop_cfs_into(&mut batch, partition, input_topics, &[CF_USERS, CF_OUTBOX]);
         self.db.write(batch)?;
         Ok(())
     }

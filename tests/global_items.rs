@@ -9,7 +9,7 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::verifier::{self, INTERACTIONS};
 use common::*;
@@ -37,18 +37,6 @@ fn instance(root: &Path, name: &str, brokers: &str, catalog: &Path, guarantee: &
     text.push_str("\n[global_items]\nflush_interval_ms = 200\n");
     std::fs::write(&config, text).unwrap();
     config
-}
-
-async fn await_log(engine: &EngineProcess, needle: &str, timeout: Duration) {
-    let deadline = Instant::now() + timeout;
-    while !engine.log_text().contains(needle) {
-        assert!(
-            Instant::now() < deadline,
-            "{needle:?} not logged in {timeout:?}\n{}",
-            engine.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -49,19 +49,6 @@ fn count(log: &str, needle: &str) -> usize {
     log.matches(needle).count()
 }
 
-/// Waits until a line appears in an instance's log.
-async fn await_log(engine: &EngineProcess, needle: &str, timeout: Duration) {
-    let deadline = Instant::now() + timeout;
-    while !engine.log_text().contains(needle) {
-        assert!(
-            Instant::now() < deadline,
-            "{needle:?} not logged in {timeout:?}\n{}",
-            engine.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn at_least_once_one_to_three_to_one_instances_keep_state_exact() {
     one_to_three_to_one("at_least_once").await;

@@ -245,6 +245,19 @@ impl EngineProcess {
     }
 }
 
+/// Waits until a line appears in an engine's log (panics with the log after `timeout`).
+pub async fn await_log(engine: &EngineProcess, needle: &str, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while !engine.log_text().contains(needle) {
+        assert!(
+            Instant::now() < deadline,
+            "{needle:?} not logged in {timeout:?}\n{}",
+            engine.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 impl Drop for EngineProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
