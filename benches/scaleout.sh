@@ -7,7 +7,10 @@
 #      them, until every user's output reflects their last event (aggregate
 #      over the instances), with the CPU of every instance and of the broker;
 #   2. freshness: SECONDS_AT_RATE seconds at RATE events/s, event -> published
-#      list as an app's consumer sees it.
+#      list as an app's consumer sees it;
+#   3. the global item tables' traffic: the changelog bytes the throughput
+#      phase wrote (every instance's follower reads all of them) and the
+#      other instances' batches each instance folded in.
 # The broker, the instances and the load generator share this host's cores,
 # so the figures say what more instances cost here, not what more hosts give.
 # Prints the load generator's JSON lines and one summary JSON line (with
@@ -63,6 +66,9 @@ if [ -z "$settled" ]; then
 fi
 
 load() { "$BIN" loadgen --brokers "$brokers" --config "$ENGINE_CONFIG" --catalog "$CATALOG" --users "$USERS" "$@"; }
+changelog_bytes() { # segment bytes on the broker's disk, every partition (indexes are preallocated: left out)
+  find "$work"/kafka/data -path '*reco.state-changelog.v1-*' -name '*.log' -printf '%s\n' 2>/dev/null | awk '{ s += $1 } END { print s + 0 }'
+}
 engines_cpu() {
   local e sum=0
   for e in $ENGINES; do sum=$(awk -v a="$sum" -v b="$(cpu_seconds "$e")" 'BEGIN {printf "%.2f", a + b}'); done
@@ -73,10 +79,16 @@ echo "# machine: $(nproc) cores; $INSTANCES instance(s) over $partitions input p
 load --events "$WARMUP_EVENTS" --rate 0 --seed 7 >/dev/null
 engines0=$(engines_cpu)
 broker0=$(cpu_seconds "$BROKER")
+changelog0=$(changelog_bytes)
+followed0=0
+for port in "${ports[@]}"; do followed0=$((followed0 + $(metric "$port" recstream_global_items_batches_total))); done
 throughput=$(load --events "$EVENTS" --rate 0 --seed 1)
 echo "$throughput"
 engines1=$(engines_cpu)
 broker1=$(cpu_seconds "$BROKER")
+changelog1=$(changelog_bytes)
+followed1=0
+for port in "${ports[@]}"; do followed1=$((followed1 + $(metric "$port" recstream_global_items_batches_total))); done
 freshness=$(load --events $((RATE * SECONDS_AT_RATE)) --rate "$RATE" --seed 2)
 echo "$freshness"
 
@@ -88,13 +100,14 @@ done
 for e in $ENGINES; do
   rss_mb=$((rss_mb + $(awk '/VmHWM/{print int($2 / 1024)}' "/proc/$e/status")))
 done
-python3 - "$INSTANCES" "$EVENTS" "$engines0" "$engines1" "$broker0" "$broker1" "$rss_mb" "$throughput" "$freshness" "$shares" <<'PY'
+python3 - "$INSTANCES" "$EVENTS" "$engines0" "$engines1" "$broker0" "$broker1" "$rss_mb" "$throughput" "$freshness" "$shares" "$changelog0" "$changelog1" "$followed0" "$followed1" <<'PY'
 import json, sys
 k, events = int(sys.argv[1]), int(sys.argv[2])
 e0, e1, b0, b1 = map(float, sys.argv[3:7])
 rss_mb = int(sys.argv[7])
 t, f = json.loads(sys.argv[8]), json.loads(sys.argv[9])
 shares = [float(x) for x in sys.argv[10].split()]
+c0, c1, f0, f1 = map(int, sys.argv[11:15])
 print(json.dumps({
     "phase": "scaleout", "instances": k, "events": events,
     "throughput": round(t["pipeline_rate"]),
@@ -103,5 +116,8 @@ print(json.dumps({
     "rate": f["target_rate"], "p50_ms": f["latency_ms_p50"], "p99_ms": f["latency_ms_p99"],
     "peak_rss_mb_total": rss_mb,
     "event_share": [round(s / sum(shares), 3) for s in shares] if sum(shares) else [],
+    # Every instance's follower reads the whole changelog (global item tables).
+    "changelog_bytes_per_event": round((c1 - c0) / events),
+    "followed_batches": f1 - f0,
 }))
 PY

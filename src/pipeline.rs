@@ -2152,13 +2152,20 @@ async fn follow_items(
         "following every partition's item side (global item tables)"
     );
     let (tx, mut rx) = mpsc::channel::<global::Followed>(1);
-    let reader = tokio::spawn(follower.run(tx, rewinds));
-    while let Some(followed) = rx.recv().await {
-        if work_tx.send(Work::Followed(followed)).await.is_err() {
-            break;
+    let forward = async {
+        while let Some(followed) = rx.recv().await {
+            if work_tx.send(Work::Followed(followed)).await.is_err() {
+                break;
+            }
         }
+    };
+    // One task: aborting it at shutdown drops the follower's consumer with
+    // it, before the broker connections go (a spawned reader outlived the
+    // abort and logged the closed connections).
+    tokio::select! {
+        _ = follower.run(tx, rewinds) => {}
+        _ = forward => {}
     }
-    reader.abort();
 }
 
 async fn forward_catalog(mut updates: mpsc::Receiver<CatalogUpdates>, work_tx: mpsc::Sender<Work>) {
