@@ -92,6 +92,11 @@ for port in "${ports[@]}"; do followed1=$((followed1 + $(metric "$port" recstrea
 freshness=$(load --events $((RATE * SECONDS_AT_RATE)) --rate "$RATE" --seed 2)
 echo "$freshness"
 
+follow_s=0
+for port in "${ports[@]}"; do
+  f=$({ curl -sf --max-time 5 "http://127.0.0.1:$port/metrics" || true; } | awk '$1 == "recstream_stage_seconds_sum{stage=\"follow\"}" { print $2 }')
+  follow_s=$(awk -v a="$follow_s" -v b="${f:-0}" 'BEGIN { printf "%.2f", a + b }')
+done
 shares=""
 rss_mb=0
 for port in "${ports[@]}"; do
@@ -100,7 +105,7 @@ done
 for e in $ENGINES; do
   rss_mb=$((rss_mb + $(awk '/VmHWM/{print int($2 / 1024)}' "/proc/$e/status")))
 done
-python3 - "$INSTANCES" "$EVENTS" "$engines0" "$engines1" "$broker0" "$broker1" "$rss_mb" "$throughput" "$freshness" "$shares" "$changelog0" "$changelog1" "$followed0" "$followed1" <<'PY'
+python3 - "$INSTANCES" "$EVENTS" "$engines0" "$engines1" "$broker0" "$broker1" "$rss_mb" "$throughput" "$freshness" "$shares" "$changelog0" "$changelog1" "$followed0" "$followed1" "$follow_s" <<'PY'
 import json, sys
 k, events = int(sys.argv[1]), int(sys.argv[2])
 e0, e1, b0, b1 = map(float, sys.argv[3:7])
@@ -119,5 +124,7 @@ print(json.dumps({
     # Every instance's follower reads the whole changelog (global item tables).
     "changelog_bytes_per_event": round((c1 - c0) / events),
     "followed_batches": f1 - f0,
+    # Engine-thread time folding followed batches in, whole run, all instances.
+    "follow_stage_s": float(sys.argv[15]),
 }))
 PY

@@ -1221,8 +1221,10 @@ fn engine_loop(
             }
             Work::Variants(variants) => engine.set_variants(variants),
             Work::Followed(followed) => {
+                let started = Instant::now();
                 engine.apply_followed(&followed.batches)?;
                 engine.settle_item_tables();
+                metrics::stage("follow", started.elapsed().as_secs_f64());
             }
             Work::Query {
                 user_id,
