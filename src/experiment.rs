@@ -209,10 +209,11 @@ pub fn source_bit(source: Source) -> u8 {
         Source::Genre => 4,
         Source::Similar => 8,
         Source::CoWatched => 16,
+        Source::Model => 32,
     }
 }
 
-pub const ALL_SOURCES: u8 = 0b1_1111;
+pub const ALL_SOURCES: u8 = 0b11_1111;
 
 /// The variants in force, with their assignment boundaries.
 pub struct Variants {

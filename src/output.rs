@@ -45,6 +45,8 @@ pub enum Source {
     Genre,
     Similar,
     CoWatched,
+    /// The model's own top items over the whole catalogue.
+    Model,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

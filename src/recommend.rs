@@ -28,6 +28,16 @@ pub trait Scorer: Send + Sync {
     /// Updates the user's model state after new events (NCF fold-in). Must be
     /// deterministic: replays after a crash recompute it.
     fn observe(&self, _user_id: &str, _state: &mut UserState) {}
+    /// Scores every item the model knows for the user, as `(movie id, score)`
+    /// sorted by movie id: the model's own candidate source. `None` when the
+    /// scorer cannot rank a whole catalogue.
+    fn score_catalogue(
+        &self,
+        _user_id: &str,
+        _state: &UserState,
+    ) -> Result<Option<Vec<(u32, f32)>>, ScoreError> {
+        Ok(None)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -571,12 +581,13 @@ pub struct Context<'a> {
 }
 
 /// Candidate sources in publishing order; [`Candidate::sources`] holds them as bits.
-const SOURCES: [Source; 5] = [
+const SOURCES: [Source; 6] = [
     Source::Popular,
     Source::Trending,
     Source::Genre,
     Source::Similar,
     Source::CoWatched,
+    Source::Model,
 ];
 
 /// Whether the variant draws candidates from `source`.
@@ -736,6 +747,17 @@ pub fn build_outputs(
         &mut (&mut co_watched.ranked).map(|(id, _)| (id, None)),
         Source::CoWatched,
     );
+    // The model ranks the whole catalogue once; its scores then also serve
+    // as the other candidates' model signal (no second scoring run).
+    let catalogue_scores = match ctx.variant.scorer.as_deref() {
+        Some(scorer) if enabled(ctx.variant, Source::Model) => {
+            scorer.score_catalogue(user_id, state)?
+        }
+        _ => None,
+    };
+    if let Some(scores) = &catalogue_scores {
+        take(&mut model_ranking(scores).map(|id| (id, None)), Source::Model);
+    }
 
     // Signals.
     let seed_movies: Vec<&Movie> = seeds.iter().filter_map(|s| ctx.catalog.get(*s)).collect();
@@ -766,7 +788,10 @@ pub fn build_outputs(
     let model = match ctx.variant.scorer.as_deref() {
         Some(scorer) => {
             let ids: Vec<u32> = candidates.iter().map(|c| c.movie_id).collect();
-            let scores = scorer.score(user_id, state, &ids)?;
+            let scores = match &catalogue_scores {
+                Some(all) => ids.iter().map(|id| score_of(all, *id)).collect(),
+                None => scorer.score(user_id, state, &ids)?,
+            };
             // NaN: the model does not know the item.
             for (c, s) in candidates.iter_mut().zip(scores) {
                 c.signals.ncf = (!s.is_nan()).then_some(s as f64);
@@ -1104,6 +1129,42 @@ pub fn affinity(genres: GenreSet, weights: &[GenreWeight], max_abs: f64) -> f64 
     (sum / max_abs / genres.len() as f64).clamp(-1.0, 1.0)
 }
 
+/// Movie ids by descending model score (ties by id), lazily: the source
+/// stops after its few candidates, so a full sort of the catalogue is rare.
+fn model_ranking(scores: &[(u32, f32)]) -> impl Iterator<Item = u32> + '_ {
+    let mut order: Vec<usize> = (0..scores.len()).filter(|&i| !scores[i].1.is_nan()).collect();
+    let by_score = move |a: &usize, b: &usize| {
+        scores[*b]
+            .1
+            .total_cmp(&scores[*a].1)
+            .then(scores[*a].0.cmp(&scores[*b].0))
+    };
+    // The head is selected, then sorted; the rest only if the head runs out.
+    let head = order.len().min(256);
+    if head < order.len() {
+        order.select_nth_unstable_by(head, by_score);
+    }
+    order[..head].sort_unstable_by(by_score);
+    let mut rest_sorted = head == order.len();
+    let mut at = 0;
+    std::iter::from_fn(move || {
+        if at == head && !rest_sorted {
+            order[head..].sort_unstable_by(by_score);
+            rest_sorted = true;
+        }
+        let id = scores[*order.get(at)?].0;
+        at += 1;
+        Some(id)
+    })
+}
+
+/// A movie's score in a catalogue scoring sorted by movie id (NaN: unknown).
+fn score_of(scores: &[(u32, f32)], movie_id: u32) -> f32 {
+    scores
+        .binary_search_by_key(&movie_id, |s| s.0)
+        .map_or(f32::NAN, |i| scores[i].1)
+}
+
 fn render(ctx: &Context, c: &Candidate) -> RecommendedItem {
     let movie = c.movie;
     let first_genre = movie
@@ -1132,6 +1193,9 @@ fn render(ctx: &Context, c: &Candidate) -> RecommendedItem {
             Some(g) => format!("Popular in {g}"),
             None => "Popular right now".into(),
         },
+        Dominant::Ncf if c.sources == source_bit(Source::Model) => {
+            "Picked for you from what you watched recently".into()
+        }
         Dominant::Ncf => "Viewers with similar taste enjoyed this".into(),
     };
     RecommendedItem {

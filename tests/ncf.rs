@@ -403,3 +403,109 @@ fn an_ensemble_with_histories_serves_and_new_users_start_from_the_population_pri
         "the prior prefers popular items"
     );
 }
+
+/// The history-based NeuMF end to end: trained for next-item prediction,
+/// exported (the card's reference histories checked through the graph and
+/// the serving form at load), then served by the engine. A user's vector is
+/// their recent interactions encoded: no fold-in and nothing per user is
+/// stored, every event changes the next list, and the model proposes its own
+/// candidates from the whole catalogue.
+#[test]
+fn the_engine_serves_a_history_model_from_the_first_event() {
+    use recstream::ncf::sequence::{self, SequenceConfig};
+    use recstream::output::Source;
+    let catalog = demo_catalog();
+    let data = synthetic::interactions(&catalog, 200, 30, 11);
+    let dir = tempfile::tempdir().unwrap();
+    let config = SequenceConfig {
+        gmf_dim: 6,
+        mlp_dim: 6,
+        hidden: vec![8],
+        max_len: 10,
+        epochs: 4,
+        ..SequenceConfig::default()
+    };
+    let (loaded, report) = sequence::train_and_export(
+        &config,
+        &data,
+        "synthetic",
+        &dir.path().join("history"),
+        false,
+    )
+    .unwrap();
+    assert!(loaded.history.is_some());
+    assert_eq!(report.epochs.len(), 4);
+    let card: ModelCard =
+        serde_json::from_slice(&std::fs::read(dir.path().join("history.card.json")).unwrap())
+            .unwrap();
+    assert_eq!(card.history.as_ref().unwrap().max_len, 10);
+    assert!(card.checks.iter().all(|c| c.history.is_some()));
+    let model = Arc::new(
+        NcfModel::load(&dir.path().join("history.onnx"), FoldInConfig::default()).unwrap(),
+    );
+
+    let state_dir = tempfile::tempdir().unwrap();
+    let mut engine = Engine::new(
+        EngineConfig::default(),
+        Store::open(state_dir.path(), 8).unwrap(),
+        catalog.clone(),
+    )
+    .unwrap();
+    engine.set_scorer(Some(Arc::new(NcfScorer {
+        model: model.clone(),
+    })));
+    let user = "history-viewer";
+    let movies: Vec<u32> = catalog.movies().map(|m| m.id).take(6).collect();
+    let result = engine
+        .process(vec![event(user, movies[0], 0, EventType::Complete)])
+        .unwrap();
+    let first = result.outputs[0].1.recommendations.clone();
+    assert_eq!(first.model.as_ref().unwrap().name, "ncf");
+    assert!(first.items.iter().any(|i| i.signals.ncf.is_some()));
+    assert!(
+        first.items.iter().any(|i| i.sources.contains(&Source::Model)),
+        "the model proposes candidates of its own"
+    );
+    let stored = engine.store_handle().user(0, user).unwrap().unwrap();
+    assert!(stored.latent.is_empty(), "no per-user vector is stored");
+    // The vector is the encoded history: the graph with the history as its
+    // inputs scores what the engine's serving form scores.
+    let history = model.history_of(&stored);
+    assert_eq!(history.len(), 1);
+    let encoder = model.history.as_ref().unwrap();
+    let items: Vec<i64> = (0..model.weights.n_items as i64).collect();
+    let served = model
+        .score_user(&model.user_vector(user, &stored), &items)
+        .unwrap();
+    let graph = recstream::ncf::serve::run_history_plan(
+        &model_plan(&dir.path().join("history.onnx")),
+        encoder,
+        &vec![0.0; model.user_dim()],
+        &history,
+        &items,
+    )
+    .unwrap();
+    for (a, b) in served.iter().zip(&graph) {
+        assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+    }
+
+    // More events: the next list reflects them with no gradient step.
+    let records: Vec<Record> = movies[1..4]
+        .iter()
+        .enumerate()
+        .map(|(k, m)| event(user, *m, k + 1, EventType::Complete))
+        .collect();
+    engine.process(records).unwrap();
+    let stored = engine.store_handle().user(0, user).unwrap().unwrap();
+    assert_eq!(model.history_of(&stored).len(), 4);
+    let after = engine.peek(0, user).unwrap().recommendations;
+    let signals = |r: &recstream::output::Recommendations| -> Vec<(u32, Option<f64>)> {
+        r.items.iter().map(|i| (i.movie_id, i.signals.ncf)).collect()
+    };
+    assert_ne!(signals(&first), signals(&after), "every event moves the model's scores");
+    assert!(stored.latent.is_empty());
+}
+
+fn model_plan(onnx_path: &Path) -> recstream::ncf::serve::Plan {
+    recstream::ncf::serve::compile(&std::fs::read(onnx_path).unwrap()).unwrap()
+}

@@ -62,6 +62,18 @@ pub struct ModelCard {
     /// trained user vectors.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub new_user_prior: Option<Vec<f32>>,
+    /// History-based models: how the graph reads the user's history.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub history: Option<HistorySpec>,
+}
+
+/// The history inputs of a history-based model (`models/README.md`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HistorySpec {
+    /// `L`: the width of the `history` and `history_kind` inputs.
+    pub max_len: usize,
+    /// What each `history_kind` value means (index = kind; 0 is padding).
+    pub kinds: Vec<String>,
 }
 
 /// Largest accepted difference between a card's reference score and tract's.
@@ -69,11 +81,15 @@ pub const PARITY_TOLERANCE: f32 = 1e-4;
 
 /// One reference score: the user-vector file's row `user_row` against item
 /// index `item`, as the training framework computed it.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ParityCheck {
     pub user_row: usize,
     pub item: u32,
     pub score: f32,
+    /// History-based models: the history fed with the check, most recent
+    /// first, as `(item index, kind)`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub history: Option<Vec<(u32, u8)>>,
 }
 
 impl ParityCheck {

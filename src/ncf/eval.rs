@@ -33,7 +33,7 @@ pub enum EvalError {
     Other(String),
 }
 
-fn write(path: &Path, bytes: &[u8]) -> Result<(), EvalError> {
+pub(crate) fn write(path: &Path, bytes: &[u8]) -> Result<(), EvalError> {
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent).map_err(|source| EvalError::Write {
             path: parent.into(),
@@ -77,7 +77,7 @@ pub struct RunInput<'a> {
     pub progress: bool,
 }
 
-fn data_hash(rows: &[Row], dataset: &Dataset) -> String {
+pub(crate) fn data_hash(rows: &[Row], dataset: &Dataset) -> String {
     let mut h = Fnv::default();
     for r in rows {
         h.write(dataset.user_ids[r.user as usize].as_bytes());
@@ -238,9 +238,11 @@ pub fn run(input: RunInput) -> Result<Run, EvalError> {
                     &trained.user_vectors[user_row * d..(user_row + 1) * d],
                     item as usize,
                 ),
+                history: None,
             })
             .collect(),
         new_user_prior: Some(new_user_prior),
+        history: None,
     };
     card.metrics.insert(
         format!("validation_{}", trained.validation_metric),

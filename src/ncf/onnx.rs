@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use prost::Message;
 use tract_onnx::pb;
 
+use super::history::{HistoryEncoder, HISTORY_KINDS};
 use super::model::{Dense, NcfWeights, Objective};
 
 #[derive(Debug, thiserror::Error)]
@@ -105,8 +106,9 @@ struct Graph {
 }
 
 impl Graph {
-    /// `user_gmf`, `user_mlp` and `user_bias`: slices of the `user` input.
-    fn user_slices(&mut self, weights: &NcfWeights) {
+    /// `user_gmf`, `user_mlp` and `user_bias`: slices of the `user` tensor
+    /// (the input, or the input plus the encoded history).
+    fn user_slices(&mut self, weights: &NcfWeights, user: &str) {
         let (g, m, d) = (weights.gmf_dim, weights.mlp_dim, weights.user_dim());
         self.init.push(int_tensor("axis_1", &[1]));
         for (name, from, to) in [
@@ -118,8 +120,32 @@ impl Graph {
             self.init.push(int_tensor(&f, &[from as i64]));
             self.init.push(int_tensor(&t, &[to as i64]));
             self.nodes
-                .push(node("Slice", &["user", &f, &t, "axis_1"], name, vec![]));
+                .push(node("Slice", &[user, &f, &t, "axis_1"], name, vec![]));
         }
+    }
+
+    /// The NeuMF from the user slices on: item rows, GMF product, tower, head.
+    fn neumf(&mut self, weights: &NcfWeights) {
+        let (g, m, n) = (weights.gmf_dim, weights.mlp_dim, weights.n_items);
+        self.init
+            .push(float_tensor("item_gmf", &[n, g], &weights.item_gmf));
+        self.init
+            .push(float_tensor("item_mlp", &[n, m], &weights.item_mlp));
+        self.init
+            .push(float_tensor("item_bias", &[n, 1], &weights.item_bias));
+        self.gather("item_gmf", "item_gmf_rows");
+        self.gather("item_mlp", "item_mlp_rows");
+        self.gather("item_bias", "item_bias_rows");
+        self.nodes
+            .push(node("Mul", &["user_gmf", "item_gmf_rows"], "gmf", vec![]));
+        self.nodes.push(node(
+            "Concat",
+            &["user_mlp", "item_mlp_rows"],
+            "h0",
+            vec![int_attribute("axis", 1)],
+        ));
+        let h = self.tower(weights, 0, "h0");
+        self.head(weights, &h);
     }
 
     fn gather(&mut self, table: &str, out: &str) {
@@ -260,44 +286,10 @@ impl Graph {
 /// Serialises the model to ONNX bytes; the architecture and `model_version`
 /// go into the model's metadata properties (the model card repeats them).
 pub fn export(weights: &NcfWeights, model_version: &str) -> Vec<u8> {
-    let (g, m, n) = (weights.gmf_dim, weights.mlp_dim, weights.n_items);
     let mut graph = Graph::default();
-    graph.user_slices(weights);
-    graph
-        .init
-        .push(float_tensor("item_gmf", &[n, g], &weights.item_gmf));
-    graph
-        .init
-        .push(float_tensor("item_mlp", &[n, m], &weights.item_mlp));
-    graph
-        .init
-        .push(float_tensor("item_bias", &[n, 1], &weights.item_bias));
-    graph.gather("item_gmf", "item_gmf_rows");
-    graph.gather("item_mlp", "item_mlp_rows");
-    graph.gather("item_bias", "item_bias_rows");
-    graph
-        .nodes
-        .push(node("Mul", &["user_gmf", "item_gmf_rows"], "gmf", vec![]));
-    graph.nodes.push(node(
-        "Concat",
-        &["user_mlp", "item_mlp_rows"],
-        "h0",
-        vec![int_attribute("axis", 1)],
-    ));
-    let h = graph.tower(weights, 0, "h0");
-    graph.head(weights, &h);
-    let residual: Vec<String> = weights
-        .layers
-        .iter()
-        .map(|l| u8::from(l.residual).to_string())
-        .collect();
-    let metadata = [
-        ("objective", weights.objective.as_str().to_string()),
-        ("gmf_dim", g.to_string()),
-        ("mlp_dim", m.to_string()),
-        ("residual", residual.join(",")),
-        ("model_version", model_version.to_string()),
-    ];
+    graph.user_slices(weights, "user");
+    graph.neumf(weights);
+    let metadata = metadata(weights, model_version, None);
     graph.finish(
         "neumf",
         "NeuMF (GMF + MLP) recommendation scorer; see models/README.md",
@@ -305,6 +297,87 @@ pub fn export(weights: &NcfWeights, model_version: &str) -> Vec<u8> {
         weights.user_dim(),
         &metadata,
     )
+}
+
+/// A history-based NeuMF: the graph adds the encoded history
+/// ([`HistoryEncoder`]) to its `user` input, so it takes `user` `[N, D]`
+/// (the per-user part, zeros for a model without one), `history` and
+/// `history_kind` int64 `[N, L]` (most recent first, kind 0 = padding) and
+/// `item` `[N]`.
+pub fn export_with_history(
+    weights: &NcfWeights,
+    encoder: &HistoryEncoder,
+    model_version: &str,
+) -> Vec<u8> {
+    let (d, l, n) = (weights.user_dim(), encoder.max_len, weights.n_items);
+    let mut graph = Graph::default();
+    let kind_mask: Vec<f32> = (0..HISTORY_KINDS)
+        .map(|k| if k == 0 { 0.0 } else { 1.0 })
+        .collect();
+    graph.init.extend([
+        float_tensor("history.table", &[n, d], &encoder.table),
+        float_tensor("history.base", &[d], &encoder.base),
+        float_tensor("history.position_weight", &[l], &encoder.position_weight),
+        float_tensor("history.kind_weight", &[HISTORY_KINDS], &encoder.kind_weight),
+        float_tensor("history.kind_mask", &[HISTORY_KINDS], &kind_mask),
+        float_tensor("history.one", &[1], &[1.0]),
+        int_tensor("history.axis_1", &[1]),
+        int_tensor("history.axis_2", &[2]),
+    ]);
+    let gather = |table: &str, index: &str, out: &str| {
+        node("Gather", &[table, index], out, vec![int_attribute("axis", 0)])
+    };
+    let keepdims = |v: i64| vec![int_attribute("keepdims", v)];
+    graph.nodes.extend([
+        gather("history.table", "history", "h_rows"),
+        gather("history.kind_weight", "history_kind", "h_kind"),
+        gather("history.kind_mask", "history_kind", "h_mask"),
+        node("ReduceSum", &["h_mask", "history.axis_1"], "h_n", keepdims(1)),
+        node("Max", &["h_n", "history.one"], "h_n1", vec![]),
+        node("Sqrt", &["h_n1"], "h_norm", vec![]),
+        node("Mul", &["h_kind", "history.position_weight"], "h_w0", vec![]),
+        node("Div", &["h_w0", "h_norm"], "h_w", vec![]),
+        node("Unsqueeze", &["h_w", "history.axis_2"], "h_w3", vec![]),
+        node("Mul", &["h_rows", "h_w3"], "h_weighted", vec![]),
+        node("ReduceSum", &["h_weighted", "history.axis_1"], "h_sum", keepdims(0)),
+        node("Add", &["h_sum", "history.base"], "h_user", vec![]),
+        node("Add", &["user", "h_user"], "user_total", vec![]),
+    ]);
+    graph.user_slices(weights, "user_total");
+    graph.neumf(weights);
+    let metadata = metadata(weights, model_version, Some(l));
+    let int = pb::tensor_proto::DataType::Int64;
+    let inputs = vec![
+        value_info("user", pb::tensor_proto::DataType::Float, &[Err("N"), Ok(d as i64)]),
+        value_info("history", int, &[Err("N"), Ok(l as i64)]),
+        value_info("history_kind", int, &[Err("N"), Ok(l as i64)]),
+        value_info("item", int, &[Err("N")]),
+    ];
+    graph.finish_with_inputs(
+        "neumf-history",
+        "History-based NeuMF (GMF + MLP, user side encoded from the last interactions); see models/README.md",
+        inputs,
+        &metadata,
+    )
+}
+
+fn metadata(weights: &NcfWeights, model_version: &str, history_len: Option<usize>) -> Vec<(&'static str, String)> {
+    let residual: Vec<String> = weights
+        .layers
+        .iter()
+        .map(|l| u8::from(l.residual).to_string())
+        .collect();
+    let mut metadata = vec![
+        ("objective", weights.objective.as_str().to_string()),
+        ("gmf_dim", weights.gmf_dim.to_string()),
+        ("mlp_dim", weights.mlp_dim.to_string()),
+        ("residual", residual.join(",")),
+        ("model_version", model_version.to_string()),
+    ];
+    if let Some(l) = history_len {
+        metadata.push(("history_len", l.to_string()));
+    }
+    metadata
 }
 
 /// The serving tower of a model: the MLP layers after the first and the
@@ -453,6 +526,31 @@ pub fn read_weights(bytes: &[u8]) -> Result<(NcfWeights, String), OnnxError> {
     Ok((weights, version))
 }
 
+/// The history encoder of a history-based model (`None` for a plain NeuMF).
+pub fn read_history(bytes: &[u8]) -> Result<Option<HistoryEncoder>, OnnxError> {
+    let model = pb::ModelProto::decode(bytes)?;
+    let Some(graph) = model.graph.as_ref() else {
+        return Ok(None);
+    };
+    let get = |name: &str| graph.initializer.iter().find(|t| t.name == name);
+    let Some(table) = get("history.table") else {
+        return Ok(None);
+    };
+    let read = |name: &str| -> Result<Vec<f32>, OnnxError> {
+        floats(get(name).ok_or_else(|| {
+            OnnxError::Contract(format!("history model without initializer `{name}`"))
+        })?)
+    };
+    let position_weight = read("history.position_weight")?;
+    Ok(Some(HistoryEncoder {
+        max_len: position_weight.len(),
+        position_weight,
+        kind_weight: read("history.kind_weight")?,
+        table: floats(table)?,
+        base: read("history.base")?,
+    }))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -465,6 +563,28 @@ mod tests {
             let (back, version) = read_weights(&export(&w, "v-test")).unwrap();
             assert_eq!(back, w);
             assert_eq!(version, "v-test");
+        }
+    }
+
+    #[test]
+    fn a_history_model_round_trips_and_tract_computes_its_forward_pass() {
+        let w = random_weights(Objective::Implicit, false, 5);
+        let encoder = crate::ncf::history::tests::random_encoder(w.n_items, w.user_dim(), 4, 9);
+        let bytes = export_with_history(&w, &encoder, "v-h");
+        assert_eq!(read_weights(&bytes).unwrap().0, w);
+        assert_eq!(read_history(&bytes).unwrap(), Some(encoder.clone()));
+        assert_eq!(read_history(&export(&w, "v")).unwrap(), None);
+        let plan = crate::ncf::serve::compile(&bytes).unwrap();
+        let histories: [&[(u32, u8)]; 3] = [&[], &[(1, 4)], &[(2, 6), (0, 1), (3, 5), (1, 2)]];
+        for history in histories {
+            let user = encoder.user_vector(history);
+            let items: Vec<i64> = (0..w.n_items as i64).collect();
+            let got = crate::ncf::serve::run_history_plan(&plan, &encoder, &vec![0.0; w.user_dim()], history, &items)
+                .unwrap();
+            for (i, g) in got.iter().enumerate() {
+                let want = w.score(&user, i);
+                assert!((g - want).abs() < 1e-5, "item {i}: tract {g}, rust {want}");
+            }
         }
     }
 }

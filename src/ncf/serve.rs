@@ -2,6 +2,7 @@
 //! the per-user latent vectors that make it reflect a user from their first
 //! event on (see [`super::foldin`]).
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
@@ -11,6 +12,7 @@ use tract_onnx::prelude::*;
 
 use super::card::{ModelCard, ModelFiles, CARD_FORMAT, PARITY_TOLERANCE};
 use super::foldin::{self, Example, FoldInConfig};
+use super::history::{kind_of_weight, HistoryEncoder};
 use super::model::{add_vec_mat, NcfWeights, Objective};
 use super::onnx;
 use crate::catalog::IdMap;
@@ -55,6 +57,10 @@ pub struct NcfModel {
     /// else the mean trained user.
     new_user_prior_vector: Vec<f32>,
     pub fold_in: FoldInConfig,
+    /// A history-based model's encoder: the user vector is computed from the
+    /// user's recent interactions (added to the per-user part), and there is
+    /// no fold-in.
+    pub history: Option<HistoryEncoder>,
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, ModelError> {
@@ -238,6 +244,38 @@ pub fn run_plan(
     Ok(out[0].as_slice::<f32>().map_err(tract)?.to_vec())
 }
 
+/// Runs a history-based model's graph: one user (per-user part `user` and a
+/// history, most recent first) against `items`.
+pub fn run_history_plan(
+    plan: &Plan,
+    encoder: &HistoryEncoder,
+    user: &[f32],
+    history: &[(u32, u8)],
+    items: &[i64],
+) -> Result<Vec<f32>, ModelError> {
+    if items.is_empty() {
+        return Ok(Vec::new());
+    }
+    let tract = |e: TractError| ModelError::Tract(format!("{e:#}"));
+    let (n, l, d) = (items.len(), encoder.max_len, user.len());
+    let (hist, kinds) = encoder.inputs(history);
+    let repeat = |v: &[i64]| -> Vec<i64> { (0..n).flat_map(|_| v.iter().copied()).collect() };
+    let users: Vec<f32> = (0..n).flat_map(|_| user.iter().copied()).collect();
+    let inputs = tvec!(
+        Tensor::from_shape(&[n, d], &users).map_err(tract)?.into(),
+        Tensor::from_shape(&[n, l], &repeat(&hist)).map_err(tract)?.into(),
+        Tensor::from_shape(&[n, l], &repeat(&kinds)).map_err(tract)?.into(),
+        Tensor::from_shape(&[n], items).map_err(tract)?.into(),
+    );
+    let out = plan.run(inputs).map_err(tract)?;
+    Ok(out[0].as_slice::<f32>().map_err(tract)?.to_vec())
+}
+
+/// `a + b`, element by element.
+fn add(a: &[f32], b: &[f32]) -> Vec<f32> {
+    a.iter().zip(b).map(|(x, y)| x + y).collect()
+}
+
 /// The card beside `NAME.onnx`, checked for its format.
 pub fn read_card(path: &Path) -> Result<ModelCard, ModelError> {
     let card_path = ModelFiles::new(path).card;
@@ -267,7 +305,24 @@ impl NcfModel {
         let card = read_card(path)?;
         let bytes = read(&files.onnx)?;
         let (weights, _) = onnx::read_weights(&bytes)?;
+        let history = onnx::read_history(&bytes)?;
         let d = weights.user_dim();
+        if let Some(encoder) = &history {
+            encoder
+                .validate(weights.n_items, d)
+                .map_err(|e| ModelError::Onnx(onnx::OnnxError::Contract(e)))?;
+        }
+        match (&history, &card.history) {
+            (Some(e), Some(h)) if e.max_len != h.max_len => {
+                return Err(card_err(format!(
+                    "card says a history of {}, the model reads {}",
+                    h.max_len, e.max_len
+                )))
+            }
+            (Some(_), None) => return Err(card_err("the model reads a history; the card has no `history` section".into())),
+            (None, Some(_)) => return Err(card_err("the card has a `history` section; the model reads none".into())),
+            _ => {}
+        }
         if card.user_vector.dim != d || card.item_ids.len() != weights.n_items {
             return Err(card_err(format!(
                 "card says {} dims and {} items, the model has {d} and {}",
@@ -325,6 +380,7 @@ impl NcfModel {
             user_vectors,
             new_user_prior_vector,
             fold_in,
+            history,
         };
         model.check_parity().map_err(card_err)?;
         Ok(model)
@@ -338,6 +394,9 @@ impl NcfModel {
             return Err("no parity checks: the card must carry reference scores \
                         (`checks`, see models/README.md)"
                 .into());
+        }
+        if let Some(encoder) = &self.history {
+            return self.check_history_parity(encoder);
         }
         let d = self.user_dim();
         let rows = self.card.user_ids.len();
@@ -365,6 +424,44 @@ impl NcfModel {
                     return Err(format!(
                         "parity check failed: user row {} item {}: the card says {}, tract computes {s} with {graph}",
                         c.user_row, c.item, c.score
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The parity checks of a history-based model: each check's history
+    /// through the model's graph, and encoded in Rust through the serving form.
+    fn check_history_parity(&self, encoder: &HistoryEncoder) -> Result<(), String> {
+        let d = self.user_dim();
+        let rows = self.card.user_ids.len();
+        for c in &self.card.checks {
+            let history = c.history.as_deref().unwrap_or(&[]);
+            let out_of_model = c.item as usize >= self.weights.n_items
+                || (rows > 0 && c.user_row >= rows)
+                || history.iter().any(|&(i, k)| i as usize >= self.weights.n_items || k as usize >= super::history::HISTORY_KINDS);
+            if out_of_model {
+                return Err(format!(
+                    "parity check (user row {}, item {}) is outside the model",
+                    c.user_row, c.item
+                ));
+            }
+            let user_part = if rows > 0 {
+                self.user_vectors[c.user_row * d..(c.user_row + 1) * d].to_vec()
+            } else {
+                self.new_user_prior_vector.clone()
+            };
+            let item = [c.item as i64];
+            let graph = run_history_plan(&self.plan, encoder, &user_part, history, &item)
+                .map_err(|e| e.to_string())?[0];
+            let user = add(&user_part, &encoder.user_vector(history));
+            let served = self.score_user(&user, &item).map_err(|e| e.to_string())?[0];
+            for (form, s) in [("the model", graph), ("its serving form", served)] {
+                if (s - c.score).abs().is_nan() || (s - c.score).abs() > PARITY_TOLERANCE {
+                    return Err(format!(
+                        "parity check failed: history {history:?} item {}: the card says {}, tract computes {s} with {form}",
+                        c.item, c.score
                     ));
                 }
             }
@@ -408,14 +505,32 @@ impl NcfModel {
         run_plan(&self.plan, users, items.len(), items)
     }
 
-    /// The user's vector in this model's space: the folded-in one from the
-    /// state when it belongs to this model, else the prior.
-    pub fn user_vector<'a>(&'a self, user_id: &str, state: &'a UserState) -> &'a [f32] {
-        if self.has_vector(state) {
-            &state.latent
-        } else {
-            self.prior(user_id)
+    /// The user's vector in this model's space. A history-based model
+    /// encodes the state's recent interactions (plus the per-user part);
+    /// otherwise the folded-in vector from the state when it belongs to this
+    /// model, else the prior.
+    pub fn user_vector<'a>(&'a self, user_id: &str, state: &'a UserState) -> Cow<'a, [f32]> {
+        if let Some(encoder) = &self.history {
+            let encoded = encoder.user_vector(&self.history_of(state));
+            return Cow::Owned(add(self.prior(user_id), &encoded));
         }
+        if self.has_vector(state) {
+            Cow::Borrowed(&state.latent)
+        } else {
+            Cow::Borrowed(self.prior(user_id))
+        }
+    }
+
+    /// The state's recent interactions as a history-based model reads them:
+    /// most recent first, items the model knows, kinds from the signed weights.
+    pub fn history_of(&self, state: &UserState) -> Vec<(u32, u8)> {
+        let cap = self.history.as_ref().map_or(0, |e| e.max_len);
+        state
+            .recent
+            .iter()
+            .filter_map(|r| Some((self.item_index(r.movie_id)?, kind_of_weight(r.weight))))
+            .take(cap)
+            .collect()
     }
 
     /// Whether the state holds a vector folded in for this model.
@@ -514,7 +629,11 @@ impl NcfModel {
     }
 
     /// Moves the user's vector to fit their interactions (after new events).
+    /// A history-based model needs none: its input already changed.
     pub fn fold_in_user(&self, user_id: &str, state: &mut UserState) {
+        if self.history.is_some() {
+            return;
+        }
         let examples = self.examples(user_id, state);
         let prior = self.prior(user_id);
         let warm = self.has_vector(state);
@@ -539,7 +658,9 @@ impl NcfModel {
         state.latent_model = self.model_id;
     }
 
-    /// The model's score mapped to 0..1 for the blend.
+    /// The model's score mapped to 0..1 for the blend. History models
+    /// score the probability of being the next item; the scorer divides it
+    /// by the user's best item's ([`NcfScorer`]).
     pub fn normalized(&self, score: f32) -> f32 {
         match (self.weights.objective, self.card.rating_scale) {
             (Objective::Implicit, _) => score,
@@ -572,6 +693,17 @@ impl Scorer for NcfScorer {
         items: &[u32],
     ) -> Result<Vec<f32>, ScoreError> {
         let m = &self.model;
+        if m.history.is_some() {
+            // Relative to the user's best item in the whole catalogue.
+            let all = self.score_catalogue(user_id, state)?.unwrap_or_default();
+            return Ok(items
+                .iter()
+                .map(|id| {
+                    all.binary_search_by_key(id, |s| s.0)
+                        .map_or(f32::NAN, |i| all[i].1)
+                })
+                .collect());
+        }
         let user = m.user_vector(user_id, state);
         let known: Vec<(usize, i64)> = items
             .iter()
@@ -581,7 +713,7 @@ impl Scorer for NcfScorer {
         let indices: Vec<i64> = known.iter().map(|k| k.1).collect();
         let started = Instant::now();
         let scores = m
-            .score_user(user, &indices)
+            .score_user(&user, &indices)
             .map_err(|e| ScoreError(e.to_string()))?;
         metrics::inference(started.elapsed().as_secs_f64(), indices.len());
         let mut out = vec![f32::NAN; items.len()];
@@ -591,7 +723,40 @@ impl Scorer for NcfScorer {
         Ok(out)
     }
 
+    /// The whole catalogue in one run of the serving form.
+    fn score_catalogue(
+        &self,
+        user_id: &str,
+        state: &UserState,
+    ) -> Result<Option<Vec<(u32, f32)>>, ScoreError> {
+        let m = &self.model;
+        let user = m.user_vector(user_id, state);
+        let indices: Vec<i64> = (0..m.weights.n_items as i64).collect();
+        let started = Instant::now();
+        let scores = m
+            .score_user(&user, &indices)
+            .map_err(|e| ScoreError(e.to_string()))?;
+        metrics::inference(started.elapsed().as_secs_f64(), indices.len());
+        // A history model's probabilities are relative to the user's best.
+        let scale = match m.history {
+            Some(_) => 1.0 / scores.iter().copied().fold(f32::MIN_POSITIVE, f32::max),
+            None => 1.0,
+        };
+        let mut out: Vec<(u32, f32)> = m
+            .card
+            .item_ids
+            .iter()
+            .zip(scores)
+            .map(|(&id, s)| (id, m.normalized(s) * scale))
+            .collect();
+        out.sort_unstable_by_key(|s| s.0);
+        Ok(Some(out))
+    }
+
     fn observe(&self, user_id: &str, state: &mut UserState) {
+        if self.model.history.is_some() {
+            return;
+        }
         let started = Instant::now();
         self.model.fold_in_user(user_id, state);
         metrics::fold_in(started.elapsed().as_secs_f64());

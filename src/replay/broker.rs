@@ -82,6 +82,7 @@ pub async fn run_variant(
         (Source::Genre, "genre"),
         (Source::Similar, "similar"),
         (Source::CoWatched, "co_watched"),
+        (Source::Model, "model"),
     ]
     .iter()
     .filter(|(s, _)| spec.sources & source_bit(*s) != 0)
@@ -145,7 +146,7 @@ pub async fn run_variant(
         if let Some(t) = next_training.filter(|t| event.ts_ms >= *t) {
             // Training takes seconds: off the async workers' hands.
             let file =
-                tokio::task::block_in_place(|| models.file(stream, t, spec.objective, settings))?;
+                tokio::task::block_in_place(|| models.file(stream, t, (spec.objective, spec.history), settings))?;
             // The version only: the pipeline loads (and checks) the model itself.
             let version = crate::ncf::serve::read_card(&file)?.model_version;
             write_experiment(&file.display().to_string())?;

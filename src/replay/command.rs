@@ -170,6 +170,8 @@ pub async fn run(args: &ReplayArgs) -> Result<()> {
                 "blend-no-model",
                 "full-blend",
                 "full-blend-retrained",
+                "ncf-history",
+                "full-blend-history",
             ],
         )
         .map_err(|e| anyhow::anyhow!("plotting {}: {e}", png.display()))?;

@@ -31,6 +31,7 @@ use crate::ncf::eval::{self as ncf_eval, EvalError, RunInput};
 use crate::ncf::foldin::FoldInConfig;
 use crate::ncf::model::Objective;
 use crate::ncf::serve::{ModelError, NcfModel, NcfScorer};
+use crate::ncf::sequence::SequenceConfig;
 use crate::ncf::train::TrainConfig;
 use crate::output::{Source, UserOutputs};
 use crate::ratings::{self, Rating};
@@ -207,6 +208,9 @@ pub struct VariantSpec {
     pub sources: u8,
     pub model: ModelPlan,
     pub objective: Objective,
+    /// The history-based NeuMF (user vector from recent interactions)
+    /// instead of per-user vectors.
+    pub history: bool,
 }
 
 /// Replay settings shared by every variant of a run.
@@ -241,10 +245,10 @@ pub struct VariantResult {
     pub ranks: Vec<u16>,
 }
 
-/// Trained model files per (cut time, objective), shared by variants.
+/// Trained model files per (cut time, objective, history model), shared by variants.
 #[derive(Default)]
 pub struct Models {
-    files: HashMap<(i64, Objective), PathBuf>,
+    files: HashMap<(i64, Objective, bool), PathBuf>,
 }
 
 impl Models {
@@ -254,11 +258,11 @@ impl Models {
         &mut self,
         stream: &Stream,
         t: i64,
-        objective: Objective,
+        (objective, history): (Objective, bool),
         settings: &Settings,
         fold_in: FoldInConfig,
     ) -> Result<NcfModel, ReplayError> {
-        let file = self.file(stream, t, objective, settings)?;
+        let file = self.file(stream, t, (objective, history), settings)?;
         Ok(NcfModel::load(&file, fold_in)?)
     }
 
@@ -268,10 +272,31 @@ impl Models {
         &mut self,
         stream: &Stream,
         t: i64,
-        objective: Objective,
+        (objective, history): (Objective, bool),
         settings: &Settings,
     ) -> Result<PathBuf, ReplayError> {
-        let key = (t, objective);
+        let key = (t, objective, history);
+        if history {
+            if let std::collections::hash_map::Entry::Vacant(slot) = self.files.entry(key) {
+                let mut config = SequenceConfig::default();
+                if let Some(e) = settings.epochs {
+                    config.epochs = e;
+                }
+                let out = settings
+                    .work_dir
+                    .join(format!("{}-history-{}", stream.name, t));
+                let (model, _) = crate::ncf::sequence::train_and_export(
+                    &config,
+                    &stream.before(t),
+                    &format!("{} before {t}", stream.name),
+                    &out,
+                    false,
+                )?;
+                drop(model);
+                slot.insert(out.with_extension("onnx"));
+            }
+            return Ok(self.files[&key].clone());
+        }
         if let std::collections::hash_map::Entry::Vacant(slot) = self.files.entry(key) {
             let train = stream.before(t);
             let mut config = TrainConfig::defaults(objective);
@@ -455,7 +480,8 @@ pub fn run_split(
     let mut scoring = Scoring::new(stream, settings, spec.config.lists.top_n);
     for (k, event) in stream.events.iter().enumerate() {
         if let Some(t) = next_training.filter(|t| event.ts_ms >= *t) {
-            let m = Arc::new(models.at(stream, t, spec.objective, settings, fold_in)?);
+            let kind = (spec.objective, spec.history);
+            let m = Arc::new(models.at(stream, t, kind, settings, fold_in)?);
             for engine in &mut engines {
                 install(engine, Some(Arc::new(NcfScorer { model: m.clone() })));
             }
@@ -477,7 +503,7 @@ pub fn run_split(
                 let state = engine.store().user(partition, &user)?.unwrap_or_default();
                 m.item_index(event.movie_id)
                     .map(|i| {
-                        m.score_user(m.user_vector(&user, &state), &[i as i64])
+                        m.score_user(&m.user_vector(&user, &state), &[i as i64])
                             .map(|s| s[0] as f64)
                     })
                     .transpose()?
@@ -669,6 +695,7 @@ pub fn standard_variants(base: &EngineConfig, retrain_days: f64) -> Vec<VariantS
             sources: source_bit(source),
             model: ModelPlan::None,
             objective: Objective::Implicit,
+            history: false,
         }
     };
     // All-time popularity: every rating counted once, never decayed, no genre cap.
@@ -684,17 +711,46 @@ pub fn standard_variants(base: &EngineConfig, retrain_days: f64) -> Vec<VariantS
         VariantSpec {
             name: name.into(),
             config,
-            sources: ALL_SOURCES,
+            sources: CLASSIC_SOURCES,
             model,
             objective,
+            history: false,
         }
     };
     let full = |name: &str, model: ModelPlan| VariantSpec {
         name: name.into(),
         config: base.clone(),
-        sources: ALL_SOURCES,
+        sources: CLASSIC_SOURCES,
         model,
         objective: Objective::Implicit,
+        history: false,
+    };
+    let retrained = ModelPlan::Retrain {
+        every_days: retrain_days,
+    };
+    // The history model alone: its own candidates, ranked by its score.
+    let history_alone = {
+        let mut config = only(base);
+        config.blend.ncf = 1.0;
+        config.blend.popularity = TIE_BREAK;
+        VariantSpec {
+            name: "ncf-history".into(),
+            config,
+            sources: source_bit(Source::Model),
+            model: retrained,
+            objective: Objective::Implicit,
+            history: true,
+        }
+    };
+    let mut history_blend_config = base.clone();
+    history_blend_config.blend.ncf = HISTORY_BLEND_NCF;
+    let history_blend = VariantSpec {
+        name: "full-blend-history".into(),
+        config: history_blend_config,
+        sources: ALL_SOURCES,
+        model: retrained,
+        objective: Objective::Implicit,
+        history: true,
     };
     vec![
         popularity,
@@ -715,14 +771,20 @@ pub fn standard_variants(base: &EngineConfig, retrain_days: f64) -> Vec<VariantS
         ),
         full("blend-no-model", ModelPlan::None),
         full("full-blend", ModelPlan::FoldIn),
-        full(
-            "full-blend-retrained",
-            ModelPlan::Retrain {
-                every_days: retrain_days,
-            },
-        ),
+        full("full-blend-retrained", retrained),
+        history_alone,
+        history_blend,
     ]
 }
+
+/// The sources every variant before the history model drew from (the
+/// model's own source came with it), so their rows stay comparable.
+pub const CLASSIC_SOURCES: u8 = ALL_SOURCES & !32;
+
+/// The history model's weight in `full-blend-history` (its signal is the
+/// probability relative to the user's best item, as co-watch's is relative
+/// to the strongest candidate).
+pub const HISTORY_BLEND_NCF: f64 = 8.0;
 
 #[cfg(test)]
 mod tests;

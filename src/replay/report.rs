@@ -200,7 +200,12 @@ fn instances_table(s: &mut String, r: &DatasetReport) {
 
 /// Variants that blend several sources; every other variant is one source or
 /// the model alone.
-const BLENDS: [&str; 3] = ["blend-no-model", "full-blend", "full-blend-retrained"];
+const BLENDS: [&str; 4] = [
+    "blend-no-model",
+    "full-blend",
+    "full-blend-retrained",
+    "full-blend-history",
+];
 
 /// The goal, checked on the figures: the full blend against every
 /// single source and every peer (second-half HR@10).

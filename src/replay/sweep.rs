@@ -126,6 +126,7 @@ fn spec(config: &EngineConfig, model: ModelPlan) -> VariantSpec {
         sources: ALL_SOURCES,
         model,
         objective: Objective::Implicit,
+        history: false,
     }
 }
 
