@@ -51,9 +51,10 @@ pub struct DemoArgs {
     /// Stop after the script even on a terminal.
     #[arg(long)]
     pub exit_after_script: bool,
-    /// NCF model re-scoring candidates (the synthetic demo model by default;
+    /// NCF model proposing and re-scoring candidates (by default the
+    /// synthetic demo's history-based model: every event changes its input;
     /// it knows only the sample catalog, so it is skipped with --movielens).
-    #[arg(long, default_value = "models/demo/ncf-demo.onnx")]
+    #[arg(long, default_value = "models/demo/ncf-history-demo.onnx")]
     pub model: PathBuf,
     /// Address of the live page, the API and /metrics.
     #[arg(long, default_value = "127.0.0.1:0")]

@@ -218,23 +218,27 @@ async fn variants_split_users_switch_live_and_models_reload_safely() {
     )
     .await;
 
-    // 4. A new model file is loaded, parity-checked and served.
+    // 4. A new model file is loaded, parity-checked and served: a
+    // history-based NeuMF replaces the per-user one, and brings its own
+    // candidate source.
     let trained = dir.path().join("trained/model");
     std::fs::create_dir_all(trained.parent().unwrap()).unwrap();
     let catalog = recstream::catalog::load(&demo_catalog_path()).unwrap();
-    let mut train_config = TrainConfig::defaults(Objective::Implicit);
-    (train_config.gmf_dim, train_config.mlp_dim) = (4, 4);
-    train_config.hidden = vec![8];
-    train_config.epochs = 2;
-    train_config.seed = 7;
-    eval::run(RunInput {
-        config: train_config,
-        train: &synthetic::interactions(&catalog, 80, 10, 5),
-        test: None,
-        data_name: "synthetic".into(),
-        out: trained.clone(),
-        progress: false,
-    })
+    let sequence_config = recstream::ncf::sequence::SequenceConfig {
+        gmf_dim: 4,
+        mlp_dim: 4,
+        hidden: vec![8],
+        epochs: 2,
+        seed: 7,
+        ..Default::default()
+    };
+    recstream::ncf::sequence::train_and_export(
+        &sequence_config,
+        &synthetic::interactions(&catalog, 80, 10, 5),
+        "synthetic",
+        &trained,
+        false,
+    )
     .unwrap();
     let new_version = model_version(&trained.with_extension("onnx"));
     assert_ne!(new_version, demo_version);
@@ -255,6 +259,14 @@ async fn variants_split_users_switch_live_and_models_reload_safely() {
         log,
     )
     .await;
+    let model_sourced = latest.lock().unwrap().values().any(|v| {
+        v["items"].as_array().is_some_and(|items| {
+            items
+                .iter()
+                .any(|i| i["sources"].as_array().is_some_and(|s| s.contains(&"model".into())))
+        })
+    });
+    assert!(model_sourced, "the history model proposes candidates of its own");
     assert!(metric(http_port, "recstream_model_loads_total{outcome=\"loaded\"}") > loads_before);
 
     // 5. A broken model is rejected; the last good one keeps serving.
