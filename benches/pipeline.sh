@@ -9,6 +9,8 @@
 # Prints one JSON line per phase plus the engine's peak RSS and counters.
 # Usage: benches/pipeline.sh   (env: EVENTS, USERS, RATE, LATENCY_EVENTS, CATALOG,
 #   NCF=1: re-score with a NeuMF model trained on synthetic users of CATALOG,
+#   NCF=history: the history-based NeuMF instead (also the model's own
+#   candidate source: the whole catalogue scored per recomputed user),
 #   GUARANTEE=exactly_once: Kafka transactions (default at_least_once),
 #   FETCH_WAIT_MS: the consumers' fetch.wait.max.ms, see benches/broker.sh,
 #   RATINGS=FILE: the throughput phase replays these MovieLens ratings in
@@ -27,8 +29,10 @@ NCF=${NCF:-0}
 require_catalog
 
 engine_config
-if [ "$NCF" = 1 ]; then
-  "$BIN" train --synthetic-users 2000 --catalog "$CATALOG" --epochs 3 --quiet \
+if [ "$NCF" = 1 ] || [ "$NCF" = history ]; then
+  architecture=neumf
+  [ "$NCF" = history ] && architecture=history
+  "$BIN" train --architecture "$architecture" --synthetic-users 2000 --catalog "$CATALOG" --epochs 3 --quiet \
     --out "$work/ncf" >"$work/train.log" 2>&1
   printf '[model]\npath = "%s"\n' "$work/ncf.onnx" >>"$ENGINE_CONFIG"
 fi

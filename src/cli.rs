@@ -435,7 +435,10 @@ impl TrainArgs {
     pub fn sequence_config(&self) -> Result<crate::ncf::sequence::SequenceConfig> {
         let not_for_history = [
             ("--test", self.test.is_some()),
-            ("--objective explicit", matches!(self.objective, ObjectiveArg::Explicit)),
+            (
+                "--objective explicit",
+                matches!(self.objective, ObjectiveArg::Explicit),
+            ),
             ("--residual", self.residual),
             ("--ensemble", self.ensemble.is_some()),
             ("--snapshots", self.snapshots.is_some()),

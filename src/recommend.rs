@@ -756,7 +756,10 @@ pub fn build_outputs(
         _ => None,
     };
     if let Some(scores) = &catalogue_scores {
-        take(&mut model_ranking(scores).map(|id| (id, None)), Source::Model);
+        take(
+            &mut model_ranking(scores).map(|id| (id, None)),
+            Source::Model,
+        );
     }
 
     // Signals.
@@ -1132,7 +1135,9 @@ pub fn affinity(genres: GenreSet, weights: &[GenreWeight], max_abs: f64) -> f64 
 /// Movie ids by descending model score (ties by id), lazily: the source
 /// stops after its few candidates, so a full sort of the catalogue is rare.
 fn model_ranking(scores: &[(u32, f32)]) -> impl Iterator<Item = u32> + '_ {
-    let mut order: Vec<usize> = (0..scores.len()).filter(|&i| !scores[i].1.is_nan()).collect();
+    let mut order: Vec<usize> = (0..scores.len())
+        .filter(|&i| !scores[i].1.is_nan())
+        .collect();
     let by_score = move |a: &usize, b: &usize| {
         scores[*b]
             .1

@@ -16,11 +16,8 @@ use common::*;
 use recstream::config::BlendWeights;
 use recstream::experiment::{ExperimentSource, ModelCache};
 use recstream::ncf::card::ModelFiles;
-use recstream::ncf::eval::{self, RunInput};
 use recstream::ncf::foldin::FoldInConfig;
-use recstream::ncf::model::Objective;
 use recstream::ncf::synthetic;
-use recstream::ncf::train::TrainConfig;
 use serde_json::{json, Value};
 
 const USERS: usize = 40;
@@ -261,12 +258,17 @@ async fn variants_split_users_switch_live_and_models_reload_safely() {
     .await;
     let model_sourced = latest.lock().unwrap().values().any(|v| {
         v["items"].as_array().is_some_and(|items| {
-            items
-                .iter()
-                .any(|i| i["sources"].as_array().is_some_and(|s| s.contains(&"model".into())))
+            items.iter().any(|i| {
+                i["sources"]
+                    .as_array()
+                    .is_some_and(|s| s.contains(&"model".into()))
+            })
         })
     });
-    assert!(model_sourced, "the history model proposes candidates of its own");
+    assert!(
+        model_sourced,
+        "the history model proposes candidates of its own"
+    );
     assert!(metric(http_port, "recstream_model_loads_total{outcome=\"loaded\"}") > loads_before);
 
     // 5. A broken model is rejected; the last good one keeps serving.

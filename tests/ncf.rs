@@ -463,7 +463,10 @@ fn the_engine_serves_a_history_model_from_the_first_event() {
     assert_eq!(first.model.as_ref().unwrap().name, "ncf");
     assert!(first.items.iter().any(|i| i.signals.ncf.is_some()));
     assert!(
-        first.items.iter().any(|i| i.sources.contains(&Source::Model)),
+        first
+            .items
+            .iter()
+            .any(|i| i.sources.contains(&Source::Model)),
         "the model proposes candidates of its own"
     );
     let stored = engine.store_handle().user(0, user).unwrap().unwrap();
@@ -500,9 +503,16 @@ fn the_engine_serves_a_history_model_from_the_first_event() {
     assert_eq!(model.history_of(&stored).len(), 4);
     let after = engine.peek(0, user).unwrap().recommendations;
     let signals = |r: &recstream::output::Recommendations| -> Vec<(u32, Option<f64>)> {
-        r.items.iter().map(|i| (i.movie_id, i.signals.ncf)).collect()
+        r.items
+            .iter()
+            .map(|i| (i.movie_id, i.signals.ncf))
+            .collect()
     };
-    assert_ne!(signals(&first), signals(&after), "every event moves the model's scores");
+    assert_ne!(
+        signals(&first),
+        signals(&after),
+        "every event moves the model's scores"
+    );
     assert!(stored.latent.is_empty());
 }
 

@@ -68,7 +68,11 @@ impl HistoryEncoder {
 
     pub fn validate(&self, n_items: usize, user_dim: usize) -> Result<(), String> {
         let checks = [
-            ("history.position_weight", self.position_weight.len(), self.max_len),
+            (
+                "history.position_weight",
+                self.position_weight.len(),
+                self.max_len,
+            ),
             ("history.kind_weight", self.kind_weight.len(), HISTORY_KINDS),
             ("history.base", self.base.len(), user_dim),
             ("history.table", self.table.len(), n_items * user_dim),
@@ -150,7 +154,10 @@ pub mod tests {
         assert_eq!(kind_of_weight(w.weight(EventType::Like, None) as f32), 6);
         assert_eq!(kind_of_weight(w.weight(EventType::Dislike, None) as f32), 1);
         assert_eq!(kind_of_weight(w.weight(EventType::Skip, None) as f32), 2);
-        assert_eq!(kind_of_weight(w.weight(EventType::Complete, None) as f32), 5);
+        assert_eq!(
+            kind_of_weight(w.weight(EventType::Complete, None) as f32),
+            5
+        );
     }
 
     #[test]
@@ -171,11 +178,11 @@ pub mod tests {
         let e = random_encoder(3, 2, 2, 2);
         let u = e.user_vector(&[(1, 2), (2, 5)]);
         let norm = 1.0 / 2f32.sqrt();
-        for d in 0..2 {
+        for (d, got) in u.iter().enumerate() {
             let want = e.base[d]
                 + norm * e.position_weight[0] * e.kind_weight[2] * e.table[2 + d]
                 + norm * e.position_weight[1] * e.kind_weight[5] * e.table[4 + d];
-            assert!((u[d] - want).abs() < 1e-6);
+            assert!((got - want).abs() < 1e-6);
         }
     }
 }

@@ -318,28 +318,52 @@ pub fn export_with_history(
         float_tensor("history.table", &[n, d], &encoder.table),
         float_tensor("history.base", &[d], &encoder.base),
         float_tensor("history.position_weight", &[l], &encoder.position_weight),
-        float_tensor("history.kind_weight", &[HISTORY_KINDS], &encoder.kind_weight),
+        float_tensor(
+            "history.kind_weight",
+            &[HISTORY_KINDS],
+            &encoder.kind_weight,
+        ),
         float_tensor("history.kind_mask", &[HISTORY_KINDS], &kind_mask),
         float_tensor("history.one", &[1], &[1.0]),
         int_tensor("history.axis_1", &[1]),
         int_tensor("history.axis_2", &[2]),
     ]);
     let gather = |table: &str, index: &str, out: &str| {
-        node("Gather", &[table, index], out, vec![int_attribute("axis", 0)])
+        node(
+            "Gather",
+            &[table, index],
+            out,
+            vec![int_attribute("axis", 0)],
+        )
     };
     let keepdims = |v: i64| vec![int_attribute("keepdims", v)];
     graph.nodes.extend([
         gather("history.table", "history", "h_rows"),
         gather("history.kind_weight", "history_kind", "h_kind"),
         gather("history.kind_mask", "history_kind", "h_mask"),
-        node("ReduceSum", &["h_mask", "history.axis_1"], "h_n", keepdims(1)),
+        node(
+            "ReduceSum",
+            &["h_mask", "history.axis_1"],
+            "h_n",
+            keepdims(1),
+        ),
         node("Max", &["h_n", "history.one"], "h_n1", vec![]),
         node("Sqrt", &["h_n1"], "h_norm", vec![]),
-        node("Mul", &["h_kind", "history.position_weight"], "h_w0", vec![]),
+        node(
+            "Mul",
+            &["h_kind", "history.position_weight"],
+            "h_w0",
+            vec![],
+        ),
         node("Div", &["h_w0", "h_norm"], "h_w", vec![]),
         node("Unsqueeze", &["h_w", "history.axis_2"], "h_w3", vec![]),
         node("Mul", &["h_rows", "h_w3"], "h_weighted", vec![]),
-        node("ReduceSum", &["h_weighted", "history.axis_1"], "h_sum", keepdims(0)),
+        node(
+            "ReduceSum",
+            &["h_weighted", "history.axis_1"],
+            "h_sum",
+            keepdims(0),
+        ),
         node("Add", &["h_sum", "history.base"], "h_user", vec![]),
         node("Add", &["user", "h_user"], "user_total", vec![]),
     ]);
@@ -348,7 +372,11 @@ pub fn export_with_history(
     let metadata = metadata(weights, model_version, Some(l));
     let int = pb::tensor_proto::DataType::Int64;
     let inputs = vec![
-        value_info("user", pb::tensor_proto::DataType::Float, &[Err("N"), Ok(d as i64)]),
+        value_info(
+            "user",
+            pb::tensor_proto::DataType::Float,
+            &[Err("N"), Ok(d as i64)],
+        ),
         value_info("history", int, &[Err("N"), Ok(l as i64)]),
         value_info("history_kind", int, &[Err("N"), Ok(l as i64)]),
         value_info("item", int, &[Err("N")]),
@@ -361,7 +389,11 @@ pub fn export_with_history(
     )
 }
 
-fn metadata(weights: &NcfWeights, model_version: &str, history_len: Option<usize>) -> Vec<(&'static str, String)> {
+fn metadata(
+    weights: &NcfWeights,
+    model_version: &str,
+    history_len: Option<usize>,
+) -> Vec<(&'static str, String)> {
     let residual: Vec<String> = weights
         .layers
         .iter()
@@ -579,8 +611,14 @@ mod tests {
         for history in histories {
             let user = encoder.user_vector(history);
             let items: Vec<i64> = (0..w.n_items as i64).collect();
-            let got = crate::ncf::serve::run_history_plan(&plan, &encoder, &vec![0.0; w.user_dim()], history, &items)
-                .unwrap();
+            let got = crate::ncf::serve::run_history_plan(
+                &plan,
+                &encoder,
+                &vec![0.0; w.user_dim()],
+                history,
+                &items,
+            )
+            .unwrap();
             for (i, g) in got.iter().enumerate() {
                 let want = w.score(&user, i);
                 assert!((g - want).abs() < 1e-5, "item {i}: tract {g}, rust {want}");

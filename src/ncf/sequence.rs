@@ -19,16 +19,18 @@ use candle_core::{Device, Tensor, Var};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use serde::{Deserialize, Serialize};
 
-use super::card::{HistorySpec, ModelCard, ModelFiles, ParityCheck, TensorSpec, UserVectorLayout, CARD_FORMAT};
+use super::card::{
+    HistorySpec, ModelCard, ModelFiles, ParityCheck, TensorSpec, UserVectorLayout, CARD_FORMAT,
+};
 use super::data::{self, Dataset, RawInteraction, Row};
 use super::eval::{self, EvalError};
 use super::foldin::FoldInConfig;
-use super::serve::NcfModel;
-use super::{onnx, plot};
-use crate::fnv::Fnv;
 use super::history::{kind_of_rating, HistoryEncoder, HISTORY_KINDS};
 use super::model::{Dense, NcfWeights, Objective};
+use super::serve::NcfModel;
 use super::train::{EpochReport, TrainError};
+use super::{onnx, plot};
+use crate::fnv::Fnv;
 use crate::rng::Rng;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -100,7 +102,7 @@ impl SequenceConfig {
         if self.epochs == 0 || self.batch_size == 0 {
             return bad("epochs", "epochs and batch_size must be positive");
         }
-        if !(self.learning_rate > 0.0) {
+        if self.learning_rate.is_nan() || self.learning_rate <= 0.0 {
             return bad("learning_rate", "must be positive");
         }
         Ok(())
@@ -187,7 +189,13 @@ pub fn train_and_export(
     let (dataset, mut parts) = Dataset::index(&[train]);
     let rows = parts.remove(0);
     let started = Instant::now();
-    let trained = train_sequence(config, dataset.n_users(), dataset.n_items(), &rows, progress)?;
+    let trained = train_sequence(
+        config,
+        dataset.n_users(),
+        dataset.n_items(),
+        &rows,
+        progress,
+    )?;
     let train_seconds = started.elapsed().as_secs_f64();
     let (w, encoder) = (&trained.weights, &trained.encoder);
     let hash = eval::data_hash(&rows, &dataset);
@@ -196,7 +204,10 @@ pub fn train_and_export(
     version_hash.write(hash.as_bytes());
     let model_version = format!("ncf-history-{}", &version_hash.hex()[..10]);
     let files = ModelFiles::new(out);
-    eval::write(&files.onnx, &onnx::export_with_history(w, encoder, &model_version))?;
+    eval::write(
+        &files.onnx,
+        &onnx::export_with_history(w, encoder, &model_version),
+    )?;
     // No per-user part: every user is their history.
     eval::write(&files.users, &[])?;
     let d = w.user_dim();
@@ -215,7 +226,10 @@ pub fn train_and_export(
     let sequences = sequences(&rows, dataset.n_users());
     let validation_hr10 = trained.epochs[trained.best_epoch - 1].validation;
     let mut metrics = serde_json::Map::new();
-    metrics.insert("validation_hr@10_full_catalogue".into(), validation_hr10.into());
+    metrics.insert(
+        "validation_hr@10_full_catalogue".into(),
+        validation_hr10.into(),
+    );
     let card = ModelCard {
         format: CARD_FORMAT.into(),
         model_version: model_version.clone(),
@@ -242,7 +256,10 @@ pub fn train_and_export(
             kinds: kind_names(),
         }),
     };
-    eval::write(&files.card, &serde_json::to_vec_pretty(&card).unwrap_or_default())?;
+    eval::write(
+        &files.card,
+        &serde_json::to_vec_pretty(&card).unwrap_or_default(),
+    )?;
     let model = NcfModel::load(&files.onnx, FoldInConfig::default())?;
     let curve = out.with_extension("curve.png");
     let report_path = out.with_extension("report.json");
@@ -273,18 +290,27 @@ pub fn train_and_export(
             .map(|p| p.display().to_string())
             .collect(),
     };
-    eval::write(&report_path, &serde_json::to_vec_pretty(&report).unwrap_or_default())?;
+    eval::write(
+        &report_path,
+        &serde_json::to_vec_pretty(&report).unwrap_or_default(),
+    )?;
     Ok((model, report))
 }
 
 /// 16 reference scores: histories taken from training sequences (the
 /// empty one included) against items spread over the catalogue.
-fn parity_checks(w: &NcfWeights, encoder: &HistoryEncoder, sequences: &[Vec<(u32, u8)>]) -> Vec<ParityCheck> {
+fn parity_checks(
+    w: &NcfWeights,
+    encoder: &HistoryEncoder,
+    sequences: &[Vec<(u32, u8)>],
+) -> Vec<ParityCheck> {
     let with_events: Vec<&Vec<(u32, u8)>> = sequences.iter().filter(|s| !s.is_empty()).collect();
     (0..16usize)
         .map(|k| {
             let history = match with_events.get(k * with_events.len() / 16) {
-                Some(seq) if k > 0 => history_before(seq, seq.len() * (k % 4 + 1) / 4, encoder.max_len),
+                Some(seq) if k > 0 => {
+                    history_before(seq, seq.len() * (k % 4 + 1) / 4, encoder.max_len)
+                }
                 _ => Vec::new(),
             };
             let item = ((k * 7919 + 13) % w.n_items) as u32;
@@ -345,7 +371,12 @@ fn values(v: &Var) -> candle_core::Result<Vec<f32>> {
 }
 
 impl Params {
-    fn new(c: &SequenceConfig, n_items: usize, rng: &mut Rng, dev: &Device) -> candle_core::Result<Params> {
+    fn new(
+        c: &SequenceConfig,
+        n_items: usize,
+        rng: &mut Rng,
+        dev: &Device,
+    ) -> candle_core::Result<Params> {
         let (g, m, s) = (c.gmf_dim, c.mlp_dim, c.init_std);
         let dim = g + m + 1;
         let mut layers = Vec::new();
@@ -397,7 +428,12 @@ impl Params {
     }
 
     /// The user vectors `[B, G + M + 1]` of a batch of histories.
-    fn users(&self, c: &SequenceConfig, batch: &[&Example], dev: &Device) -> candle_core::Result<Tensor> {
+    fn users(
+        &self,
+        c: &SequenceConfig,
+        batch: &[&Example],
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
         let (b, l) = (batch.len(), c.max_len);
         let mut items = vec![0u32; b * l];
         let mut kinds = vec![0u32; b * l];
@@ -443,7 +479,11 @@ impl Params {
             Some(idx) => v.index_select(idx, 0),
             None => Ok(v.as_tensor().clone()),
         };
-        let (eg, em, eb) = (pick(&self.item_gmf)?, pick(&self.item_mlp)?, pick(&self.item_bias)?);
+        let (eg, em, eb) = (
+            pick(&self.item_gmf)?,
+            pick(&self.item_mlp)?,
+            pick(&self.item_bias)?,
+        );
         let n_cand = eb.dims2()?.0;
         let b = batch.len();
         let out_w = self.out_w.as_tensor();
@@ -452,13 +492,17 @@ impl Params {
             .broadcast_add(&eb.t()?)?
             .broadcast_add(self.out_b.as_tensor())?;
         if g > 0 {
-            let ug = user.narrow(1, 0, g)?.broadcast_mul(&out_w.narrow(0, 0, g)?.t()?)?;
+            let ug = user
+                .narrow(1, 0, g)?
+                .broadcast_mul(&out_w.narrow(0, 0, g)?.t()?)?;
             logits = (logits + ug.matmul(&eg.t()?.contiguous()?)?)?;
         }
         let (w1, b1) = &self.layers[0];
         let w1 = w1.as_tensor();
         let user_half = user.narrow(1, g, m)?.matmul(&w1.narrow(0, 0, m)?)?;
-        let item_half = em.matmul(&w1.narrow(0, m, m)?)?.broadcast_add(b1.as_tensor())?;
+        let item_half = em
+            .matmul(&w1.narrow(0, m, m)?)?
+            .broadcast_add(b1.as_tensor())?;
         let h1 = item_half.dims2()?.1;
         let mut x = user_half
             .unsqueeze(1)?
@@ -466,7 +510,10 @@ impl Params {
             .relu()?
             .reshape((b * n_cand, h1))?;
         for (w, bias) in &self.layers[1..] {
-            x = x.matmul(w.as_tensor())?.broadcast_add(bias.as_tensor())?.relu()?;
+            x = x
+                .matmul(w.as_tensor())?
+                .broadcast_add(bias.as_tensor())?
+                .relu()?;
         }
         let last = x.dims2()?.1;
         let mlp = x.matmul(&out_w.narrow(0, g, last)?)?.reshape((b, n_cand))?;
@@ -529,7 +576,10 @@ fn examples(sequences: &[Vec<(u32, u8)>], max_len: usize) -> (Vec<Example>, Vec<
             if pos + 1 == seq.len() && seq.len() >= 2 {
                 validation.push(ex);
             } else {
-                train.push(Example { seen: Vec::new(), ..ex });
+                train.push(Example {
+                    seen: Vec::new(),
+                    ..ex
+                });
             }
             if let Err(at) = seen.binary_search(&seq[pos].0) {
                 seen.insert(at, seq[pos].0);
@@ -541,7 +591,12 @@ fn examples(sequences: &[Vec<(u32, u8)>], max_len: usize) -> (Vec<Example>, Vec<
 
 /// HR@10 over the whole catalogue, items seen before excluded, and the
 /// mean log-sum-exp of the cases' logits (the calibration shift).
-fn hit_rate(p: &Params, c: &SequenceConfig, cases: &[Example], dev: &Device) -> candle_core::Result<(f64, f64)> {
+fn hit_rate(
+    p: &Params,
+    c: &SequenceConfig,
+    cases: &[Example],
+    dev: &Device,
+) -> candle_core::Result<(f64, f64)> {
     if cases.is_empty() {
         return Ok((f64::NAN, 0.0));
     }
@@ -552,7 +607,12 @@ fn hit_rate(p: &Params, c: &SequenceConfig, cases: &[Example], dev: &Device) -> 
         let logits = p.logits(c, &batch, None, dev)?.to_vec2::<f32>()?;
         for (ex, row) in chunk.iter().zip(logits) {
             let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-            lse_sum += max + row.iter().map(|&l| (l as f64 - max).exp()).sum::<f64>().ln();
+            lse_sum += max
+                + row
+                    .iter()
+                    .map(|&l| (l as f64 - max).exp())
+                    .sum::<f64>()
+                    .ln();
             let target = row[ex.target as usize];
             let better = row
                 .iter()
@@ -562,7 +622,10 @@ fn hit_rate(p: &Params, c: &SequenceConfig, cases: &[Example], dev: &Device) -> 
             hits += usize::from(better < 10);
         }
     }
-    Ok((hits as f64 / cases.len() as f64, lse_sum / cases.len() as f64))
+    Ok((
+        hits as f64 / cases.len() as f64,
+        lse_sum / cases.len() as f64,
+    ))
 }
 
 /// Trains on `rows` (dense indices, any order): causal next-item prediction
@@ -663,7 +726,12 @@ pub fn train_sequence(
 /// The softmax's items for a batch too large a catalogue for a full one: the
 /// batch's targets and `extra` uniformly drawn items; returns them and each
 /// example's target position among them.
-fn sampled_softmax(batch: &[&Example], n_items: usize, extra: usize, rng: &mut Rng) -> (Option<Vec<u32>>, Vec<u32>) {
+fn sampled_softmax(
+    batch: &[&Example],
+    n_items: usize,
+    extra: usize,
+    rng: &mut Rng,
+) -> (Option<Vec<u32>>, Vec<u32>) {
     let mut position: HashMap<u32, u32> = HashMap::new();
     let mut items = Vec::new();
     let mut add = |item: u32, items: &mut Vec<u32>| -> u32 {

@@ -263,8 +263,12 @@ pub fn run_history_plan(
     let users: Vec<f32> = (0..n).flat_map(|_| user.iter().copied()).collect();
     let inputs = tvec!(
         Tensor::from_shape(&[n, d], &users).map_err(tract)?.into(),
-        Tensor::from_shape(&[n, l], &repeat(&hist)).map_err(tract)?.into(),
-        Tensor::from_shape(&[n, l], &repeat(&kinds)).map_err(tract)?.into(),
+        Tensor::from_shape(&[n, l], &repeat(&hist))
+            .map_err(tract)?
+            .into(),
+        Tensor::from_shape(&[n, l], &repeat(&kinds))
+            .map_err(tract)?
+            .into(),
         Tensor::from_shape(&[n], items).map_err(tract)?.into(),
     );
     let out = plan.run(inputs).map_err(tract)?;
@@ -319,8 +323,16 @@ impl NcfModel {
                     h.max_len, e.max_len
                 )))
             }
-            (Some(_), None) => return Err(card_err("the model reads a history; the card has no `history` section".into())),
-            (None, Some(_)) => return Err(card_err("the card has a `history` section; the model reads none".into())),
+            (Some(_), None) => {
+                return Err(card_err(
+                    "the model reads a history; the card has no `history` section".into(),
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(card_err(
+                    "the card has a `history` section; the model reads none".into(),
+                ))
+            }
             _ => {}
         }
         if card.user_vector.dim != d || card.item_ids.len() != weights.n_items {
@@ -440,7 +452,10 @@ impl NcfModel {
             let history = c.history.as_deref().unwrap_or(&[]);
             let out_of_model = c.item as usize >= self.weights.n_items
                 || (rows > 0 && c.user_row >= rows)
-                || history.iter().any(|&(i, k)| i as usize >= self.weights.n_items || k as usize >= super::history::HISTORY_KINDS);
+                || history.iter().any(|&(i, k)| {
+                    i as usize >= self.weights.n_items
+                        || k as usize >= super::history::HISTORY_KINDS
+                });
             if out_of_model {
                 return Err(format!(
                     "parity check (user row {}, item {}) is outside the model",

@@ -145,8 +145,9 @@ pub async fn run_variant(
         let user = event.user_id.to_string();
         if let Some(t) = next_training.filter(|t| event.ts_ms >= *t) {
             // Training takes seconds: off the async workers' hands.
-            let file =
-                tokio::task::block_in_place(|| models.file(stream, t, (spec.objective, spec.history), settings))?;
+            let file = tokio::task::block_in_place(|| {
+                models.file(stream, t, (spec.objective, spec.history), settings)
+            })?;
             // The version only: the pipeline loads (and checks) the model itself.
             let version = crate::ncf::serve::read_card(&file)?.model_version;
             write_experiment(&file.display().to_string())?;
