@@ -91,6 +91,12 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     let (catalog, catalog_path) = load_catalog(&args, &work)?;
     if args.movielens.is_none() && args.model.exists() {
         config.model.path = Some(args.model.clone());
+        // A history model's signal is relative to the user's best item; it
+        // blends at the weight the replay picked for it (eval/REPLAY.md).
+        let card = crate::ncf::serve::read_card(&args.model)?;
+        if card.history.is_some() {
+            config.engine.blend.ncf = crate::replay::HISTORY_BLEND_NCF;
+        }
     }
     config.catalog.path = Some(catalog_path);
     let genre = catalog

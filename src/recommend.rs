@@ -1340,6 +1340,29 @@ mod tests {
     }
 
     proptest! {
+        /// The model source reads the catalogue scores by descending score
+        /// (ties by id), to any depth, with unscored (NaN) items left out.
+        #[test]
+        fn model_ranking_reads_like_a_full_sort(
+            scores in proptest::collection::vec(proptest::option::of(0u8..20), 0..700),
+            depth in 0usize..750,
+        ) {
+            let all: Vec<(u32, f32)> = scores
+                .iter()
+                .enumerate()
+                .map(|(i, s)| (i as u32, s.map_or(f32::NAN, |v| v as f32)))
+                .collect();
+            let mut want: Vec<(u32, f32)> = all.iter().copied().filter(|s| !s.1.is_nan()).collect();
+            want.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+            let got: Vec<u32> = model_ranking(&all).take(depth).collect();
+            let want: Vec<u32> = want.iter().take(depth).map(|s| s.0).collect();
+            prop_assert_eq!(got, want);
+            for (id, s) in &all {
+                let found = score_of(&all, *id);
+                prop_assert!(found == *s || (found.is_nan() && s.is_nan()));
+            }
+        }
+
         /// Reading the lazy ranking to any depth gives the fully sorted prefix.
         #[test]
         fn lazy_ranking_reads_like_a_full_sort(

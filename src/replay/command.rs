@@ -41,6 +41,9 @@ pub struct ReplayArgs {
     /// Retraining interval in days of event time (default: 30 on ml-100k, 1095 on longer streams).
     #[arg(long)]
     pub retrain_days: Option<f64>,
+    /// The history model's blend weight in `full-blend-history`.
+    #[arg(long, default_value_t = super::HISTORY_BLEND_NCF)]
+    pub history_ncf: f64,
     /// Skip the Python peers (river, implicit).
     #[arg(long)]
     pub no_peers: bool,
@@ -225,7 +228,7 @@ async fn through_broker(args: &ReplayArgs, brokers: &str) -> Result<()> {
         std::fs::create_dir_all(&args.work_dir)
             .with_context(|| format!("creating {}", args.work_dir.display()))?;
         let mut models = Models::default();
-        for spec in standard_variants(&base_config(args)?, retrain_days)
+        for spec in standard_variants(&base_config(args)?, retrain_days, args.history_ncf)
             .into_iter()
             .filter(|v| args.variants.is_empty() || args.variants.contains(&v.name))
         {
@@ -255,7 +258,7 @@ fn dataset(path: &Path, args: &ReplayArgs) -> Result<DatasetReport> {
     let (retrain_days, settings) = settings_for(&stream, args, None)?;
     std::fs::create_dir_all(&args.work_dir)
         .with_context(|| format!("creating {}", args.work_dir.display()))?;
-    let specs: Vec<VariantSpec> = standard_variants(&base_config(args)?, retrain_days)
+    let specs: Vec<VariantSpec> = standard_variants(&base_config(args)?, retrain_days, args.history_ncf)
         .into_iter()
         .filter(|v| args.variants.is_empty() || args.variants.contains(&v.name))
         .collect();

@@ -282,18 +282,27 @@ impl Models {
                 if let Some(e) = settings.epochs {
                     config.epochs = e;
                 }
-                let out = settings
-                    .work_dir
-                    .join(format!("{}-history-{}", stream.name, t));
-                let (model, _) = crate::ncf::sequence::train_and_export(
-                    &config,
-                    &stream.before(t),
-                    &format!("{} before {t}", stream.name),
-                    &out,
-                    false,
-                )?;
-                drop(model);
-                slot.insert(out.with_extension("onnx"));
+                // Named by the training settings too: a later run with the
+                // same settings and cut reuses the files (they are loaded
+                // and parity-checked again like any model).
+                let mut fingerprint = crate::fnv::Fnv::default();
+                fingerprint.write(serde_json::to_string(&config).unwrap_or_default().as_bytes());
+                let out = settings.work_dir.join(format!(
+                    "{}-history-{t}-{}",
+                    stream.name,
+                    &fingerprint.hex()[..10]
+                ));
+                let files = crate::ncf::card::ModelFiles::new(&out);
+                if !files.card.exists() {
+                    crate::ncf::sequence::train_and_export(
+                        &config,
+                        &stream.before(t),
+                        &format!("{} before {t}", stream.name),
+                        &out,
+                        false,
+                    )?;
+                }
+                slot.insert(files.onnx);
             }
             return Ok(self.files[&key].clone());
         }
@@ -684,7 +693,11 @@ const TIE_BREAK: f64 = 1e-3;
 /// The variants compared side by side, built on `base` (the engine's defaults
 /// or a sweep's choice). Single sources rank by their own signal (popularity
 /// breaks ties); NCF variants re-score every source's candidates.
-pub fn standard_variants(base: &EngineConfig, retrain_days: f64) -> Vec<VariantSpec> {
+pub fn standard_variants(
+    base: &EngineConfig,
+    retrain_days: f64,
+    history_ncf: f64,
+) -> Vec<VariantSpec> {
     let single = |name: &str, source: Source, set: &dyn Fn(&mut EngineConfig)| {
         let mut config = only(base);
         config.blend.popularity = TIE_BREAK;
@@ -743,7 +756,7 @@ pub fn standard_variants(base: &EngineConfig, retrain_days: f64) -> Vec<VariantS
         }
     };
     let mut history_blend_config = base.clone();
-    history_blend_config.blend.ncf = HISTORY_BLEND_NCF;
+    history_blend_config.blend.ncf = history_ncf;
     let history_blend = VariantSpec {
         name: "full-blend-history".into(),
         config: history_blend_config,
@@ -796,8 +809,9 @@ pub const CLASSIC_SOURCES: u8 = ALL_SOURCES & !32;
 
 /// The history model's weight in `full-blend-history` (its signal is the
 /// probability relative to the user's best item, as co-watch's is relative
-/// to the strongest candidate).
-pub const HISTORY_BLEND_NCF: f64 = 8.0;
+/// to the strongest candidate). Of 1, 2, 3, 4 and 8 (`--history-ncf`), 2 is
+/// the one that gains on both datasets (eval/REPLAY.md).
+pub const HISTORY_BLEND_NCF: f64 = 2.0;
 
 #[cfg(test)]
 mod tests;

@@ -15,7 +15,7 @@ fn settings() -> Settings {
 }
 
 fn variant(name: &str) -> VariantSpec {
-    standard_variants(&EngineConfig::default(), 1.0)
+    standard_variants(&EngineConfig::default(), 1.0, super::HISTORY_BLEND_NCF)
         .into_iter()
         .find(|v| v.name == name)
         .unwrap()
