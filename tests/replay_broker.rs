@@ -27,10 +27,11 @@ async fn the_kafka_path_scores_like_the_in_process_replay() {
     // One model cache: both paths serve the same trained files.
     let mut models = Models::default();
     for name in ["popularity", "co-watched", "blend-no-model", "full-blend"] {
-        let spec = replay::standard_variants(&EngineConfig::default(), 14.0)
-            .into_iter()
-            .find(|v| v.name == name)
-            .unwrap();
+        let spec =
+            replay::standard_variants(&EngineConfig::default(), 14.0, replay::HISTORY_BLEND_NCF)
+                .into_iter()
+                .find(|v| v.name == name)
+                .unwrap();
         let in_process = replay::run_variant(&stream, &spec, &settings, &mut models).unwrap();
         let through_kafka = replay::broker::run_variant(
             &stream,

@@ -258,10 +258,11 @@ fn dataset(path: &Path, args: &ReplayArgs) -> Result<DatasetReport> {
     let (retrain_days, settings) = settings_for(&stream, args, None)?;
     std::fs::create_dir_all(&args.work_dir)
         .with_context(|| format!("creating {}", args.work_dir.display()))?;
-    let specs: Vec<VariantSpec> = standard_variants(&base_config(args)?, retrain_days, args.history_ncf)
-        .into_iter()
-        .filter(|v| args.variants.is_empty() || args.variants.contains(&v.name))
-        .collect();
+    let specs: Vec<VariantSpec> =
+        standard_variants(&base_config(args)?, retrain_days, args.history_ncf)
+            .into_iter()
+            .filter(|v| args.variants.is_empty() || args.variants.contains(&v.name))
+            .collect();
     let mut models = Models::default();
     let mut variants = Vec::new();
     for spec in &specs {

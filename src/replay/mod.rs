@@ -286,7 +286,11 @@ impl Models {
                 // same settings and cut reuses the files (they are loaded
                 // and parity-checked again like any model).
                 let mut fingerprint = crate::fnv::Fnv::default();
-                fingerprint.write(serde_json::to_string(&config).unwrap_or_default().as_bytes());
+                fingerprint.write(
+                    serde_json::to_string(&config)
+                        .unwrap_or_default()
+                        .as_bytes(),
+                );
                 let out = settings.work_dir.join(format!(
                     "{}-history-{t}-{}",
                     stream.name,
