@@ -89,12 +89,13 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     config.validate()?;
 
     let (catalog, catalog_path) = load_catalog(&args, &work)?;
+    let mut history_model = false;
     if args.movielens.is_none() && args.model.exists() {
         config.model.path = Some(args.model.clone());
         // A history model's signal is relative to the user's best item; it
         // blends at the weight the replay picked for it (eval/REPLAY.md).
-        let card = crate::ncf::serve::read_card(&args.model)?;
-        if card.history.is_some() {
+        history_model = crate::ncf::serve::read_card(&args.model)?.history.is_some();
+        if history_model {
             config.engine.blend.ncf = crate::replay::HISTORY_BLEND_NCF;
         }
     }
@@ -121,6 +122,10 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     println!(
         "  model     : {}",
         match &config.model.path {
+            Some(p) if history_model => format!(
+                "history NCF {} (tract; each user encoded from their recent events, no per-user training; also proposes its own candidates)",
+                p.display()
+            ),
             Some(p) => format!(
                 "NCF {} (tract; new users folded in from their first event)",
                 p.display()
