@@ -28,7 +28,7 @@ use super::foldin::FoldInConfig;
 use super::history::{kind_of_rating, HistoryEncoder, HISTORY_KINDS};
 use super::model::{Dense, NcfWeights, Objective};
 use super::serve::NcfModel;
-use super::train::{EpochReport, TrainError};
+use super::train::{gaussian, EpochReport, TrainError};
 use super::{onnx, plot};
 use crate::fnv::Fnv;
 use crate::rng::Rng;
@@ -114,7 +114,7 @@ impl SequenceConfig {
 pub fn sequences(rows: &[Row], n_users: usize) -> Vec<Vec<(u32, u8)>> {
     let mut by_user: Vec<Vec<(i64, u32, u8)>> = vec![Vec::new(); n_users];
     for r in rows {
-        by_user[r.user as usize].push((r.ts, r.item, kind_of_rating(r.rating)));
+        by_user[r.user as usize].push((r.ts, r.item, kind_of_row(r.rating)));
     }
     by_user
         .into_iter()
@@ -124,6 +124,19 @@ pub fn sequences(rows: &[Row], n_users: usize) -> Vec<Vec<(u32, u8)>> {
         })
         .collect()
 }
+
+/// The kind of a training row: its rating's, or for a row without a rating
+/// (an interaction dump keeps the positive events, rating 0) a mild interest.
+fn kind_of_row(rating: f32) -> u8 {
+    if rating > 0.0 {
+        kind_of_rating(rating)
+    } else {
+        INTEREST_KIND
+    }
+}
+
+/// Kind 4 (see [`super::history::kind_of_weight`]): a click, a play.
+const INTEREST_KIND: u8 = 4;
 
 /// The history the engine holds before `sequence[pos]`: most recent first,
 /// one entry per item (its latest kind), at most `max_len`.
@@ -352,16 +365,6 @@ struct Params {
     out_b: Var,
 }
 
-fn gaussian(rng: &mut Rng, n: usize, std: f32) -> Vec<f32> {
-    (0..n)
-        .map(|_| {
-            let u1 = rng.unit().max(1e-12);
-            let u2 = rng.unit();
-            ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32 * std
-        })
-        .collect()
-}
-
 fn var(data: Vec<f32>, shape: &[usize], device: &Device) -> candle_core::Result<Var> {
     Var::from_tensor(&Tensor::from_vec(data, shape, device)?)
 }
@@ -566,23 +569,19 @@ impl Params {
 fn examples(sequences: &[Vec<(u32, u8)>], max_len: usize) -> (Vec<Example>, Vec<Example>) {
     let (mut train, mut validation) = (Vec::new(), Vec::new());
     for seq in sequences {
-        let mut seen: Vec<u32> = Vec::new();
         for pos in 0..seq.len() {
             let ex = Example {
                 history: history_before(seq, pos, max_len),
                 target: seq[pos].0,
-                seen: seen.clone(),
+                seen: Vec::new(),
             };
             if pos + 1 == seq.len() && seq.len() >= 2 {
-                validation.push(ex);
+                let mut seen: Vec<u32> = seq[..pos].iter().map(|e| e.0).collect();
+                seen.sort_unstable();
+                seen.dedup();
+                validation.push(Example { seen, ..ex });
             } else {
-                train.push(Example {
-                    seen: Vec::new(),
-                    ..ex
-                });
-            }
-            if let Err(at) = seen.binary_search(&seq[pos].0) {
-                seen.insert(at, seq[pos].0);
+                train.push(ex);
             }
         }
     }
@@ -656,6 +655,15 @@ pub fn train_sequence(
     if train.is_empty() {
         return Err(TrainError::Empty);
     }
+    // What the data can teach: kinds and positions it never shows keep
+    // their initial weights, so the export borrows the nearest trained ones.
+    let longest = train.iter().map(|e| e.history.len()).max().unwrap_or(0);
+    let mut kinds_seen = [false; HISTORY_KINDS];
+    for e in &train {
+        for &(_, k) in &e.history {
+            kinds_seen[k as usize] = true;
+        }
+    }
     let full = n_items <= config.full_softmax_items;
     let mut order: Vec<usize> = (0..train.len()).collect();
     let mut best: Option<(f64, usize, NcfWeights, HistoryEncoder)> = None;
@@ -704,7 +712,8 @@ pub fn train_sequence(
             Some((b, ..)) => metric > *b || (b.is_nan() && !metric.is_nan()),
         };
         if improved {
-            let (mut weights, encoder) = params.export(config)?;
+            let (mut weights, mut encoder) = params.export(config)?;
+            fill_untrained(&mut encoder, longest, &kinds_seen);
             // Softmax logits are shift-invariant; shifting them by the mean
             // log-sum-exp makes sigmoid(logit) ≈ the softmax probability of
             // being the next item (small, far from sigmoid's flat top).
@@ -721,6 +730,32 @@ pub fn train_sequence(
         epochs,
         best_epoch,
     })
+}
+
+/// Positions past the longest training history take the last trained
+/// position's weight; a kind absent from training (a like, in rating data)
+/// takes the nearest trained kind's weight on the same side (a like: a
+/// 5-star's), so neither keeps its arbitrary initial value.
+fn fill_untrained(
+    encoder: &mut HistoryEncoder,
+    longest: usize,
+    kinds_seen: &[bool; HISTORY_KINDS],
+) {
+    if longest > 0 {
+        let last = encoder.position_weight[longest - 1];
+        for w in &mut encoder.position_weight[longest..] {
+            *w = last;
+        }
+    }
+    // Kinds 1..=3 are dislike to neutral, 4..=6 interest to like.
+    for side in [1..=3usize, 4..=6] {
+        let trained: Vec<usize> = side.clone().filter(|&k| kinds_seen[k]).collect();
+        for k in side.filter(|&k| !kinds_seen[k]) {
+            if let Some(&near) = trained.iter().min_by_key(|&&t| t.abs_diff(k)) {
+                encoder.kind_weight[k] = encoder.kind_weight[near];
+            }
+        }
+    }
 }
 
 /// The softmax's items for a batch too large a catalogue for a full one: the
@@ -759,6 +794,28 @@ mod tests {
             rating: 5.0,
             ts,
         }
+    }
+
+    #[test]
+    fn untrained_kinds_and_positions_borrow_the_nearest_trained_weights() {
+        let mut e = crate::ncf::history::tests::random_encoder(3, 2, 5, 4);
+        let mut seen = [false; HISTORY_KINDS];
+        for k in [1, 3, 4, 5] {
+            seen[k] = true;
+        }
+        let before = e.clone();
+        fill_untrained(&mut e, 3, &seen);
+        assert_eq!(e.position_weight[..3], before.position_weight[..3]);
+        assert_eq!(e.position_weight[3], before.position_weight[2]);
+        assert_eq!(e.position_weight[4], before.position_weight[2]);
+        assert_eq!(
+            e.kind_weight[6], before.kind_weight[5],
+            "a like as a 5-star"
+        );
+        // Equally near 1 and 3: the first.
+        assert_eq!(e.kind_weight[2], before.kind_weight[1]);
+        assert_eq!(e.kind_weight[0], before.kind_weight[0]);
+        assert_eq!(e.kind_weight[4], before.kind_weight[4]);
     }
 
     #[test]

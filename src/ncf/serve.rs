@@ -517,6 +517,12 @@ impl NcfModel {
     /// Scores `(user vector, item index)` pairs in one tract run; `users` is
     /// row-major `[items.len()][user_dim]`.
     pub fn score_pairs(&self, users: &[f32], items: &[i64]) -> Result<Vec<f32>, ModelError> {
+        if self.history.is_some() {
+            return Err(ModelError::Tract(
+                "a history model's graph takes histories: use score_user with its user_vector"
+                    .into(),
+            ));
+        }
         run_plan(&self.plan, users, items.len(), items)
     }
 
@@ -760,11 +766,10 @@ impl Scorer for NcfScorer {
             .score_user(&user, &indices)
             .map_err(|e| ScoreError(e.to_string()))?;
         metrics::inference(started.elapsed().as_secs_f64(), indices.len());
-        // A history model's probabilities are relative to the user's best.
-        let scale = match m.history {
-            Some(_) => 1.0 / scores.iter().copied().fold(f32::MIN_POSITIVE, f32::max),
-            None => 1.0,
-        };
+        // A history model's probabilities are relative to the user's best
+        // item in the catalogue (seen ones included: the replay's blend
+        // weight was chosen with this scale).
+        let scale = 1.0 / scores.iter().copied().fold(f32::MIN_POSITIVE, f32::max);
         let mut out: Vec<(u32, f32)> = m
             .card
             .item_ids

@@ -347,7 +347,8 @@ impl History {
 const BN_EPS: f32 = 1e-5;
 const BN_MOMENTUM: f32 = 0.1;
 
-fn gaussian(rng: &mut Rng, n: usize, std: f32) -> Vec<f32> {
+/// `n` draws of a zero-mean Gaussian (from our seeded generator).
+pub(crate) fn gaussian(rng: &mut Rng, n: usize, std: f32) -> Vec<f32> {
     (0..n)
         .map(|_| {
             // Box–Muller.

@@ -285,12 +285,21 @@ impl Models {
                 // Named by the training settings too: a later run with the
                 // same settings and cut reuses the files (they are loaded
                 // and parity-checked again like any model).
+                // Also by the code's version and the training data.
+                let train = stream.before(t);
                 let mut fingerprint = crate::fnv::Fnv::default();
+                fingerprint.write(env!("CARGO_PKG_VERSION").as_bytes());
                 fingerprint.write(
                     serde_json::to_string(&config)
                         .unwrap_or_default()
                         .as_bytes(),
                 );
+                for r in &train {
+                    fingerprint.write(r.user.as_bytes());
+                    fingerprint.write(&r.movie_id.to_le_bytes());
+                    fingerprint.write(&r.rating.to_le_bytes());
+                    fingerprint.write(&r.ts.to_le_bytes());
+                }
                 let out = settings.work_dir.join(format!(
                     "{}-history-{t}-{}",
                     stream.name,
@@ -300,7 +309,7 @@ impl Models {
                 if !files.card.exists() {
                     crate::ncf::sequence::train_and_export(
                         &config,
-                        &stream.before(t),
+                        &train,
                         &format!("{} before {t}", stream.name),
                         &out,
                         false,
