@@ -512,6 +512,19 @@ impl Engine {
 
     /// Swaps the A/B variants (a new experiment file or model) between batches.
     pub fn set_variants(&mut self, variants: Arc<Variants>) {
+        let kept = self.config.lists.recent_items;
+        for v in variants.list() {
+            let wanted = v.scorer.as_ref().and_then(|s| s.history_len());
+            if let Some(wanted) = wanted.filter(|&l| l > kept) {
+                tracing::warn!(
+                    variant = %v.name,
+                    model_history = wanted,
+                    recent_items = kept,
+                    "the model reads a longer history than engine.lists.recent_items keeps; \
+                     it sees shorter histories than it was trained on"
+                );
+            }
+        }
         self.variants = variants;
     }
 

@@ -38,6 +38,11 @@ pub trait Scorer: Send + Sync {
     ) -> Result<Option<Vec<(u32, f32)>>, ScoreError> {
         Ok(None)
     }
+    /// How many recent interactions a history-based model reads (`None`:
+    /// the scorer reads no history); the engine warns when it keeps fewer.
+    fn history_len(&self) -> Option<usize> {
+        None
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

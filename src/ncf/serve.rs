@@ -744,6 +744,10 @@ impl Scorer for NcfScorer {
         Ok(out)
     }
 
+    fn history_len(&self) -> Option<usize> {
+        self.model.history.as_ref().map(|e| e.max_len)
+    }
+
     /// The whole catalogue in one run of the serving form, for history
     /// models. Per-user models keep re-scoring the other sources'
     /// candidates only: their deeper default tower made the catalogue pass
