@@ -23,6 +23,7 @@ async fn the_kafka_path_scores_like_the_in_process_replay() {
         work_dir: work.path().to_path_buf(),
         fold_in: FoldInConfig::default(),
         tail_from: None,
+        history: Default::default(),
     };
     // One model cache: both paths serve the same trained files.
     let mut models = Models::default();

@@ -34,7 +34,7 @@ use crate::fnv::Fnv;
 use crate::rng::Rng;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct SequenceConfig {
     pub gmf_dim: usize,
     pub mlp_dim: usize,

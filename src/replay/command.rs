@@ -41,6 +41,10 @@ pub struct ReplayArgs {
     /// Retraining interval in days of event time (default: 30 on ml-100k, 1095 on longer streams).
     #[arg(long)]
     pub retrain_days: Option<f64>,
+    /// The history model's training settings as JSON, over the defaults,
+    /// e.g. '{"sampled_items": 2048, "max_len": 50}'.
+    #[arg(long)]
+    pub history_config: Option<String>,
     /// The history model's blend weight in `full-blend-history`.
     #[arg(long, default_value_t = super::HISTORY_BLEND_NCF)]
     pub history_ncf: f64,
@@ -125,6 +129,11 @@ fn settings_for(
         work_dir: args.work_dir.clone(),
         fold_in: fold_in_config(args)?,
         tail_from,
+        history: match &args.history_config {
+            Some(json) => serde_json::from_str(json)
+                .context("--history-config: not a history model setting (models/README.md)")?,
+            None => Default::default(),
+        },
     };
     Ok((retrain_days, settings))
 }

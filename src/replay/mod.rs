@@ -225,6 +225,8 @@ pub struct Settings {
     pub fold_in: FoldInConfig,
     /// Metrics are also reported on events from this time on (the held-back tail).
     pub tail_from: Option<i64>,
+    /// The history model's training settings (`epochs` overrides theirs).
+    pub history: SequenceConfig,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -278,7 +280,7 @@ impl Models {
         let key = (t, objective, history);
         if history {
             if let std::collections::hash_map::Entry::Vacant(slot) = self.files.entry(key) {
-                let mut config = SequenceConfig::default();
+                let mut config = settings.history.clone();
                 if let Some(e) = settings.epochs {
                     config.epochs = e;
                 }

@@ -11,6 +11,7 @@ fn settings() -> Settings {
         work_dir: tempfile::tempdir().unwrap().keep(),
         fold_in: FoldInConfig::default(),
         tail_from: None,
+        history: Default::default(),
     }
 }
 
