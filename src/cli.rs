@@ -392,14 +392,26 @@ impl From<ObjectiveArg> for crate::ncf::model::Objective {
     }
 }
 
+/// Copies each given (`Some`) flag of `args` over the same field of `config`.
+macro_rules! set_given {
+    ($args:expr, $config:expr; $($field:ident),*) => {
+        $( if let Some(v) = $args.$field.clone() { $config.$field = v; } )*
+    };
+}
+
+/// The first flag of `flags` that was given, if any.
+fn first_given<'a>(flags: &[(&'a str, bool)]) -> Option<&'a str> {
+    flags
+        .iter()
+        .find(|(_, given)| *given)
+        .map(|(flag, _)| *flag)
+}
+
 impl TrainArgs {
     /// The objective's defaults with every given flag on top.
     pub fn config(&self) -> crate::ncf::train::TrainConfig {
         let mut c = crate::ncf::train::TrainConfig::defaults(self.objective.into());
-        macro_rules! set {
-            ($($field:ident),*) => { $( if let Some(v) = self.$field.clone() { c.$field = v; } )* };
-        }
-        set!(
+        set_given!(self, c;
             gmf_dim,
             mlp_dim,
             hidden,
@@ -427,9 +439,7 @@ impl TrainArgs {
         c.batch_norm |= self.batch_norm;
         c
     }
-}
 
-impl TrainArgs {
     /// The history model's defaults with the flags that apply to it; flags
     /// that only mean something for per-user models are refused by name.
     pub fn sequence_config(&self) -> Result<crate::ncf::sequence::SequenceConfig> {
@@ -449,14 +459,11 @@ impl TrainArgs {
             ("--negatives", self.negatives.is_some()),
             ("--validation-fraction", self.validation_fraction.is_some()),
         ];
-        if let Some((flag, _)) = not_for_history.iter().find(|(_, given)| *given) {
+        if let Some(flag) = first_given(&not_for_history) {
             bail!("{flag} does not apply to --architecture history (it trains an implicit next-item model and validates on each user's last interaction)");
         }
         let mut c = crate::ncf::sequence::SequenceConfig::default();
-        macro_rules! set {
-            ($($field:ident),*) => { $( if let Some(v) = self.$field.clone() { c.$field = v; } )* };
-        }
-        set!(
+        set_given!(self, c;
             gmf_dim,
             mlp_dim,
             hidden,
@@ -486,7 +493,7 @@ fn train(args: TrainArgs) -> Result<()> {
         ("--full-softmax-items", args.full_softmax_items.is_some()),
         ("--sampled-items", args.sampled_items.is_some()),
     ];
-    if let Some((flag, _)) = history_only.iter().find(|(_, given)| *given) {
+    if let Some(flag) = first_given(&history_only) {
         if args.architecture != ArchitectureArg::History {
             bail!("{flag} applies to --architecture history only");
         }

@@ -1169,7 +1169,7 @@ fn model_ranking(scores: &[(u32, f32)]) -> impl Iterator<Item = u32> + '_ {
 }
 
 /// A movie's score in a catalogue scoring sorted by movie id (NaN: unknown).
-fn score_of(scores: &[(u32, f32)], movie_id: u32) -> f32 {
+pub fn score_of(scores: &[(u32, f32)], movie_id: u32) -> f32 {
     scores
         .binary_search_by_key(&movie_id, |s| s.0)
         .map_or(f32::NAN, |i| scores[i].1)

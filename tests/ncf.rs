@@ -185,17 +185,7 @@ fn the_engine_folds_new_users_in_from_their_first_event() {
     config.epochs = 8;
     let run = train(Objective::Implicit, config, dir.path(), &data);
     let model = Arc::new(NcfModel::load(&run.files.onnx, FoldInConfig::default()).unwrap());
-
-    let state_dir = tempfile::tempdir().unwrap();
-    let mut engine = Engine::new(
-        EngineConfig::default(),
-        Store::open(state_dir.path(), 8).unwrap(),
-        catalog.clone(),
-    )
-    .unwrap();
-    engine.set_scorer(Some(Arc::new(NcfScorer {
-        model: model.clone(),
-    })));
+    let (_state_dir, mut engine) = engine_serving(&model, &catalog);
 
     // A horror fan, new to the model.
     let horror = catalog.genre_id("Horror").unwrap();
@@ -433,27 +423,18 @@ fn the_engine_serves_a_history_model_from_the_first_event() {
         false,
     )
     .unwrap();
-    assert!(loaded.history.is_some());
+    assert!(
+        loaded.history.is_some(),
+        "loaded and parity-checked as a history model"
+    );
     assert_eq!(report.epochs.len(), 4);
     let card: ModelCard =
         serde_json::from_slice(&std::fs::read(dir.path().join("history.card.json")).unwrap())
             .unwrap();
     assert_eq!(card.history.as_ref().unwrap().max_len, 10);
     assert!(card.checks.iter().all(|c| c.history.is_some()));
-    let model = Arc::new(
-        NcfModel::load(&dir.path().join("history.onnx"), FoldInConfig::default()).unwrap(),
-    );
-
-    let state_dir = tempfile::tempdir().unwrap();
-    let mut engine = Engine::new(
-        EngineConfig::default(),
-        Store::open(state_dir.path(), 8).unwrap(),
-        catalog.clone(),
-    )
-    .unwrap();
-    engine.set_scorer(Some(Arc::new(NcfScorer {
-        model: model.clone(),
-    })));
+    let model = Arc::new(loaded);
+    let (_state_dir, mut engine) = engine_serving(&model, &catalog);
     let user = "history-viewer";
     let movies: Vec<u32> = catalog.movies().map(|m| m.id).take(6).collect();
     let result = engine
@@ -514,6 +495,22 @@ fn the_engine_serves_a_history_model_from_the_first_event() {
         "every event moves the model's scores"
     );
     assert!(stored.latent.is_empty());
+}
+
+/// An engine over a fresh RocksDB directory (kept alive by the returned
+/// guard) serving `model` as its one variant.
+fn engine_serving(model: &Arc<NcfModel>, catalog: &Catalog) -> (tempfile::TempDir, Engine) {
+    let state_dir = tempfile::tempdir().unwrap();
+    let mut engine = Engine::new(
+        EngineConfig::default(),
+        Store::open(state_dir.path(), 8).unwrap(),
+        catalog.clone(),
+    )
+    .unwrap();
+    engine.set_scorer(Some(Arc::new(NcfScorer {
+        model: model.clone(),
+    })));
+    (state_dir, engine)
 }
 
 fn model_plan(onnx_path: &Path) -> recstream::ncf::serve::Plan {

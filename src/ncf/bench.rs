@@ -270,11 +270,9 @@ fn cold_start(
             v
         };
         let history_vector = history_model.user_vector(user, &state).into_owned();
-        let full_scores = [
-            model.score_user(&state.latent, &every_item)?,
-            history_model.score_user(&history_vector, &every_item)?,
-            popularity.clone(),
-        ];
+        let folded_all = model.score_user(&state.latent, &every_item)?;
+        let history_all = history_model.score_user(&history_vector, &every_item)?;
+        let full_scores: [&[f32]; 3] = [&folded_all, &history_all, &popularity];
         let weights = state.genre_weights_at(state.last_ts, &engine);
         let max_abs = weights
             .iter()
@@ -303,7 +301,7 @@ fn cold_start(
             let idx: Vec<i64> = items.iter().map(|&i| i as i64).collect();
             let h = history_model.score_user(&history_vector, &idx)?;
             history.push(data::hit_and_ndcg(h[0], &h[1..], 10));
-            for (hits, scores) in full.iter_mut().zip(&full_scores) {
+            for (hits, scores) in full.iter_mut().zip(full_scores) {
                 hits.push(full_catalogue_hit(scores, positive, &interacted));
             }
             let p: Vec<f32> = items.iter().map(|&i| popularity[i as usize]).collect();

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::model::Objective;
+use super::model::{NcfWeights, Objective};
 
 pub const CARD_FORMAT: &str = "recstream-ncf/1";
 
@@ -134,7 +134,37 @@ impl ModelFiles {
     }
 }
 
+impl UserVectorLayout {
+    /// The layout of `weights`' user vector: `[gmf | mlp | bias]`.
+    pub fn of(weights: &NcfWeights) -> UserVectorLayout {
+        let (g, m) = (weights.gmf_dim, weights.mlp_dim);
+        UserVectorLayout {
+            dim: weights.user_dim(),
+            gmf: [0, g],
+            mlp: [g, g + m],
+            bias: g + m,
+        }
+    }
+}
+
 impl ModelCard {
+    /// A history model's inputs: the contract's, with `history` and
+    /// `history_kind` int64 `[N, max_len]` before `item`.
+    pub fn history_io_specs(user_dim: usize, max_len: usize) -> (Vec<TensorSpec>, Vec<TensorSpec>) {
+        let (mut inputs, outputs) = ModelCard::io_specs(user_dim);
+        for name in ["history", "history_kind"] {
+            inputs.insert(
+                inputs.len() - 1,
+                TensorSpec {
+                    name: name.into(),
+                    dtype: "int64".into(),
+                    shape: vec!["N".into(), max_len.into()],
+                },
+            );
+        }
+        (inputs, outputs)
+    }
+
     pub fn io_specs(user_dim: usize) -> (Vec<TensorSpec>, Vec<TensorSpec>) {
         let n = serde_json::Value::from("N");
         (

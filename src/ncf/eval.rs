@@ -215,12 +215,7 @@ pub fn run(input: RunInput) -> Result<Run, EvalError> {
         objective: config.objective,
         inputs,
         outputs,
-        user_vector: UserVectorLayout {
-            dim: d,
-            gmf: [0, w.gmf_dim],
-            mlp: [w.gmf_dim, w.gmf_dim + w.mlp_dim],
-            bias: w.gmf_dim + w.mlp_dim,
-        },
+        user_vector: UserVectorLayout::of(w),
         item_ids: dataset.item_ids.clone(),
         user_ids: dataset.user_ids.clone(),
         rating_scale,

@@ -19,9 +19,7 @@ use candle_core::{Device, Tensor, Var};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use serde::{Deserialize, Serialize};
 
-use super::card::{
-    HistorySpec, ModelCard, ModelFiles, ParityCheck, TensorSpec, UserVectorLayout, CARD_FORMAT,
-};
+use super::card::{HistorySpec, ModelCard, ModelFiles, ParityCheck, UserVectorLayout, CARD_FORMAT};
 use super::data::{self, Dataset, RawInteraction, Row};
 use super::eval::{self, EvalError};
 use super::foldin::FoldInConfig;
@@ -223,19 +221,7 @@ pub fn train_and_export(
     )?;
     // No per-user part: every user is their history.
     eval::write(&files.users, &[])?;
-    let d = w.user_dim();
-    let (mut inputs, outputs) = ModelCard::io_specs(d);
-    let n = serde_json::Value::from("N");
-    for name in ["history", "history_kind"] {
-        inputs.insert(
-            inputs.len() - 1,
-            TensorSpec {
-                name: name.into(),
-                dtype: "int64".into(),
-                shape: vec![n.clone(), encoder.max_len.into()],
-            },
-        );
-    }
+    let (inputs, outputs) = ModelCard::history_io_specs(w.user_dim(), encoder.max_len);
     let sequences = sequences(&rows, dataset.n_users());
     let validation_hr10 = trained.epochs[trained.best_epoch - 1].validation;
     let mut metrics = serde_json::Map::new();
@@ -249,12 +235,7 @@ pub fn train_and_export(
         objective: Objective::Implicit,
         inputs,
         outputs,
-        user_vector: UserVectorLayout {
-            dim: d,
-            gmf: [0, w.gmf_dim],
-            mlp: [w.gmf_dim, w.gmf_dim + w.mlp_dim],
-            bias: w.gmf_dim + w.mlp_dim,
-        },
+        user_vector: UserVectorLayout::of(w),
         item_ids: dataset.item_ids.clone(),
         user_ids: Vec::new(),
         rating_scale: None,

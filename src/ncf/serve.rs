@@ -275,6 +275,18 @@ pub fn run_history_plan(
     Ok(out[0].as_slice::<f32>().map_err(tract)?.to_vec())
 }
 
+/// The first of `computed` (a form's name and its score) farther than
+/// [`PARITY_TOLERANCE`] from the card's `expected` score; NaN fails too.
+fn parity_mismatch(
+    expected: f32,
+    computed: [(&'static str, f32); 2],
+) -> Option<(&'static str, f32)> {
+    computed.into_iter().find(|(_, s)| {
+        let gap = (s - expected).abs();
+        gap.is_nan() || gap > PARITY_TOLERANCE
+    })
+}
+
 /// `a + b`, element by element.
 fn add(a: &[f32], b: &[f32]) -> Vec<f32> {
     a.iter().zip(b).map(|(x, y)| x + y).collect()
@@ -430,14 +442,13 @@ impl NcfModel {
             let served = self
                 .score_user(&users[k * d..(k + 1) * d], &[c.item as i64])
                 .map_err(|e| e.to_string())?[0];
-            for (graph, s) in [("the model", s), ("its serving form", served)] {
-                // NaN fails too.
-                if (s - c.score).abs().is_nan() || (s - c.score).abs() > PARITY_TOLERANCE {
-                    return Err(format!(
-                        "parity check failed: user row {} item {}: the card says {}, tract computes {s} with {graph}",
-                        c.user_row, c.item, c.score
-                    ));
-                }
+            if let Some((graph, s)) =
+                parity_mismatch(c.score, [("the model", s), ("its serving form", served)])
+            {
+                return Err(format!(
+                    "parity check failed: user row {} item {}: the card says {}, tract computes {s} with {graph}",
+                    c.user_row, c.item, c.score
+                ));
             }
         }
         Ok(())
@@ -472,13 +483,14 @@ impl NcfModel {
                 .map_err(|e| e.to_string())?[0];
             let user = add(&user_part, &encoder.user_vector(history));
             let served = self.score_user(&user, &item).map_err(|e| e.to_string())?[0];
-            for (form, s) in [("the model", graph), ("its serving form", served)] {
-                if (s - c.score).abs().is_nan() || (s - c.score).abs() > PARITY_TOLERANCE {
-                    return Err(format!(
-                        "parity check failed: history {history:?} item {}: the card says {}, tract computes {s} with {form}",
-                        c.item, c.score
-                    ));
-                }
+            if let Some((form, s)) = parity_mismatch(
+                c.score,
+                [("the model", graph), ("its serving form", served)],
+            ) {
+                return Err(format!(
+                    "parity check failed: history {history:?} item {}: the card says {}, tract computes {s} with {form}",
+                    c.item, c.score
+                ));
             }
         }
         Ok(())
@@ -719,10 +731,7 @@ impl Scorer for NcfScorer {
             let all = self.score_catalogue(user_id, state)?.unwrap_or_default();
             return Ok(items
                 .iter()
-                .map(|id| {
-                    all.binary_search_by_key(id, |s| s.0)
-                        .map_or(f32::NAN, |i| all[i].1)
-                })
+                .map(|id| crate::recommend::score_of(&all, *id))
                 .collect());
         }
         let user = m.user_vector(user_id, state);
