@@ -445,10 +445,6 @@ impl TrainArgs {
     pub fn sequence_config(&self) -> Result<crate::ncf::sequence::SequenceConfig> {
         let not_for_history = [
             ("--test", self.test.is_some()),
-            (
-                "--objective explicit",
-                matches!(self.objective, ObjectiveArg::Explicit),
-            ),
             ("--residual", self.residual),
             ("--ensemble", self.ensemble.is_some()),
             ("--snapshots", self.snapshots.is_some()),
@@ -460,9 +456,12 @@ impl TrainArgs {
             ("--validation-fraction", self.validation_fraction.is_some()),
         ];
         if let Some(flag) = first_given(&not_for_history) {
-            bail!("{flag} does not apply to --architecture history (it trains an implicit next-item model and validates on each user's last interaction)");
+            bail!("{flag} does not apply to --architecture history (it validates on each user's last interaction)");
         }
-        let mut c = crate::ncf::sequence::SequenceConfig::default();
+        let mut c = match self.objective {
+            ObjectiveArg::Explicit => crate::ncf::sequence::SequenceConfig::rating_head(),
+            ObjectiveArg::Implicit => crate::ncf::sequence::SequenceConfig::default(),
+        };
         set_given!(self, c;
             gmf_dim,
             mlp_dim,
@@ -528,7 +527,7 @@ fn train(args: TrainArgs) -> Result<()> {
             !args.quiet,
         )?;
         println!(
-            "trained {} on {} interactions ({} users, {} items): best epoch {} of {}, {:.1}s; validation HR@10 (full catalogue, each user's last interaction) {:.4}; parity-checked through tract",
+            "trained {} on {} interactions ({} users, {} items): best epoch {} of {}, {:.1}s; {} (each user's last interaction) {:.4}; parity-checked through tract",
             r.model_version,
             r.train_interactions,
             r.users,
@@ -536,7 +535,8 @@ fn train(args: TrainArgs) -> Result<()> {
             r.best_epoch,
             r.epochs.len(),
             r.train_seconds,
-            r.validation_hr10
+            r.validation_metric,
+            r.validation
         );
         for f in &r.files {
             println!("wrote {f}");

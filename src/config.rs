@@ -99,6 +99,9 @@ pub struct ModelConfig {
     /// Without a model the blend uses the other signals only.
     pub path: Option<PathBuf>,
     pub fold_in: crate::ncf::foldin::FoldInConfig,
+    /// A learned blend (`NAME.blend.json`, see `models/README.md`) that ranks
+    /// candidates instead of `[blend]`'s weights.
+    pub ranker: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -844,6 +844,19 @@ impl Engine {
         self.outputs_for(&index, user_id, &state)
     }
 
+    /// [`Engine::peek`], and the candidate pool the outputs were ranked from
+    /// (what a learned blend is fitted on).
+    pub fn peek_with_pool(
+        &mut self,
+        partition: u32,
+        user_id: &str,
+    ) -> Result<(UserOutputs, Vec<crate::ranker::PoolEntry>), EngineError> {
+        self.recompute_cache.pool = Some(Vec::new());
+        let outputs = self.peek(partition, user_id);
+        let pool = self.recompute_cache.pool.take().unwrap_or_default();
+        Ok((outputs?, pool))
+    }
+
     fn current_index(&mut self) -> Arc<ItemIndex> {
         // Rebuilt once the newest event is `ranking_refresh_ms` past it.
         if let Some(index) = &self.index_cache {
@@ -1079,6 +1092,71 @@ mod tests {
             );
         }
         assert_eq!(e.store().user(2, "fan").unwrap().unwrap().version, 5);
+    }
+
+    #[test]
+    fn a_learned_blend_ranks_the_pool_and_names_itself() {
+        use crate::ranker::{learned_blend, FitReport, FEATURE_COUNT};
+        let dir = tempfile::tempdir().unwrap();
+        let mut e = engine(dir.path());
+        let batch: Vec<Record> = (0..4)
+            .map(|i| record(i, "u", 21 + i as u32, EventType::Like, 1000 + i))
+            .chain((0..6).map(|i| record(4 + i, "crowd", 1 + i as u32, EventType::Play, 900 + i)))
+            .collect();
+        e.process(batch).unwrap();
+        // Popularity against the grain: the least popular candidates first.
+        let mut weights = vec![0.0; FEATURE_COUNT];
+        weights[2] = -3.0;
+        weights[0] = 0.5;
+        let ranker = learned_blend(
+            "anti-popular-1".into(),
+            "test".into(),
+            None,
+            weights,
+            FitReport {
+                cases: 0,
+                missed: 0,
+                negatives_per_case: 0,
+                l2: 0.0,
+                validation_log_likelihood: 0.0,
+                validation_top1: 0.0,
+                validation_top1_hand_set: 0.0,
+                newton_iterations: 0,
+            },
+        );
+        e.set_variants(Arc::new(Variants::only(crate::experiment::Variant {
+            name: "learned".into(),
+            share: 1.0,
+            blend: ranker.reason_weights(),
+            scorer: None,
+            sources: crate::experiment::ALL_SOURCES,
+            model_path: None,
+            ranker: Some(Arc::new(ranker.clone())),
+            ranker_path: None,
+        })));
+        let (outputs, pool) = e.peek_with_pool(2, "u").unwrap();
+        let recs = &outputs.recommendations;
+        assert_eq!(recs.blend.as_deref(), Some("anti-popular-1"));
+        assert!(!pool.is_empty());
+        // Every published score is the ranker's, from the published signals.
+        for item in &recs.items {
+            let entry = pool.iter().find(|p| p.movie_id == item.movie_id).unwrap();
+            let expected = ranker.score(&entry.signals, entry.sources);
+            assert!((item.score - expected).abs() < 1e-5, "{item:?}");
+        }
+        // The pool's best by the ranker leads the list (one genre, no cap at work).
+        let best = pool
+            .iter()
+            .max_by(|a, b| {
+                ranker
+                    .score(&a.signals, a.sources)
+                    .total_cmp(&ranker.score(&b.signals, b.sources))
+                    .then(b.movie_id.cmp(&a.movie_id))
+            })
+            .unwrap();
+        assert_eq!(recs.items[0].movie_id, best.movie_id);
+        // Peeking with the pool changes nothing: the same outputs without it.
+        assert_eq!(e.peek(2, "u").unwrap(), outputs);
     }
 
     #[test]

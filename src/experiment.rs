@@ -13,6 +13,7 @@
 //! name = "ncf-heavy"
 //! share = 0.5
 //! model = "models/ncf-v2.onnx"   # relative to this file; "none": no model
+//! ranker = "models/v2.blend.json" # a learned blend (`ranker.rs`); "none": the weights
 //! sources = ["genre", "similar", "popular"]
 //! [variants.blend]               # any field left out keeps the engine's value
 //! ncf = 0.6
@@ -29,6 +30,7 @@ use crate::ncf::card::ModelFiles;
 use crate::ncf::foldin::FoldInConfig;
 use crate::ncf::serve::{ModelError, NcfModel, NcfScorer};
 use crate::output::Source;
+use crate::ranker::{LearnedBlend, RankerError};
 use crate::recommend::Scorer;
 
 /// Assignment resolution: shares are rounded to 1/10 000 of the users.
@@ -56,6 +58,11 @@ pub enum ExperimentError {
         variant: String,
         path: PathBuf,
         source: Box<ModelError>,
+    },
+    #[error("variant `{variant}`: {source}")]
+    Ranker {
+        variant: String,
+        source: Box<RankerError>,
     },
 }
 
@@ -91,6 +98,8 @@ pub struct VariantSpec {
     pub model: Option<String>,
     /// Candidate sources; absent for all of them.
     pub sources: Option<Vec<Source>>,
+    /// A learned blend file, `"none"`, or absent for the engine's `[model] ranker`.
+    pub ranker: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -200,6 +209,10 @@ pub struct Variant {
     pub sources: u8,
     /// The model's file, to tell which files the watcher must follow.
     pub model_path: Option<PathBuf>,
+    /// Ranks candidates instead of `blend` (whose weights then come from
+    /// it, to name reasons).
+    pub ranker: Option<Arc<LearnedBlend>>,
+    pub ranker_path: Option<PathBuf>,
 }
 
 pub fn source_bit(source: Source) -> u8 {
@@ -235,6 +248,8 @@ impl Variants {
                 scorer,
                 sources: ALL_SOURCES,
                 model_path: None,
+                ranker: None,
+                ranker_path: None,
             }],
         )
     }
@@ -340,6 +355,8 @@ pub struct ExperimentSource {
     pub blend: BlendWeights,
     /// `[model] path`: the model of variants that name none.
     pub default_model: Option<PathBuf>,
+    /// `[model] ranker`: the learned blend of variants that name none.
+    pub default_ranker: Option<PathBuf>,
     pub fold_in: FoldInConfig,
 }
 
@@ -357,6 +374,7 @@ impl ExperimentSource {
             if let Some(p) = &v.model_path {
                 files.extend(model_files(p));
             }
+            files.extend(v.ranker_path.iter().cloned());
         }
         files
     }
@@ -377,7 +395,12 @@ impl ExperimentSource {
                             Some("none") => None,
                             Some(p) => Some(base.join(p)),
                         };
-                        (v, model)
+                        let ranker = match v.ranker.as_deref() {
+                            None => self.default_ranker.clone(),
+                            Some("none") => None,
+                            Some(p) => Some(base.join(p)),
+                        };
+                        (v, model, ranker)
                     })
                     .collect();
                 (spec.salt, variants)
@@ -389,14 +412,18 @@ impl ExperimentSource {
                     blend: BlendOverrides::default(),
                     model: None,
                     sources: None,
+                    ranker: None,
                 };
-                (default_salt(), vec![(v, self.default_model.clone())])
+                (
+                    default_salt(),
+                    vec![(v, self.default_model.clone(), self.default_ranker.clone())],
+                )
             }
         };
         let (salt, specs) = specs;
         let mut list = Vec::new();
         let mut newly_loaded = Vec::new();
-        for (spec, model_path) in specs {
+        for (spec, model_path, ranker_path) in specs {
             let scorer: Option<Arc<dyn Scorer>> = match &model_path {
                 Some(path) => {
                     let (model, fresh) = cache.get(path, &self.fold_in).map_err(|source| {
@@ -417,13 +444,31 @@ impl ExperimentSource {
                 .sources
                 .as_ref()
                 .map_or(ALL_SOURCES, |s| s.iter().fold(0, |b, s| b | source_bit(*s)));
+            // A learned blend is a few hundred bytes: read again on every build.
+            let ranker = match &ranker_path {
+                Some(path) => {
+                    let ranker =
+                        LearnedBlend::load(path).map_err(|source| ExperimentError::Ranker {
+                            variant: spec.name.clone(),
+                            source: Box::new(source),
+                        })?;
+                    Some(Arc::new(ranker))
+                }
+                None => None,
+            };
+            let blend = match &ranker {
+                Some(r) => r.reason_weights(),
+                None => spec.blend.apply(&self.blend),
+            };
             list.push(Variant {
                 name: spec.name.as_str().into(),
                 share: spec.share,
-                blend: spec.blend.apply(&self.blend),
+                blend,
                 scorer,
                 sources,
                 model_path,
+                ranker,
+                ranker_path,
             });
         }
         Ok(Built {
@@ -451,6 +496,8 @@ mod tests {
                     scorer: None,
                     sources: ALL_SOURCES,
                     model_path: None,
+                    ranker: None,
+                    ranker_path: None,
                 })
                 .collect(),
         )
@@ -502,6 +549,71 @@ mod tests {
             "[[variants]]\nname = \"a\"\nshare = 0.5\n[[variants]]\nname = \"a\"\nshare = 0.5\n",
         );
         assert!(e.contains("repeated"), "{e}");
+    }
+
+    #[test]
+    fn variants_load_their_learned_blend_and_refuse_a_bad_one() {
+        use crate::ranker::{learned_blend, FitReport, FEATURE_COUNT};
+        let dir = tempfile::tempdir().unwrap();
+        let mut weights = vec![0.0; FEATURE_COUNT];
+        weights[4] = 5.0;
+        weights[0] = 1.0;
+        let blend = learned_blend(
+            "b-7".into(),
+            "test".into(),
+            None,
+            weights,
+            FitReport {
+                cases: 1,
+                missed: 0,
+                negatives_per_case: 0,
+                l2: 0.0,
+                validation_log_likelihood: 0.0,
+                validation_top1: 0.0,
+                validation_top1_hand_set: 0.0,
+                newton_iterations: 1,
+            },
+        );
+        blend.save(&dir.path().join("b.blend.json")).unwrap();
+        let file = dir.path().join("exp.toml");
+        std::fs::write(
+            &file,
+            "[[variants]]\nname = \"learned\"\nshare = 0.5\nranker = \"b.blend.json\"\n\
+             [[variants]]\nname = \"hand\"\nshare = 0.5\nranker = \"none\"\n",
+        )
+        .unwrap();
+        let source = ExperimentSource {
+            file: Some(file.clone()),
+            blend: BlendWeights::default(),
+            default_model: None,
+            default_ranker: Some(dir.path().join("missing.blend.json")),
+            fold_in: FoldInConfig::default(),
+        };
+        let built = source.build(&mut ModelCache::default()).unwrap();
+        let [learned, hand] = built.variants.list() else {
+            panic!("two variants")
+        };
+        assert_eq!(learned.ranker.as_deref(), Some(&blend));
+        assert_eq!(
+            learned.blend.co_watched, 5.0,
+            "reasons follow the learned weights"
+        );
+        assert!(hand.ranker.is_none());
+        assert_eq!(hand.blend.co_watched, BlendWeights::default().co_watched);
+        assert!(source
+            .watched_files(&built.variants)
+            .contains(&dir.path().join("b.blend.json")));
+
+        std::fs::write(dir.path().join("b.blend.json"), "{\"schema\": 1}").unwrap();
+        let e = source
+            .build(&mut ModelCache::default())
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("variant `learned`") && e.contains("b.blend.json"),
+            "{e}"
+        );
     }
 
     proptest! {

@@ -32,6 +32,7 @@ pub mod ncf;
 pub mod openapi;
 pub mod output;
 pub mod pipeline;
+pub mod ranker;
 pub mod ratings;
 pub mod recommend;
 pub mod replay;

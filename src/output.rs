@@ -60,6 +60,9 @@ pub struct Recommendations {
     pub variant: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub model: Option<ModelInfo>,
+    /// The learned blend's version when the variant ranks with one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blend: Option<String>,
     pub items: Vec<RecommendedItem>,
 }
 
@@ -506,6 +509,7 @@ mod tests {
                 as_of: -3,
                 variant: "control".into(),
                 model,
+                blend: None,
                 // Year and TMDb id present; a non-finite score writes null.
                 items: vec![
                     a.clone(),

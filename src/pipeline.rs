@@ -688,6 +688,7 @@ pub async fn run(
         file: config.experiment.file.clone(),
         blend: config.engine.blend.clone(),
         default_model: config.model.path.clone(),
+        default_ranker: config.model.ranker.clone(),
         fold_in: config.model.fold_in,
     };
     let source = experiment.clone();
@@ -2207,7 +2208,13 @@ fn load_variants(
             .map(|(n, s, m)| (*n, *s, m.as_deref()))
             .collect::<Vec<_>>(),
     );
-    info!(variants = ?served, "serving variants");
+    let rankers: Vec<(&str, &str)> = built
+        .variants
+        .list()
+        .iter()
+        .filter_map(|v| Some((&*v.name, v.ranker.as_ref()?.version.as_str())))
+        .collect();
+    info!(variants = ?served, learned_blends = ?rankers, "serving variants");
     Ok(built.variants)
 }
 

@@ -12,6 +12,7 @@ use crate::decay::{HalfLives, Momentum};
 use crate::event::EventType;
 use crate::experiment::{source_bit, Variant};
 use crate::output::*;
+use crate::ranker::PoolEntry;
 use crate::state::{GenreWeight, UserState};
 
 /// The model seam: re-scores a user's candidates (the NCF scorer plugs in here).
@@ -372,6 +373,9 @@ struct GenreGroup {
 #[derive(Debug, Default)]
 pub struct RecomputeCache {
     pub similar: SimilarityCache,
+    /// When set, each computation leaves its candidate pool here (the
+    /// learned blend's training cases are read from it).
+    pub pool: Option<Vec<PoolEntry>>,
 }
 
 impl RecomputeCache {
@@ -809,7 +813,18 @@ pub fn build_outputs(
         None => None,
     };
     for c in &mut candidates {
-        c.score = blend::blend(&c.signals, &ctx.variant.blend);
+        c.score = match &ctx.variant.ranker {
+            Some(ranker) => ranker.score(&c.signals, c.sources),
+            None => blend::blend(&c.signals, &ctx.variant.blend),
+        };
+    }
+    if let Some(pool) = &mut cache.pool {
+        pool.clear();
+        pool.extend(candidates.iter().map(|c| PoolEntry {
+            movie_id: c.movie_id,
+            signals: c.signals,
+            sources: c.sources,
+        }));
     }
 
     // Rank once; rows filter the ranked list or select their own top few.
@@ -941,6 +956,7 @@ pub fn build_outputs(
             as_of,
             variant: ctx.variant.name.to_string(),
             model,
+            blend: ctx.variant.ranker.as_ref().map(|r| r.version.clone()),
             items: top_items,
         },
         carousels: Carousels {

@@ -137,6 +137,7 @@ async fn variants_split_users_switch_live_and_models_reload_safely() {
         file: Some(experiment.clone()),
         blend: BlendWeights::default(),
         default_model: None,
+        default_ranker: None,
         fold_in: FoldInConfig::default(),
     }
     .build(&mut ModelCache::default())

@@ -781,8 +781,12 @@ impl Scorer for NcfScorer {
         metrics::inference(started.elapsed().as_secs_f64(), indices.len());
         // A history model's probabilities are relative to the user's best
         // item in the catalogue (seen ones included: the replay's blend
-        // weight was chosen with this scale).
-        let scale = 1.0 / scores.iter().copied().fold(f32::MIN_POSITIVE, f32::max);
+        // weight was chosen with this scale); a rating head's ratings are
+        // mapped onto the rating scale as per-user models' are.
+        let scale = match m.weights.objective {
+            Objective::Implicit => 1.0 / scores.iter().copied().fold(f32::MIN_POSITIVE, f32::max),
+            Objective::Explicit => 1.0,
+        };
         let mut out: Vec<(u32, f32)> = m
             .card
             .item_ids

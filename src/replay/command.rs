@@ -331,14 +331,15 @@ fn dataset(path: &Path, args: &ReplayArgs) -> Result<DatasetReport> {
     })
 }
 
-/// Runs `eval/replay_peers.py` on the same stream and cut.
+/// Runs `eval/replay_peers.py` on the same stream and cut: river, ALS and
+/// item-kNN in one virtualenv, SASRec in another (TensorFlow 2.15 and river
+/// want different numpy majors; `eval/setup_peers.sh` makes both).
 fn peers(
     path: &Path,
     stream: &Stream,
     retrain_days: f64,
     args: &ReplayArgs,
 ) -> Result<Vec<PeerResult>> {
-    let out = args.work_dir.join(format!("{}.peers.json", stream.name));
     let ratings = if path.is_dir() {
         ["ratings.csv", "u.data", "ratings.dat"]
             .iter()
@@ -348,26 +349,52 @@ fn peers(
     } else {
         path.to_path_buf()
     };
-    // ALS is refitted daily on the short stream; the long one spans 22 years,
-    // so it is refitted every 30 days there.
+    // ALS and item-kNN are refitted daily on the short stream; the long one
+    // spans 22 years, so every 30 days there. SASRec is retrained on the
+    // engine's models' schedule.
     let als_days = if retrain_days < 365.0 { 1.0 } else { 30.0 };
-    let mut cmd = Command::new("python3");
-    cmd.arg("eval/replay_peers.py")
-        .arg("--ratings")
-        .arg(&ratings)
-        .arg("--cut")
-        .arg(stream.cut.to_string())
-        .arg("--als-days")
-        .arg(als_days.to_string())
-        .arg("--out")
-        .arg(&out);
-    if let Some(n) = args.limit {
-        cmd.arg("--limit").arg(n.to_string());
+    let mut results = Vec::new();
+    for (venv, peers) in [
+        ("venv-peers", "river,als,itemknn"),
+        ("venv-sequential", "sasrec"),
+    ] {
+        let out = args
+            .work_dir
+            .join(format!("{}.peers-{venv}.json", stream.name));
+        let mut cmd = Command::new(peer_python(venv));
+        cmd.arg("eval/replay_peers.py")
+            .arg("--ratings")
+            .arg(&ratings)
+            .arg("--cut")
+            .arg(stream.cut.to_string())
+            .arg("--als-days")
+            .arg(als_days.to_string())
+            .arg("--sequential-days")
+            .arg(retrain_days.to_string())
+            .arg("--peers")
+            .arg(peers)
+            .arg("--out")
+            .arg(&out);
+        if let Some(n) = args.limit {
+            cmd.arg("--limit").arg(n.to_string());
+        }
+        let status = cmd.status().context("running eval/replay_peers.py")?;
+        if !status.success() {
+            bail!("eval/replay_peers.py --peers {peers} failed ({status}); install the peers with `eval/setup_peers.sh`, or pass --no-peers");
+        }
+        let text = std::fs::read(&out).with_context(|| format!("reading {}", out.display()))?;
+        results.extend(serde_json::from_slice::<Vec<PeerResult>>(&text)?);
     }
-    let status = cmd.status().context("running eval/replay_peers.py")?;
-    if !status.success() {
-        bail!("eval/replay_peers.py failed ({status}); install its packages with `pip install --user -r eval/requirements.txt`, or pass --no-peers");
-    }
-    let text = std::fs::read(&out).with_context(|| format!("reading {}", out.display()))?;
-    Ok(serde_json::from_slice(&text)?)
+    Ok(results)
+}
+
+/// The Python of a peers virtualenv made by `eval/setup_peers.sh`, or
+/// `python3` when there is none.
+fn peer_python(venv: &str) -> PathBuf {
+    let home = std::env::var_os("RECSTREAM_PEERS_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/recstream")));
+    home.map(|h| h.join(venv).join("bin/python"))
+        .filter(|p| p.exists())
+        .unwrap_or_else(|| PathBuf::from("python3"))
 }

@@ -34,6 +34,7 @@ use crate::ncf::sequence::SequenceConfig;
 use crate::ncf::serve::{ModelError, NcfModel, NcfScorer};
 use crate::ncf::train::TrainConfig;
 use crate::output::{Source, UserOutputs};
+use crate::ranker::{self, CaseCollector, LearnedBlend};
 use crate::ratings::{self, Rating};
 use crate::recommend::Scorer;
 use crate::store::{Store, StoreError};
@@ -60,6 +61,8 @@ pub enum ReplayError {
     Changelog(#[from] crate::changelog::ChangelogError),
     #[error("{0}")]
     Invalid(String),
+    #[error(transparent)]
+    Ranker(#[from] crate::ranker::RankerError),
 }
 
 /// A ratings stream with its catalog, in replay order.
@@ -211,6 +214,9 @@ pub struct VariantSpec {
     /// The history-based NeuMF (user vector from recent interactions)
     /// instead of per-user vectors.
     pub history: bool,
+    /// Ranks with a learned blend (see [`BlendFitting`]) refitted every
+    /// this many days of event time, instead of the config's weights.
+    pub learned_blend: Option<f64>,
 }
 
 /// Replay settings shared by every variant of a run.
@@ -280,7 +286,12 @@ impl Models {
         let key = (t, objective, history);
         if history {
             if let std::collections::hash_map::Entry::Vacant(slot) = self.files.entry(key) {
-                let mut config = settings.history.clone();
+                // The rating head has its own defaults (`--history-config`
+                // tunes the next-item model).
+                let mut config = match objective {
+                    Objective::Implicit => settings.history.clone(),
+                    Objective::Explicit => SequenceConfig::rating_head(),
+                };
                 if let Some(e) = settings.epochs {
                     config.epochs = e;
                 }
@@ -480,22 +491,37 @@ pub fn run_split(
         dirs.push(dir);
         engines.push(engine);
     }
-    let install = |engine: &mut Engine, scorer: Option<Arc<dyn Scorer>>| {
+    let install = |engine: &mut Engine,
+                   scorer: Option<Arc<dyn Scorer>>,
+                   ranker: Option<Arc<LearnedBlend>>| {
         engine.set_variants(Arc::new(Variants::only(Variant {
             name: spec.name.as_str().into(),
             share: 1.0,
-            blend: spec.config.blend.clone(),
+            blend: ranker
+                .as_ref()
+                .map_or_else(|| spec.config.blend.clone(), |r| r.reason_weights()),
             scorer,
             sources: spec.sources,
             model_path: None,
+            ranker,
+            ranker_path: None,
         })));
     };
     for engine in &mut engines {
-        install(engine, None);
+        install(engine, None, None);
     }
     let fold_in = spec.model.fold_in(settings);
-    let mut next_training = spec.model.first_training(stream);
+    let mut fitting = spec
+        .learned_blend
+        .map(|every_days| BlendFitting::new(stream, every_days));
+    let mut next_training = match &fitting {
+        // The model goes live before the cut, so that the blend's training
+        // cases carry its signal from a model that has not seen them.
+        Some(f) if spec.model != ModelPlan::None => Some(f.collect_from),
+        _ => spec.model.first_training(stream),
+    };
     let mut model: Option<Arc<NcfModel>> = None;
+    let mut ranker: Option<Arc<LearnedBlend>> = None;
     let mut trainings = 0;
     // The engine's producers key by user with librdkafka's default partitioner.
     let partitioner = crate::routing::Partitioner::Crc32;
@@ -503,15 +529,30 @@ pub fn run_split(
 
     let mut scoring = Scoring::new(stream, settings, spec.config.lists.top_n);
     for (k, event) in stream.events.iter().enumerate() {
+        let mut changed = false;
         if let Some(t) = next_training.filter(|t| event.ts_ms >= *t) {
             let kind = (spec.objective, spec.history);
-            let m = Arc::new(models.at(stream, t, kind, settings, fold_in)?);
-            for engine in &mut engines {
-                install(engine, Some(Arc::new(NcfScorer { model: m.clone() })));
-            }
-            model = Some(m);
+            model = Some(Arc::new(models.at(stream, t, kind, settings, fold_in)?));
             trainings += 1;
-            next_training = spec.model.next_training(t, event.ts_ms);
+            next_training = match t < stream.cut {
+                true => Some(stream.cut),
+                false => spec.model.next_training(t, event.ts_ms),
+            };
+            changed = true;
+        }
+        if let Some(f) = fitting.as_mut() {
+            if let Some(r) = f.refit_due(stream, spec, settings, model.as_deref(), event.ts_ms)? {
+                ranker = Some(Arc::new(r));
+                changed = true;
+            }
+        }
+        if changed {
+            for engine in &mut engines {
+                let scorer = model
+                    .as_ref()
+                    .map(|m| Arc::new(NcfScorer { model: m.clone() }) as Arc<dyn Scorer>);
+                install(engine, scorer, ranker.clone());
+            }
         }
         let user = event.user_id.to_string();
         let partition = match n {
@@ -520,7 +561,14 @@ pub fn run_split(
         };
         let engine = &mut engines[partition as usize];
         // What the engine would publish for this user right now.
-        let outputs = engine.peek(partition, &user)?;
+        let outputs = match fitting.as_mut().filter(|f| event.ts_ms >= f.collect_from) {
+            Some(f) => {
+                let (outputs, pool) = engine.peek_with_pool(partition, &user)?;
+                f.cases.observe(&pool, event.movie_id);
+                outputs
+            }
+            None => engine.peek(partition, &user)?,
+        };
         // The engine's rating prediction when its model is an explicit one.
         let predicted = match (&model, spec.objective) {
             (Some(m), Objective::Explicit) => {
@@ -556,6 +604,81 @@ pub fn run_split(
     drop(engines);
     drop(dirs);
     Ok(scoring.finish(&spec.name, started.elapsed().as_secs_f64(), trainings))
+}
+
+/// A variant's learned blend: choice sets collected from the candidate pools
+/// of every interaction from `collect_from` on (half-way to the cut, with the
+/// variant's model live and trained before them), fitted at the cut and
+/// refitted on everything collected so far every `every` of event time.
+pub struct BlendFitting {
+    pub collect_from: i64,
+    every: i64,
+    next_fit: i64,
+    pub cases: CaseCollector,
+}
+
+/// Alternatives kept per choice set besides the pick.
+const BLEND_NEGATIVES: usize = 30;
+
+impl BlendFitting {
+    pub fn new(stream: &Stream, every_days: f64) -> BlendFitting {
+        let first = stream.events.first().map_or(stream.cut, |e| e.ts_ms);
+        BlendFitting {
+            collect_from: first + (stream.cut - first) / 2,
+            every: ((every_days * DAY_MS) as i64).max(1),
+            next_fit: stream.cut,
+            cases: CaseCollector::new(BLEND_NEGATIVES, 0x5eed_b1e2d),
+        }
+    }
+
+    /// Fits (and saves in the work directory) a new blend when one is due at `now`.
+    fn refit_due(
+        &mut self,
+        stream: &Stream,
+        spec: &VariantSpec,
+        settings: &Settings,
+        model: Option<&NcfModel>,
+        now: i64,
+    ) -> Result<Option<LearnedBlend>, ReplayError> {
+        if now < self.next_fit {
+            return Ok(None);
+        }
+        let fitted_at = self.next_fit;
+        while self.next_fit <= now {
+            self.next_fit += self.every;
+        }
+        let (weights, report) = match ranker::fit(
+            &self.cases.cases,
+            self.cases.missed,
+            BLEND_NEGATIVES,
+            &spec.config.blend,
+        ) {
+            Ok(fit) => fit,
+            // Too few cases yet: the blend in force stays until the next fit.
+            Err(e @ crate::ranker::RankerError::Fit(_)) => {
+                tracing::warn!("{}: no blend fitted at {fitted_at}: {e}", spec.name);
+                return Ok(None);
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let name = format!("{}-{}-{fitted_at}", stream.name, spec.name);
+        let blend = ranker::learned_blend(
+            name.clone(),
+            format!(
+                "{}: the candidate pools of its interactions from {} to {fitted_at} (ms)",
+                stream.name, self.collect_from
+            ),
+            model.map(|m| m.card.model_version.clone()),
+            weights,
+            report,
+        );
+        std::fs::create_dir_all(&settings.work_dir).map_err(|source| ReplayError::Io {
+            path: settings.work_dir.clone(),
+            source,
+        })?;
+        blend.save(&settings.work_dir.join(format!("{name}.blend.json")))?;
+        Ok(Some(blend))
+    }
 }
 
 /// Scores each interaction against the outputs shown just before it.
@@ -724,6 +847,7 @@ pub fn standard_variants(
             model: ModelPlan::None,
             objective: Objective::Implicit,
             history: false,
+            learned_blend: None,
         }
     };
     // All-time popularity: every rating counted once, never decayed, no genre cap.
@@ -743,6 +867,7 @@ pub fn standard_variants(
             model,
             objective,
             history: false,
+            learned_blend: None,
         }
     };
     let full = |name: &str, model: ModelPlan| VariantSpec {
@@ -752,6 +877,7 @@ pub fn standard_variants(
         model,
         objective: Objective::Implicit,
         history: false,
+        learned_blend: None,
     };
     let retrained = ModelPlan::Retrain {
         every_days: retrain_days,
@@ -768,7 +894,15 @@ pub fn standard_variants(
             model: retrained,
             objective: Objective::Implicit,
             history: true,
+            learned_blend: None,
         }
+    };
+    // The rating head: the same history, trained on the next rating.
+    let history_ratings = VariantSpec {
+        name: "ncf-history-ratings".into(),
+        objective: Objective::Explicit,
+        sources: CLASSIC_SOURCES,
+        ..history_alone.clone()
     };
     let mut history_blend_config = base.clone();
     history_blend_config.blend.ncf = history_ncf;
@@ -779,6 +913,7 @@ pub fn standard_variants(
         model: retrained,
         objective: Objective::Implicit,
         history: true,
+        learned_blend: None,
     };
     // Recency-aware popularity: the popular source's decayed counts with a
     // one-week half-life (published time-split studies find recent
@@ -788,6 +923,18 @@ pub fn standard_variants(
         c.decay.popularity_half_life_hours = RECENT_POPULARITY_HALF_LIFE_HOURS;
         c.lists.max_genre_share = 1.0;
     });
+    // The learned blends: the same sources (and model) as their hand-set
+    // counterparts, ranked by weights fitted on the stream (`ranker.rs`).
+    let learned_no_model = VariantSpec {
+        name: "learned-blend-no-model".into(),
+        learned_blend: Some(retrain_days),
+        ..full("blend-no-model", ModelPlan::None)
+    };
+    let learned = VariantSpec {
+        name: "learned-blend".into(),
+        learned_blend: Some(retrain_days),
+        ..history_blend.clone()
+    };
     vec![
         popularity,
         recent_popularity,
@@ -810,7 +957,10 @@ pub fn standard_variants(
         full("full-blend", ModelPlan::FoldIn),
         full("full-blend-retrained", retrained),
         history_alone,
+        history_ratings,
         history_blend,
+        learned_no_model,
+        learned,
     ]
 }
 

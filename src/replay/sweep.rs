@@ -127,6 +127,7 @@ fn spec(config: &EngineConfig, model: ModelPlan) -> VariantSpec {
         model,
         objective: Objective::Implicit,
         history: false,
+        learned_blend: None,
     }
 }
 

@@ -73,7 +73,12 @@ fn no_look_ahead_future_events_never_change_earlier_lists() {
         events: full.events[..n].to_vec(),
         ..stream(0)
     };
-    for name in ["full-blend", "co-watched", "trending"] {
+    for name in [
+        "full-blend",
+        "co-watched",
+        "trending",
+        "learned-blend-no-model",
+    ] {
         let spec = variant(name);
         let a = run_variant(&with(600), &spec, &settings(), &mut Models::default()).unwrap();
         let b = run_variant(&with(250), &spec, &settings(), &mut Models::default()).unwrap();
@@ -93,4 +98,48 @@ fn replays_are_deterministic() {
         assert_eq!(a.trainings, 1);
         assert!(a.second_half.rmse.is_some());
     }
+}
+
+#[test]
+fn the_learned_blend_is_fitted_on_the_first_half_and_saved() {
+    let s = stream(3000);
+    let settings = settings();
+    let spec = variant("learned-blend-no-model");
+    let a = run_variant(&s, &spec, &settings, &mut Models::default()).unwrap();
+    let files: Vec<std::path::PathBuf> = std::fs::read_dir(&settings.work_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.to_string_lossy().ends_with(".blend.json"))
+        .collect();
+    assert!(!files.is_empty(), "a fitted blend is saved");
+    let first = files.iter().min().unwrap();
+    let blend = crate::ranker::LearnedBlend::load(first).unwrap();
+    assert!(blend.fit.cases >= 50, "{:?}", blend.fit);
+    assert!(
+        blend.trained_on.contains("synthetic"),
+        "{}",
+        blend.trained_on
+    );
+    // Deterministic: the same stream fits the same blend and the same lists.
+    let b = run_variant(&s, &spec, &settings, &mut Models::default()).unwrap();
+    assert_eq!(a.ranks, b.ranks);
+    assert_eq!(
+        crate::ranker::LearnedBlend::load(first).unwrap().fit,
+        blend.fit
+    );
+}
+
+#[test]
+fn the_rating_head_predicts_every_rating_of_the_second_half() {
+    let s = stream(400);
+    let a = run_variant(
+        &s,
+        &variant("ncf-history-ratings"),
+        &settings(),
+        &mut Models::default(),
+    )
+    .unwrap();
+    assert_eq!(a.trainings, 1);
+    let rmse = a.second_half.rmse.unwrap();
+    assert!(rmse.is_finite() && rmse < 4.0, "{rmse}");
 }
