@@ -94,6 +94,10 @@ def implicit_peers(work, seed):
             uf = np.asarray(model.user_factors)
             itf = np.asarray(model.item_factors)
             result = ranking(lambda u, items: itf[items] @ uf[u], cases)
+            # The held-out item against every item the user never interacted with.
+            users = np.array([c[0] for c in cases])
+            ids, _ = model.recommend(users, matrix[users], N=10, filter_already_liked_items=True)
+            result["hr@10_full_catalogue"] = float(np.mean([c[1] in set(row) for c, row in zip(cases, ids)]))
             result["seconds"] = time.time() - started
             out.setdefault(algo, {})[name] = result
             print(f"{algo} {name}: {result}", file=sys.stderr)

@@ -404,6 +404,7 @@ fn top1_rate(cases: &[&ChoiceSet], score: impl Fn(&[f64; FEATURE_COUNT]) -> f64)
 
 /// Newton's method on the penalized negative log-likelihood
 /// `-Σ ln P(pick) + l2/2 · n · |w|²`; returns the weights and the iterations taken.
+#[allow(clippy::needless_range_loop)] // matrix code reads best with indices
 fn newton(cases: &[&ChoiceSet], scale: &Standardizer, l2: f64) -> (Vec<f64>, usize) {
     const D: usize = FEATURE_COUNT;
     let n = cases.len() as f64;
@@ -472,6 +473,7 @@ fn newton(cases: &[&ChoiceSet], scale: &Standardizer, l2: f64) -> (Vec<f64>, usi
 }
 
 /// Solves `a · x = b` for a symmetric positive definite `a` (Cholesky).
+#[allow(clippy::needless_range_loop)] // matrix code reads best with indices
 fn solve_spd<const D: usize>(mut a: [[f64; D]; D], b: [f64; D]) -> Option<[f64; D]> {
     for j in 0..D {
         let mut d = a[j][j];

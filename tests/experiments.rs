@@ -27,10 +27,16 @@ fn demo_catalog_path() -> PathBuf {
 }
 
 fn write_experiment(path: &Path, control: f64) {
+    write_experiment_ranked(path, control, None);
+}
+
+/// With `ranker`, the `ncf` variant ranks with that learned blend file.
+fn write_experiment_ranked(path: &Path, control: f64, ranker: Option<&str>) {
+    let ranker = ranker.map_or(String::new(), |r| format!("ranker = \"{r}\"\n"));
     let text = format!(
         "salt = \"exp-test\"\n\
          [[variants]]\nname = \"control\"\nshare = {control}\nmodel = \"none\"\n\
-         [[variants]]\nname = \"ncf\"\nshare = {}\nmodel = \"served/model.onnx\"\n\
+         [[variants]]\nname = \"ncf\"\nshare = {}\nmodel = \"served/model.onnx\"\n{ranker}\
          [variants.blend]\nncf = 0.6\n",
         1.0 - control
     );
@@ -272,6 +278,64 @@ async fn variants_split_users_switch_live_and_models_reload_safely() {
     );
     assert!(metric(http_port, "recstream_model_loads_total{outcome=\"loaded\"}") > loads_before);
 
+    // 4b. A learned blend is rolled out like a model: named in the
+    // experiment file, loaded, and every list of the variant ranked by it
+    // says so.
+    let mut blend_weights = vec![0.0; recstream::ranker::FEATURE_COUNT];
+    blend_weights[4] = 6.0; // co_watched
+    blend_weights[5] = 2.0; // ncf
+    blend_weights[2] = 0.5; // popularity
+    let blend = recstream::ranker::learned_blend(
+        "blend-test-1".into(),
+        "hand-set for the test".into(),
+        Some(new_version.clone()),
+        blend_weights,
+        recstream::ranker::FitReport {
+            cases: 0,
+            missed: 0,
+            negatives_per_case: 0,
+            l2: 0.0,
+            validation_log_likelihood: 0.0,
+            validation_top1: 0.0,
+            validation_top1_hand_set: 0.0,
+            newton_iterations: 0,
+        },
+    );
+    blend
+        .save(&experiment.with_file_name("served/test.blend.json"))
+        .unwrap();
+    write_experiment_ranked(&experiment, 0.0, Some("served/test.blend.json"));
+    python_produce(
+        &brokers,
+        "reco.interactions.v1",
+        &round("c2", |u| 5 + (u as u64 % 60)),
+        dir.path(),
+    );
+    await_users(
+        &latest,
+        "lists ranked by the learned blend",
+        |_, v| v["blend"] == "blend-test-1" && v["model"]["version"] == new_version.as_str(),
+        log,
+    )
+    .await;
+    let ranked = latest.lock().unwrap().values().all(|v| {
+        let scores: Vec<f64> = v["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i["score"].as_f64().unwrap())
+            .collect();
+        // Each published score is the blend's (rounded), from its signals.
+        v["items"].as_array().unwrap().iter().all(|i| {
+            let sig = &i["signals"];
+            let expected = 6.0 * sig["co_watched"].as_f64().unwrap()
+                + 2.0 * sig["ncf"].as_f64().unwrap_or(0.0)
+                + 0.5 * sig["popularity"].as_f64().unwrap();
+            (i["score"].as_f64().unwrap() - expected).abs() < 1e-4
+        }) && !scores.is_empty()
+    });
+    assert!(ranked, "scores follow the learned blend: {}", log());
+
     // 5. A broken model is rejected; the last good one keeps serving.
     let card = ModelFiles::new(&served).card;
     let mut tampered: Value = serde_json::from_slice(&std::fs::read(&card).unwrap()).unwrap();
@@ -320,6 +384,6 @@ async fn variants_split_users_switch_live_and_models_reload_safely() {
     let status = engine.terminate();
     assert!(status.success(), "engine exit {status:?}");
     println!(
-        "experiments: {in_ncf} of {USERS} users hashed into ncf at 50/50; all moved after the share change; model {demo_version} -> {new_version} hot-reloaded; a tampered card rejected while the old model kept serving; {USERS} clicks credited to recommendations position 1"
+        "experiments: {in_ncf} of {USERS} users hashed into ncf at 50/50; all moved after the share change; model {demo_version} -> {new_version} hot-reloaded; a learned blend rolled out and ranking every list; a tampered card rejected while the old model kept serving; {USERS} clicks credited to recommendations position 1"
     );
 }

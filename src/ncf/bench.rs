@@ -109,15 +109,25 @@ fn item_mean_errors(train: &[Row], test: &[Row], n_items: usize) -> (f64, f64) {
     train::rating_errors(predict, test, (1.0, 5.0))
 }
 
-fn popularity_ranking(train: &[Row], n_items: usize, cases: &[RankingCase]) -> (f64, f64) {
+/// Popularity's HR@10 and NDCG@10 on the sampled cases, and its HR@10
+/// against the whole catalogue.
+fn popularity_ranking(
+    train: &[Row],
+    n_users: usize,
+    n_items: usize,
+    cases: &[RankingCase],
+) -> (f64, f64, f64) {
     let mut count = vec![0.0f32; n_items];
     for r in train {
         count[r.item as usize] += 1.0;
     }
-    train::ranking_metrics(
+    let (hr, ndcg) = train::ranking_metrics(
         |_, items| items.iter().map(|&i| count[i as usize]).collect(),
         cases,
-    )
+    );
+    let interacted = eval::interacted_items(train, n_users);
+    let full = eval::full_catalogue_hit_rate(cases, &interacted, |_| count.clone());
+    (hr, ndcg, full)
 }
 
 fn write_peer_inputs(dir: &Path, run: &Run) -> Result<()> {
@@ -156,20 +166,6 @@ struct ColdStart {
     /// HR@10 against the whole catalogue (every item the user never
     /// interacted with): folded-in NeuMF, history NeuMF, popularity.
     full: [f64; 3],
-}
-
-/// Whether `positive` ranks in the top 10 of `scores` among the items not
-/// in `interacted` (sorted); ties count against it.
-fn full_catalogue_hit(scores: &[f32], positive: u32, interacted: &[u32]) -> f64 {
-    let target = scores[positive as usize];
-    let better = scores
-        .iter()
-        .enumerate()
-        .filter(|&(i, &s)| {
-            s >= target && i as u32 != positive && interacted.binary_search(&(i as u32)).is_err()
-        })
-        .count();
-    f64::from(u8::from(better < 10))
 }
 
 /// The streaming path for cold users: their first `k` interactions become
@@ -302,7 +298,7 @@ fn cold_start(
             let h = history_model.score_user(&history_vector, &idx)?;
             history.push(data::hit_and_ndcg(h[0], &h[1..], 10));
             for (hits, scores) in full.iter_mut().zip(full_scores) {
-                hits.push(full_catalogue_hit(scores, positive, &interacted));
+                hits.push(eval::full_catalogue_hit(scores, positive, &interacted));
             }
             let p: Vec<f32> = items.iter().map(|&i| popularity[i as usize]).collect();
             pop.push(data::hit_and_ndcg(p[0], &p[1..], 10));
@@ -439,7 +435,12 @@ pub fn run(args: &EvalArgs) -> Result<()> {
             out: args.work_dir.join(format!("models/{name}-implicit")),
             progress: !args.quiet,
         })?;
-        let baseline = popularity_ranking(&run.train_rows, run.dataset.n_items(), &run.cases);
+        let baseline = popularity_ranking(
+            &run.train_rows,
+            run.dataset.n_users(),
+            run.dataset.n_items(),
+            &run.cases,
+        );
         eprintln!("{name}: NCF {:?}, popularity {baseline:?}", run.report.test);
         write_peer_inputs(&args.work_dir.join("implicit").join(name), &run)?;
         implicit_runs.push((name, run.report.clone(), baseline, run.cases.len()));
@@ -458,13 +459,16 @@ pub fn run(args: &EvalArgs) -> Result<()> {
         Value::Null
     } else {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("eval/peers.py");
-        let mut cmd = std::process::Command::new("python3");
+        let mut cmd = std::process::Command::new(crate::replay::command::peer_python("venv-peers"));
         cmd.arg(&script).arg("--work").arg(&args.work_dir);
         if args.svdpp {
             cmd.arg("--svdpp");
         }
-        let status = cmd.status().context("running python3 eval/peers.py")?;
-        anyhow::ensure!(status.success(), "eval/peers.py failed ({status})");
+        let status = cmd.status().context("running eval/peers.py")?;
+        anyhow::ensure!(
+            status.success(),
+            "eval/peers.py failed ({status}); install the peers with `eval/setup_peers.sh`"
+        );
         serde_json::from_slice(&std::fs::read(args.work_dir.join("peers.json"))?)?
     };
 
@@ -484,10 +488,14 @@ pub fn run(args: &EvalArgs) -> Result<()> {
     Ok(())
 }
 
+/// One leave-one-out run: data name, report, popularity's (HR@10,
+/// NDCG@10, whole-catalogue HR@10), users.
+type ImplicitRun<'a> = (&'a str, eval::RunReport, (f64, f64, f64), usize);
+
 fn render(
     args: &EvalArgs,
     explicit: &[(String, eval::RunReport, (f64, f64))],
-    implicit: &[(&str, eval::RunReport, (f64, f64), usize)],
+    implicit: &[ImplicitRun],
     cold: Option<&ColdStart>,
     peers: &Value,
     seconds: f64,
@@ -571,6 +579,36 @@ fn render(
             s,
             "\nTies count against the held-out item. Negatives are distinct items the user never interacted with.\n"
         );
+        // Sampled metrics can reverse orderings (Krichene & Rendle 2020).
+        let _ = writeln!(
+            s,
+            "The same held-out items ranked against the **whole catalogue** (every item the user never interacted with), HR@10:\n"
+        );
+        let _ = writeln!(
+            s,
+            "| data | NeuMF (ours) | popularity | implicit ALS | implicit BPR |"
+        );
+        let _ = writeln!(s, "|---|---:|---:|---:|---:|");
+        for (name, r, base, _) in implicit {
+            let p = |algo: &str| peer(peers, "implicit", algo, name, "hr@10_full_catalogue");
+            let cells = [
+                metric(r, "hr@10_full_catalogue"),
+                Some(base.2),
+                p("implicit_als"),
+                p("implicit_bpr"),
+            ];
+            let best = cells.iter().flatten().copied().fold(f64::MIN, f64::max);
+            let row: Vec<String> = cells
+                .iter()
+                .map(|c| match c {
+                    Some(v) if *v == best => format!("**{v:.4}**"),
+                    Some(v) => format!("{v:.4}"),
+                    None => "–".into(),
+                })
+                .collect();
+            let _ = writeln!(s, "| {name} | {} |", row.join(" | "));
+        }
+        let _ = writeln!(s);
     }
     if let Some(cold) = cold {
         let _ = writeln!(s, "## Cold start: ML-100K, 10 % of users never trained on, folded in from their first 5 interactions\n");

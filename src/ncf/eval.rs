@@ -270,6 +270,12 @@ pub fn run(input: RunInput) -> Result<Run, EvalError> {
             test.insert("hr@10".into(), json!(hr));
             test.insert("ndcg@10".into(), json!(ndcg));
             test.insert("test_users".into(), json!(cases.len()));
+            let interacted = interacted_items(&train_rows, dataset.n_users());
+            let all: Vec<u32> = (0..dataset.n_items() as u32).collect();
+            let full = full_catalogue_hit_rate(&cases, &interacted, |u| {
+                tract_scores(&model, &vec![u; all.len()], &all)
+            });
+            test.insert("hr@10_full_catalogue".into(), json!(full));
         }
     }
     // The loaded model's card gains the test metrics too; no second load.
@@ -402,6 +408,47 @@ pub fn population_prior(weights: &NcfWeights, users: &[f32], rows: &[Row], seed:
 }
 
 /// Scores dense (user index, item index) pairs with the served model.
+/// Each user's training items, sorted (what a full-catalogue ranking excludes).
+pub fn interacted_items(train: &[Row], n_users: usize) -> Vec<Vec<u32>> {
+    let mut by_user = vec![Vec::new(); n_users];
+    for r in train {
+        by_user[r.user as usize].push(r.item);
+    }
+    for items in &mut by_user {
+        items.sort_unstable();
+        items.dedup();
+    }
+    by_user
+}
+
+/// Whether `positive` ranks in the top 10 of `scores` among the items not
+/// in `interacted` (sorted); ties count against it.
+pub fn full_catalogue_hit(scores: &[f32], positive: u32, interacted: &[u32]) -> f64 {
+    let target = scores[positive as usize];
+    let better = scores
+        .iter()
+        .enumerate()
+        .filter(|&(i, &s)| {
+            s >= target && i as u32 != positive && interacted.binary_search(&(i as u32)).is_err()
+        })
+        .count();
+    f64::from(u8::from(better < 10))
+}
+
+/// HR@10 of the leave-one-out cases against the whole catalogue (every item
+/// the user never interacted with), `scores(user)` scoring every item.
+pub fn full_catalogue_hit_rate(
+    cases: &[RankingCase],
+    interacted: &[Vec<u32>],
+    scores: impl Fn(u32) -> Vec<f32>,
+) -> f64 {
+    let hits: f64 = cases
+        .iter()
+        .map(|c| full_catalogue_hit(&scores(c.user), c.positive, &interacted[c.user as usize]))
+        .sum();
+    hits / cases.len().max(1) as f64
+}
+
 pub fn tract_scores(model: &NcfModel, users: &[u32], items: &[u32]) -> Vec<f32> {
     let d = model.user_dim();
     let mut vectors = Vec::with_capacity(users.len() * d);

@@ -55,8 +55,14 @@ pub struct SequenceConfig {
     pub sampled_items: usize,
     /// `implicit`: which item comes next (softmax); `explicit`: the rating
     /// the next item gets (squared error, the rating head), from the same
-    /// history.
+    /// history. Left out of the JSON when implicit, so that the replay's
+    /// cached next-item models (named by this JSON) stay valid.
+    #[serde(skip_serializing_if = "is_implicit")]
     pub objective: Objective,
+}
+
+fn is_implicit(o: &Objective) -> bool {
+    *o == Objective::Implicit
 }
 
 impl Default for SequenceConfig {

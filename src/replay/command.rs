@@ -163,7 +163,8 @@ pub async fn run(args: &ReplayArgs) -> Result<()> {
     let reports = reports.into_iter().collect::<Result<Vec<_>>>()?;
     let mut doc = String::from(
         "## Prequential replay\n\nReproduce: `cargo run --release -- replay-eval` \
-         (data from `../shared/data/movielens`, peers from `eval/replay_peers.py`). \
+         (data from `../shared/data/movielens`, peers from `eval/replay_peers.py`, \
+         installed by `eval/setup_peers.sh`). \
          Every rating is replayed in event-time order (ties by user, then item) \
          through `Engine::process`; before it is applied, the list the engine would \
          publish for that user at that moment (`Engine::peek`) is scored. Models \
@@ -184,6 +185,7 @@ pub async fn run(args: &ReplayArgs) -> Result<()> {
                 "full-blend-retrained",
                 "ncf-history",
                 "full-blend-history",
+                "learned-blend",
             ],
         )
         .map_err(|e| anyhow::anyhow!("plotting {}: {e}", png.display()))?;
@@ -390,7 +392,7 @@ fn peers(
 
 /// The Python of a peers virtualenv made by `eval/setup_peers.sh`, or
 /// `python3` when there is none.
-fn peer_python(venv: &str) -> PathBuf {
+pub fn peer_python(venv: &str) -> PathBuf {
     let home = std::env::var_os("RECSTREAM_PEERS_HOME")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/recstream")));

@@ -251,6 +251,18 @@ pub struct VariantResult {
     /// Per event, in stream order: the item's 1-based rank in the list, 0 when absent.
     #[serde(skip)]
     pub ranks: Vec<u16>,
+    /// The learned blends fitted during the replay, in order.
+    pub blend_fits: Vec<BlendFit>,
+}
+
+/// One fit of a variant's learned blend.
+#[derive(Debug, Clone, Serialize)]
+pub struct BlendFit {
+    /// Event time (ms) of the fit.
+    pub at: i64,
+    pub version: String,
+    pub weights: Vec<f64>,
+    pub report: crate::ranker::FitReport,
 }
 
 /// Trained model files per (cut time, objective, history model), shared by variants.
@@ -522,6 +534,7 @@ pub fn run_split(
     };
     let mut model: Option<Arc<NcfModel>> = None;
     let mut ranker: Option<Arc<LearnedBlend>> = None;
+    let mut blend_fits = Vec::new();
     let mut trainings = 0;
     // The engine's producers key by user with librdkafka's default partitioner.
     let partitioner = crate::routing::Partitioner::Crc32;
@@ -542,6 +555,12 @@ pub fn run_split(
         }
         if let Some(f) = fitting.as_mut() {
             if let Some(r) = f.refit_due(stream, spec, settings, model.as_deref(), event.ts_ms)? {
+                blend_fits.push(BlendFit {
+                    at: event.ts_ms,
+                    version: r.version.clone(),
+                    weights: r.weights.clone(),
+                    report: r.fit.clone(),
+                });
                 ranker = Some(Arc::new(r));
                 changed = true;
             }
@@ -603,7 +622,10 @@ pub fn run_split(
     }
     drop(engines);
     drop(dirs);
-    Ok(scoring.finish(&spec.name, started.elapsed().as_secs_f64(), trainings))
+    Ok(VariantResult {
+        blend_fits,
+        ..scoring.finish(&spec.name, started.elapsed().as_secs_f64(), trainings)
+    })
 }
 
 /// A variant's learned blend: choice sets collected from the candidate pools
@@ -783,6 +805,7 @@ impl<'s> Scoring<'s> {
             seconds,
             trainings,
             ranks: self.ranks,
+            blend_fits: Vec::new(),
         }
     }
 }

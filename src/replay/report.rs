@@ -150,11 +150,125 @@ pub fn markdown(r: &DatasetReport, anchor: Option<f64>) -> String {
     if let Some(line) = goal(r) {
         let _ = writeln!(s, "{line}");
     }
+    learned_blends(&mut s, r);
+    history_targets(&mut s, r);
     let _ = writeln!(s);
     if !r.instances.is_empty() {
         instances_table(&mut s, r);
     }
     s
+}
+
+/// What each learned blend was fitted on and the weights it ended with.
+fn learned_blends(s: &mut String, r: &DatasetReport) {
+    for v in r.variants.iter().filter(|v| !v.blend_fits.is_empty()) {
+        let (first, last) = (&v.blend_fits[0], &v.blend_fits[v.blend_fits.len() - 1]);
+        let weights: Vec<String> = crate::ranker::FEATURES
+            .iter()
+            .zip(&last.weights)
+            .map(|(f, w)| format!("{f} {w:.2}"))
+            .collect();
+        let _ = writeln!(
+            s,
+            "- {}: {} fits. The first, at the cut, on {} choice sets (the interactions of the quarter of event time before it; {} more whose item was not in the pool); validation (last tenth): the pick is first of its sampled set {:.1} % of the time with the learned weights, {:.1} % with the hand-set ones. Weights at the last fit ({} choice sets; features as in models/README.md#learned-blend): {}.",
+            v.name,
+            v.blend_fits.len(),
+            first.report.cases,
+            first.report.missed,
+            first.report.validation_top1 * 100.0,
+            first.report.validation_top1_hand_set * 100.0,
+            last.report.cases,
+            weights.join(", ")
+        );
+    }
+}
+
+/// Issue 21's targets on this dataset, from the rows present.
+fn history_targets(s: &mut String, r: &DatasetReport) {
+    let hr = |name: &str| {
+        r.variants
+            .iter()
+            .find(|v| v.name == name)
+            .map(|v| v.second_half.hr)
+    };
+    let pct = |a: f64, b: f64| (a / b - 1.0) * 100.0;
+    let verdict = |ok: bool| if ok { "met" } else { "missed" };
+    let small = r.name.contains("latest-small");
+    let mut lines = Vec::new();
+    if let (Some(model), Some(co)) = (hr("ncf-history"), hr("co-watched")) {
+        lines.push(format!(
+            "the model alone (`ncf-history`) {} against co-watch {} ({:+.1} %): **{}**",
+            f4(model),
+            f4(co),
+            pct(model, co),
+            verdict(model >= co)
+        ));
+    }
+    let blends = ["full-blend-history", "learned-blend"];
+    if let Some((name, best)) = blends
+        .iter()
+        .filter_map(|n| hr(n).map(|h| (*n, h)))
+        .max_by(|a, b| a.1.total_cmp(&b.1))
+    {
+        let target = if small { 0.12 } else { 0.23 };
+        lines.push(format!(
+            "the full blend, best of the two with the history model (`{name}`) {} against ≥ {target}: **{}**",
+            f4(best),
+            verdict(best >= target)
+        ));
+    }
+    for (with, without) in [
+        ("full-blend-history", "blend-no-model"),
+        ("learned-blend", "learned-blend-no-model"),
+    ] {
+        if let (Some(a), Some(b)) = (hr(with), hr(without)) {
+            lines.push(format!(
+                "with the model against without it, `{with}` {} against `{without}` {} ({:+.1} %, target +5 %): **{}**",
+                f4(a),
+                f4(b),
+                pct(a, b),
+                verdict(pct(a, b) >= 5.0)
+            ));
+        }
+    }
+    for (learned, swept) in [
+        ("learned-blend", "full-blend-history"),
+        ("learned-blend-no-model", "blend-no-model"),
+    ] {
+        if let (Some(a), Some(b)) = (hr(learned), hr(swept)) {
+            lines.push(format!(
+                "the learned blend against the swept weights, `{learned}` {} against `{swept}` {} ({:+.1} %)",
+                f4(a),
+                f4(b),
+                pct(a, b)
+            ));
+        }
+    }
+    if let Some(rmse) = r
+        .variants
+        .iter()
+        .find(|v| v.name == "ncf-history-ratings")
+        .and_then(|v| v.second_half.rmse)
+    {
+        let target = if small { 0.82 } else { 0.94 };
+        let river = r
+            .peers
+            .iter()
+            .find(|p| p.name.starts_with("river"))
+            .and_then(|p| p.rmse)
+            .map_or(String::new(), |x| format!(", river BiasedMF {}", f4(x)));
+        lines.push(format!(
+            "progressive RMSE of the rating head (`ncf-history-ratings`) {} against ≤ {target}{river}: **{}**",
+            f4(rmse),
+            verdict(rmse <= target)
+        ));
+    }
+    if !lines.is_empty() {
+        let _ = writeln!(s, "- Issue 21's targets here:");
+        for l in lines {
+            let _ = writeln!(s, "  - {l};");
+        }
+    }
 }
 
 /// Each split variant beside its one-instance run: what scaling out costs
@@ -200,11 +314,13 @@ fn instances_table(s: &mut String, r: &DatasetReport) {
 
 /// Variants that blend several sources; every other variant is one source or
 /// the model alone.
-const BLENDS: [&str; 4] = [
+const BLENDS: [&str; 6] = [
     "blend-no-model",
     "full-blend",
     "full-blend-retrained",
     "full-blend-history",
+    "learned-blend-no-model",
+    "learned-blend",
 ];
 
 /// The issue's goal, checked on the figures: the full blend against every
