@@ -434,6 +434,9 @@ fn encode_recommendations(r: &Recommendations) -> Vec<u8> {
     if let Some(model) = &r.model {
         field(&mut out, false, "model", model);
     }
+    if let Some(blend) = &r.blend {
+        field(&mut out, false, "blend", blend);
+    }
     field_key(&mut out, false, "items");
     write_list(&mut out, &r.items, write_item);
     out.push(b'}');
@@ -573,7 +576,11 @@ mod tests {
                 version: "v1".into(),
             }),
         ] {
-            let o = outputs(model);
+            let mut o = outputs(model.clone());
+            // A list ranked by a learned blend names it (with the model or without).
+            if model.is_some() {
+                o.recommendations.blend = Some("ml-100k-learned-blend-1".into());
+            }
             let [(_, recs), (_, carousels), (_, insights)] = o.encode();
             assert_eq!(
                 String::from_utf8(recs).unwrap(),

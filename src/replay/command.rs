@@ -161,6 +161,9 @@ pub async fn run(args: &ReplayArgs) -> Result<()> {
         jobs.iter().map(|p| dataset(p, args)).collect()
     };
     let reports = reports.into_iter().collect::<Result<Vec<_>>>()?;
+    if let Some(dir) = args.out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
     let mut doc = String::from(
         "## Prequential replay\n\nReproduce: `cargo run --release -- replay-eval` \
          (data from `../shared/data/movielens`, peers from `eval/replay_peers.py`, \
