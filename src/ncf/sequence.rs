@@ -95,13 +95,13 @@ impl SequenceConfig {
     /// The rating head's defaults: a squared error on ~100k ratings
     /// overfits the next-item model's widths within two epochs (ML-100K:
     /// train 0.46, validation RMSE 1.18 by epoch 5), so it is narrower,
-    /// slower and decayed (best validation RMSE 1.077 at epoch 7).
+    /// slower and decayed (best validation RMSE 1.077 at epoch 7). `L`
+    /// stays the engine's `lists.recent_items`.
     pub fn rating_head() -> SequenceConfig {
         SequenceConfig {
             gmf_dim: 8,
             mlp_dim: 8,
             hidden: vec![8],
-            max_len: 50,
             learning_rate: 0.001,
             weight_decay: 0.1,
             objective: Objective::Explicit,
