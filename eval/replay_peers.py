@@ -88,71 +88,6 @@ def river_biased_mf(rows, cut):
     }
 
 
-def implicit_als(rows, cut, days):
-    from implicit.als import AlternatingLeastSquares
-
-    users = {u: i for i, u in enumerate(sorted({r[1] for r in rows}))}
-    items = {m: i for i, m in enumerate(sorted({r[2] for r in rows}))}
-    n_users, n_items = len(users), len(items)
-    history = [[] for _ in range(n_users)]
-    counts = np.zeros(n_items)
-    interval = int(days * 86_400_000)
-    model = None
-    next_fit = cut
-    fits = 0
-    hits = 0
-    ndcg = mrr = 0.0
-    n = 0
-    seen = []  # (user, item) so far, for refits
-    for t, u, m, _r in rows:
-        ui, mi = users[u], items[m]
-        if t >= cut:
-            if t >= next_fit:
-                data = np.ones(len(seen), dtype=np.float32)
-                us = np.fromiter((s[0] for s in seen), dtype=np.int32, count=len(seen))
-                ms = np.fromiter((s[1] for s in seen), dtype=np.int32, count=len(seen))
-                matrix = sp.csr_matrix((data, (us, ms)), shape=(n_users, n_items))
-                model = AlternatingLeastSquares(
-                    factors=64, regularization=0.05, iterations=15, random_state=7
-                )
-                model.fit(matrix, show_progress=False)
-                fits += 1
-                while next_fit <= t:
-                    next_fit += interval
-            mine = history[ui]
-            if mine:
-                row = sp.csr_matrix(
-                    (np.ones(len(mine), dtype=np.float32), (np.zeros(len(mine), dtype=np.int32), np.array(mine, dtype=np.int32))),
-                    shape=(1, n_items),
-                )
-                ids, _ = model.recommend(
-                    ui, row, N=10, filter_already_liked_items=True, recalculate_user=True
-                )
-                top = list(ids)
-            else:
-                # No history yet: ALS has nothing to go on; most popular so far.
-                top = list(np.lexsort((np.arange(n_items), -counts))[:10])
-            if mi in top:
-                rank = top.index(mi) + 1
-                hits += 1
-                ndcg += 1.0 / math.log2(rank + 1)
-                mrr += 1.0 / rank
-            n += 1
-        history[ui].append(mi)
-        counts[mi] += 1
-        seen.append((ui, mi))
-    return {
-        "name": "implicit ALS",
-        "hr": hits / n if n else None,
-        "ndcg": ndcg / n if n else None,
-        "mrr": mrr / n if n else None,
-        "rmse": None,
-        "mae": None,
-        "cases": n,
-        "note": f"implicit {__import__('implicit').__version__} ALS (64 factors, reg 0.05, 15 iterations) refitted every {days:g} days of event time on all interactions so far ({fits} fits); user vector recomputed from the current history; users without history get popularity.",
-    }
-
-
 class Hits:
     """HR/NDCG/MRR@10 over the cases scored."""
 
@@ -193,10 +128,13 @@ def popular_top(counts, n=10):
     return list(np.lexsort((np.arange(len(counts)), -counts))[:n])
 
 
-def item_knn_run(rows, start, end, days, similarity, k):
-    """The prequential protocol over events in [start, end) for one setting."""
-    from implicit.nearest_neighbours import BM25Recommender, CosineRecommender
-
+def refitted_protocol(rows, start, end, days, fit, top):
+    """The prequential protocol over the events in [start, end) for a model
+    refitted from `start` on, every `days` of event time, on every
+    interaction so far: `fit(user-item matrix)` makes the model and
+    `top(model, user, history row, history, counts)` its 10 items for a
+    user with history; a user without any gets the most popular items so
+    far. Returns the Hits and the number of fits."""
     users, items = indexed(rows)
     n_users, n_items = len(users), len(items)
     history = [[] for _ in range(n_users)]
@@ -205,7 +143,7 @@ def item_knn_run(rows, start, end, days, similarity, k):
     model = None
     next_fit = start
     fits = 0
-    seen = []
+    seen = []  # (user, item) so far, for refits
     hits = Hits()
     for t, u, m, _r in rows:
         if t >= end:
@@ -216,11 +154,7 @@ def item_knn_run(rows, start, end, days, similarity, k):
                 data = np.ones(len(seen), dtype=np.float32)
                 us = np.fromiter((s[0] for s in seen), dtype=np.int32, count=len(seen))
                 ms = np.fromiter((s[1] for s in seen), dtype=np.int32, count=len(seen))
-                matrix = sp.csr_matrix((data, (us, ms)), shape=(n_users, n_items))
-                # Repeated (user, item) pairs count once, as for ALS.
-                matrix.data[:] = 1.0
-                model = (BM25Recommender(K=k) if similarity == "bm25" else CosineRecommender(K=k))
-                model.fit(matrix, show_progress=False)
+                model = fit(sp.csr_matrix((data, (us, ms)), shape=(n_users, n_items)))
                 fits += 1
                 while next_fit <= t:
                     next_fit += interval
@@ -230,25 +164,66 @@ def item_knn_run(rows, start, end, days, similarity, k):
                     (np.ones(len(mine), dtype=np.float32), (np.zeros(len(mine), dtype=np.int32), np.array(mine, dtype=np.int32))),
                     shape=(1, n_items),
                 )
-                row.sum_duplicates()
-                row.data[:] = 1.0
-                ids, scores = model.recommend(ui, row, N=10, filter_already_liked_items=True)
-                top = [i for i, s in zip(ids, scores) if s > 0]
-                # Too few neighbours: filled with the most popular unseen items.
-                if len(top) < 10:
-                    mine_set = set(mine)
-                    for i in popular_top(counts, 10 + len(mine)):
-                        if len(top) == 10:
-                            break
-                        if i not in mine_set and i not in top:
-                            top.append(i)
+                hits.add(top(model, ui, row, mine, counts), mi)
             else:
-                top = popular_top(counts)
-            hits.add(top, mi)
+                # No history yet: the model has nothing to go on.
+                hits.add(popular_top(counts), mi)
         history[ui].append(mi)
         counts[mi] += 1
         seen.append((ui, mi))
     return hits, fits
+
+
+def implicit_als(rows, cut, days):
+    from implicit.als import AlternatingLeastSquares
+
+    def fit(matrix):
+        model = AlternatingLeastSquares(
+            factors=64, regularization=0.05, iterations=15, random_state=7
+        )
+        model.fit(matrix, show_progress=False)
+        return model
+
+    def top(model, ui, row, _mine, _counts):
+        ids, _ = model.recommend(
+            ui, row, N=10, filter_already_liked_items=True, recalculate_user=True
+        )
+        return list(ids)
+
+    hits, fits = refitted_protocol(rows, cut, float("inf"), days, fit, top)
+    return hits.result(
+        "implicit ALS",
+        f"implicit {__import__('implicit').__version__} ALS (64 factors, reg 0.05, 15 iterations) refitted every {days:g} days of event time on all interactions so far ({fits} fits); user vector recomputed from the current history; users without history get popularity.",
+    )
+
+
+def item_knn_run(rows, start, end, days, similarity, k):
+    """The prequential protocol over events in [start, end) for one setting."""
+    from implicit.nearest_neighbours import BM25Recommender, CosineRecommender
+
+    def fit(matrix):
+        # Repeated (user, item) pairs count once.
+        matrix.data[:] = 1.0
+        model = BM25Recommender(K=k) if similarity == "bm25" else CosineRecommender(K=k)
+        model.fit(matrix, show_progress=False)
+        return model
+
+    def top(model, ui, row, mine, counts):
+        row.sum_duplicates()
+        row.data[:] = 1.0
+        ids, scores = model.recommend(ui, row, N=10, filter_already_liked_items=True)
+        top = [i for i, s in zip(ids, scores) if s > 0]
+        # Too few neighbours: filled with the most popular unseen items.
+        if len(top) < 10:
+            mine_set = set(mine)
+            for i in popular_top(counts, 10 + len(mine)):
+                if len(top) == 10:
+                    break
+                if i not in mine_set and i not in top:
+                    top.append(i)
+        return top
+
+    return refitted_protocol(rows, start, end, days, fit, top)
 
 
 def item_knn(rows, cut, days):

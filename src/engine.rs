@@ -1113,16 +1113,7 @@ mod tests {
             "test".into(),
             None,
             weights,
-            FitReport {
-                cases: 0,
-                missed: 0,
-                negatives_per_case: 0,
-                l2: 0.0,
-                validation_log_likelihood: 0.0,
-                validation_top1: 0.0,
-                validation_top1_hand_set: 0.0,
-                newton_iterations: 0,
-            },
+            FitReport::default(),
         );
         e.set_variants(Arc::new(Variants::only(crate::experiment::Variant {
             name: "learned".into(),

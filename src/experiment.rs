@@ -565,13 +565,8 @@ mod tests {
             weights,
             FitReport {
                 cases: 1,
-                missed: 0,
-                negatives_per_case: 0,
-                l2: 0.0,
-                validation_log_likelihood: 0.0,
-                validation_top1: 0.0,
-                validation_top1_hand_set: 0.0,
                 newton_iterations: 1,
+                ..FitReport::default()
             },
         );
         blend.save(&dir.path().join("b.blend.json")).unwrap();

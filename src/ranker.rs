@@ -101,7 +101,7 @@ pub enum RankerError {
 }
 
 /// What a learned blend was fitted on, and how well.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct FitReport {
     /// Interactions whose pick was in the pool (the choice sets used).
     pub cases: usize,
@@ -698,11 +698,7 @@ mod tests {
             w in prop::collection::vec(-5.0f64..5.0, FEATURE_COUNT),
             co in 0.0f64..1.0, ncf in prop::option::of(0.0f64..1.0), sources in 0u8..64,
         ) {
-            let blend = learned_blend("v".into(), String::new(), None, w.clone(), FitReport {
-                cases: 0, missed: 0, negatives_per_case: 0, l2: 0.0,
-                validation_log_likelihood: 0.0, validation_top1: 0.0,
-                validation_top1_hand_set: 0.0, newton_iterations: 0,
-            });
+            let blend = learned_blend("v".into(), String::new(), None, w.clone(), FitReport::default());
             let s = Signals { co_watched: co, ncf, ..Signals::default() };
             let x = features(&s, sources);
             let expected: f64 = w.iter().zip(x).map(|(a, b)| a * b).sum();

@@ -290,16 +290,7 @@ async fn variants_split_users_switch_live_and_models_reload_safely() {
         "hand-set for the test".into(),
         Some(new_version.clone()),
         blend_weights,
-        recstream::ranker::FitReport {
-            cases: 0,
-            missed: 0,
-            negatives_per_case: 0,
-            l2: 0.0,
-            validation_log_likelihood: 0.0,
-            validation_top1: 0.0,
-            validation_top1_hand_set: 0.0,
-            newton_iterations: 0,
-        },
+        recstream::ranker::FitReport::default(),
     );
     blend
         .save(&experiment.with_file_name("served/test.blend.json"))

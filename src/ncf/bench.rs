@@ -125,7 +125,7 @@ fn popularity_ranking(
         |_, items| items.iter().map(|&i| count[i as usize]).collect(),
         cases,
     );
-    let interacted = eval::interacted_items(train, n_users);
+    let interacted = data::interacted(train, n_users);
     let full = eval::full_catalogue_hit_rate(cases, &interacted, |_| count.clone());
     (hr, ndcg, full)
 }

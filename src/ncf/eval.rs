@@ -270,7 +270,7 @@ pub fn run(input: RunInput) -> Result<Run, EvalError> {
             test.insert("hr@10".into(), json!(hr));
             test.insert("ndcg@10".into(), json!(ndcg));
             test.insert("test_users".into(), json!(cases.len()));
-            let interacted = interacted_items(&train_rows, dataset.n_users());
+            let interacted = data::interacted(&train_rows, dataset.n_users());
             let all: Vec<u32> = (0..dataset.n_items() as u32).collect();
             let full = full_catalogue_hit_rate(&cases, &interacted, |u| {
                 tract_scores(&model, &vec![u; all.len()], &all)
@@ -408,19 +408,6 @@ pub fn population_prior(weights: &NcfWeights, users: &[f32], rows: &[Row], seed:
 }
 
 /// Scores dense (user index, item index) pairs with the served model.
-/// Each user's training items, sorted (what a full-catalogue ranking excludes).
-pub fn interacted_items(train: &[Row], n_users: usize) -> Vec<Vec<u32>> {
-    let mut by_user = vec![Vec::new(); n_users];
-    for r in train {
-        by_user[r.user as usize].push(r.item);
-    }
-    for items in &mut by_user {
-        items.sort_unstable();
-        items.dedup();
-    }
-    by_user
-}
-
 /// Whether `positive` ranks in the top 10 of `scores` among the items not
 /// in `interacted` (sorted); ties count against it.
 pub fn full_catalogue_hit(scores: &[f32], positive: u32, interacted: &[u32]) -> f64 {
