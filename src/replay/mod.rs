@@ -418,15 +418,21 @@ impl ModelPlan {
         match self {
             ModelPlan::Retrain { every_days } => {
                 let every = (every_days * DAY_MS) as i64;
-                let mut next = t + every;
-                while next <= event_ts {
-                    next += every;
-                }
-                Some(next)
+                Some(next_boundary(t + every, every, event_ts))
             }
             _ => None,
         }
     }
+}
+
+/// The first of `first`, `first + every`, … after `now` (a schedule skips
+/// the boundaries of a quiet span instead of catching up on them).
+fn next_boundary(first: i64, every: i64, now: i64) -> i64 {
+    let mut next = first;
+    while next <= now {
+        next += every;
+    }
+    next
 }
 
 /// The protocol scores each list against the rankings of every event before
@@ -666,9 +672,7 @@ impl BlendFitting {
             return Ok(None);
         }
         let fitted_at = self.next_fit;
-        while self.next_fit <= now {
-            self.next_fit += self.every;
-        }
+        self.next_fit = next_boundary(self.next_fit, self.every, now);
         let (weights, report) = match ranker::fit(
             &self.cases.cases,
             self.cases.missed,
