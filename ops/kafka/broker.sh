@@ -15,6 +15,8 @@
 # on a second port (PORT+1 by default, KAFKA_CONTROLLER_PORT to choose).
 # Restarting with the same DIR keeps every topic and offset.
 # KAFKA_EXTRA_PROPERTIES: more server.properties lines, for an experiment.
+# KAFKA_LOG4J: another log4j2 configuration (e.g. one that sets
+# kafka.request.logger to DEBUG, to count the requests each client sends).
 # KAFKA_JIT: quick (the default: C1 only, the JVM starts and warms up fast, as
 # the tests want) or full (C1 then C2, as a long-running broker runs: slower
 # to warm up, then less CPU per request; the benchmarks use it).
@@ -25,6 +27,7 @@ KAFKA_LIBS="${KAFKA_LIBS:-$HOME/.cache/recstream/kafka-$KAFKA_VERSION/libs}"
 # A 2-core machine shared with the engine and a load generator: a small heap,
 # few threads, G1 with short pauses.
 KAFKA_HEAP_OPTS="${KAFKA_HEAP_OPTS:--Xms256m -Xmx1g}"
+KAFKA_LOG4J="${KAFKA_LOG4J:-$here/log4j2.properties}"
 case "${KAFKA_JIT:-quick}" in
   quick) jit="-XX:TieredStopAtLevel=1" ;;
   full) jit="" ;;
@@ -46,7 +49,7 @@ install() {
 # Runs a class of the broker's classpath.
 kafka_java() {
   # shellcheck disable=SC2086
-  java $KAFKA_HEAP_OPTS $KAFKA_JVM_OPTS "-Dlog4j2.configurationFile=$here/log4j2.properties" -cp "$KAFKA_LIBS/*" "$@"
+  java $KAFKA_HEAP_OPTS $KAFKA_JVM_OPTS "-Dlog4j2.configurationFile=$KAFKA_LOG4J" -cp "$KAFKA_LIBS/*" "$@"
 }
 
 write_properties() {
@@ -111,7 +114,7 @@ while True:
   fi
   # exec: whoever started `run` holds the broker's own pid (SIGTERM stops it cleanly).
   # shellcheck disable=SC2086
-  exec java $KAFKA_HEAP_OPTS $KAFKA_JVM_OPTS "-Dlog4j2.configurationFile=$here/log4j2.properties" \
+  exec java $KAFKA_HEAP_OPTS $KAFKA_JVM_OPTS "-Dlog4j2.configurationFile=$KAFKA_LOG4J" \
     -cp "$KAFKA_LIBS/*" kafka.Kafka "$dir/server.properties"
 }
 
