@@ -240,11 +240,27 @@ pub fn consumer_config(config: &Config) -> ClientConfig {
     // Memory: librdkafka pre-fetches up to `queued.max.messages.kbytes` per
     // assigned partition (64 MiB by default); 8 MiB keeps a flood's backlog
     // at the broker, where it belongs, and still saturates the engine.
-    // Freshness needs no short `fetch.wait.max.ms` on Kafka, which answers a
-    // waiting fetch as soon as data arrives. Brokers that answer only when
-    // the wait ends (tansu 0.6) need `"fetch.wait.max.ms" = "1"` to "10" in
-    // `[kafka.client]`; every broker hop costs up to that wait there.
+    // The input consumer adds a fetch cadence (`input_consumer_config`).
     base_config(config, &[("queued.max.messages.kbytes", "8192")])
+}
+
+/// The input consumer's settings: [`consumer_config`] plus a fetch cadence.
+/// A fetch that the broker answers on the first byte (`fetch.min.bytes` = 1)
+/// hands the engine the one or two events of each produce request; a fetch
+/// that waits up to 5 ms for a megabyte takes what 5 ms brought. Measured on
+/// Apache Kafka at 1,000 events/s (2 cores shared with the broker and the
+/// load generator): event → published list p50 119 ms → 29–42 ms, p99 190 →
+/// 55–147 ms; waits of 2 and 10 ms measured the same. An idle consumer then
+/// fetches 200 times a second. `kafka.client` still wins.
+fn input_consumer_config(config: &Config) -> ClientConfig {
+    base_config(
+        config,
+        &[
+            ("queued.max.messages.kbytes", "8192"),
+            ("fetch.wait.max.ms", "5"),
+            ("fetch.min.bytes", "1048576"),
+        ],
+    )
 }
 
 fn base_config(config: &Config, defaults: &[(&str, &str)]) -> ClientConfig {
@@ -741,7 +757,7 @@ pub async fn run(
     let failure = Arc::new(Mutex::new(None));
     let failed = Arc::new(tokio::sync::Notify::new());
     let assignments = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let mut consumer_settings = consumer_config(&config);
+    let mut consumer_settings = input_consumer_config(&config);
     if let Some(id) = &config.kafka.instance_id {
         consumer_settings.set("group.instance.id", id);
     }
@@ -2228,9 +2244,14 @@ fn follower_settings(config: &Config) -> ClientConfig {
         .set("enable.partition.eof", "true")
         .set("auto.offset.reset", "earliest")
         .set("isolation.level", "read_committed")
-        // The tables are folded in once per flush interval: no need to wait
-        // less than that for a fetch, nor to poll the broker more often.
+        // The tables are folded in once per flush interval: no need to fetch
+        // more often than every 100 ms. Without a minimum size the broker
+        // answered on the first byte, i.e. after every changelog write of any
+        // instance (≈ 400 fetches a second at 1,000 events/s, each waking this
+        // consumer and the broker), which cost the input path's freshness
+        // more than anything else on a 2-core host.
         .set("fetch.wait.max.ms", "100")
+        .set("fetch.min.bytes", "1048576")
         .clone()
 }
 
@@ -2405,6 +2426,27 @@ mod tests {
         assert_eq!(r.key.as_deref(), Some(&b"u1"[..]));
         let r = decode(source(), Some(b"*"), b"{}", true, 1024);
         assert!(matches!(r.body, Body::Invalid(ref rej) if rej.reason == "schema_violation"));
+    }
+
+    #[test]
+    fn the_input_consumer_fetches_on_a_cadence_operators_can_change() {
+        let defaults = input_consumer_config(&Config::default());
+        assert_eq!(defaults.get("fetch.wait.max.ms"), Some("5"));
+        assert_eq!(defaults.get("fetch.min.bytes"), Some("1048576"));
+        let mut config = Config::default();
+        config
+            .kafka
+            .client
+            .insert("fetch.min.bytes".into(), "1".into());
+        assert_eq!(
+            input_consumer_config(&config).get("fetch.min.bytes"),
+            Some("1")
+        );
+        // Other consumers keep librdkafka's defaults.
+        assert_eq!(
+            consumer_config(&Config::default()).get("fetch.min.bytes"),
+            None
+        );
     }
 
     #[test]
