@@ -7,7 +7,9 @@
 #   USERS=10000, CATALOG, GUARANTEE, FETCH_WAIT_MS, ENGINE_TOML as in pipeline.sh,
 #   RATINGS=FILE: replay these MovieLens ratings in event-time order at RATE
 #   instead of synthetic users; CATALOG must hold their movies;
-#   LATENCY_LOG=FILE: each output's latency split into engine and delivery, as CSV)
+#   LATENCY_LOG=FILE: each output's latency split into engine and delivery, as CSV;
+#   LOADGEN_CONFIG=FILE: the load generator's own config (its producer and the
+#   consumer that watches the outputs, like an app's) instead of the engine's)
 source "$(dirname "$0")/broker.sh"
 
 RATE=${RATE:-1000}
@@ -31,14 +33,14 @@ fi
 # and the first produces to just-created output topics and the first batches
 # of a new engine are a cold start, not the steady state measured here.
 if [ "${WARMUP_SECONDS:-10}" -gt 0 ]; then
-  "$BIN" loadgen --brokers "$brokers" --config "$ENGINE_CONFIG" --catalog "$CATALOG" \
+  "$BIN" loadgen --brokers "$brokers" --config "${LOADGEN_CONFIG:-$ENGINE_CONFIG}" --catalog "$CATALOG" \
     --events $((RATE * ${WARMUP_SECONDS:-10})) --users "$USERS" --rate "$RATE" --seed 3 >/dev/null
 fi
 engine_before=$(cpu_seconds "$ENGINE")
 broker_before=$(cpu_seconds "$BROKER")
 # The load generator's own CPU (user + system) comes from /usr/bin/time.
 /usr/bin/time -f "%U %S" -o "$work/loadgen.time" \
-  "$BIN" loadgen --brokers "$brokers" --config "$ENGINE_CONFIG" --catalog "$CATALOG" \
+  "$BIN" loadgen --brokers "$brokers" --config "${LOADGEN_CONFIG:-$ENGINE_CONFIG}" --catalog "$CATALOG" \
   --events "$events" --rate "$RATE" "${source_flags[@]}" ${LATENCY_LOG:+--latency-log "$LATENCY_LOG"}
 loadgen_cpu=$(awk '{printf "%.2f", $1 + $2}' "$work/loadgen.time")
 echo "# CPU meanwhile: engine $(awk -v a="$engine_before" -v b="$(cpu_seconds "$ENGINE")" 'BEGIN {printf "%.2f", b - a}') s, broker $(awk -v a="$broker_before" -v b="$(cpu_seconds "$BROKER")" 'BEGIN {printf "%.2f", b - a}') s, load generator $loadgen_cpu s"
