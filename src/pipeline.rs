@@ -241,8 +241,10 @@ pub fn consumer_config(config: &Config) -> ClientConfig {
     // assigned partition (64 MiB by default); 8 MiB keeps a flood's backlog
     // at the broker, where it belongs, and still saturates the engine.
     // The input consumer adds a fetch cadence (`input_consumer_config`).
-    base_config(config, &[("queued.max.messages.kbytes", "8192")])
+    base_config(config, CONSUMER_DEFAULTS)
 }
+
+const CONSUMER_DEFAULTS: &[(&str, &str)] = &[("queued.max.messages.kbytes", "8192")];
 
 /// The input consumer's settings: [`consumer_config`] plus a fetch cadence.
 /// A fetch that the broker answers on the first byte (`fetch.min.bytes` = 1)
@@ -253,14 +255,8 @@ pub fn consumer_config(config: &Config) -> ClientConfig {
 /// 55–147 ms; waits of 2 and 10 ms measured the same. An idle consumer then
 /// fetches 200 times a second. `kafka.client` still wins.
 fn input_consumer_config(config: &Config) -> ClientConfig {
-    base_config(
-        config,
-        &[
-            ("queued.max.messages.kbytes", "8192"),
-            ("fetch.wait.max.ms", "5"),
-            ("fetch.min.bytes", "1048576"),
-        ],
-    )
+    let cadence = [("fetch.wait.max.ms", "5"), ("fetch.min.bytes", "1048576")];
+    base_config(config, &[CONSUMER_DEFAULTS, &cadence].concat())
 }
 
 fn base_config(config: &Config, defaults: &[(&str, &str)]) -> ClientConfig {
@@ -1049,7 +1045,7 @@ async fn consume_loop(
             },
             // The gathered batch goes once there is room; under exactly_once the
             // timer alone does not send it while the transactions in flight
-            // commit (≈ 100 ms each, see `transaction_loop`): it keeps growing instead of queueing
+            // run (≈ 100 ms each, see `transaction_loop`): it keeps growing instead of queueing
             // behind them as many 10 ms batches, and goes when one commits or
             // when it is full.
             _ = batches_in_flight.room.notified(), if !batch.is_empty() => batches_in_flight.has_room(),
@@ -1627,14 +1623,15 @@ async fn transact(
     let producer = &transactions.producer;
     let outages = BROKER_OUTAGES.load(Ordering::SeqCst);
     let failed = |e: KafkaError| transaction_error(e, producer, &transactions.id, Some(outages));
+    let publish_failed = |e: PipelineError| match e {
+        PipelineError::Publish(k) => failed(k),
+        other => other,
+    };
     // Local bookkeeping in librdkafka: no network round trip.
     producer.begin_transaction().map_err(failed)?;
     let outputs = send_outputs(producer, topics, &batch.outputs, &batch.dead_letters)
         .await
-        .map_err(|e| match e {
-            PipelineError::Publish(k) => failed(k),
-            other => other,
-        })?;
+        .map_err(publish_failed)?;
     let mut changelog = Vec::with_capacity(batch.changelog.len());
     for cb in &batch.changelog {
         let mut deliveries = Vec::with_capacity(cb.records.len());
@@ -1658,26 +1655,18 @@ async fn transact(
     // outstanding, polls for a whole 100 ms (measured: every commit took
     // 102–106 ms on a local broker). Deliveries resolve on the producer's own
     // polling thread as soon as the broker answers.
-    let acked_outputs = outputs.confirm().await;
-    let mut acked = Vec::with_capacity(changelog.len());
-    let mut changelog_failed = None;
-    for (partition, seq, records, deliveries) in changelog {
-        match await_offsets(deliveries).await {
-            Ok(next) => acked.push((partition, seq, records, next)),
-            Err(e) => {
-                changelog_failed = Some(e);
-                break;
-            }
-        }
-    }
     // A failed record fails the transaction (librdkafka aborts it): report
     // the delivery error, the commit would only repeat it.
-    if let Some(e) = acked_outputs.err().or(changelog_failed) {
-        return Err(match e {
-            PipelineError::Publish(k) => failed(k),
-            other => other,
-        });
+    let acked = async {
+        outputs.confirm().await?;
+        let mut acked = Vec::with_capacity(changelog.len());
+        for (partition, seq, records, deliveries) in changelog {
+            acked.push((partition, seq, records, await_offsets(deliveries).await?));
+        }
+        Ok(acked)
     }
+    .await
+    .map_err(publish_failed)?;
     // Offsets and commit block on broker round trips: off the runtime.
     let (txn_producer, txn_consumer) = (producer.clone(), consumer.clone());
     let started = Instant::now();

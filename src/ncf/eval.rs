@@ -407,7 +407,6 @@ pub fn population_prior(weights: &NcfWeights, users: &[f32], rows: &[Row], seed:
     )
 }
 
-/// Scores dense (user index, item index) pairs with the served model.
 /// Whether `positive` ranks in the top 10 of `scores` among the items not
 /// in `interacted` (sorted); ties count against it.
 pub fn full_catalogue_hit(scores: &[f32], positive: u32, interacted: &[u32]) -> f64 {
@@ -436,6 +435,7 @@ pub fn full_catalogue_hit_rate(
     hits / cases.len().max(1) as f64
 }
 
+/// Scores dense (user index, item index) pairs with the served model.
 pub fn tract_scores(model: &NcfModel, users: &[u32], items: &[u32]) -> Vec<f32> {
     let d = model.user_dim();
     let mut vectors = Vec::with_capacity(users.len() * d);
