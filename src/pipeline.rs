@@ -646,7 +646,7 @@ pub(crate) struct BatchesInFlight {
 /// (at_least_once) or transaction (exactly_once, ≈ 100 ms) run. Handing over every
 /// record the moment the engine thread is idle was measured worse at 1,000/s
 /// (p99 31–34 ms against 22–26, 18 % more engine and broker CPU): each batch
-/// costs an item-index rebuild, a RocksDB commit and two changelog requests,
+/// costs an item-index rebuild, a RocksDB commit and its changelog requests,
 /// and on a 2-core host shared with the broker that CPU is latency.
 const MAX_BATCHES_IN_FLIGHT: usize = 2;
 
