@@ -42,7 +42,8 @@ cleanup() {
 }
 trap cleanup EXIT
 brokers="127.0.0.1:$kport"
-"$BIN" topics apply --brokers "$brokers" >/dev/null
+# TOPICS_DIR: other topic declarations (e.g. fewer output partitions), for an experiment.
+"$BIN" topics apply --brokers "$brokers" ${TOPICS_DIR:+--dir "$TOPICS_DIR"} >/dev/null
 
 # Starts the engine on the catalog $CATALOG with state in $1 and HTTP on port
 # $2 (and the config file $ENGINE_CONFIG if set), and waits until GET $3

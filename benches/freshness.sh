@@ -9,7 +9,11 @@
 #   instead of synthetic users; CATALOG must hold their movies;
 #   LATENCY_LOG=FILE: each output's latency split into engine and delivery, as CSV;
 #   LOADGEN_CONFIG=FILE: the load generator's own config (its producer and the
-#   consumer that watches the outputs, like an app's) instead of the engine's)
+#   consumer that watches the outputs, like an app's) instead of the engine's;
+#   FLOOR=librdkafka|java: measure a stream processor that does nothing instead
+#   of the engine (benches/peers/relay.py, or the Java clients' relay of
+#   benches/peers/kafka-streams): one output per event to each output topic,
+#   with the engine's client settings; RELAY_ARGS: more relay options)
 source "$(dirname "$0")/broker.sh"
 
 RATE=${RATE:-1000}
@@ -18,7 +22,19 @@ USERS=${USERS:-10000}
 CATALOG=${CATALOG:-../shared/data/movielens/ml-latest-small/movies.csv}
 engine_config
 hport=$(free_port)
-start_engine "$work/state" "$hport" /readyz
+case "${FLOOR:-}" in
+  "") start_engine "$work/state" "$hport" /readyz ;;
+  librdkafka) relay=(python3 benches/peers/relay.py) ;;
+  java) benches/peers/kafka-streams/run.sh build -DskipTests >/dev/null; relay=(benches/peers/kafka-streams/run.sh relay) ;;
+  *) echo "FLOOR must be librdkafka or java, not '$FLOOR'" >&2; exit 2 ;;
+esac
+if [ -n "${FLOOR:-}" ]; then
+  # shellcheck disable=SC2086
+  "${relay[@]}" --brokers "$brokers" ${RELAY_ARGS:-} >>"$work/engine.log" 2>&1 &
+  ENGINE=$!
+  ENGINES="$ENGINES $ENGINE"
+  echo "# floor: a relay that does nothing ($FLOOR clients) instead of the engine"
+fi
 
 events=$((RATE * SECONDS_AT_RATE))
 if [ -n "${RATINGS:-}" ]; then
@@ -43,7 +59,8 @@ broker_before=$(cpu_seconds "$BROKER")
   "$BIN" loadgen --brokers "$brokers" --config "${LOADGEN_CONFIG:-$ENGINE_CONFIG}" --catalog "$CATALOG" \
   --events "$events" --rate "$RATE" "${source_flags[@]}" ${LATENCY_LOG:+--latency-log "$LATENCY_LOG"}
 loadgen_cpu=$(awk '{printf "%.2f", $1 + $2}' "$work/loadgen.time")
-echo "# CPU meanwhile: engine $(awk -v a="$engine_before" -v b="$(cpu_seconds "$ENGINE")" 'BEGIN {printf "%.2f", b - a}') s, broker $(awk -v a="$broker_before" -v b="$(cpu_seconds "$BROKER")" 'BEGIN {printf "%.2f", b - a}') s, load generator $loadgen_cpu s"
+echo "# CPU meanwhile: engine $(awk -v a="$engine_before" -v b="$(cpu_seconds "$ENGINE")" 'BEGIN {printf "%.2f", b - a}') s, broker $(awk -v a="$broker_before" -v b="$(cpu_seconds "$BROKER")" 'BEGIN {printf "%.2f", b - a}') s, load generator $loadgen_cpu s${FLOOR:+ (the engine's figure is the $FLOOR relay's)}"
+[ -n "${FLOOR:-}" ] && exit 0
 curl -sf "http://127.0.0.1:$hport/metrics" \
   | grep -E '^recstream_(users_recomputed_total|batch_records_(sum|count)|stage_seconds_sum|processing_seconds_(bucket|sum|count)|transaction_commit_seconds_(sum|count)|event_to_publish_seconds_(sum|count))' \
   | sed 's/^/# /'

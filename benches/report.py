@@ -8,6 +8,7 @@ Usage: benches/report.py            (about 40 minutes on 2 cores)
        QUICK=1 benches/report.py    (small runs: checks the script, not the figures)
        benches/report.py growth     (only the growth curves: prints the tables, writes benches/growth.png)
        benches/report.py scaleout   (only the 1/2/3-instance runs: prints the table)
+       benches/report.py floor [RATE ...]   (only the do-nothing relays' freshness, default 1000 2800)
 Env: DATA (default ../shared/data/movielens; the real-session runs are skipped
 without it), OUT (default benches/RESULTS.md).
 """
@@ -112,6 +113,41 @@ def freshness(settings):
     median = dict(runs[len(runs) // 2])
     median["p99s"] = [r["result"]["latency_ms_p99"] for r in runs]
     return median
+
+
+def floors(rates):
+    """The same freshness runs with a relay that does nothing in place of the
+    engine (`FLOOR=librdkafka|java`): what event -> output latency costs on
+    this broker and host before any processing."""
+    return [freshness({"FLOOR": client, "RATE": int(rate)})
+            for rate in rates for client in ("librdkafka", "java")]
+
+
+def floor_table(runs):
+    rows = [
+        "| relay's clients | rate | p50 | p95 | p99 (each run) | max | CPU over the run: relay / broker / load generator |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for f in runs:
+        r = f["result"]
+        p99s = ", ".join(f"{p:.0f}" for p in f["p99s"])
+        clients = "librdkafka (`benches/peers/relay.py`)" if f["settings"]["FLOOR"] == "librdkafka" \
+            else "Java (`benches/peers/kafka-streams/run.sh relay`)"
+        rows.append(
+            f"| {clients} | {f['settings']['RATE']:,}/s | {r['latency_ms_p50']:.1f} ms | "
+            f"{r['latency_ms_p95']:.1f} ms | **{r['latency_ms_p99']:.1f} ms** ({p99s}) | "
+            f"{r['latency_ms_max']:.0f} ms | {f['engine_cpu']:.2f} s / {f['broker_cpu']:.2f} s / "
+            f"{f['loadgen_cpu']:.2f} s in 5 s |")
+    return rows
+
+
+def floor_note(runs, rate):
+    """The floor's p99 at `rate`, for a target's row."""
+    at = [f for f in runs if f["settings"]["RATE"] == rate]
+    if not at:
+        return ""
+    return "; floor at the same rate (a relay that does nothing): " + ", ".join(
+        f"{f['settings']['FLOOR']} {f['result']['latency_ms_p99']:.0f} ms" for f in at)
 
 
 def side_by_side(settings):
@@ -342,6 +378,9 @@ def main():
             seconds = max(1, min(5, sess["throughput"]["events"] // rate))
             fresh.append(freshness({**mode, **ml100k, "RATE": rate, "SECONDS_AT_RATE": seconds}))
 
+    # The floor: a relay that does nothing, at the synthetic rates above.
+    floor_runs = floors([1000, half(synthetic["throughput"]["pipeline_rate"])])
+
     # The Kafka Streams peer beside the engine: synthetic users in both
     # guarantee modes, real sessions in the default one.
     peer_rates = "500 1000" if QUICK else "1000 2000"
@@ -400,7 +439,7 @@ def main():
             "; ".join(
                 f"{verdict(all(f['result']['latency_ms_p99'] <= 25 for f in half_load if mode_of(f['settings']) == m))} ({m})"
                 for m in ["at_least_once", "exactly_once"]
-            ),
+            ) + floor_note(floor_runs, half(synthetic["throughput"]["pipeline_rate"])),
         ),
         (
             "freshness p99 ≤ 10 ms at 1,000 events/s",
@@ -410,7 +449,7 @@ def main():
             "; ".join(
                 f"{verdict(f['result']['latency_ms_p99'] <= 10)} ({mode_of(f['settings'])})"
                 for f in at_1000
-            ),
+            ) + floor_note(floor_runs, 1000),
         ),
         (
             "state ≤ 256 B per user plus the recent items; growth 10 k → 1 M users",
@@ -581,6 +620,18 @@ def main():
     for f in fresh:
         w(command_of(f["settings"], "benches/freshness.sh"))
     w("```\n")
+    w("## The floor: a relay that does nothing\n")
+    w("The same freshness runs (same load generator, broker and warm-up) with a relay in "
+      "place of the engine: for every event it publishes a small record keyed by the user to "
+      "each of the three output topics, with the engine's client settings, and does nothing "
+      "else. No processor can be fresher on this broker and host; what the engine adds is "
+      "the difference.\n")
+    out.extend(floor_table(floor_runs))
+    w("")
+    w("```sh")
+    for f in floor_runs:
+        w(command_of(f["settings"], "benches/freshness.sh"))
+    w("```\n")
     w("## NCF scoring side by side with ONNX Runtime\n")
     w("`benches/scoring.sh` (random NeuMF graphs of the two catalogue sizes, one thread):\n")
     out.extend(scoring)
@@ -622,7 +673,9 @@ if __name__ == "__main__":
         print(f"wrote {ROOT / 'benches/growth.png'}", file=sys.stderr)
     elif sys.argv[1:] == ["scaleout"]:
         print("\n".join(scaleout_table(scaleout_runs())))
+    elif sys.argv[1:2] == ["floor"]:
+        print("\n".join(floor_table(floors(sys.argv[2:] or [1000, 2800]))))
     elif sys.argv[1:]:
-        sys.exit("usage: benches/report.py [growth | scaleout]")
+        sys.exit("usage: benches/report.py [growth | scaleout | floor [RATE ...]]")
     else:
         main()

@@ -3,6 +3,7 @@
 # ~/.cache/recstream/peer-kafka-streams) and runs it in the foreground.
 #   benches/peers/kafka-streams/run.sh build            # compile + unit test
 #   benches/peers/kafka-streams/run.sh --brokers HOST:PORT --catalog FILE [options of PeerApp]
+#   benches/peers/kafka-streams/run.sh relay --brokers HOST:PORT [options of Relay]   # the do-nothing floor
 # JAVA_OPTS overrides the JVM settings (default: 1 GiB heap).
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -24,6 +25,11 @@ fi
 if [ "$(cat "$stamp" 2>/dev/null)" != "$sources" ]; then
   build -DskipTests >&2
 fi
+main=recstream.peer.PeerApp
+if [ "${1:-}" = "relay" ]; then
+  shift
+  main=recstream.peer.Relay
+fi
 # shellcheck disable=SC2086
 exec java ${JAVA_OPTS:--Xms256m -Xmx1g} -Dorg.slf4j.simpleLogger.defaultLogLevel=warn \
-  -cp "$out/classes:$out/lib/*" recstream.peer.PeerApp "$@"
+  -cp "$out/classes:$out/lib/*" "$main" "$@"

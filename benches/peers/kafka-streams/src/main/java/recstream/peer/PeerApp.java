@@ -106,7 +106,7 @@ public final class PeerApp {
         }
     }
 
-    private static Map<String, String> parse(String[] argv) {
+    static Map<String, String> parse(String[] argv) {
         Map<String, String> args = new HashMap<>();
         for (int i = 0; i < argv.length; i++) {
             if (!argv[i].startsWith("--") || i + 1 >= argv.length) {
@@ -117,7 +117,7 @@ public final class PeerApp {
         return args;
     }
 
-    private static String required(Map<String, String> args, String name) {
+    static String required(Map<String, String> args, String name) {
         String v = args.get(name);
         if (v == null) {
             throw new IllegalArgumentException("--" + name + " is required");
