@@ -29,6 +29,8 @@ case "${FLOOR:-}" in
   *) echo "FLOOR must be librdkafka or java, not '$FLOOR'" >&2; exit 2 ;;
 esac
 if [ -n "${FLOOR:-}" ]; then
+  # No readiness to wait for: the relay reads its fresh group from the
+  # earliest offset, and the warm-up below waits until it has answered.
   # shellcheck disable=SC2086
   "${relay[@]}" --brokers "$brokers" ${RELAY_ARGS:-} >>"$work/engine.log" 2>&1 &
   ENGINE=$!
