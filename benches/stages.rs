@@ -73,6 +73,25 @@ fn bench(c: &mut Criterion) {
     g.bench_function("recompute_one_user", |b| {
         b.iter(|| engine.peek(0, black_box("u7")).unwrap())
     });
+    // One user again and again keeps its state, its candidates' catalog
+    // entries and its co-watch lists in the CPU's caches; in the pipeline
+    // nearly every event is another user's. The same recompute over 16 users
+    // in turn (still cache-warm) and over all 2,000 (cold) tells what the
+    // caches are worth.
+    let every_user: Vec<String> = (0..2_000).map(|i| format!("u{i}")).collect();
+    let sixteen: Vec<String> = every_user.iter().step_by(125).cloned().collect();
+    for (name, users, stride) in [
+        ("recompute_16_users_in_turn", &sixteen, 1),
+        ("recompute_2000_users_in_turn", &every_user, 7_919),
+    ] {
+        let mut turn = 0usize;
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                turn = (turn + stride) % users.len();
+                engine.peek(0, black_box(&users[turn])).unwrap()
+            })
+        });
+    }
     let outputs = engine.peek(0, "u7").unwrap();
     g.bench_function("encode_outputs", |b| {
         b.iter(|| black_box(&outputs).encode())
