@@ -379,7 +379,8 @@ def main():
             fresh.append(freshness({**mode, **ml100k, "RATE": rate, "SECONDS_AT_RATE": seconds}))
 
     # The floor: a relay that does nothing, at the synthetic rates above.
-    floor_runs = floors([1000, half(synthetic["throughput"]["pipeline_rate"])])
+    synthetic_half = half(synthetic["throughput"]["pipeline_rate"])
+    floor_runs = floors([1000, synthetic_half])
 
     # The Kafka Streams peer beside the engine: synthetic users in both
     # guarantee modes, real sessions in the default one.
@@ -439,7 +440,7 @@ def main():
             "; ".join(
                 f"{verdict(all(f['result']['latency_ms_p99'] <= 25 for f in half_load if mode_of(f['settings']) == m))} ({m})"
                 for m in ["at_least_once", "exactly_once"]
-            ) + floor_note(floor_runs, half(synthetic["throughput"]["pipeline_rate"])),
+            ) + floor_note(floor_runs, synthetic_half),
         ),
         (
             "freshness p99 ≤ 10 ms at 1,000 events/s",
