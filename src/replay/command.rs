@@ -277,6 +277,13 @@ fn dataset(path: &Path, args: &ReplayArgs) -> Result<DatasetReport> {
             .into_iter()
             .filter(|v| args.variants.is_empty() || args.variants.contains(&v.name))
             .collect();
+    // Peers first: their results are kept in the work directory, so a run
+    // that is stopped during the variants leaves them for the next one.
+    let peers = if args.no_peers {
+        Vec::new()
+    } else {
+        peers(path, &stream, retrain_days, args)?
+    };
     let mut models = Models::default();
     let mut variants = Vec::new();
     for spec in &specs {
@@ -316,11 +323,6 @@ fn dataset(path: &Path, args: &ReplayArgs) -> Result<DatasetReport> {
             }
         }
     }
-    let peers = if args.no_peers {
-        Vec::new()
-    } else {
-        peers(path, &stream, retrain_days, args)?
-    };
     let users: std::collections::HashSet<u32> = stream.events.iter().map(|e| e.user_id).collect();
     Ok(DatasetReport {
         name: stream.name.clone(),
@@ -358,34 +360,66 @@ fn peers(
     // spans 22 years, so every 30 days there. SASRec is retrained on the
     // engine's models' schedule.
     let als_days = if retrain_days < 365.0 { 1.0 } else { 30.0 };
+    let ratings_bytes =
+        std::fs::read(&ratings).with_context(|| format!("reading {}", ratings.display()))?;
     let mut results = Vec::new();
-    for (venv, peers) in [
-        ("venv-peers", "river,als,itemknn"),
+    // One process per peer, each result kept in the work directory under a
+    // fingerprint of everything it depends on (the ratings, the cut, the
+    // schedules, the peer scripts and their pinned packages), as the models
+    // are: SASRec alone trains for over an hour, and a run that is stopped
+    // keeps the peers it finished.
+    for (venv, peer) in [
+        ("venv-peers", "river"),
+        ("venv-peers", "als"),
+        ("venv-peers", "itemknn"),
         ("venv-sequential", "sasrec"),
     ] {
-        let out = args
-            .work_dir
-            .join(format!("{}.peers-{venv}.json", stream.name));
-        let mut cmd = Command::new(peer_python(venv));
-        cmd.arg("eval/replay_peers.py")
-            .arg("--ratings")
-            .arg(&ratings)
-            .arg("--cut")
-            .arg(stream.cut.to_string())
-            .arg("--als-days")
-            .arg(als_days.to_string())
-            .arg("--sequential-days")
-            .arg(retrain_days.to_string())
-            .arg("--peers")
-            .arg(peers)
-            .arg("--out")
-            .arg(&out);
-        if let Some(n) = args.limit {
-            cmd.arg("--limit").arg(n.to_string());
+        let mut fingerprint = crate::fnv::Fnv::default();
+        fingerprint.write(&ratings_bytes);
+        for script in ["eval/replay_peers.py", "eval/setup_peers.sh"] {
+            fingerprint.write(&std::fs::read(script).with_context(|| format!("reading {script}"))?);
         }
-        let status = cmd.status().context("running eval/replay_peers.py")?;
-        if !status.success() {
-            bail!("eval/replay_peers.py --peers {peers} failed ({status}); install the peers with `eval/setup_peers.sh`, or pass --no-peers");
+        let schedule = format!(
+            "{peer} cut={} als_days={als_days} sequential_days={retrain_days} limit={:?}",
+            stream.cut, args.limit
+        );
+        fingerprint.write(schedule.as_bytes());
+        let out = args.work_dir.join(format!(
+            "{}.peer-{peer}-{}.json",
+            stream.name,
+            &fingerprint.hex()[..10]
+        ));
+        if out.exists() {
+            eprintln!(
+                "peers: {peer} on {}: cached in {}",
+                stream.name,
+                out.display()
+            );
+        } else {
+            let partial = out.with_extension("partial");
+            let mut cmd = Command::new(peer_python(venv));
+            cmd.arg("eval/replay_peers.py")
+                .arg("--ratings")
+                .arg(&ratings)
+                .arg("--cut")
+                .arg(stream.cut.to_string())
+                .arg("--als-days")
+                .arg(als_days.to_string())
+                .arg("--sequential-days")
+                .arg(retrain_days.to_string())
+                .arg("--peers")
+                .arg(peer)
+                .arg("--out")
+                .arg(&partial);
+            if let Some(n) = args.limit {
+                cmd.arg("--limit").arg(n.to_string());
+            }
+            let status = cmd.status().context("running eval/replay_peers.py")?;
+            if !status.success() {
+                bail!("eval/replay_peers.py --peers {peer} failed ({status}); install the peers with `eval/setup_peers.sh`, or pass --no-peers");
+            }
+            std::fs::rename(&partial, &out)
+                .with_context(|| format!("renaming {}", partial.display()))?;
         }
         let text = std::fs::read(&out).with_context(|| format!("reading {}", out.display()))?;
         results.extend(serde_json::from_slice::<Vec<PeerResult>>(&text)?);
