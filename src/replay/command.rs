@@ -8,6 +8,7 @@ use anyhow::{bail, Context as _, Result};
 use clap::Args;
 
 use super::report::{self, DatasetReport, PeerResult, SplitResult};
+use super::VariantResult;
 use super::{
     run_split, run_variant, standard_variants, Models, Settings, Split, Stream, VariantSpec,
 };
@@ -277,52 +278,70 @@ fn dataset(path: &Path, args: &ReplayArgs) -> Result<DatasetReport> {
             .into_iter()
             .filter(|v| args.variants.is_empty() || args.variants.contains(&v.name))
             .collect();
-    // Peers first: their results are kept in the work directory, so a run
-    // that is stopped during the variants leaves them for the next one.
-    let peers = if args.no_peers {
-        Vec::new()
-    } else {
-        peers(path, &stream, retrain_days, args)?
-    };
-    let mut models = Models::default();
-    let mut variants = Vec::new();
-    for spec in &specs {
-        let result = run_variant(&stream, spec, &settings, &mut models)
-            .with_context(|| format!("{}: variant {}", stream.name, spec.name))?;
-        eprintln!(
-            "{}: {:<22} HR@10 {:.4} (second half), {:.4} (all) in {:.0} s",
-            stream.name, spec.name, result.second_half.hr, result.all.hr, result.seconds
-        );
-        variants.push(result);
-    }
-    let mut instances = Vec::new();
-    for &n in args.instances.iter().filter(|n| **n > 1) {
+    let engine_variants = || -> Result<(Vec<VariantResult>, Vec<SplitResult>)> {
+        let mut models = Models::default();
+        let mut variants = Vec::new();
         for spec in &specs {
-            for global_items in [true, false] {
-                let split = Split {
-                    instances: n,
-                    global_items,
-                };
-                let result =
-                    run_split(&stream, spec, &settings, &mut models, split).with_context(|| {
-                        format!("{}: variant {} over {n} instances", stream.name, spec.name)
-                    })?;
-                eprintln!(
-                    "{}: {:<22} {n} instances, {}: HR@10 {:.4} (second half) in {:.0} s",
-                    stream.name,
-                    spec.name,
-                    if global_items { "global" } else { "isolated" },
-                    result.second_half.hr,
-                    result.seconds
-                );
-                instances.push(SplitResult {
-                    instances: n,
-                    global_items,
-                    result,
-                });
+            let result = run_variant(&stream, spec, &settings, &mut models)
+                .with_context(|| format!("{}: variant {}", stream.name, spec.name))?;
+            eprintln!(
+                "{}: {:<22} HR@10 {:.4} (second half), {:.4} (all) in {:.0} s",
+                stream.name, spec.name, result.second_half.hr, result.all.hr, result.seconds
+            );
+            variants.push(result);
+        }
+        let mut instances = Vec::new();
+        for &n in args.instances.iter().filter(|n| **n > 1) {
+            for spec in &specs {
+                for global_items in [true, false] {
+                    let split = Split {
+                        instances: n,
+                        global_items,
+                    };
+                    let result = run_split(&stream, spec, &settings, &mut models, split)
+                        .with_context(|| {
+                            format!("{}: variant {} over {n} instances", stream.name, spec.name)
+                        })?;
+                    eprintln!(
+                        "{}: {:<22} {n} instances, {}: HR@10 {:.4} (second half) in {:.0} s",
+                        stream.name,
+                        spec.name,
+                        if global_items { "global" } else { "isolated" },
+                        result.second_half.hr,
+                        result.seconds
+                    );
+                    instances.push(SplitResult {
+                        instances: n,
+                        global_items,
+                        result,
+                    });
+                }
             }
         }
-    }
+        Ok((variants, instances))
+    };
+    // The peers' results are kept in the work directory, so a stopped run
+    // leaves them for the next one. With --parallel they run beside the
+    // variants (SASRec alone trains for over an hour, mostly on one core).
+    let run_peers = || -> Result<Vec<PeerResult>> {
+        if args.no_peers {
+            Ok(Vec::new())
+        } else {
+            peers(path, &stream, retrain_days, args)
+        }
+    };
+    let (peers, (variants, instances)) = if args.parallel {
+        std::thread::scope(|scope| {
+            let peers = scope.spawn(run_peers);
+            let engine = engine_variants();
+            let peers = peers
+                .join()
+                .map_err(|_| anyhow::anyhow!("{}: the peers' thread panicked", stream.name))?;
+            Ok::<_, anyhow::Error>((peers?, engine?))
+        })?
+    } else {
+        (run_peers()?, engine_variants()?)
+    };
     let users: std::collections::HashSet<u32> = stream.events.iter().map(|e| e.user_id).collect();
     Ok(DatasetReport {
         name: stream.name.clone(),
