@@ -7,7 +7,10 @@
 #      broker's CPU seconds over the phase;
 #   2. freshness at each rate of RATES (event -> published list, as an app's
 #      consumer of the output topic sees it);
-#   3. peak RSS, and the bytes of its state directory per user.
+#   3. peak RSS, and, once it has stopped, the live key and value bytes of
+#      its RocksDB stores (`recstream state-size`: comparable between the
+#      two, where a state directory's bytes depend on flushes and the
+#      write-ahead log).
 # Before the throughput phase, WARMUP_EVENTS (default 20000) events of other
 # users warm both up (the JVM's JIT, the engine's caches).
 # Both read their own copy of the input topic (same partitions, same events:
@@ -44,7 +47,7 @@ for f in admin.create_topics([NewTopic("peer.interactions", int(sys.argv[2]), 1)
     f.result()
 PY
 
-# measure NAME PID CONFIG STATE_DIR: the three phases against the running system PID.
+# measure NAME PID CONFIG: the three phases against the running system PID.
 measure() {
   echo "## $1"
   local before broker_before
@@ -65,13 +68,18 @@ measure() {
     echo "# freshness CPU at $rate/s: $1 $(awk -v a="$before" -v b="$(cpu_seconds "$2")" 'BEGIN {printf "%.2f", b - a}') s"
   done
   echo "# peak RSS: $(awk '/VmHWM/{print $2}' "/proc/$2/status") kB"
-  echo "# state: $(du -sb "$4" | cut -f1) bytes"
 }
 
 hport=$(free_port)
 start_engine "$work/state" "$hport" /readyz
-measure engine "$ENGINE" "$ENGINE_CONFIG" "$work/state"
-kill "$ENGINE"; wait "$ENGINE" 2>/dev/null || true; ENGINE=""; ENGINES=""
+measure engine "$ENGINE" "$ENGINE_CONFIG"
+# stop_and_size PID STATE_DIR: stops the system (a clean close flushes its
+# stores), then reads its stores' live entries.
+stop_and_size() {
+  kill "$1"; wait "$1" 2>/dev/null || true
+  echo "# live state: $("$BIN" state-size "$2")"
+}
+stop_and_size "$ENGINE" "$work/state"; ENGINE=""; ENGINES=""
 
 # shellcheck disable=SC2086
 $PEER --brokers "$brokers" --catalog "$CATALOG" --input peer.interactions --state-dir "$work/peer-state" \
@@ -84,4 +92,5 @@ for _ in $(seq 600); do
 done
 grep -q -- '-> RUNNING' "$work/peer.log" || { echo "peer not running after 60 s:" >&2; tail "$work/peer.log" >&2; exit 1; }
 # run.sh execs java: $ENGINE is the JVM.
-measure peer "$ENGINE" "$PEER_CONFIG" "$work/peer-state"
+measure peer "$ENGINE" "$PEER_CONFIG"
+stop_and_size "$ENGINE" "$work/peer-state"; ENGINE=""; ENGINES=""

@@ -150,6 +150,18 @@ def floor_note(runs, rate):
         f"{f['settings']['FLOOR']} {f['result']['latency_ms_p99']:.0f} ms" for f in at)
 
 
+def user_store(live):
+    """Keys and bytes of the per-user store in `recstream state-size` output:
+    the engine's `users` column family, the peer's `user-profiles` store."""
+    keys = size = 0
+    for db in live["databases"]:
+        for cf in db["column_families"]:
+            if cf["name"] == "users" or "user-profiles" in db["path"]:
+                keys += cf["keys"]
+                size += cf["key_bytes"] + cf["value_bytes"]
+    return keys, size
+
+
 def side_by_side(settings):
     """One benches/peer.sh run: the engine and the Kafka Streams peer on the
     same broker and input, one after the other."""
@@ -160,7 +172,8 @@ def side_by_side(settings):
         lines = json_lines(body)
         throughput, fresh = lines[0], lines[1:]
         cpu = re.search(r"throughput CPU: \S+ ([\d.]+) s, broker ([\d.]+) s", body)
-        state = int(re.search(r"# state: (\d+) bytes", body).group(1))
+        live = json.loads(re.search(r"# live state: (\{.*\})", body).group(1))
+        users, user_bytes = user_store(live)
         systems[name.strip()] = {
             "throughput": throughput,
             "freshness": fresh,
@@ -168,7 +181,9 @@ def side_by_side(settings):
             "broker_cpu": float(cpu.group(2)),
             "per_cpu_second": throughput["events"] / float(cpu.group(1)),
             "rss_mb": int(re.search(r"# peak RSS: (\d+) kB", body).group(1)) / 1024,
-            "state_per_user": state / max(1, throughput["users_touched"]),
+            "users_with_state": users,
+            "user_state_per_user": user_bytes / max(1, users),
+            "all_state_per_user": live["bytes"] / max(1, users),
         }
     return {"settings": settings, **systems}
 
@@ -458,6 +473,17 @@ def main():
             f"workload {first[2]} events/s at {first[0]} users, {last[2]} at {last[0]}",
             verdict(float(last[5]) <= 256),
         ),
+        (
+            "≥ 15 k events per engine CPU-second without a model, ≥ 8 k with it (synthetic uniform "
+            "users: every event its own recompute); real sessions not below the previous report",
+            f"synthetic: {synthetic['per_cpu_second']:,.0f} without a model, "
+            f"{ncf_synthetic['per_cpu_second']:,.0f} with NCF"
+            + (f"; real sessions: {sessions['per_cpu_second']:,.0f} without a model" if sessions else "")
+            + (f", {ncf_sessions['per_cpu_second']:,.0f} with NCF" if ncf_sessions else ""),
+            f"{verdict(synthetic['per_cpu_second'] >= 15000)} (without); "
+            f"{verdict(ncf_synthetic['per_cpu_second'] >= 8000)} (with NCF); real sessions: compare "
+            "with the previous RESULTS.md (git log -p benches/RESULTS.md)",
+        ),
     ]
 
     for load, pr in peer_runs:
@@ -568,10 +594,13 @@ def main():
       "Kafka Streams defaults but the producer's linger, 2 ms as the engine's) on the same broker, "
       "the same events and the same machine, one after the other. The engine does strictly "
       "more per event (co-watch, content similarity, trending, three outputs with insights). "
-      "CPU is the process's own (user + system); the broker's is beside it.\n")
+      "CPU is the process's own (user + system); the broker's is beside it. State: the live key "
+      "and value bytes of each system's RocksDB stores once it has stopped (`recstream state-size`), "
+      "per user with state: its per-user store alone (the engine's `users` column family, the peer's "
+      "`user-profiles` store), and all its stores (item side and bookkeeping included).\n")
     w("| load | guarantee | system | events/s | CPU | events per CPU-second | broker CPU | "
-      "freshness p50 / p99 | peak RSS | state dir on disk per user (not comparable: see README) |")
-    w("|---|---|---|---:|---:|---:|---:|---|---:|---:|")
+      "freshness p50 / p99 | peak RSS | users with state | user state per user | all state per user |")
+    w("|---|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|")
     for load, pr in peer_runs:
         for name in ["engine", "peer"]:
             x = pr[name]
@@ -580,7 +609,8 @@ def main():
                 for f in x["freshness"])
             w(f"| {load} | {mode_of(pr['settings'])} | {'recstream' if name == 'engine' else 'Kafka Streams peer'} | "
               f"{x['throughput']['pipeline_rate']:,.0f} | {x['cpu']:.1f} s | {x['per_cpu_second']:,.0f} | "
-              f"{x['broker_cpu']:.1f} s | {fresh_cells} | {x['rss_mb']:.0f} MB | {x['state_per_user']:,.0f} B |")
+              f"{x['broker_cpu']:.1f} s | {fresh_cells} | {x['rss_mb']:.0f} MB | "
+              f"{x['users_with_state']:,} | {x['user_state_per_user']:,.0f} B | {x['all_state_per_user']:,.0f} B |")
     w("")
     w("```sh")
     for _, pr in peer_runs:

@@ -64,6 +64,13 @@ pub enum Command {
     ReplayEval(crate::replay::command::ReplayArgs),
     /// Time tract's NCF scoring on random models of MovieLens sizes (see benches/scoring.sh).
     BenchScoring(crate::ncf::scoring::ScoringArgs),
+    /// Live keys and bytes of every RocksDB database under a directory, per
+    /// column family, as JSON (sizing; reads any RocksDB state directory,
+    /// e.g. a Kafka Streams application's). Stop its owner first.
+    StateSize {
+        /// A state directory (searched for databases).
+        dir: PathBuf,
+    },
     /// Validate a config file and print it with every default filled in.
     CheckConfig {
         #[arg(long)]
@@ -189,6 +196,11 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Eval(args) => crate::ncf::bench::run(&args),
         Command::ReplayEval(args) => crate::replay::command::run(&args).await,
         Command::BenchScoring(args) => crate::ncf::scoring::run(&args),
+        Command::StateSize { dir } => {
+            let size = crate::state_size::measure(&dir)?;
+            println!("{}", serde_json::to_string(&size)?);
+            Ok(())
+        }
         Command::CheckConfig { config } => {
             let config = Config::from_file(&config)?;
             print!("{}", toml::to_string_pretty(&config)?);

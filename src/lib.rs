@@ -39,5 +39,6 @@ pub mod replay;
 pub mod rng;
 pub mod routing;
 pub mod state;
+pub mod state_size;
 pub mod store;
 pub mod topics;
