@@ -9,11 +9,11 @@
 //! change of them to the changelog topic, keyed by item within the partition
 //! (`i`, `g`, `c` records; see [`crate::changelog`]). That topic is the
 //! item-keyed stream of each partition's latest values: every instance follows
-//! it from start to end like a Kafka Streams GlobalKTable, keeps the item side
-//! of the partitions it does not hold in RocksDB (beside its own, under the
-//! same per-partition keys) and sums all partitions in partition order, so
-//! every instance computes the same popular lists and co-watch sums as one
-//! instance holding everything.
+//! the partitions it does not hold like a Kafka Streams GlobalKTable (a held
+//! partition's changelog is its own writes), keeps their item side in RocksDB
+//! (beside its own, under the same per-partition keys) and sums all partitions
+//! in partition order, so every instance computes the same popular lists and
+//! co-watch sums as one instance holding everything.
 //!
 //! Values, not deltas: a record replaces the partition's copy of its key, so a
 //! record read twice (a redelivered outbox after a crash, a restart of the
@@ -149,8 +149,24 @@ impl ClientContext for FollowerContext {
 
 impl ConsumerContext for FollowerContext {}
 
+/// What the pipeline tells the follower about the partitions this instance
+/// holds. A held partition's changelog is this instance's own writes, whose
+/// item side it already has: the follower stops fetching it (on real
+/// sessions, where co-watch lists make up most of the changelog, reading
+/// one's own batches back only to skip them cost ≈ a fifth of the engine's
+/// CPU).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FollowerControl {
+    /// This instance holds the partition now: stop reading it.
+    Hold(u32),
+    /// This instance gave the partition up: read it again from this
+    /// changelog offset (where its kept item side was known).
+    Release { partition: u32, offset: i64 },
+}
+
 /// Follows every partition of the changelog topic from the positions the
-/// store kept (the beginning for partitions never followed).
+/// store kept (the beginning for partitions never followed), but the ones
+/// this instance holds.
 pub struct Follower {
     pub consumer: StreamConsumer<FollowerContext>,
     pub topic: String,
@@ -170,17 +186,24 @@ impl Follower {
         self.consumer.assign(&tpl)
     }
 
+    fn one(&self, partition: u32) -> TopicPartitionList {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(&self.topic, partition as i32);
+        tpl
+    }
+
     /// Reads until `updates` closes, handing complete batches over at each
     /// flush. Read errors are counted and logged, never fatal: the view
     /// only ages (and the lag gauge says so).
     ///
-    /// `rewinds` asks it to read a partition again from an offset (one this
-    /// instance gave up, whose batches it skipped while holding it).
+    /// `control` says which partitions this instance holds (paused: never
+    /// fetched) and which it gave up (read again from the offset given).
     pub async fn run(
         self,
         updates: mpsc::Sender<Followed>,
-        mut rewinds: mpsc::UnboundedReceiver<(u32, i64)>,
+        mut control: mpsc::UnboundedReceiver<FollowerControl>,
     ) {
+        let mut held: std::collections::HashSet<u32> = std::collections::HashSet::new();
         let mut assembler = Assembler::default();
         let mut ready: Vec<ItemBatch> = Vec::new();
         let mut lag = Lag::new(wall_ms());
@@ -192,6 +215,10 @@ impl Follower {
                 message = stream.next() => match message {
                     Some(Ok(m)) => {
                         let partition = m.partition().max(0) as u32;
+                        // Fetched before the pause took effect.
+                        if held.contains(&partition) {
+                            continue;
+                        }
                         lag.reading(partition);
                         match assembler.push(partition, m.offset(), m.key().unwrap_or_default(), m.payload()) {
                             Ok(Some(batch)) => {
@@ -213,19 +240,36 @@ impl Follower {
                     }
                     None => return,
                 },
-                Some((partition, offset)) = rewinds.recv() => {
-                    assembler.forget(partition);
-                    lag.reading(partition);
-                    // Asynchronous (no wait): the next fetch starts there.
-                    if let Err(e) = self.consumer.seek(
-                        &self.topic,
-                        partition as i32,
-                        Offset::Offset(offset),
-                        Duration::ZERO,
-                    ) {
-                        warn!(%e, partition, offset, "global item follower could not read a released partition again; its item side stays as this instance left it");
+                Some(order) = control.recv() => match order {
+                    FollowerControl::Hold(partition) => {
+                        if held.insert(partition) {
+                            assembler.forget(partition);
+                            lag.at_end(partition);
+                            if let Err(e) = self.consumer.pause(&self.one(partition)) {
+                                warn!(%e, partition, "global item follower could not pause a held partition; it reads its own batches and skips them");
+                            }
+                        }
                     }
-                }
+                    FollowerControl::Release { partition, offset } => {
+                        held.remove(&partition);
+                        assembler.forget(partition);
+                        lag.reading(partition);
+                        // Asynchronous (no wait): the next fetch starts
+                        // there. Seek, then resume, so that no fetch reads
+                        // from where the pause left it.
+                        if let Err(e) = self.consumer.seek(
+                            &self.topic,
+                            partition as i32,
+                            Offset::Offset(offset),
+                            Duration::ZERO,
+                        ) {
+                            warn!(%e, partition, offset, "global item follower could not read a released partition again; its item side stays as this instance left it");
+                        }
+                        if let Err(e) = self.consumer.resume(&self.one(partition)) {
+                            warn!(%e, partition, "global item follower could not resume a released partition; its item side stays as this instance left it");
+                        }
+                    }
+                },
                 _ = ticker.tick() => {
                     metrics::global_items_lag(lag.seconds(wall_ms()));
                     let batches = std::mem::take(&mut ready);

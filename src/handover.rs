@@ -24,6 +24,7 @@ use tracing::{info, warn};
 use crate::changelog::{self, ChangelogError, Entry, Key, Marker, Restorer, APPLIED_KEY};
 use crate::config::Guarantee;
 use crate::engine::{Engine, EngineError};
+use crate::global::FollowerControl;
 use crate::metrics;
 use crate::store::{PartitionMeta, StoreError};
 
@@ -60,8 +61,8 @@ pub struct Handover {
     pub no_progress: Duration,
     /// Global item tables: a partition lost keeps its item side instead of
     /// being dropped whole, and the follower is told to read it again from
-    /// where its state was known (`(partition, changelog offset)`).
-    pub rewind_follower: Option<tokio::sync::mpsc::UnboundedSender<(u32, i64)>>,
+    /// where its state was known; a partition held is not followed.
+    pub follower: Option<tokio::sync::mpsc::UnboundedSender<FollowerControl>>,
 }
 
 impl Handover {
@@ -78,10 +79,13 @@ impl Handover {
                 continue;
             }
             metrics::partition_handover("dropped");
-            if let Some(rewind) = &self.rewind_follower {
-                let known = engine.release_partition(p, &topics)?;
+            if let Some(follower) = &self.follower {
+                let offset = engine.release_partition(p, &topics)?;
                 // The follower is gone only when the pipeline stops.
-                let _ = rewind.send((p, known));
+                let _ = follower.send(FollowerControl::Release {
+                    partition: p,
+                    offset,
+                });
                 info!(
                     partition = p,
                     "dropped the user state of a partition now held elsewhere; following its item side"
@@ -94,7 +98,7 @@ impl Handover {
                 );
             }
         }
-        if self.rewind_follower.is_none() {
+        if self.follower.is_none() {
             // Item sides followed while global item tables were on.
             for p in engine.item_side_partitions() {
                 if !partitions.contains(&p) {
@@ -162,6 +166,11 @@ impl Handover {
             self.take_over(engine, &reader, p, high)?;
         }
         engine.set_owned(Some(partitions.clone()));
+        if let Some(follower) = &self.follower {
+            for &p in partitions {
+                let _ = follower.send(FollowerControl::Hold(p));
+            }
+        }
         Ok(())
     }
 

@@ -745,7 +745,14 @@ pub async fn run(
     let partition_count = input_partition_count(&config).await?;
     job.assignment
         .send_modify(|a| a.partition_count = partition_count);
-    let positions = store.follow_positions()?;
+    // The partitions this store held at its last stop are followed from
+    // after its own last batch: the follower skips its own writes, and is
+    // told which partitions it holds once the group has assigned them.
+    let mut positions = store.follow_positions()?;
+    for (p, meta) in store.partitions()? {
+        let at = positions.entry(p).or_insert(0);
+        *at = (*at).max(meta.changelog_next);
+    }
 
     let (work_tx, work_rx) = mpsc::channel::<Work>(STAGE_QUEUE);
     *job.engine.lock().expect("not poisoned") = Some(work_tx.downgrade());
@@ -798,7 +805,7 @@ pub async fn run(
             }
             Guarantee::AtLeastOnce => Duration::ZERO,
         };
-    let (rewind_tx, rewind_rx) = match config.global_items.enabled {
+    let (follower_tx, follower_rx) = match config.global_items.enabled {
         true => {
             let (tx, rx) = mpsc::unbounded_channel();
             (Some(tx), Some(rx))
@@ -815,16 +822,16 @@ pub async fn run(
             config.topics.refresh.clone(),
         ],
         guarantee,
-        rewind_follower: rewind_tx,
+        follower: follower_tx,
     };
-    let item_follower = match rewind_rx {
-        Some(rewinds) => Some(tokio::spawn(follow_items(
+    let item_follower = match follower_rx {
+        Some(control) => Some(tokio::spawn(follow_items(
             follower_settings(&config),
             config.topics.changelog.clone(),
             partition_count,
             positions,
             Duration::from_millis(config.global_items.flush_interval_ms),
-            rewinds,
+            control,
             work_tx.clone(),
         ))),
         None => None,
@@ -2252,7 +2259,7 @@ async fn follow_items(
     partitions: u32,
     positions: HashMap<u32, i64>,
     flush_interval: Duration,
-    rewinds: mpsc::UnboundedReceiver<(u32, i64)>,
+    control: mpsc::UnboundedReceiver<global::FollowerControl>,
     work_tx: mpsc::Sender<Work>,
 ) {
     let follower = match settings.create_with_context(global::FollowerContext) {
@@ -2286,7 +2293,7 @@ async fn follow_items(
     // it, before the broker connections go (a spawned reader outlived the
     // abort and logged the closed connections).
     tokio::select! {
-        _ = follower.run(tx, rewinds) => {}
+        _ = follower.run(tx, control) => {}
         _ = forward => {}
     }
 }
