@@ -379,8 +379,13 @@ fn peers(
     // spans 22 years, so every 30 days there. SASRec is retrained on the
     // engine's models' schedule.
     let als_days = if retrain_days < 365.0 { 1.0 } else { 30.0 };
-    let ratings_bytes =
-        std::fs::read(&ratings).with_context(|| format!("reading {}", ratings.display()))?;
+    // What every peer's result depends on: the ratings and the peer scripts.
+    let mut inputs = crate::fnv::Fnv::default();
+    inputs
+        .write(&std::fs::read(&ratings).with_context(|| format!("reading {}", ratings.display()))?);
+    for script in ["eval/replay_peers.py", "eval/setup_peers.sh"] {
+        inputs.write(&std::fs::read(script).with_context(|| format!("reading {script}"))?);
+    }
     let mut results = Vec::new();
     // One process per peer, each result kept in the work directory under a
     // fingerprint of everything it depends on (the ratings, the cut, the
@@ -393,11 +398,7 @@ fn peers(
         ("venv-peers", "itemknn"),
         ("venv-sequential", "sasrec"),
     ] {
-        let mut fingerprint = crate::fnv::Fnv::default();
-        fingerprint.write(&ratings_bytes);
-        for script in ["eval/replay_peers.py", "eval/setup_peers.sh"] {
-            fingerprint.write(&std::fs::read(script).with_context(|| format!("reading {script}"))?);
-        }
+        let mut fingerprint = inputs;
         let schedule = format!(
             "{peer} cut={} als_days={als_days} sequential_days={retrain_days} limit={:?}",
             stream.cut, args.limit
