@@ -5,7 +5,7 @@
 # broker takes them; prints the engine's and the broker's CPU over that
 # phase, events per engine CPU-second, and the mean size of the records
 # each output topic holds (SIZE_SAMPLE per topic, read back with the Python
-# client). This is the figure issue 22's cost-per-event targets are about.
+# client) with how many records and bytes it holds per input event. This is the figure issue 22's cost-per-event targets are about.
 # Usage: benches/cost.sh   (env: EVENTS=100000 USERS=10000 WARMUP_EVENTS=20000
 #   SIZE_SAMPLE=2000, CATALOG, NCF=1 a NeuMF model, GUARANTEE, ENGINE_TOML,
 #   PERF=FILE: also `perf record` the engine over the measured phase into FILE)
@@ -45,10 +45,10 @@ fi
 awk -v a="$engine0" -v b="$engine1" -v c="$broker0" -v d="$broker1" -v n="$EVENTS" 'BEGIN {
   printf "# engine %.2f CPU-s, %.0f events per engine CPU-second (%.1f us per event); broker %.2f CPU-s (%.1f us per event)\n",
     b - a, n / (b - a), 1e6 * (b - a) / n, d - c, 1e6 * (d - c) / n }'
-python3 - "$brokers" "$SIZE_SAMPLE" <<'PY'
+python3 - "$brokers" "$SIZE_SAMPLE" "$((WARMUP_EVENTS + EVENTS))" <<'PY'
 import pathlib, sys, tomllib
-from confluent_kafka import Consumer
-brokers, sample = sys.argv[1], int(sys.argv[2])
+from confluent_kafka import Consumer, TopicPartition
+brokers, sample, produced = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 # The output topics as declared in topics/ (the bench config keeps their names).
 topics = {}
 for f in sorted(pathlib.Path("topics").glob("*.toml")):
@@ -66,7 +66,14 @@ for role, name in topics.items():
             break
         if not m.error():
             sizes.append(len(m.value() or b""))
+    # Every record the topic holds (warm-up included), per input event produced.
+    parts = c.list_topics(name, timeout=10).topics[name].partitions
+    held = 0
+    for p in parts:
+        low, high = c.get_watermark_offsets(TopicPartition(name, p), timeout=10)
+        held += high - low
     c.close()
     mean = sum(sizes) / len(sizes) if sizes else 0
-    print(f"# {role} ({name}): mean record {mean:,.0f} B over {len(sizes)} records")
+    print(f"# {role} ({name}): mean record {mean:,.0f} B over {len(sizes)} records; "
+          f"{held / produced:.2f} records, ~{held * mean / produced:,.0f} B per input event")
 PY

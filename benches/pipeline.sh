@@ -41,6 +41,11 @@ hport=$(free_port)
 start_engine "$work/state" "$hport" /readyz
 
 echo "# machine: $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB; catalog: $CATALOG; NCF: $NCF; guarantee: $GUARANTEE; fetch.wait.max.ms: ${FETCH_WAIT_MS:-default}"
+# Bytes the broker holds for a topic (its log segments, compressed as sent).
+topic_bytes() { find "$work/kafka/data" -path "*/$1-[0-9]*/*.log" -printf '%s\n' 2>/dev/null | awk '{s += $1} END {print s + 0}'; }
+output_topics=$(grep -h '^name' topics/changelog.toml topics/recommendations.toml topics/carousels.toml topics/insights.toml | cut -d'"' -f2)
+declare -A bytes_before
+for t in $output_topics; do bytes_before[$t]=$(topic_bytes "$t"); done
 cpu_before=$(cpu_seconds "$ENGINE")
 if [ -n "${RATINGS:-}" ]; then
   echo "# throughput phase: the first $EVENTS ratings of $RATINGS in event-time order, as fast as possible"
@@ -54,6 +59,10 @@ echo "$throughput"
 EVENTS=$(echo "$throughput" | grep -o '"events":[0-9]*' | cut -d: -f2)
 cpu_after=$(cpu_seconds "$ENGINE")
 echo "# engine CPU in the throughput phase: $(awk -v a="$cpu_before" -v b="$cpu_after" -v n="$EVENTS" 'BEGIN {printf "%.2f s, %.0f events per CPU-second", b - a, n / (b - a)}')"
+sleep 2  # the last batch's records and markers
+for t in $output_topics; do
+  echo "# bytes written to $t in the throughput phase: $(awk -v a="${bytes_before[$t]}" -v b="$(topic_bytes "$t")" -v n="$EVENTS" 'BEGIN {printf "%.0f per event (compressed, as the broker holds them)", (b - a) / n}')"
+done
 echo "# ceiling: bare consume of the same $EVENTS records"
 "$BIN" loadgen --brokers "$brokers" --config "$ENGINE_CONFIG" --catalog "$CATALOG" --events "$EVENTS" --bare-consume
 echo "# freshness phase: $LATENCY_EVENTS events at $RATE events/s"

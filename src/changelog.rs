@@ -12,15 +12,25 @@
 //! in that marker say where to resume. The restoring instance then rewrites
 //! the rolled-back keys (a repair batch) so later restores agree.
 //!
-//! Keys: `u` + user id, `i` + movie id (u32 BE), `c` + movie id (u32 BE, its
-//! co-watch list), `g` + genre name, `m` (applied offsets), `p` (published
-//! offsets; advisory, never rolled back). Values: a postcard-encoded
-//! [`Entry`] whose `value`/`prev` are the raw RocksDB values (postcard
-//! `UserState`, `Momentum` or `Neighbors`).
+//! Keys: `u` + user id, `i` + movie id (u32 BE), `C` + movie id (u32 BE) +
+//! slot (u16 BE: one entry of its co-watch list), `g` + genre name, `m`
+//! (applied offsets), `p` (published offsets; advisory, never rolled back).
+//! Values: a postcard-encoded [`Entry`] whose `value`/`prev` are the raw
+//! RocksDB values (postcard `UserState`, `Momentum` or `Neighbor`).
+//!
+//! A co-watch list changes one or two of its ≈ 200 entries per event, so it
+//! travels as slots ([`Neighbors`]' entries keep their place): a few dozen
+//! bytes per change instead of the whole ≈ 2 KB list with its previous
+//! value. Slots are bounded per item like the lists, so the compacted topic
+//! stays as small. Changelogs written before (`c` + movie id: the whole
+//! list) are still read: a list is its latest whole value, then its slots
+//! written since, in slot order.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use serde::{Deserialize, Serialize};
+
+use crate::cowatch::{Neighbor, Neighbors};
 
 pub const APPLIED_KEY: &[u8] = b"m";
 pub const PUBLISHED_KEY: &[u8] = b"p";
@@ -45,7 +55,10 @@ pub enum ChangelogError {
 pub enum Key {
     User(String),
     Item(u32),
+    /// A whole co-watch list: written by releases before the slots, still read.
     CoWatch(u32),
+    /// One slot of an item's co-watch list.
+    CoWatchSlot(u32, u16),
     Genre(String),
     Applied,
     Published,
@@ -58,6 +71,9 @@ impl Key {
             Key::User(u) => [b"u", u.as_bytes()].concat(),
             Key::Item(id) => [&b"i"[..], &id.to_be_bytes()].concat(),
             Key::CoWatch(id) => [&b"c"[..], &id.to_be_bytes()].concat(),
+            Key::CoWatchSlot(id, slot) => {
+                [&b"C"[..], &id.to_be_bytes(), &slot.to_be_bytes()].concat()
+            }
             Key::Genre(g) => [b"g", g.as_bytes()].concat(),
             Key::Applied => APPLIED_KEY.to_vec(),
             Key::Published => PUBLISHED_KEY.to_vec(),
@@ -72,6 +88,10 @@ impl Key {
             (b'u', u) => Key::User(String::from_utf8(u.to_vec()).map_err(|_| unknown())?),
             (b'i', id) => Key::Item(u32::from_be_bytes(id.try_into().map_err(|_| unknown())?)),
             (b'c', id) => Key::CoWatch(u32::from_be_bytes(id.try_into().map_err(|_| unknown())?)),
+            (b'C', [a, b, c, d, s0, s1]) => Key::CoWatchSlot(
+                u32::from_be_bytes([*a, *b, *c, *d]),
+                u16::from_be_bytes([*s0, *s1]),
+            ),
             (b'g', g) => Key::Genre(String::from_utf8(g.to_vec()).map_err(|_| unknown())?),
             (b'm', []) => Key::Applied,
             (b'p', []) => Key::Published,
@@ -132,7 +152,8 @@ pub struct Batch {
 pub struct Restored {
     pub users: Vec<(String, Vec<u8>)>,
     pub items: Vec<(u32, Vec<u8>)>,
-    pub cowatch: Vec<(u32, Vec<u8>)>,
+    /// Assembled from whole lists and slots, in item order.
+    pub cowatch: Vec<(u32, Neighbors)>,
     pub genres: Vec<(String, Vec<u8>)>,
     /// The last complete batch's marker (`None`: nothing was ever committed).
     pub marker: Option<Marker>,
@@ -192,6 +213,13 @@ impl Restorer {
         let mut keys: Vec<&Key> = self.latest.keys().collect();
         // Deterministic order: restores and repairs are replayable.
         keys.sort_by_key(|k| k.encode());
+        // Per item: its whole list with the batch that wrote it, and its slots.
+        let mut lists: BTreeMap<u32, (u64, Neighbors)> = BTreeMap::new();
+        let mut slots: BTreeMap<u32, Vec<(u16, u64, Neighbor)>> = BTreeMap::new();
+        let decode_err = |key: &Key, source| ChangelogError::Decode {
+            key: String::from_utf8_lossy(&key.encode()).into_owned(),
+            source,
+        };
         for key in keys {
             let entry = &self.latest[key];
             let value = if entry.seq > out.committed_seq {
@@ -205,7 +233,14 @@ impl Restorer {
             match (key, value) {
                 (Key::User(u), Some(v)) => out.users.push((u.clone(), v)),
                 (Key::Item(id), Some(v)) => out.items.push((*id, v)),
-                (Key::CoWatch(id), Some(v)) => out.cowatch.push((*id, v)),
+                (Key::CoWatch(id), Some(v)) => {
+                    let list = postcard::from_bytes(&v).map_err(|e| decode_err(key, e))?;
+                    lists.insert(*id, (entry.seq, list));
+                }
+                (Key::CoWatchSlot(id, slot), Some(v)) => {
+                    let n = postcard::from_bytes(&v).map_err(|e| decode_err(key, e))?;
+                    slots.entry(*id).or_default().push((*slot, entry.seq, n));
+                }
                 (Key::Genre(g), Some(v)) => out.genres.push((g.clone(), v)),
                 (Key::Published, _) => {
                     let published: Vec<(String, i64)> = entry
@@ -223,6 +258,22 @@ impl Restorer {
                 _ => {}
             }
         }
+        // A list is its latest whole value (older writers), then the slots
+        // written after it (a whole list written later replaces them all).
+        for (id, mut slots) in slots {
+            slots.sort_unstable_by_key(|(slot, _, _)| *slot);
+            let (whole_seq, list) = lists.entry(id).or_default();
+            for (slot, seq, n) in slots {
+                if seq >= *whole_seq {
+                    list.set_slot(slot as usize, Some(n));
+                }
+            }
+        }
+        out.cowatch = lists
+            .into_iter()
+            .map(|(id, (_, list))| (id, list))
+            .filter(|(_, l)| !l.entries.is_empty())
+            .collect();
         // Outputs can only have been published for what was applied.
         let applied: HashMap<&str, i64> = out
             .marker
@@ -267,6 +318,7 @@ mod tests {
             Key::User("u1".into()),
             Key::Item(7),
             Key::CoWatch(7),
+            Key::CoWatchSlot(7, 199),
             Key::Genre("Drama".into()),
             Key::Applied,
             Key::Published,
@@ -276,6 +328,10 @@ mod tests {
         }
         assert!(Key::decode(b"x").is_err());
         assert!(Key::decode(b"i12").is_err());
+        assert!(
+            Key::decode(b"C\0\0\0\x07\0").is_err(),
+            "a slot key without its slot"
+        );
         assert!(Key::decode(b"").is_err());
     }
 
@@ -301,6 +357,64 @@ mod tests {
             vec![
                 (Key::User("a".into()), Some(b"a1".to_vec())),
                 (Key::User("b".into()), None)
+            ]
+        );
+    }
+
+    #[test]
+    fn co_watch_lists_are_whole_lists_then_their_slots_and_roll_back_per_slot() {
+        let n = |item, count| Neighbor {
+            item,
+            count,
+            error: 0.0,
+        };
+        let enc = |n: &Neighbor| postcard::to_stdvec(n).unwrap();
+        let mut r = Restorer::default();
+        // An older writer's whole list of item 5, then slots written since.
+        let whole = Neighbors {
+            entries: vec![n(1, 3.0), n(2, 1.0)],
+        };
+        let whole = postcard::to_stdvec(&whole).unwrap();
+        r.push(
+            &Key::CoWatch(5).encode(),
+            Some(&entry(1, Some(&whole), None)),
+        )
+        .unwrap();
+        r.push(APPLIED_KEY, Some(&marker(1, 10))).unwrap();
+        let slot = |item, slot| Key::CoWatchSlot(item, slot).encode();
+        r.push(&slot(5, 1), Some(&entry(2, Some(&enc(&n(2, 2.0))), None)))
+            .unwrap();
+        r.push(&slot(5, 2), Some(&entry(2, Some(&enc(&n(4, 1.0))), None)))
+            .unwrap();
+        r.push(&slot(6, 0), Some(&entry(2, Some(&enc(&n(5, 1.0))), None)))
+            .unwrap();
+        r.push(APPLIED_KEY, Some(&marker(2, 11))).unwrap();
+        // Batch 3 never completed: its slots go back to what batch 2 left.
+        r.push(
+            &slot(5, 2),
+            Some(&entry(3, Some(&enc(&n(4, 2.0))), Some(&enc(&n(4, 1.0))))),
+        )
+        .unwrap();
+        r.push(&slot(6, 1), Some(&entry(3, Some(&enc(&n(9, 1.0))), None)))
+            .unwrap();
+        let restored = r.finish().unwrap();
+        let lists: Vec<(u32, Vec<Neighbor>)> = restored
+            .cowatch
+            .into_iter()
+            .map(|(id, l)| (id, l.entries))
+            .collect();
+        assert_eq!(
+            lists,
+            vec![
+                (5, vec![n(1, 3.0), n(2, 2.0), n(4, 1.0)]),
+                (6, vec![n(5, 1.0)])
+            ]
+        );
+        assert_eq!(
+            restored.repairs,
+            vec![
+                (Key::CoWatchSlot(5, 2), Some(enc(&n(4, 1.0)))),
+                (Key::CoWatchSlot(6, 1), None)
             ]
         );
     }

@@ -12,7 +12,7 @@
 //! counters) and summed over the partitions an instance holds.
 
 use std::cell::OnceCell;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 
 use serde::{Deserialize, Serialize};
 
@@ -27,45 +27,89 @@ pub struct Neighbor {
 }
 
 impl Neighbor {
+    /// A slot known to exist but not yet read (a follower can read a list's
+    /// slots out of order): counts nothing, and no merge or ranking sees it.
+    pub const VACANT: Neighbor = Neighbor {
+        item: u32::MAX,
+        count: 0.0,
+        error: 0.0,
+    };
+
+    pub fn is_vacant(&self) -> bool {
+        self.item == u32::MAX && self.count == 0.0
+    }
+
     /// A lower bound of the true co-watch count.
     pub fn guaranteed(&self) -> f32 {
         (self.count - self.error).max(0.0)
     }
 }
 
-/// One item's neighbours, in no particular order.
+/// One item's neighbours. Their order means nothing to scoring, but an
+/// entry keeps its place (its *slot*) for good: a newcomer is appended or
+/// takes over the weakest entry's slot, so a change is one slot's new value
+/// (what the store and the changelog record) rather than the whole list.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Neighbors {
     pub entries: Vec<Neighbor>,
 }
 
 impl Neighbors {
-    /// Counts `amount` more co-watches with `item`, keeping at most `cap` entries.
-    pub fn add(&mut self, item: u32, amount: f32, cap: usize) {
-        if let Some(n) = self.entries.iter_mut().find(|n| n.item == item) {
-            n.count += amount;
-            return;
-        }
-        if self.entries.len() < cap {
-            self.entries.push(Neighbor {
+    /// Counts `amount` more co-watches with `item`, keeping at most `cap`
+    /// entries; returns the slot that changed and its value before (`None`:
+    /// the slot is new).
+    pub fn add(&mut self, item: u32, amount: f32, cap: usize) -> (usize, Option<Neighbor>) {
+        let slot = self.slot_for(item, cap);
+        let before = self.entries.get(slot).copied();
+        match self.entries.get_mut(slot) {
+            Some(n) if n.item == item => n.count += amount,
+            Some(weakest) => {
+                let floor = weakest.count;
+                *weakest = Neighbor {
+                    item,
+                    count: floor + amount,
+                    error: floor,
+                };
+            }
+            None => self.entries.push(Neighbor {
                 item,
                 count: amount,
                 error: 0.0,
-            });
-            return;
+            }),
         }
-        // Full: the weakest entry (ties: the higher id, for determinism) makes room.
-        if let Some(weakest) = self
-            .entries
-            .iter_mut()
-            .min_by(|a, b| a.count.total_cmp(&b.count).then(b.item.cmp(&a.item)))
-        {
-            let floor = weakest.count;
-            *weakest = Neighbor {
-                item,
-                count: floor + amount,
-                error: floor,
-            };
+        (slot, before)
+    }
+
+    /// The slot counting `item` changes: its own, a new one while the list
+    /// is below `cap`, else the weakest entry's (ties: the higher id, for
+    /// determinism), which the newcomer takes over.
+    fn slot_for(&self, item: u32, cap: usize) -> usize {
+        if let Some(slot) = self.entries.iter().position(|n| n.item == item) {
+            return slot;
+        }
+        if self.entries.len() < cap.max(1) {
+            return self.entries.len();
+        }
+        self.entries
+            .iter()
+            .enumerate()
+            .min_by(|(_, a), (_, b)| a.count.total_cmp(&b.count).then(b.item.cmp(&a.item)))
+            .map_or(0, |(slot, _)| slot)
+    }
+
+    /// Sets one slot as the store or the changelog recorded it. `None`: the
+    /// slot does not exist, and neither do the ones after it (slots are only
+    /// ever appended). A slot past the end keeps its place: the slots before
+    /// it are held [`Neighbor::VACANT`] until they are read.
+    pub fn set_slot(&mut self, slot: usize, value: Option<Neighbor>) {
+        match value {
+            Some(n) => {
+                if slot >= self.entries.len() {
+                    self.entries.resize(slot + 1, Neighbor::VACANT);
+                }
+                self.entries[slot] = n;
+            }
+            None => self.entries.truncate(slot),
         }
     }
 
@@ -78,6 +122,7 @@ impl Neighbors {
         let mut all: Vec<Neighbor> = lists
             .into_iter()
             .flat_map(|list| list.entries.iter().copied())
+            .filter(|n| !n.is_vacant())
             .collect();
         all.sort_unstable_by_key(|n| n.item);
         all.dedup_by(|later, kept| {
@@ -125,9 +170,20 @@ pub struct CoWatchLists {
     /// One cell per item with a list in some partition; empty until read.
     sums: IdMap<OnceCell<Neighbors>>,
     cap: usize,
-    /// (partition, item) of the lists changed since the last
-    /// [`CoWatchLists::take_changes`].
-    changed: BTreeSet<(u32, u32)>,
+    /// The slots changed since the last [`CoWatchLists::take_changes`], with
+    /// the value each had before (`None`: the slot was new).
+    changed: BTreeMap<(u32, u32, u16), Option<Neighbor>>,
+}
+
+/// One co-watch slot's change over a micro-batch.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SlotChange {
+    pub partition: u32,
+    pub item: u32,
+    pub slot: u16,
+    pub value: Neighbor,
+    /// Its value before the batch (`None`: the slot is new).
+    pub prev: Option<Neighbor>,
 }
 
 impl CoWatchLists {
@@ -137,7 +193,7 @@ impl CoWatchLists {
             parts: parts.into_iter().collect(),
             sums: IdMap::default(),
             cap,
-            changed: BTreeSet::new(),
+            changed: BTreeMap::new(),
         };
         lists.forget_sums();
         lists
@@ -145,18 +201,31 @@ impl CoWatchLists {
 
     /// Counts `amount` more co-watches of `item` with `other` in `partition`.
     pub fn add(&mut self, partition: u32, item: u32, other: u32, amount: f32) {
-        let part = self.parts.entry(partition).or_default();
-        part.entry(item).or_default().add(other, amount, self.cap);
-        self.changed.insert((partition, item));
+        let list = self
+            .parts
+            .entry(partition)
+            .or_default()
+            .entry(item)
+            .or_default();
+        // A slot's value before the batch is the one before its first change.
+        let (slot, before) = list.add(other, amount, self.cap);
+        self.changed
+            .entry((partition, item, slot as u16))
+            .or_insert(before);
         self.sums.insert(item, OnceCell::new());
     }
 
-    /// `(partition, item, list)` of the lists changed since the last call,
-    /// in (partition, item) order.
-    pub fn take_changes(&mut self) -> Vec<(u32, u32, Neighbors)> {
+    /// The slots changed since the last call, in (partition, item, slot) order.
+    pub fn take_changes(&mut self) -> Vec<SlotChange> {
         std::mem::take(&mut self.changed)
             .into_iter()
-            .map(|(partition, item)| (partition, item, self.parts[&partition][&item].clone()))
+            .map(|((partition, item, slot), prev)| SlotChange {
+                partition,
+                item,
+                slot,
+                value: self.parts[&partition][&item].entries[slot as usize],
+                prev,
+            })
             .collect()
     }
 
@@ -191,6 +260,21 @@ impl CoWatchLists {
         self.sums.insert(item, OnceCell::new());
     }
 
+    /// Sets one slot of one partition's list of `item`, as followed from the
+    /// instance that holds the partition ([`Neighbors::set_slot`]).
+    pub fn set_slot(&mut self, partition: u32, item: u32, slot: u16, value: Option<Neighbor>) {
+        let part = self.parts.entry(partition).or_default();
+        let list = part.entry(item).or_default();
+        list.set_slot(slot as usize, value);
+        if list.entries.is_empty() {
+            part.remove(&item);
+            if part.is_empty() {
+                self.parts.remove(&partition);
+            }
+        }
+        self.sums.insert(item, OnceCell::new());
+    }
+
     /// The partitions with lists.
     pub fn partitions(&self) -> impl Iterator<Item = u32> + '_ {
         self.parts.keys().copied()
@@ -202,7 +286,7 @@ impl CoWatchLists {
             Some(lists) => self.parts.insert(partition, lists),
             None => self.parts.remove(&partition),
         };
-        self.changed.retain(|(p, _)| *p != partition);
+        self.changed.retain(|(p, _, _), _| *p != partition);
         self.forget_sums();
     }
 
@@ -301,6 +385,37 @@ mod tests {
     }
 
     #[test]
+    fn slots_read_out_of_order_keep_their_places() {
+        let n = |item| Neighbor {
+            item,
+            count: 1.0,
+            error: 0.0,
+        };
+        let mut list = Neighbors::default();
+        list.set_slot(2, Some(n(30)));
+        assert_eq!(
+            list.strongest(),
+            vec![(30, 1.0)],
+            "vacant slots count nothing"
+        );
+        list.set_slot(0, Some(n(10)));
+        list.set_slot(1, Some(n(20)));
+        assert_eq!(list.entries, vec![n(10), n(20), n(30)]);
+        list.set_slot(1, None);
+        assert_eq!(
+            list.entries,
+            vec![n(10)],
+            "a slot gone takes the later ones"
+        );
+        let mut gap = Neighbors::default();
+        gap.set_slot(3, Some(n(40)));
+        assert_eq!(
+            Neighbors::merge([&gap, &list], 8).entries,
+            vec![n(10), n(40)]
+        );
+    }
+
+    #[test]
     fn merge_sums_partitions() {
         let (mut a, mut b) = (Neighbors::default(), Neighbors::default());
         a.add(1, 2.0, 4);
@@ -334,14 +449,29 @@ mod tests {
         lists.add(3, 1, 5, 1.0);
         lists.add(0, 1, 2, 1.0);
         assert_eq!(lists.get(1).unwrap().strongest(), vec![(2, 4.0), (5, 1.0)]);
-        // Each changed list once, as it is now.
+        // Each changed slot once, as it is now, with its value before the batch.
         let changes = lists.take_changes();
-        assert_eq!(changes.len(), 2);
-        assert_eq!((changes[0].0, changes[0].1), (0, 1));
-        assert_eq!(changes[0].2.strongest(), vec![(2, 2.0)]);
+        let seen: Vec<(u32, u32, u16, u32, f32, Option<f32>)> = changes
+            .iter()
+            .map(|c| {
+                let prev = c.prev.map(|p| p.count);
+                (
+                    c.partition,
+                    c.item,
+                    c.slot,
+                    c.value.item,
+                    c.value.count,
+                    prev,
+                )
+            })
+            .collect();
         assert_eq!(
-            (changes[1].0, changes[1].2.strongest()),
-            (3, vec![(2, 2.0), (5, 1.0)])
+            seen,
+            vec![
+                (0, 1, 0, 2, 2.0, Some(1.0)),
+                (3, 1, 0, 2, 2.0, None),
+                (3, 1, 1, 5, 1.0, None)
+            ]
         );
         assert!(
             lists.get(2).is_none(),
@@ -392,6 +522,39 @@ mod tests {
                 })
                 .collect();
             prop_assert_eq!(Neighbors::merge(&lists, cap), merge_by_search(&lists, cap));
+        }
+    }
+
+    proptest! {
+        /// A batch's slot changes carry the lists from before it to after it
+        /// (the changelog's values), and back (its `prev`s, for a rollback).
+        #[test]
+        fn slot_changes_replay_and_roll_back(
+            first in proptest::collection::vec((0u32..3, 0u32..20), 0..60),
+            second in proptest::collection::vec((0u32..3, 0u32..20), 1..60),
+            cap in 1usize..8,
+        ) {
+            let mut lists = CoWatchLists::new(HashMap::new(), cap);
+            for &(item, other) in &first {
+                lists.add(0, item, other, 1.0);
+            }
+            lists.take_changes();
+            let before = lists.parts.clone();
+            for &(item, other) in &second {
+                lists.add(0, item, other, 1.0);
+            }
+            let after = lists.parts.clone();
+            let changes = lists.take_changes();
+            let mut replayed = CoWatchLists::new(before.clone().into_iter().collect(), cap);
+            for c in &changes {
+                replayed.set_slot(c.partition, c.item, c.slot, Some(c.value));
+            }
+            prop_assert_eq!(&replayed.parts, &after);
+            let mut rolled_back = CoWatchLists::new(after.into_iter().collect(), cap);
+            for c in &changes {
+                rolled_back.set_slot(c.partition, c.item, c.slot, c.prev);
+            }
+            prop_assert_eq!(&rolled_back.parts, &before);
         }
     }
 

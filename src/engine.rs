@@ -10,7 +10,7 @@ use std::time::Instant;
 use crate::catalog::{Catalog, CatalogRecord, IdMap};
 use crate::changelog;
 use crate::config::EngineConfig;
-use crate::cowatch::{CoWatchLists, Neighbors};
+use crate::cowatch::{CoWatchLists, Neighbor, Neighbors};
 use crate::decay::Momentum;
 use crate::event::{Interaction, RefreshCommand};
 use crate::experiment::Variants;
@@ -22,7 +22,7 @@ use crate::recommend::{
     self, Context, ItemIndex, PopularOrder, RecomputeCache, ScoreError, Scorer,
 };
 use crate::state::{Applied, UserState};
-use crate::store::{Changes, Followed, PartitionMeta, Store, StoreError};
+use crate::store::{Changes, CoWatchWrite, Followed, PartitionMeta, Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -389,8 +389,19 @@ impl Engine {
                 let Some(value) = decoded::<Neighbors>(raw, "co-watch list") else {
                     continue;
                 };
-                self.cowatch.set(partition, *id, value);
-                followed.cowatch.push((partition, *id, raw.clone()));
+                self.cowatch.set(partition, *id, value.clone());
+                followed
+                    .cowatch
+                    .push((partition, *id, CoWatchWrite::List(value)));
+            }
+            for (id, slot, raw) in &batch.cowatch_slots {
+                let Some(value) = decoded::<Neighbor>(raw, "co-watch entry") else {
+                    continue;
+                };
+                self.cowatch.set_slot(partition, *id, *slot, value);
+                followed
+                    .cowatch
+                    .push((partition, *id, CoWatchWrite::Slot(*slot, value)));
             }
         }
         self.store.apply_followed(&followed)?;
@@ -486,12 +497,7 @@ impl Engine {
                 postcard::from_bytes(v).map_err(|e| bad(format!("genre {g}: {e}")))?;
             genres.insert(g.clone(), m);
         }
-        let mut cowatch = IdMap::default();
-        for (id, v) in &restored.cowatch {
-            let n: Neighbors =
-                postcard::from_bytes(v).map_err(|e| bad(format!("co-watch of item {id}: {e}")))?;
-            cowatch.insert(*id, n);
-        }
+        let cowatch: IdMap<Neighbors> = restored.cowatch.iter().cloned().collect();
         for (user, v) in &restored.users {
             postcard::from_bytes::<UserState>(v).map_err(|e| bad(format!("user {user}: {e}")))?;
         }
@@ -1423,8 +1429,22 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut e = changelog_engine(dir.path());
         let mut stored: HashMap<Vec<u8>, Vec<u8>> = HashMap::new();
-        let mut replaced_lists = 0;
-        for batch in four_batches() {
+        let mut replaced_slots = 0;
+        // A fifth batch watches the first one's movies again: the same pairs
+        // count again, in the slots they already hold.
+        let again: Vec<Record> = (0..8i64)
+            .map(|o| {
+                let movie = 1 + (o * 7 % 30) as u32;
+                record(
+                    32 + o,
+                    &format!("u{}", o % 5),
+                    movie,
+                    EventType::Complete,
+                    1032 + o,
+                )
+            })
+            .collect();
+        for batch in four_batches().into_iter().chain([again]) {
             for b in e.process(batch).unwrap().changelog {
                 for (key, bytes) in &b.records {
                     let name = changelog::Key::decode(key).unwrap();
@@ -1433,14 +1453,17 @@ mod tests {
                     }
                     let entry = changelog::Entry::decode(key, bytes).unwrap();
                     assert_eq!(entry.prev.as_ref(), stored.get(key), "{name:?}");
-                    if matches!(name, changelog::Key::CoWatch(_)) && entry.prev.is_some() {
-                        replaced_lists += 1;
+                    if matches!(name, changelog::Key::CoWatchSlot(..)) && entry.prev.is_some() {
+                        replaced_slots += 1;
                     }
                     stored.insert(key.clone(), entry.value.unwrap());
                 }
             }
         }
-        assert!(replaced_lists > 0, "lists changed in several batches");
+        assert!(
+            replaced_slots > 0,
+            "co-watch slots changed in several batches"
+        );
     }
 
     #[test]

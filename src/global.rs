@@ -17,10 +17,13 @@
 //!
 //! Values, not deltas: a record replaces the partition's copy of its key, so a
 //! record read twice (a redelivered outbox after a crash, a restart of the
-//! follower) changes nothing, and no change is ever counted twice. Only
-//! complete batches are applied (the records of a batch whose marker never
-//! landed are dropped, as a restore rolls them back); under `exactly_once`
-//! the follower reads `read_committed`, so aborted batches are never seen.
+//! follower) changes nothing, and no change is ever counted twice. Records
+//! are applied when a marker completes their batch or a later one: a batch
+//! whose marker compaction removed is as complete as one whose marker is
+//! read, and one whose writer died is rewritten by the next owner's repair
+//! batch before the next marker (see [`Assembler::push`]). Under
+//! `exactly_once` the follower reads `read_committed`, so aborted batches
+//! are never seen.
 //!
 //! Staleness: followed batches are handed to the engine every
 //! `global_items.flush_interval_ms`; the engine folds them in and re-sums its
@@ -50,14 +53,20 @@ pub struct ItemBatch {
     pub seq: u64,
     pub items: Vec<(u32, Option<Vec<u8>>)>,
     pub genres: Vec<(String, Option<Vec<u8>>)>,
+    /// Whole co-watch lists (writers before the slots).
     pub cowatch: Vec<(u32, Option<Vec<u8>>)>,
+    /// `(item, slot, entry)`: one co-watch slot each.
+    pub cowatch_slots: Vec<(u32, u16, Option<Vec<u8>>)>,
     /// The changelog offset after the batch's marker: where to resume.
     pub next_offset: i64,
 }
 
 impl ItemBatch {
     pub fn is_empty(&self) -> bool {
-        self.items.is_empty() && self.genres.is_empty() && self.cowatch.is_empty()
+        self.items.is_empty()
+            && self.genres.is_empty()
+            && self.cowatch.is_empty()
+            && self.cowatch_slots.is_empty()
     }
 }
 
@@ -80,9 +89,14 @@ impl Assembler {
     }
 
     /// Adds the next record of `partition` (at `offset`); returns the batch
-    /// it completes, if it is a marker. A marker also drops the older batches
-    /// still pending: their writer died before completing them (a restore
-    /// rolls them back), as markers come in batch order.
+    /// it completes, if it is a marker. Markers come in batch order, so the
+    /// batches still pending below a marker will never see theirs: either
+    /// compaction removed it (the topic keeps one `m` record per partition,
+    /// so a follower reading from the beginning finds most batches without
+    /// their marker) or their writer died before completing them, and then
+    /// the next owner's repair batch, at or below this marker, rewrites every
+    /// key they touched. Either way their records are applied first, in
+    /// batch order, as part of the completed batch.
     pub fn push(
         &mut self,
         partition: u32,
@@ -99,12 +113,18 @@ impl Assembler {
         let entry = Entry::decode(&key.encode(), value)?;
         let pending = self.pending.entry(partition).or_default();
         if key == Key::Applied {
-            let mut done = pending.remove(&entry.seq).unwrap_or_else(|| ItemBatch {
+            let later = pending.split_off(&(entry.seq + 1));
+            let mut done = ItemBatch {
                 partition,
                 seq: entry.seq,
                 ..ItemBatch::default()
-            });
-            *pending = pending.split_off(&entry.seq);
+            };
+            for (_, batch) in std::mem::replace(pending, later) {
+                done.items.extend(batch.items);
+                done.genres.extend(batch.genres);
+                done.cowatch.extend(batch.cowatch);
+                done.cowatch_slots.extend(batch.cowatch_slots);
+            }
             done.next_offset = offset + 1;
             return Ok(Some(done));
         }
@@ -117,6 +137,7 @@ impl Assembler {
             Key::Item(id) => batch.items.push((id, entry.value)),
             Key::Genre(g) => batch.genres.push((g, entry.value)),
             Key::CoWatch(id) => batch.cowatch.push((id, entry.value)),
+            Key::CoWatchSlot(id, slot) => batch.cowatch_slots.push((id, slot, entry.value)),
             Key::Applied | Key::User(_) | Key::Probe | Key::Published => {
                 unreachable!("handled above")
             }
@@ -356,6 +377,7 @@ mod tests {
         let user = Key::User("u".into()).encode();
         let genre = Key::Genre("Drama".into()).encode();
         let cowatch = Key::CoWatch(7).encode();
+        let slot = Key::CoWatchSlot(7, 3).encode();
         assert_eq!(a.push(0, 10, &user, Some(&entry(1, b"u"))).unwrap(), None);
         assert_eq!(a.push(0, 11, &item, Some(&entry(1, b"i"))).unwrap(), None);
         assert_eq!(a.push(0, 12, &genre, Some(&entry(1, b"g"))).unwrap(), None);
@@ -363,7 +385,8 @@ mod tests {
             a.push(0, 13, &cowatch, Some(&entry(1, b"c"))).unwrap(),
             None
         );
-        let batch = a.push(0, 14, APPLIED_KEY, Some(&marker(1))).unwrap();
+        assert_eq!(a.push(0, 14, &slot, Some(&entry(1, b"s"))).unwrap(), None);
+        let batch = a.push(0, 15, APPLIED_KEY, Some(&marker(1))).unwrap();
         assert_eq!(
             batch,
             Some(ItemBatch {
@@ -372,31 +395,52 @@ mod tests {
                 items: vec![(7, Some(b"i".to_vec()))],
                 genres: vec![("Drama".into(), Some(b"g".to_vec()))],
                 cowatch: vec![(7, Some(b"c".to_vec()))],
-                next_offset: 15,
+                cowatch_slots: vec![(7, 3, Some(b"s".to_vec()))],
+                next_offset: 16,
             })
         );
     }
 
     #[test]
-    fn an_unfinished_batch_never_reaches_the_tables() {
+    fn batches_without_their_marker_are_applied_before_the_next_marker() {
         let mut a = Assembler::default();
         let item = Key::Item(7).encode();
-        // Batch 2's writer died before its marker; batch 3 follows.
-        a.push(1, 0, &item, Some(&entry(2, b"half"))).unwrap();
-        a.push(1, 1, &item, Some(&entry(3, b"whole"))).unwrap();
+        let other = Key::Item(8).encode();
+        // Compaction kept batch 2's records but not its marker; batch 3 follows.
+        a.push(1, 0, &item, Some(&entry(2, b"two"))).unwrap();
+        a.push(1, 1, &other, Some(&entry(2, b"kept"))).unwrap();
+        a.push(1, 2, &item, Some(&entry(3, b"three"))).unwrap();
         let batch = a
-            .push(1, 2, APPLIED_KEY, Some(&marker(3)))
+            .push(1, 3, APPLIED_KEY, Some(&marker(3)))
             .unwrap()
             .unwrap();
-        assert_eq!(batch.items, vec![(7, Some(b"whole".to_vec()))]);
-        assert_eq!(batch.next_offset, 3);
-        // Batch 4 left items unfinished; batch 5 changed only users.
-        a.push(1, 3, &item, Some(&entry(4, b"lost"))).unwrap();
+        assert_eq!(
+            batch.items,
+            vec![
+                (7, Some(b"two".to_vec())),
+                (8, Some(b"kept".to_vec())),
+                (7, Some(b"three".to_vec()))
+            ],
+            "in batch order: the later value wins"
+        );
+        assert_eq!((batch.seq, batch.next_offset), (3, 4));
+        // Batch 4's writer died mid-batch; the next owner's repair batch 5
+        // puts back what batch 4 changed, and a batch sent ahead of its
+        // marker (6) stays pending.
+        a.push(1, 4, &item, Some(&entry(4, b"lost"))).unwrap();
+        a.push(1, 5, &item, Some(&entry(5, b"three"))).unwrap();
+        a.push(1, 6, &other, Some(&entry(6, b"six"))).unwrap();
         let batch = a
-            .push(1, 4, APPLIED_KEY, Some(&marker(5)))
+            .push(1, 7, APPLIED_KEY, Some(&marker(5)))
             .unwrap()
             .unwrap();
-        assert_eq!((batch.seq, batch.items.len()), (5, 0));
+        assert_eq!(batch.seq, 5);
+        assert_eq!(batch.items.last(), Some(&(7, Some(b"three".to_vec()))));
+        let batch = a
+            .push(1, 8, APPLIED_KEY, Some(&marker(6)))
+            .unwrap()
+            .unwrap();
+        assert_eq!(batch.items, vec![(8, Some(b"six".to_vec()))]);
     }
 
     #[test]

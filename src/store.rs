@@ -27,7 +27,7 @@ use rocksdb::{BlockBasedOptions, Cache, ColumnFamilyDescriptor, Options, WriteBa
 
 use crate::catalog::IdMap;
 use crate::changelog::{self, Entry, Key, Marker, APPLIED_KEY};
-use crate::cowatch::Neighbors;
+use crate::cowatch::{Neighbor, Neighbors, SlotChange};
 use crate::decay::Momentum;
 use crate::state::UserState;
 
@@ -58,8 +58,12 @@ const LAYOUT: &[u8] = b"layout";
 /// item follower reads (i64 BE).
 const FOLLOW_PREFIX: &[u8] = b"follow";
 const MEMTABLE_BUDGET: usize = 64 * 1024 * 1024;
-/// Bumped when keys change meaning; older state directories are refused.
-const LAYOUT_VERSION: u32 = 2;
+/// Bumped when keys change meaning. Layout 2 kept each co-watch list whole
+/// under (partition, item); 3 keeps one entry per (partition, item, slot),
+/// and [`Store::open`] migrates a layout-2 directory in place. Older ones
+/// are refused.
+const LAYOUT_VERSION: u32 = 3;
+const LAYOUT_WHOLE_COWATCH_LISTS: u32 = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -105,8 +109,8 @@ pub struct Changes {
     pub items: Vec<(u32, u32, Momentum)>,
     /// `(partition, genre, counters)`.
     pub genres: Vec<(u32, String, Momentum)>,
-    /// `(partition, movie id, co-watch neighbours)`.
-    pub cowatch: Vec<(u32, u32, Neighbors)>,
+    /// The co-watch slots that changed.
+    pub cowatch: Vec<SlotChange>,
     /// `(topic, partition, next offset)`.
     pub offsets: Vec<(String, i32, i64)>,
 }
@@ -117,9 +121,19 @@ pub struct Changes {
 pub struct Followed {
     pub items: Vec<(u32, u32, Option<Vec<u8>>)>,
     pub genres: Vec<(u32, String, Option<Vec<u8>>)>,
-    pub cowatch: Vec<(u32, u32, Option<Vec<u8>>)>,
+    /// `(partition, item, write)`, in the order they were read.
+    pub cowatch: Vec<(u32, u32, CoWatchWrite)>,
     /// `(partition, next changelog offset)`.
     pub positions: Vec<(u32, i64)>,
+}
+
+/// A followed change of one partition's co-watch list of an item.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CoWatchWrite {
+    /// The whole list (writers before the slots; `None`: no list).
+    List(Option<Neighbors>),
+    /// One slot: see [`Neighbors::set_slot`].
+    Slot(u16, Option<Neighbor>),
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -140,6 +154,82 @@ pub fn user_key(partition: u32, user_id: &str) -> Vec<u8> {
 
 fn partition_prefixed(partition: u32, rest: &[u8]) -> Vec<u8> {
     [&partition.to_be_bytes()[..], rest].concat()
+}
+
+/// A co-watch entry's key: partition, item and slot, big-endian.
+fn slot_key(partition: u32, item: u32, slot: u16) -> Vec<u8> {
+    [
+        &partition.to_be_bytes()[..],
+        &item.to_be_bytes(),
+        &slot.to_be_bytes(),
+    ]
+    .concat()
+}
+
+/// The key range of an item's slots from `slot` on.
+fn slots_from(partition: u32, item: u32, slot: u16) -> (Vec<u8>, Vec<u8>) {
+    let mut to = slot_key(partition, item, u16::MAX);
+    to.push(0xff);
+    (slot_key(partition, item, slot), to)
+}
+
+fn slot_key_parts(key: &[u8]) -> Option<(u32, u32, u16)> {
+    let k: &[u8; 10] = key.try_into().ok()?;
+    Some((
+        u32::from_be_bytes([k[0], k[1], k[2], k[3]]),
+        u32::from_be_bytes([k[4], k[5], k[6], k[7]]),
+        u16::from_be_bytes([k[8], k[9]]),
+    ))
+}
+
+/// Layout 2 → 3: every whole co-watch list (key: partition, item) becomes
+/// one key per entry (partition, item, slot). Lists are converted a few
+/// thousand at a time, each chunk atomically (a list is whole or split,
+/// never half), and the layout is marked last: an interrupted migration
+/// resumes at the next open with the lists still whole.
+fn split_cowatch_lists(db: &DB) -> Result<(), StoreError> {
+    const LISTS_PER_WRITE: usize = 4096;
+    let cf = db.cf_handle(CF_COWATCH).expect("created at open");
+    let mut lists = 0;
+    // Keys sort by (partition, item): each chunk starts after the last list
+    // the previous one converted.
+    let mut after: Vec<u8> = Vec::new();
+    loop {
+        let mut batch = WriteBatch::default();
+        let mut in_batch = 0;
+        let start = after.clone();
+        let from = rocksdb::IteratorMode::From(&start, rocksdb::Direction::Forward);
+        for kv in db.iterator_cf(cf, from) {
+            let (k, v) = kv?;
+            if k.len() != 8 || k[..] == start[..] {
+                continue;
+            }
+            after = k.to_vec();
+            let list: Neighbors = decode(&v, CF_COWATCH)?;
+            let partition = u32::from_be_bytes([k[0], k[1], k[2], k[3]]);
+            let item = u32::from_be_bytes([k[4], k[5], k[6], k[7]]);
+            batch.delete_cf(cf, &k);
+            for (slot, n) in list.entries.iter().enumerate() {
+                batch.put_cf(cf, slot_key(partition, item, slot as u16), encode(n));
+            }
+            in_batch += 1;
+            if in_batch == LISTS_PER_WRITE {
+                break;
+            }
+        }
+        if in_batch == 0 {
+            break;
+        }
+        db.write(batch)?;
+        lists += in_batch;
+    }
+    let meta = db.cf_handle(CF_META).expect("created at open");
+    db.put_cf(meta, LAYOUT, LAYOUT_VERSION.to_be_bytes())?;
+    tracing::info!(
+        lists,
+        "state directory migrated: co-watch lists stored per entry"
+    );
+    Ok(())
 }
 
 fn outbox_key(partition: u32, seq: u64) -> Vec<u8> {
@@ -180,6 +270,9 @@ impl Store {
         let meta = db.cf_handle(CF_META).expect("created at open");
         match db.get_cf(meta, LAYOUT)? {
             Some(v) if v.as_slice() == LAYOUT_VERSION.to_be_bytes() => {}
+            Some(v) if v.as_slice() == LAYOUT_WHOLE_COWATCH_LISTS.to_be_bytes() => {
+                split_cowatch_lists(&db)?;
+            }
             Some(_) => {
                 return Err(StoreError::OldLayout {
                     path: path.display().to_string(),
@@ -306,7 +399,19 @@ impl Store {
 
     /// Co-watch neighbours per partition.
     pub fn cowatch(&self) -> Result<HashMap<u32, IdMap<Neighbors>>, StoreError> {
-        self.per_item(CF_COWATCH)
+        let mut out: HashMap<u32, IdMap<Neighbors>> = HashMap::new();
+        // Keys sort by (partition, item, slot): each list's entries in slot order.
+        for kv in self
+            .db
+            .iterator_cf(self.cf(CF_COWATCH), rocksdb::IteratorMode::Start)
+        {
+            let (k, v) = kv?;
+            if let Some((partition, item, slot)) = slot_key_parts(&k) {
+                let list = out.entry(partition).or_default().entry(item).or_default();
+                list.set_slot(slot as usize, Some(decode(&v, CF_COWATCH)?));
+            }
+        }
+        Ok(out)
     }
 
     /// Values keyed by (partition, movie id).
@@ -493,8 +598,25 @@ impl Store {
         for (p, genre, v) in &followed.genres {
             put(CF_GENRES, *p, genre.as_bytes(), v);
         }
-        for (p, id, v) in &followed.cowatch {
-            put(CF_COWATCH, *p, &id.to_be_bytes(), v);
+        let cowatch = self.cf(CF_COWATCH);
+        for (p, id, write) in &followed.cowatch {
+            match write {
+                CoWatchWrite::List(list) => {
+                    let (from, to) = slots_from(*p, *id, 0);
+                    batch.delete_range_cf(cowatch, from, to);
+                    for (slot, n) in list.iter().flat_map(|l| l.entries.iter()).enumerate() {
+                        batch.put_cf(cowatch, slot_key(*p, *id, slot as u16), encode(n));
+                    }
+                }
+                CoWatchWrite::Slot(slot, Some(n)) => {
+                    batch.put_cf(cowatch, slot_key(*p, *id, *slot), encode(n))
+                }
+                // The slot and every one after it.
+                CoWatchWrite::Slot(slot, None) => {
+                    let (from, to) = slots_from(*p, *id, *slot);
+                    batch.delete_range_cf(cowatch, from, to);
+                }
+            }
         }
         for (p, next) in &followed.positions {
             batch.put_cf(self.cf(CF_META), follow_key(*p), next.to_be_bytes());
@@ -542,12 +664,14 @@ impl Store {
                 v,
             );
         }
-        for (id, v) in &restored.cowatch {
-            batch.put_cf(
-                self.cf(CF_COWATCH),
-                partition_prefixed(partition, &id.to_be_bytes()),
-                v,
-            );
+        for (id, list) in &restored.cowatch {
+            for (slot, n) in list.entries.iter().enumerate() {
+                batch.put_cf(
+                    self.cf(CF_COWATCH),
+                    slot_key(partition, *id, slot as u16),
+                    encode(n),
+                );
+            }
         }
         for (genre, v) in &restored.genres {
             batch.put_cf(
@@ -661,14 +785,20 @@ impl Store {
         // Per partition: (key, value before, value after).
         type Pending = Vec<(Key, Option<Vec<u8>>, Vec<u8>)>;
         let mut records: BTreeMap<u32, Pending> = BTreeMap::new();
+        // `known_prev`: the value before the batch when the caller knows it
+        // (else it is read from the store).
         let mut change = |cf: &str,
                           partition: u32,
                           store_key: Vec<u8>,
                           key: Key,
-                          value: Vec<u8>|
+                          value: Vec<u8>,
+                          known_prev: Option<Option<Vec<u8>>>|
          -> Result<(), StoreError> {
             if self.changelog {
-                let prev = self.db.get_cf(self.cf(cf), &store_key)?;
+                let prev = match known_prev {
+                    Some(prev) => prev,
+                    None => self.db.get_cf(self.cf(cf), &store_key)?,
+                };
                 records
                     .entry(partition)
                     .or_default()
@@ -685,15 +815,22 @@ impl Store {
                 key,
                 Key::User(user.clone()),
                 encode(state),
+                None,
             )?;
         }
         for (partition, id, m) in &changes.items {
             let key = partition_prefixed(*partition, &id.to_be_bytes());
-            change(CF_ITEMS, *partition, key, Key::Item(*id), encode(m))?;
+            change(CF_ITEMS, *partition, key, Key::Item(*id), encode(m), None)?;
         }
-        for (partition, id, n) in &changes.cowatch {
-            let key = partition_prefixed(*partition, &id.to_be_bytes());
-            change(CF_COWATCH, *partition, key, Key::CoWatch(*id), encode(n))?;
+        for c in &changes.cowatch {
+            change(
+                CF_COWATCH,
+                c.partition,
+                slot_key(c.partition, c.item, c.slot),
+                Key::CoWatchSlot(c.item, c.slot),
+                encode(&c.value),
+                Some(c.prev.as_ref().map(encode)),
+            )?;
         }
         for (partition, name, m) in &changes.genres {
             let key = partition_prefixed(*partition, name.as_bytes());
@@ -703,6 +840,7 @@ impl Store {
                 key,
                 Key::Genre(name.clone()),
                 encode(m),
+                None,
             )?;
         }
         let offsets = self.cf(CF_OFFSETS);
@@ -903,5 +1041,70 @@ mod tests {
         store.mark_published(&[("in".into(), 1, 90)]).unwrap();
         assert_eq!(store.resume_offset("in", 1).unwrap(), Some(90));
         assert_eq!(store.resume_offset("in", 2).unwrap(), None);
+    }
+
+    #[test]
+    fn co_watch_lists_are_stored_per_slot_and_older_directories_migrate() {
+        let n = |item, count| Neighbor {
+            item,
+            count,
+            error: 0.0,
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 8).unwrap();
+        let mut changes = Changes::default();
+        for (slot, value) in [(0, n(3, 2.0)), (1, n(4, 1.0))] {
+            changes.cowatch.push(SlotChange {
+                partition: 1,
+                item: 9,
+                slot,
+                value,
+                prev: None,
+            });
+        }
+        store.commit(&changes).unwrap();
+        assert_eq!(
+            store.cowatch().unwrap()[&1][&9].entries,
+            vec![n(3, 2.0), n(4, 1.0)]
+        );
+        // A follower's truncation drops the slot and the ones after it.
+        let followed = Followed {
+            cowatch: vec![(1, 9, CoWatchWrite::Slot(1, None))],
+            ..Followed::default()
+        };
+        store.apply_followed(&followed).unwrap();
+        assert_eq!(store.cowatch().unwrap()[&1][&9].entries, vec![n(3, 2.0)]);
+
+        // A layout-2 directory: whole lists under (partition, item).
+        let list = Neighbors {
+            entries: vec![n(7, 5.0), n(8, 1.0)],
+        };
+        let cf = store.cf(CF_COWATCH);
+        store
+            .db
+            .put_cf(
+                cf,
+                partition_prefixed(2, &5u32.to_be_bytes()),
+                encode(&list),
+            )
+            .unwrap();
+        let meta = store.cf(CF_META);
+        store
+            .db
+            .put_cf(meta, LAYOUT, LAYOUT_WHOLE_COWATCH_LISTS.to_be_bytes())
+            .unwrap();
+        drop(store);
+        let store = Store::open(dir.path(), 8).unwrap();
+        let lists = store.cowatch().unwrap();
+        assert_eq!(lists[&2][&5], list);
+        assert_eq!(lists[&1][&9].entries, vec![n(3, 2.0)]);
+        let keys: Vec<usize> = store
+            .db
+            .iterator_cf(store.cf(CF_COWATCH), rocksdb::IteratorMode::Start)
+            .map(|kv| kv.unwrap().0.len())
+            .collect();
+        assert_eq!(keys, vec![10, 10, 10], "every list split into slots");
+        drop(store);
+        assert!(Store::open(dir.path(), 8).is_ok(), "migrated once");
     }
 }

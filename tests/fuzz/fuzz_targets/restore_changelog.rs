@@ -8,6 +8,15 @@ use libfuzzer_sys::fuzz_target;
 #[allow(dead_code)]
 mod changelog;
 
+// What the changelog's co-watch records decode into.
+#[path = "../../../src/cowatch.rs"]
+#[allow(dead_code)]
+mod cowatch;
+
+mod catalog {
+    pub type IdMap<V> = std::collections::HashMap<u32, V>;
+}
+
 fuzz_target!(|data: &[u8]| {
     let mut restorer = changelog::Restorer::default();
     // Records as (key length, value length, key, value) frames.
