@@ -385,23 +385,24 @@ impl Engine {
                     .push((partition, genre.clone(), raw.clone()));
                 self.stale_genres = true;
             }
-            for (id, raw) in &batch.cowatch {
-                let Some(value) = decoded::<Neighbors>(raw, "co-watch list") else {
-                    continue;
+            for (id, slot, raw) in &batch.cowatch {
+                let write = match slot {
+                    None => {
+                        let Some(list) = decoded::<Neighbors>(raw, "co-watch list") else {
+                            continue;
+                        };
+                        self.cowatch.set(partition, *id, list.clone());
+                        CoWatchWrite::List(list)
+                    }
+                    Some(slot) => {
+                        let Some(entry) = decoded::<Neighbor>(raw, "co-watch entry") else {
+                            continue;
+                        };
+                        self.cowatch.set_slot(partition, *id, *slot, entry);
+                        CoWatchWrite::Slot(*slot, entry)
+                    }
                 };
-                self.cowatch.set(partition, *id, value.clone());
-                followed
-                    .cowatch
-                    .push((partition, *id, CoWatchWrite::List(value)));
-            }
-            for (id, slot, raw) in &batch.cowatch_slots {
-                let Some(value) = decoded::<Neighbor>(raw, "co-watch entry") else {
-                    continue;
-                };
-                self.cowatch.set_slot(partition, *id, *slot, value);
-                followed
-                    .cowatch
-                    .push((partition, *id, CoWatchWrite::Slot(*slot, value)));
+                followed.cowatch.push((partition, *id, write));
             }
         }
         self.store.apply_followed(&followed)?;

@@ -53,20 +53,16 @@ pub struct ItemBatch {
     pub seq: u64,
     pub items: Vec<(u32, Option<Vec<u8>>)>,
     pub genres: Vec<(String, Option<Vec<u8>>)>,
-    /// Whole co-watch lists (writers before the slots).
-    pub cowatch: Vec<(u32, Option<Vec<u8>>)>,
-    /// `(item, slot, entry)`: one co-watch slot each.
-    pub cowatch_slots: Vec<(u32, u16, Option<Vec<u8>>)>,
+    /// `(item, slot, entry)` in the order read; no slot: the whole list
+    /// (writers before the slots).
+    pub cowatch: Vec<(u32, Option<u16>, Option<Vec<u8>>)>,
     /// The changelog offset after the batch's marker: where to resume.
     pub next_offset: i64,
 }
 
 impl ItemBatch {
     pub fn is_empty(&self) -> bool {
-        self.items.is_empty()
-            && self.genres.is_empty()
-            && self.cowatch.is_empty()
-            && self.cowatch_slots.is_empty()
+        self.items.is_empty() && self.genres.is_empty() && self.cowatch.is_empty()
     }
 }
 
@@ -123,7 +119,6 @@ impl Assembler {
                 done.items.extend(batch.items);
                 done.genres.extend(batch.genres);
                 done.cowatch.extend(batch.cowatch);
-                done.cowatch_slots.extend(batch.cowatch_slots);
             }
             done.next_offset = offset + 1;
             return Ok(Some(done));
@@ -136,8 +131,8 @@ impl Assembler {
         match key {
             Key::Item(id) => batch.items.push((id, entry.value)),
             Key::Genre(g) => batch.genres.push((g, entry.value)),
-            Key::CoWatch(id) => batch.cowatch.push((id, entry.value)),
-            Key::CoWatchSlot(id, slot) => batch.cowatch_slots.push((id, slot, entry.value)),
+            Key::CoWatch(id) => batch.cowatch.push((id, None, entry.value)),
+            Key::CoWatchSlot(id, slot) => batch.cowatch.push((id, Some(slot), entry.value)),
             Key::Applied | Key::User(_) | Key::Probe | Key::Published => {
                 unreachable!("handled above")
             }
@@ -394,8 +389,10 @@ mod tests {
                 seq: 1,
                 items: vec![(7, Some(b"i".to_vec()))],
                 genres: vec![("Drama".into(), Some(b"g".to_vec()))],
-                cowatch: vec![(7, Some(b"c".to_vec()))],
-                cowatch_slots: vec![(7, 3, Some(b"s".to_vec()))],
+                cowatch: vec![
+                    (7, None, Some(b"c".to_vec())),
+                    (7, Some(3), Some(b"s".to_vec()))
+                ],
                 next_offset: 16,
             })
         );

@@ -173,6 +173,28 @@ fn slots_from(partition: u32, item: u32, slot: u16) -> (Vec<u8>, Vec<u8>) {
     (slot_key(partition, item, slot), to)
 }
 
+/// Writes a whole list's entries under their slots.
+fn put_slots(
+    batch: &mut WriteBatch,
+    cf: &rocksdb::ColumnFamily,
+    partition: u32,
+    item: u32,
+    list: &Neighbors,
+) {
+    for (slot, n) in list.entries.iter().enumerate() {
+        batch.put_cf(cf, slot_key(partition, item, slot as u16), encode(n));
+    }
+}
+
+/// `(partition, movie id)` of a per-item key.
+fn item_key_parts(key: &[u8]) -> Option<(u32, u32)> {
+    let k: &[u8; 8] = key.try_into().ok()?;
+    Some((
+        u32::from_be_bytes([k[0], k[1], k[2], k[3]]),
+        u32::from_be_bytes([k[4], k[5], k[6], k[7]]),
+    ))
+}
+
 fn slot_key_parts(key: &[u8]) -> Option<(u32, u32, u16)> {
     let k: &[u8; 10] = key.try_into().ok()?;
     Some((
@@ -201,17 +223,15 @@ fn split_cowatch_lists(db: &DB) -> Result<(), StoreError> {
         let from = rocksdb::IteratorMode::From(&start, rocksdb::Direction::Forward);
         for kv in db.iterator_cf(cf, from) {
             let (k, v) = kv?;
-            if k.len() != 8 || k[..] == start[..] {
+            let Some((partition, item)) = item_key_parts(&k) else {
+                continue;
+            };
+            if k[..] == start[..] {
                 continue;
             }
             after = k.to_vec();
-            let list: Neighbors = decode(&v, CF_COWATCH)?;
-            let partition = u32::from_be_bytes([k[0], k[1], k[2], k[3]]);
-            let item = u32::from_be_bytes([k[4], k[5], k[6], k[7]]);
             batch.delete_cf(cf, &k);
-            for (slot, n) in list.entries.iter().enumerate() {
-                batch.put_cf(cf, slot_key(partition, item, slot as u16), encode(n));
-            }
+            put_slots(&mut batch, cf, partition, item, &decode(&v, CF_COWATCH)?);
             in_batch += 1;
             if in_batch == LISTS_PER_WRITE {
                 break;
@@ -425,9 +445,7 @@ impl Store {
             .iterator_cf(self.cf(cf), rocksdb::IteratorMode::Start)
         {
             let (k, v) = kv?;
-            if k.len() == 8 {
-                let partition = u32::from_be_bytes([k[0], k[1], k[2], k[3]]);
-                let id = u32::from_be_bytes([k[4], k[5], k[6], k[7]]);
+            if let Some((partition, id)) = item_key_parts(&k) {
                 out.entry(partition)
                     .or_default()
                     .insert(id, decode(&v, cf)?);
@@ -604,8 +622,8 @@ impl Store {
                 CoWatchWrite::List(list) => {
                     let (from, to) = slots_from(*p, *id, 0);
                     batch.delete_range_cf(cowatch, from, to);
-                    for (slot, n) in list.iter().flat_map(|l| l.entries.iter()).enumerate() {
-                        batch.put_cf(cowatch, slot_key(*p, *id, slot as u16), encode(n));
+                    if let Some(list) = list {
+                        put_slots(&mut batch, cowatch, *p, *id, list);
                     }
                 }
                 CoWatchWrite::Slot(slot, Some(n)) => {
@@ -665,13 +683,7 @@ impl Store {
             );
         }
         for (id, list) in &restored.cowatch {
-            for (slot, n) in list.entries.iter().enumerate() {
-                batch.put_cf(
-                    self.cf(CF_COWATCH),
-                    slot_key(partition, *id, slot as u16),
-                    encode(n),
-                );
-            }
+            put_slots(&mut batch, self.cf(CF_COWATCH), partition, *id, list);
         }
         for (genre, v) in &restored.genres {
             batch.put_cf(
