@@ -16,7 +16,21 @@ BIN="${BIN:-$CARGO_TARGET_DIR/release/recstream}"
 # (see KAFKA_JIT in ops/kafka/broker.sh; the scripts warm it up before timing).
 export KAFKA_JIT="${KAFKA_JIT:-full}"
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+# A free port below the ephemeral range: outgoing connections take their local
+# ports from that range and could take a port picked there before its server binds.
+free_port() {
+  python3 - <<'PY'
+import random, socket
+low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+for port in random.sample(range(max(1024, low - 12000), low), 200):
+    try:
+        socket.socket().bind(("127.0.0.1", port))
+    except OSError:
+        continue
+    print(port)
+    break
+PY
+}
 work=$(mktemp -d)
 kport=$(free_port)
 KAFKA_CONTROLLER_PORT=$(free_port) ops/kafka/broker.sh start "$work/kafka" "$kport" >/dev/null

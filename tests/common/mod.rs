@@ -19,7 +19,46 @@ use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use recstream::ncf::card::ModelFiles;
 use serde_json::Value;
 
+/// A free loopback port below the kernel's ephemeral range, never handed out
+/// twice by this process.
+///
+/// `bind(0)` picks from the ephemeral range, where every outgoing connection's
+/// local port comes from too. A broker binds its ports seconds after they were
+/// picked, and in that time a client connection of a test running beside it can
+/// take one (CI saw a broker exit on such a clash). Below the range only a
+/// listener that asks for a port by number can take it.
 pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const SPAN: u32 = 12_000;
+    // A prime that does not divide SPAN, so the walk visits every port once.
+    const STRIDE: u32 = 7_919;
+    static STEP: AtomicU32 = AtomicU32::new(0);
+    let low = ephemeral_range_start();
+    if low < SPAN + 1_024 {
+        return bind_any_port();
+    }
+    let seed = std::process::id().wrapping_mul(2_654_435_761)
+        ^ std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+    loop {
+        let step = STEP.fetch_add(1, Ordering::Relaxed);
+        assert!(step < SPAN, "no free port below {low}");
+        let port = (low - SPAN + (seed % SPAN + step * STRIDE) % SPAN) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
+fn ephemeral_range_start() -> u32 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|text| text.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32_768)
+}
+
+fn bind_any_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -54,18 +93,33 @@ impl Broker {
     /// A broker whose data lives in a temporary directory.
     pub fn start() -> Broker {
         let temp = tempfile::tempdir().expect("broker directory");
-        let dir = temp.path().to_path_buf();
-        let mut broker = Broker::launch(dir, free_port(), free_port());
+        let mut broker = Broker::launch_on_free_ports(temp.path().to_path_buf());
         broker._temp = Some(temp);
         broker
     }
 
     /// A broker whose data lives in `dir` (survives [`Broker::restart`]).
     pub fn start_in(dir: &Path) -> Broker {
-        Broker::launch(dir.join("kafka"), free_port(), free_port())
+        Broker::launch_on_free_ports(dir.join("kafka"))
     }
 
-    fn launch(dir: PathBuf, port: u16, controller_port: u16) -> Broker {
+    /// Launches on fresh ports, and again on others if one was taken before the
+    /// broker bound it (another process may listen on a port we saw free).
+    fn launch_on_free_ports(dir: PathBuf) -> Broker {
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            match Broker::launch(dir.clone(), free_port(), free_port()) {
+                Ok(broker) => return broker,
+                Err(failure) if attempts < 3 && failure.contains("Address already in use") => {
+                    eprintln!("a broker port was taken, retrying on others:\n{failure}");
+                }
+                Err(failure) => panic!("{failure}"),
+            }
+        }
+    }
+
+    fn launch(dir: PathBuf, port: u16, controller_port: u16) -> Result<Broker, String> {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("ops/kafka/broker.sh");
         std::fs::create_dir_all(&dir).unwrap();
         let log = std::fs::OpenOptions::new()
@@ -90,13 +144,13 @@ impl Broker {
             dir,
             _temp: None,
         };
-        broker.await_ready();
-        broker
+        broker.await_ready()?;
+        Ok(broker)
     }
 
     /// Waits until the broker answers a metadata request (it listens a little
     /// before it serves).
-    fn await_ready(&mut self) {
+    fn await_ready(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
             if let Some(status) = self
@@ -104,14 +158,17 @@ impl Broker {
                 .as_mut()
                 .and_then(|c| c.try_wait().ok().flatten())
             {
-                panic!("the Kafka broker exited ({status}):\n{}", self.log_tail());
+                return Err(format!(
+                    "the Kafka broker exited ({status}):\n{}",
+                    self.broker_failure()
+                ));
             }
             if wait_for_port(self.port, Duration::from_millis(200)) {
                 let admin: Result<rdkafka::consumer::BaseConsumer, _> = ClientConfig::new()
                     .set("bootstrap.servers", self.bootstrap())
                     .create();
                 if admin.is_ok_and(|c| c.fetch_metadata(None, Duration::from_secs(2)).is_ok()) {
-                    return;
+                    return Ok(());
                 }
             }
             assert!(
@@ -130,6 +187,18 @@ impl Broker {
         lines[lines.len().saturating_sub(40)..].join("\n")
     }
 
+    /// Why a broker stopped: the log's errors (a broker logs the cause early and
+    /// then many lines of shutdown), then its last lines.
+    fn broker_failure(&self) -> String {
+        let text = std::fs::read_to_string(self.dir.join("broker.log")).unwrap_or_default();
+        let errors: Vec<&str> = text
+            .lines()
+            .filter(|line| line.contains("ERROR") || line.contains("Exception:"))
+            .take(20)
+            .collect();
+        format!("{}\n...\n{}", errors.join("\n"), self.log_tail())
+    }
+
     pub fn bootstrap(&self) -> String {
         format!("127.0.0.1:{}", self.port)
     }
@@ -139,7 +208,8 @@ impl Broker {
         self.stop();
         let (dir, port, controller_port) = (self.dir.clone(), self.port, self.controller_port);
         let temp = self._temp.take();
-        *self = Broker::launch(dir, port, controller_port);
+        *self = Broker::launch(dir, port, controller_port)
+            .unwrap_or_else(|failure| panic!("{failure}"));
         self._temp = temp;
     }
 
