@@ -32,7 +32,7 @@ load --events "$WARMUP_EVENTS" --seed 7 >/dev/null
 engine0=$(cpu_seconds "$ENGINE")
 broker0=$(cpu_seconds "$BROKER")
 if [ -n "${PERF:-}" ]; then
-  perf record -F 499 --call-graph dwarf,16384 -p "$ENGINE" -o "$PERF" >/dev/null 2>&1 &
+  perf record -F 499 --call-graph dwarf,16384 -p "$ENGINE" -o "$PERF" >"$PERF.log" 2>&1 &
   perf_pid=$!
 fi
 load --events "$EVENTS" --seed 1

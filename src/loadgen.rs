@@ -427,20 +427,42 @@ async fn assign_whole_topic(
 ) -> Result<StreamConsumer> {
     tokio::task::spawn_blocking(move || {
         let consumer: StreamConsumer = client.create()?;
-        let metadata = consumer.fetch_metadata(Some(&topic), Duration::from_secs(15))?;
-        let mut tpl = rdkafka::TopicPartitionList::new();
-        for t in metadata.topics().iter().filter(|t| t.name() == topic) {
-            for p in t.partitions() {
-                tpl.add_partition_offset(&topic, p.id(), start(&consumer, &topic, p.id())?)?;
+        // A topic created a moment ago may not have its partition leaders yet
+        // (NotLeaderForPartition): ask again for a while before giving up.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let tpl = loop {
+            match whole_topic_offsets(&consumer, &topic, &start) {
+                Ok(tpl) => break tpl,
+                Err(e) if Instant::now() < deadline => {
+                    tracing::debug!(error = %e, topic, "topic not ready; asking again");
+                    std::thread::sleep(Duration::from_millis(250));
+                }
+                Err(e) => return Err(e),
             }
-        }
-        if tpl.count() == 0 {
-            bail!("topic {topic} not found");
-        }
+        };
         consumer.assign(&tpl)?;
         Ok(consumer)
     })
     .await?
+}
+
+/// Every partition of `topic` with the offset `start` picks for it.
+fn whole_topic_offsets(
+    consumer: &StreamConsumer,
+    topic: &str,
+    start: &impl Fn(&StreamConsumer, &str, i32) -> Result<rdkafka::Offset>,
+) -> Result<rdkafka::TopicPartitionList> {
+    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(15))?;
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for t in metadata.topics().iter().filter(|t| t.name() == topic) {
+        for p in t.partitions() {
+            tpl.add_partition_offset(topic, p.id(), start(consumer, topic, p.id())?)?;
+        }
+    }
+    if tpl.count() == 0 {
+        bail!("topic {topic} not found");
+    }
+    Ok(tpl)
 }
 
 /// What `--bare-consume` prints.
