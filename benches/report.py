@@ -511,11 +511,14 @@ def main():
     def pipeline_row(name, p):
         t, f = p["throughput"], p["freshness"]
         per_rescore = p["candidates_per_rescore"]
+        folds = p["counters"].get("recstream_ncf_fold_in_seconds_count", 0)
+        fold_in = p["counters"].get("recstream_ncf_fold_in_seconds_sum", 0) / folds if folds else 0
         return (
             f"| {name} | {t['pipeline_rate']:,.0f} | {p['cpu_seconds']:.1f} s | {p['per_cpu_second']:,.0f} | "
             f"{p['ceiling']['rate']:,.0f} | {p['share']:.2%} | "
             f"{p['counters'].get('recstream_users_recomputed_total', 0):,.0f} | "
             f"{f'{per_rescore:.0f}' if per_rescore else '—'} | "
+            f"{f'{fold_in * 1e6:.0f} µs' if fold_in else '—'} | "
             f"{f['latency_ms_p50']:.0f} / {f['latency_ms_p95']:.0f} / "
             f"{f['latency_ms_p99']:.0f} ms at {f['target_rate']:,}/s | {p['rss_mb']:.0f} MB |"
         )
@@ -591,8 +594,8 @@ def main():
       "engine's settings reading the same records (same run). Freshness: event → "
       "recommendation record seen by a consumer, at a fixed rate after the throughput phase.\n")
     w("| run | events/s | engine CPU | events per CPU-second | ceiling records/s | share | "
-      "users recomputed | candidates per re-score | freshness p50 / p95 / p99 | peak RSS |")
-    w("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+      "users recomputed | candidates per re-score | NCF fold-in per user | freshness p50 / p95 / p99 | peak RSS |")
+    w("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, p in runs:
         w(pipeline_row(name, p))
     w("")
