@@ -500,7 +500,9 @@ impl Config {
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         let f = &self.model.fold_in;
-        if !(f.learning_rate.is_finite() && f.learning_rate > 0.0) {
+        if f.learning_rate
+            .is_some_and(|lr| !(lr.is_finite() && lr > 0.0))
+        {
             return Err(invalid("model.fold_in.learning_rate", "must be positive"));
         }
         if !(f.l2.is_finite() && f.l2 >= 0.0) {
@@ -787,6 +789,23 @@ mod tests {
         c.processing.transaction_timeout_ms = 10;
         let e = c.validate().unwrap_err().to_string();
         assert!(e.contains("processing.transaction_timeout_ms"), "{e}");
+
+        let c: Config = toml::from_str("[model.fold_in]\nlearning_rate = 0.0\n").unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("model.fold_in.learning_rate"), "{e}");
+    }
+
+    /// Unset, the fold-in's step follows the model's loss; set, it wins.
+    #[test]
+    fn the_fold_in_step_follows_the_objective_unless_set() {
+        use crate::ncf::model::Objective;
+        let f = Config::default().model.fold_in;
+        assert_eq!(f.step_size(Objective::Implicit), 1.0);
+        assert_eq!(f.step_size(Objective::Explicit), 0.5);
+        let c: Config = toml::from_str("[model.fold_in]\nlearning_rate = 0.25\n").unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.model.fold_in.step_size(Objective::Implicit), 0.25);
+        assert_eq!(c.model.fold_in.step_size(Objective::Explicit), 0.25);
     }
 
     #[test]

@@ -366,10 +366,15 @@ pub fn population_prior(weights: &NcfWeights, users: &[f32], rows: &[Row], seed:
     }
     let mut rng = crate::rng::Rng::new(seed ^ 0x9a1);
     let mut pick = |n: usize| ((rng.unit() * n as f64) as usize).min(n - 1);
+    // Its own settings, not the serving defaults: tuning how the engine
+    // folds users in must not change what `train` writes into the card.
     let config = FoldInConfig {
         steps: 100,
+        warm_steps: 0,
+        learning_rate: Some(0.5),
         l2: 0.0,
-        ..FoldInConfig::default()
+        negatives: 4,
+        max_history: PRIOR_SAMPLE,
     };
     let mut examples = Vec::new();
     for _ in 0..PRIOR_SAMPLE.min(rows.len()) {

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use tract_onnx::prelude::tract_ndarray::linalg::general_mat_mul;
 use tract_onnx::prelude::tract_ndarray::{Array2, ArrayView1, ArrayView2, Axis};
 
-use super::model::{add_vec_mat, NcfWeights};
+use super::model::{add_vec_mat, NcfWeights, Objective};
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -27,7 +27,10 @@ pub struct FoldInConfig {
     /// vector: it already fits the earlier interactions, and one batch's new
     /// events move it little (0 keeps it).
     pub warm_steps: usize,
-    pub learning_rate: f32,
+    /// Step size; unset, it follows the model's loss: 1.0 for implicit
+    /// models (log loss) and 0.5 for explicit ones, whose squared error
+    /// curves up to 8× more steeply and diverges at 1.0 ([`Self::step_size`]).
+    pub learning_rate: Option<f32>,
     /// Pull towards the prior vector.
     pub l2: f32,
     /// Sampled negatives per positive interaction (implicit models).
@@ -36,16 +39,30 @@ pub struct FoldInConfig {
     pub max_history: usize,
 }
 
+/// Fewer, longer steps than the 20 and 5 of 0.5 before 2026-12-06: on the
+/// prequential replay they fit as well (HR@10 within 1 % for the model
+/// alone, the blend and the explicit model's RMSE unchanged) at a fraction
+/// of the cost (`benches/README.md`, "The fold-in's steps").
 impl Default for FoldInConfig {
     fn default() -> Self {
         FoldInConfig {
-            steps: 20,
-            warm_steps: 5,
-            learning_rate: 0.5,
+            steps: 5,
+            warm_steps: 2,
+            learning_rate: None,
             l2: 0.05,
             negatives: 4,
             max_history: 30,
         }
+    }
+}
+
+impl FoldInConfig {
+    /// The learning rate for a model of this objective.
+    pub fn step_size(&self, objective: Objective) -> f32 {
+        self.learning_rate.unwrap_or(match objective {
+            Objective::Implicit => 1.0,
+            Objective::Explicit => 0.5,
+        })
     }
 }
 
@@ -98,6 +115,7 @@ fn descend_pairwise(
     total_weight: f32,
     config: &FoldInConfig,
 ) {
+    let learning_rate = config.step_size(weights.objective);
     let mut grad = vec![0.0f32; user.len()];
     for _ in 0..config.steps {
         grad.iter_mut().for_each(|g| *g = 0.0);
@@ -111,7 +129,7 @@ fn descend_pairwise(
             );
         }
         for ((u, g), p) in user.iter_mut().zip(&grad).zip(prior) {
-            *u -= config.learning_rate * (g + 2.0 * config.l2 * (*u - p));
+            *u -= learning_rate * (g + 2.0 * config.l2 * (*u - p));
         }
     }
 }
@@ -153,6 +171,7 @@ fn descend_precomputed(
         .map(|l| ArrayView2::from_shape((l.inp, l.out), &l.w).expect("validated layer shape"))
         .collect();
     let mut d = vec![0.0f32; n];
+    let learning_rate = config.step_size(weights.objective);
     for _ in 0..config.steps {
         grad.iter_mut().for_each(|v| *v = 0.0);
         user_h1.iter_mut().for_each(|v| *v = 0.0);
@@ -195,8 +214,8 @@ fn descend_precomputed(
                 .sum::<f32>();
             let score = weights.link(logit);
             let dlogit = match weights.objective {
-                super::model::Objective::Implicit => score - ex.target,
-                super::model::Objective::Explicit => 2.0 * (score - ex.target),
+                Objective::Implicit => score - ex.target,
+                Objective::Explicit => 2.0 * (score - ex.target),
             };
             d[e] = dlogit * ex.weight / total_weight;
             for k in 0..g {
@@ -242,7 +261,7 @@ fn descend_precomputed(
             grad[g + k] += w.iter().zip(&dz1_sum).map(|(a, b)| a * b).sum::<f32>();
         }
         for ((u, gr), p) in user.iter_mut().zip(&grad).zip(prior) {
-            *u -= config.learning_rate * (gr + 2.0 * config.l2 * (*u - p));
+            *u -= learning_rate * (gr + 2.0 * config.l2 * (*u - p));
         }
     }
 }
@@ -260,7 +279,6 @@ pub fn loss(weights: &NcfWeights, user: &[f32], examples: &[Example]) -> f32 {
 mod tests {
     use super::*;
     use crate::ncf::model::tests::random_weights;
-    use crate::ncf::model::Objective;
 
     #[test]
     fn folding_in_lowers_the_loss_and_is_deterministic() {
@@ -347,6 +365,28 @@ mod tests {
                 assert!((a - b).abs() < 1e-4, "{objective:?}: {a} vs {b}");
             }
         }
+    }
+
+    /// The default step of an explicit model (squared error on ratings)
+    /// is the smaller one: the replay's explicit fold-in diverged to NaN at
+    /// the implicit models' 1.0.
+    #[test]
+    fn explicit_models_fold_in_with_a_stable_default_step() {
+        let w = random_weights(Objective::Explicit, true, 5);
+        let prior = vec![0.0; w.user_dim()];
+        let examples: Vec<Example> = (0..w.n_items)
+            .map(|i| Example {
+                item: i,
+                target: 1.0 + (i % 5) as f32,
+                weight: 1.0,
+            })
+            .collect();
+        let mut config = FoldInConfig::default();
+        assert_eq!(config.step_size(Objective::Explicit), 0.5);
+        config.steps = 50;
+        let folded = fold_in(&w, None, &prior, &prior, &examples, &config);
+        assert!(folded.iter().all(|v| v.is_finite()));
+        assert!(loss(&w, &folded, &examples) < loss(&w, &prior, &examples));
     }
 
     #[test]
