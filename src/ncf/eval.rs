@@ -374,7 +374,7 @@ pub fn population_prior(weights: &NcfWeights, users: &[f32], rows: &[Row], seed:
         learning_rate: Some(0.5),
         l2: 0.0,
         negatives: 4,
-        max_history: PRIOR_SAMPLE,
+        max_history: 30, // unused: the examples are given
     };
     let mut examples = Vec::new();
     for _ in 0..PRIOR_SAMPLE.min(rows.len()) {
