@@ -163,6 +163,28 @@ const FEEDBACK_USERS: usize = 100_000;
 /// Weight of the newest batch in the genre drift gauge.
 const DRIFT_SMOOTHING: f64 = 0.05;
 
+/// A batch's recomputed users' genre shares, summed as they are recomputed
+/// (their outputs may leave in chunks before the batch ends).
+#[derive(Default)]
+struct GenreDrift {
+    share_sums: BTreeMap<String, f64>,
+    users: u64,
+}
+
+impl GenreDrift {
+    fn add(&mut self, outputs: &UserOutputs) {
+        for g in &outputs.insights.genres {
+            match self.share_sums.get_mut(g.genre.as_str()) {
+                Some(sum) => *sum += g.share,
+                None => {
+                    self.share_sums.insert(g.genre.clone(), g.share);
+                }
+            }
+        }
+        self.users += 1;
+    }
+}
+
 impl Engine {
     pub fn new(
         config: EngineConfig,
@@ -594,6 +616,22 @@ impl Engine {
     /// store: drop the engine and start again from the store (the pipeline
     /// and the replay stop on it).
     pub fn process(&mut self, records: Vec<Record>) -> Result<BatchResult, EngineError> {
+        self.process_in_chunks(records, usize::MAX, &mut |_| true)
+    }
+
+    /// [`Engine::process`], handing the outputs to `emit` every `chunk_users`
+    /// recomputed users instead of returning them, so that a big batch's
+    /// rendered outputs are not all held at once (the rest, fewer than
+    /// `chunk_users`, are in the result). `emit` returns false when nobody
+    /// takes outputs any more; the batch is still applied and committed.
+    /// Emitted outputs reach consumers before the batch's state is committed:
+    /// after a crash its events are read again and give the same versions.
+    pub fn process_in_chunks(
+        &mut self,
+        records: Vec<Record>,
+        chunk_users: usize,
+        emit: &mut dyn FnMut(UserOutputList) -> bool,
+    ) -> Result<BatchResult, EngineError> {
         let started = Instant::now();
         metrics::batch(records.len());
         let mut result = BatchResult::default();
@@ -752,6 +790,9 @@ impl Engine {
         let recompute_started = Instant::now();
         let index = self.current_index();
         let mut changes = Changes::default();
+        let mut drift = GenreDrift::default();
+        let mut recomputed = 0u64;
+        let mut emitting = true;
         for (key, state) in users {
             let previous_version = before.get(&key).copied().unwrap_or(state.version);
             let (partition, user) = key;
@@ -763,12 +804,17 @@ impl Engine {
             let mut outputs = self.outputs_for(&index, &user, &state)?;
             outputs.previous_version = previous_version;
             self.feedback.published(&user, &outputs);
+            drift.add(&outputs);
+            recomputed += 1;
             result.outputs.push((user.clone(), outputs));
             changes.users.push((partition, user, state));
+            if result.outputs.len() >= chunk_users && emitting {
+                emitting = emit(std::mem::take(&mut result.outputs));
+            }
         }
-        metrics::users_recomputed(result.outputs.len() as u64);
+        metrics::users_recomputed(recomputed);
         metrics::stage("recompute", recompute_started.elapsed().as_secs_f64());
-        self.track_genre_drift(&result.outputs);
+        self.track_genre_drift(drift);
 
         touched_items.sort_unstable();
         touched_items.dedup();
@@ -918,23 +964,18 @@ impl Engine {
         Ok(outputs)
     }
 
-    /// Genre drift: a smoothed mean of each genre's share in updated users' preferences.
-    fn track_genre_drift(&mut self, outputs: &[(String, UserOutputs)]) {
-        if outputs.is_empty() {
+    /// Genre drift: a smoothed mean of each genre's share in updated users'
+    /// preferences, one step per batch.
+    fn track_genre_drift(&mut self, drift: GenreDrift) {
+        if drift.users == 0 {
             return;
         }
-        let mut sums: BTreeMap<&str, f64> = BTreeMap::new();
-        for (_, o) in outputs {
-            for g in &o.insights.genres {
-                *sums.entry(g.genre.as_str()).or_default() += g.share;
-            }
-        }
-        let n = outputs.len() as f64;
+        let n = drift.users as f64;
         for g in self.genre_share_ewma.values_mut() {
             *g *= 1.0 - DRIFT_SMOOTHING;
         }
-        for (genre, sum) in sums {
-            let e = self.genre_share_ewma.entry(genre.to_string()).or_default();
+        for (genre, sum) in drift.share_sums {
+            let e = self.genre_share_ewma.entry(genre).or_default();
             *e += DRIFT_SMOOTHING * sum / n;
         }
         for (genre, share) in &self.genre_share_ewma {
@@ -1068,6 +1109,64 @@ mod tests {
             catalog(),
         )
         .unwrap()
+    }
+
+    #[test]
+    fn a_batch_in_chunks_gives_the_outputs_of_a_whole_batch() {
+        let batch = || -> Vec<Record> {
+            (0..7)
+                .map(|i| {
+                    record(
+                        i,
+                        &format!("u{i}"),
+                        21 + i as u32,
+                        EventType::Like,
+                        1000 + i,
+                    )
+                })
+                .chain([record(7, "u0", 30, EventType::Complete, 2000)])
+                .collect()
+        };
+        let (whole_dir, chunked_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let mut whole_engine = engine(whole_dir.path());
+        let whole = whole_engine.process(batch()).unwrap();
+        let mut chunked = engine(chunked_dir.path());
+        let mut chunks: Vec<Vec<String>> = Vec::new();
+        let mut outputs = Vec::new();
+        let result = chunked
+            .process_in_chunks(batch(), 3, &mut |chunk| {
+                chunks.push(chunk.iter().map(|(u, _)| u.clone()).collect());
+                outputs.extend(chunk);
+                true
+            })
+            .unwrap();
+        assert_eq!(
+            chunks.len(),
+            2,
+            "7 users in chunks of 3: two chunks, the rest in the result"
+        );
+        assert!(chunks.iter().all(|c| c.len() == 3));
+        assert_eq!(result.outputs.len(), 1);
+        outputs.extend(result.outputs);
+        let encoded = |list: &UserOutputList| -> Vec<_> {
+            list.iter().map(|(u, o)| (u.clone(), o.encode())).collect()
+        };
+        assert_eq!(encoded(&outputs), encoded(&whole.outputs));
+        assert_eq!(result.offsets, whole.offsets);
+        assert_eq!(chunked.store().offset("in", 2).unwrap(), Some(8));
+        assert_eq!(chunked.genre_share_ewma, whole_engine.genre_share_ewma);
+
+        // Nobody to take the outputs: the batch is still applied and committed.
+        let gone_dir = tempfile::tempdir().unwrap();
+        let mut gone = engine(gone_dir.path());
+        let mut calls = 0;
+        gone.process_in_chunks(batch(), 3, &mut |_| {
+            calls += 1;
+            false
+        })
+        .unwrap();
+        assert_eq!(calls, 1, "no more chunks once the receiver is gone");
+        assert_eq!(gone.store().offset("in", 2).unwrap(), Some(8));
     }
 
     #[test]

@@ -612,6 +612,10 @@ enum Work {
 
 /// What the publisher is handed.
 enum Publish {
+    /// Outputs of the batch being processed, handed over before it ends so
+    /// that a big batch's rendered outputs are not all held at once; the
+    /// batch's own [`Publish::Batch`] follows with the rest and its offsets.
+    Chunk(UserOutputList),
     /// Outputs that carry no offsets (pages of a refresh of everyone).
     Outputs {
         outputs: UserOutputList,
@@ -677,6 +681,11 @@ impl Drop for InFlight {
 
 /// Bounded hand-off between stages: at most this many batches wait at each.
 const STAGE_QUEUE: usize = 2;
+/// A batch that recomputes more users than this hands their outputs to the
+/// publisher in chunks of this many (≈ 8 MB rendered on the synthetic load),
+/// so a big batch (a coalescing window) holds at most a few chunks in
+/// memory. A default batch (1,000 records) is never split.
+const OUTPUT_CHUNK_USERS: usize = 1000;
 const REFRESH_PAGE: usize = 500;
 
 /// Runs the job until `shutdown` resolves, then drains in-flight work, stores
@@ -1280,7 +1289,10 @@ fn engine_loop(
             }
             Work::Batch(records, in_flight) => {
                 let received: Vec<Instant> = records.iter().map(|r| r.received).collect();
-                let result = engine.process(records)?;
+                let result =
+                    engine.process_in_chunks(records, OUTPUT_CHUNK_USERS, &mut |outputs| {
+                        publish_tx.blocking_send(Publish::Chunk(outputs)).is_ok()
+                    })?;
                 let msg = Publish::Batch {
                     outputs: result.outputs,
                     dead_letters: result.dead_letters,
@@ -1358,6 +1370,15 @@ async fn publish_loop(
         while let Some(msg) = publish_rx.recv().await {
             let next = match msg {
                 Publish::Barrier(done) => Confirm::Barrier(done),
+                // Confirmed before the batch's own offsets (the confirmer keeps order).
+                Publish::Chunk(outputs) => Confirm::Sent(SentBatch {
+                    outputs: send_outputs(&producers.outputs, &topics, &outputs, &[]).await?,
+                    changelog: Vec::new(),
+                    offsets: Vec::new(),
+                    received: Vec::new(),
+                    event_times: Vec::new(),
+                    in_flight: None,
+                }),
                 Publish::Outputs { outputs, changelog } => Confirm::Sent(SentBatch {
                     outputs: send_outputs(&producers.outputs, &topics, &outputs, &[]).await?,
                     changelog,
@@ -1518,12 +1539,20 @@ async fn transaction_loop(
         let mut barrier = None;
         let mut next = Some(first);
         let mut taken = 0;
+        let mut records = 0;
         while let Some(msg) = next.take() {
             match msg {
                 // Answered once everything before it is committed.
                 Publish::Barrier(done) => {
                     barrier = Some(done);
                     break;
+                }
+                // A batch's outputs commit with its offsets: wait for the rest
+                // of it, however full this transaction is.
+                Publish::Chunk(outputs) => {
+                    batch.outputs.extend(outputs);
+                    next = publish_rx.recv().await;
+                    continue;
                 }
                 // Pages of a refresh of everyone read no input of their own;
                 // they commit their partitions' applied offsets again, so that
@@ -1543,6 +1572,7 @@ async fn transaction_loop(
                     event_times,
                     in_flight,
                 } => {
+                    records += received.len();
                     batch.outputs.extend(outputs);
                     batch.dead_letters.extend(dead_letters);
                     batch.changelog.extend(changelog);
@@ -1553,7 +1583,7 @@ async fn transaction_loop(
                 }
             }
             taken += 1;
-            if taken < MAX_BATCHES_PER_TRANSACTION {
+            if taken < MAX_BATCHES_PER_TRANSACTION && records < MAX_RECORDS_PER_TRANSACTION {
                 next = publish_rx.try_recv().ok();
             }
         }
@@ -1583,6 +1613,9 @@ async fn transaction_loop(
 /// records) go into one transaction, which keeps it far inside
 /// `transaction_timeout_ms`.
 const MAX_BATCHES_PER_TRANSACTION: usize = 16;
+/// ...and no more batches join once it holds this many input records, so a
+/// transaction of big batches (a coalescing window) is one batch, not 16.
+const MAX_RECORDS_PER_TRANSACTION: usize = 16_000;
 
 impl TransactionBatch {
     /// Adds input offsets, keeping the furthest per partition.
