@@ -5,7 +5,8 @@
 # broker takes them; prints the engine's and the broker's CPU over that
 # phase, events per engine CPU-second, and the mean size of the records
 # each output topic holds (SIZE_SAMPLE per topic, read back with the Python
-# client) with how many records and bytes it holds per input event. This is the figure issue 22's cost-per-event targets are about.
+# client) with how many records and bytes it holds per input event, and the
+# engine's peak RSS. This is the figure issue 22's cost-per-event targets are about.
 # Usage: benches/cost.sh   (env: EVENTS=100000 USERS=10000 WARMUP_EVENTS=20000
 #   SIZE_SAMPLE=2000, CATALOG, NCF=1 a NeuMF model, GUARANTEE, ENGINE_TOML,
 #   PERF=FILE: also `perf record` the engine over the measured phase into FILE)
@@ -45,6 +46,7 @@ fi
 awk -v a="$engine0" -v b="$engine1" -v c="$broker0" -v d="$broker1" -v n="$EVENTS" 'BEGIN {
   printf "# engine %.2f CPU-s, %.0f events per engine CPU-second (%.1f us per event); broker %.2f CPU-s (%.1f us per event)\n",
     b - a, n / (b - a), 1e6 * (b - a) / n, d - c, 1e6 * (d - c) / n }'
+echo "# engine peak RSS: $(awk '/VmHWM/{print $2, $3}' "/proc/$ENGINE/status")"
 python3 - "$brokers" "$SIZE_SAMPLE" "$((WARMUP_EVENTS + EVENTS))" <<'PY'
 import pathlib, sys, tomllib
 from confluent_kafka import Consumer, TopicPartition
