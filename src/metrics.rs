@@ -23,6 +23,7 @@ pub struct Metrics {
     consumer_lag: IntGaugeVec,
     outputs: IntCounterVec,
     users_recomputed: IntCounter,
+    output_chunks: IntCounter,
     refreshes: IntCounterVec,
     stage_seconds: HistogramVec,
     genre_weight: GaugeVec,
@@ -112,7 +113,7 @@ fn build() -> Metrics {
         batch_size: reg!(hist(
             "batch_records",
             "Records per micro-batch.",
-            vec![1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0]
+            vec![1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 20000.0]
         )),
         consumer_lag: reg!(IntGaugeVec::new(
             Opts::new("consumer_lag_records", "Consumer lag per input partition, from librdkafka statistics."),
@@ -127,6 +128,11 @@ fn build() -> Metrics {
         users_recomputed: reg!(IntCounter::new(
             "users_recomputed_total",
             "Users whose outputs were recomputed (several events of a user in one batch count once)."
+        )
+        .unwrap()),
+        output_chunks: reg!(IntCounter::new(
+            "output_chunks_total",
+            "Chunks of a big batch's outputs handed to the publisher before the batch ended."
         )
         .unwrap()),
         refreshes: reg!(IntCounterVec::new(
@@ -382,6 +388,10 @@ pub fn output_published(kind: &str, n: u64) {
 
 pub fn users_recomputed(n: u64) {
     METRICS.users_recomputed.inc_by(n);
+}
+
+pub fn output_chunk() {
+    METRICS.output_chunks.inc();
 }
 
 pub fn refresh(scope: &str) {

@@ -1301,6 +1301,7 @@ fn engine_loop(
                 let received: Vec<Instant> = records.iter().map(|r| r.received).collect();
                 let result =
                     engine.process_in_chunks(records, OUTPUT_CHUNK_USERS, &mut |outputs| {
+                        metrics::output_chunk();
                         publish_tx.blocking_send(Publish::Chunk(outputs)).is_ok()
                     })?;
                 let msg = Publish::Batch {

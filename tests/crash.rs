@@ -5,7 +5,9 @@
 //! replay of the same input computes, and every user's latest published
 //! recommendation must carry the final version. Under `exactly_once` a
 //! `read_committed` reader of the output topic sees each user's versions
-//! exactly once, in order, with no gap.
+//! exactly once, in order, with no gap. A third run starts the engine on a
+//! backlog of thousands of users, so that its batches are big enough to send
+//! their outputs in chunks before they end, and kills it while it catches up.
 
 mod common;
 
@@ -27,17 +29,49 @@ const STREAM: verifier::StreamSpec = verifier::StreamSpec {
     redeliver: true,
 };
 
+/// Thousands of users: a batch of the backlog recomputes more users than a
+/// chunk holds (1,000), so its outputs leave in several sends.
+const BACKLOG: verifier::StreamSpec = verifier::StreamSpec {
+    seed: 0x51f1_5eed,
+    prefix: "b",
+    users: 4_000,
+    events: 16_000,
+    ..STREAM
+};
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn at_least_once_state_survives_repeated_kill_9() {
-    survives_repeated_kill_9("at_least_once").await;
+    survives_repeated_kill_9("at_least_once", &STREAM, Input::Streamed).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exactly_once_outputs_survive_repeated_kill_9() {
-    survives_repeated_kill_9("exactly_once").await;
+    survives_repeated_kill_9("exactly_once", &STREAM, Input::Streamed).await;
 }
 
-async fn survives_repeated_kill_9(guarantee: &str) {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exactly_once_chunked_outputs_survive_kill_9_while_catching_up() {
+    let chunks = survives_repeated_kill_9("exactly_once", &BACKLOG, Input::Backlog).await;
+    assert!(
+        chunks > 0,
+        "no batch sent its outputs in chunks: the test no longer covers them"
+    );
+}
+
+#[derive(PartialEq)]
+enum Input {
+    /// Produced while the engine runs and is killed.
+    Streamed,
+    /// Produced whole before the engine first starts.
+    Backlog,
+}
+
+/// Returns how many output chunks the engine's incarnations reported.
+async fn survives_repeated_kill_9(
+    guarantee: &str,
+    spec: &verifier::StreamSpec,
+    input: Input,
+) -> u64 {
     let dir = tempfile::tempdir().unwrap();
     let broker = Broker::start();
     let brokers = broker.bootstrap();
@@ -49,15 +83,21 @@ async fn survives_repeated_kill_9(guarantee: &str) {
     recstream(&["topics", "apply", "--config", config.to_str().unwrap()]);
     let log = dir.path().join("engine.log");
 
-    let records = verifier::stream(&STREAM, 60);
+    let records = verifier::stream(spec, 60);
+    let rate = if input == Input::Backlog { 0 } else { 2_000 };
     let mut producer =
-        python_produce_in_background(&brokers, INTERACTIONS, &records, 2_000, dir.path());
+        python_produce_in_background(&brokers, INTERACTIONS, &records, rate, dir.path());
+    if input == Input::Backlog {
+        assert!(producer.wait().unwrap().success(), "producer failed");
+    }
     let mut engine = EngineProcess::spawn(&config, log.clone());
     let mut crashes = 0;
+    let mut chunks = 0;
     let mut rng = recstream::rng::Rng::new(0x9e37_79b9);
     // Kill at pseudo-random points while the producer streams.
     while producer.try_wait().unwrap().is_none() || crashes < 3 {
         tokio::time::sleep(Duration::from_millis(700 + rng.next_u64() % 1500)).await;
+        chunks += output_chunks(http_port);
         engine.kill9();
         crashes += 1;
         engine = EngineProcess::spawn(&config, log.clone());
@@ -72,19 +112,35 @@ async fn survives_repeated_kill_9(guarantee: &str) {
         format!("{}\n{}", engine.log_text(), engine_progress(http_port))
     })
     .await;
+    chunks += output_chunks(http_port);
     let status = engine.terminate();
     assert!(status.success(), "engine exit {status:?}");
     let applied = verifier::assert_state_equal(&dir.path().join("state"), &expected);
     let (produced, users) = (expected.records, expected.users.len());
     assert_eq!(produced, records.len());
-    assert_eq!(applied, EVENTS as u64, "every event applied exactly once");
+    assert_eq!(
+        applied, spec.events as u64,
+        "every event applied exactly once"
+    );
     let check = verifier::assert_outputs(&brokers, &expected, guarantee);
     println!(
-        "crash test ({guarantee}): {crashes} SIGKILLs, {produced} records ({} duplicates), {applied} events applied once, {users} users identical; read_committed output: {} records, {} repeated versions, {} gaps, {} out of order",
-        produced - EVENTS,
+        "crash test ({guarantee}): {crashes} SIGKILLs, {produced} records ({} duplicates), {applied} events applied once, {users} users identical, {chunks} output chunks; read_committed output: {} records, {} repeated versions, {} gaps, {} out of order",
+        produced - spec.events,
         check.records,
         check.repeated,
         check.gaps,
         check.reordered
     );
+    chunks
+}
+
+/// `recstream_output_chunks_total` of the running engine (0 while it starts).
+fn output_chunks(http_port: u16) -> u64 {
+    let Ok(text) = try_http_get(http_port, "/metrics") else {
+        return 0;
+    };
+    text.lines()
+        .find_map(|l| l.strip_prefix("recstream_output_chunks_total "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map_or(0, |v| v as u64)
 }
