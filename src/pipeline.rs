@@ -1507,6 +1507,40 @@ struct Transactions {
     id: String,
 }
 
+impl Transactions {
+    fn begin(&self) -> Result<OpenTransaction, PipelineError> {
+        let outages = BROKER_OUTAGES.load(Ordering::SeqCst);
+        // Local bookkeeping in librdkafka: no network round trip.
+        self.producer
+            .begin_transaction()
+            .map_err(|e| self.failed(e, outages))?;
+        Ok(OpenTransaction {
+            outages,
+            sent: Vec::new(),
+        })
+    }
+
+    fn failed(&self, e: KafkaError, outages_at_begin: u64) -> PipelineError {
+        transaction_error(e, &self.producer, &self.id, Some(outages_at_begin))
+    }
+
+    fn publish_failed(&self, e: PipelineError, outages_at_begin: u64) -> PipelineError {
+        match e {
+            PipelineError::Publish(k) => self.failed(k, outages_at_begin),
+            other => other,
+        }
+    }
+}
+
+/// A transaction begun before its batch ended: a big batch's outputs are
+/// sent into it chunk by chunk as they come, never held whole.
+struct OpenTransaction {
+    /// Broker outages counted when it began (see [`transaction_error`]).
+    outages: u64,
+    /// Chunks already handed to the producer.
+    sent: Vec<SentOutputs>,
+}
+
 /// The records of one transaction: the batches queued behind the last one.
 #[derive(Default)]
 struct TransactionBatch {
@@ -1547,6 +1581,7 @@ async fn transaction_loop(
         // batch let a queue of batches form, each waiting for the commits of
         // those before it: ≈ 1 s of freshness at any rate).
         let mut batch = TransactionBatch::default();
+        let mut open: Option<OpenTransaction> = None;
         let mut barrier = None;
         let mut next = Some(first);
         let mut taken = 0;
@@ -1558,10 +1593,24 @@ async fn transaction_loop(
                     barrier = Some(done);
                     break;
                 }
-                // A batch's outputs commit with its offsets: wait for the rest
-                // of it, however full this transaction is.
+                // Sent into the open transaction at once; the batch's outputs
+                // commit with its offsets: wait for the rest of it, however
+                // full this transaction is.
                 Publish::Chunk(outputs) => {
-                    batch.outputs.extend(outputs);
+                    let txn = match open.as_mut() {
+                        Some(txn) => txn,
+                        None => match transactions.begin() {
+                            Ok(txn) => open.insert(txn),
+                            Err(e) => return Err(abort(&transactions, e).await),
+                        },
+                    };
+                    match send_outputs(&transactions.producer, &topics, &outputs, &[]).await {
+                        Ok(sent) => txn.sent.push(sent),
+                        Err(e) => {
+                            let e = transactions.publish_failed(e, txn.outages);
+                            return Err(abort(&transactions, e).await);
+                        }
+                    }
                     next = publish_rx.recv().await;
                     continue;
                 }
@@ -1599,7 +1648,7 @@ async fn transaction_loop(
             }
         }
         if taken > 0 {
-            let acked = match transact(&transactions, &consumer, &topics, &batch).await {
+            let acked = match transact(&transactions, open, &consumer, &topics, &batch).await {
                 Ok(acked) => acked,
                 Err(e) => return Err(abort(&transactions, e).await),
             };
@@ -1663,23 +1712,24 @@ fn applied_offsets(
     Ok(offsets)
 }
 
-/// Writes one batch as one transaction and commits it; returns the changelog
+/// Writes one batch as one transaction (begun here, or `open` already, with
+/// chunks of its outputs sent) and commits it; returns the changelog
 /// batches as `(partition, seq, next changelog offset)`.
 async fn transact(
     transactions: &Transactions,
+    open: Option<OpenTransaction>,
     consumer: &Arc<StreamConsumer<EngineContext>>,
     topics: &TopicNames,
     batch: &TransactionBatch,
 ) -> Result<Vec<(u32, u64, i64)>, PipelineError> {
     let producer = &transactions.producer;
-    let outages = BROKER_OUTAGES.load(Ordering::SeqCst);
-    let failed = |e: KafkaError| transaction_error(e, producer, &transactions.id, Some(outages));
-    let publish_failed = |e: PipelineError| match e {
-        PipelineError::Publish(k) => failed(k),
-        other => other,
+    let txn = match open {
+        Some(txn) => txn,
+        None => transactions.begin()?,
     };
-    // Local bookkeeping in librdkafka: no network round trip.
-    producer.begin_transaction().map_err(failed)?;
+    let outages = txn.outages;
+    let failed = |e: KafkaError| transactions.failed(e, outages);
+    let publish_failed = |e: PipelineError| transactions.publish_failed(e, outages);
     let outputs = send_outputs(producer, topics, &batch.outputs, &batch.dead_letters)
         .await
         .map_err(publish_failed)?;
@@ -1709,6 +1759,9 @@ async fn transact(
     // A failed record fails the transaction (librdkafka aborts it): report
     // the delivery error, the commit would only repeat it.
     let acked = async {
+        for chunk in txn.sent {
+            chunk.confirm().await?;
+        }
         outputs.confirm().await?;
         let mut acked = Vec::with_capacity(changelog.len());
         for (partition, seq, records, deliveries) in changelog {
