@@ -624,8 +624,10 @@ impl Engine {
     /// rendered outputs are not all held at once (the rest, fewer than
     /// `chunk_users`, are in the result). `emit` returns false when nobody
     /// takes outputs any more; the batch is still applied and committed.
-    /// Emitted outputs reach consumers before the batch's state is committed:
-    /// after a crash its events are read again and give the same versions.
+    /// Emitted outputs may be published before the batch's state is committed
+    /// (under at_least_once they reach consumers then; under exactly_once
+    /// they wait in the batch's transaction): after a crash its events are
+    /// read again and give the same versions.
     pub fn process_in_chunks(
         &mut self,
         records: Vec<Record>,
