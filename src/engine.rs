@@ -164,7 +164,8 @@ const FEEDBACK_USERS: usize = 100_000;
 const DRIFT_SMOOTHING: f64 = 0.05;
 
 /// A batch's recomputed users' genre shares, summed as they are recomputed
-/// (their outputs may leave in chunks before the batch ends).
+/// (their outputs may leave in chunks before the batch ends), and how many
+/// users were recomputed.
 #[derive(Default)]
 struct GenreDrift {
     share_sums: BTreeMap<String, f64>,
@@ -793,7 +794,6 @@ impl Engine {
         let index = self.current_index();
         let mut changes = Changes::default();
         let mut drift = GenreDrift::default();
-        let mut recomputed = 0u64;
         let mut emitting = true;
         for (key, state) in users {
             let previous_version = before.get(&key).copied().unwrap_or(state.version);
@@ -807,14 +807,13 @@ impl Engine {
             outputs.previous_version = previous_version;
             self.feedback.published(&user, &outputs);
             drift.add(&outputs);
-            recomputed += 1;
             result.outputs.push((user.clone(), outputs));
             changes.users.push((partition, user, state));
             if result.outputs.len() >= chunk_users && emitting {
                 emitting = emit(std::mem::take(&mut result.outputs));
             }
         }
-        metrics::users_recomputed(recomputed);
+        metrics::users_recomputed(drift.users);
         metrics::stage("recompute", recompute_started.elapsed().as_secs_f64());
         self.track_genre_drift(drift);
 

@@ -1383,22 +1383,16 @@ async fn publish_loop(
             let next = match msg {
                 Publish::Barrier(done) => Confirm::Barrier(done),
                 // Confirmed before the batch's own offsets (the confirmer keeps order).
-                Publish::Chunk(outputs) => Confirm::Sent(SentBatch {
-                    outputs: send_outputs(&producers.outputs, &topics, &outputs, &[]).await?,
-                    changelog: Vec::new(),
-                    offsets: Vec::new(),
-                    received: Vec::new(),
-                    event_times: Vec::new(),
-                    in_flight: None,
-                }),
-                Publish::Outputs { outputs, changelog } => Confirm::Sent(SentBatch {
-                    outputs: send_outputs(&producers.outputs, &topics, &outputs, &[]).await?,
-                    changelog,
-                    offsets: Vec::new(),
-                    received: Vec::new(),
-                    event_times: Vec::new(),
-                    in_flight: None,
-                }),
+                Publish::Chunk(outputs) => Confirm::Sent(SentBatch::without_offsets(
+                    send_outputs(&producers.outputs, &topics, &outputs, &[]).await?,
+                    Vec::new(),
+                )),
+                Publish::Outputs { outputs, changelog } => {
+                    Confirm::Sent(SentBatch::without_offsets(
+                        send_outputs(&producers.outputs, &topics, &outputs, &[]).await?,
+                        changelog,
+                    ))
+                }
                 Publish::Batch {
                     outputs,
                     dead_letters,
@@ -1449,6 +1443,20 @@ struct SentBatch {
     event_times: Vec<i64>,
     /// Released once the batch is confirmed.
     in_flight: Option<InFlight>,
+}
+
+impl SentBatch {
+    /// Outputs that store no input offsets: a batch's chunk, a refresh page.
+    fn without_offsets(outputs: SentOutputs, changelog: Vec<changelog::Batch>) -> SentBatch {
+        SentBatch {
+            outputs,
+            changelog,
+            offsets: Vec::new(),
+            received: Vec::new(),
+            event_times: Vec::new(),
+            in_flight: None,
+        }
+    }
 }
 
 /// Writes each batch's changelog (data, then marker: one batch at a time, so

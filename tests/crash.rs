@@ -136,11 +136,5 @@ async fn survives_repeated_kill_9(
 
 /// `recstream_output_chunks_total` of the running engine (0 while it starts).
 fn output_chunks(http_port: u16) -> u64 {
-    let Ok(text) = try_http_get(http_port, "/metrics") else {
-        return 0;
-    };
-    text.lines()
-        .find_map(|l| l.strip_prefix("recstream_output_chunks_total "))
-        .and_then(|v| v.trim().parse::<f64>().ok())
-        .map_or(0, |v| v as u64)
+    try_metric(http_port, "recstream_output_chunks_total").map_or(0, |v| v as u64)
 }

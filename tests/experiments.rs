@@ -98,11 +98,7 @@ async fn await_metric(port: u16, series: &str, value: f64, log: impl Fn() -> Str
 }
 
 fn metric(port: u16, series: &str) -> f64 {
-    http_get(port, "/metrics")
-        .lines()
-        .filter(|l| l.starts_with(series))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    try_metric(port, series).expect("the engine's /metrics answers")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -500,6 +500,18 @@ pub fn try_http_get(port: u16, path: &str) -> std::io::Result<String> {
     Ok(body)
 }
 
+/// The sum of the samples of every Prometheus series whose name starts with
+/// `series` (all its labels), or None while the engine's HTTP endpoint is not up.
+pub fn try_metric(http_port: u16, series: &str) -> Option<f64> {
+    let text = try_http_get(http_port, "/metrics").ok()?;
+    Some(
+        text.lines()
+            .filter(|l| l.starts_with(series))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum(),
+    )
+}
+
 /// The engine's own progress counters, for a failing test's message: events,
 /// assignments, handovers, lag and errors.
 pub fn engine_progress(http_port: u16) -> String {
