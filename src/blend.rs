@@ -25,7 +25,7 @@ pub struct Signals {
 }
 
 /// Which signal contributed most; drives the human reason.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Dominant {
     Affinity,
     Similarity,
@@ -101,31 +101,73 @@ pub struct Scored {
 /// Orders by score (descending), ties by movie id (ascending): total and deterministic.
 pub fn rank(items: &mut [Scored]) {
     // Ids are unique, so the order is total and an unstable sort is deterministic.
-    items.sort_unstable_by(|a, b| {
-        b.score
-            .total_cmp(&a.score)
-            .then_with(|| a.movie_id.cmp(&b.movie_id))
-    });
+    items.sort_unstable_by(by_rank);
+}
+
+/// Items in [`rank`] order, sorted only as far as they are read: a user's
+/// few hundred candidates are read for the first few dozen (the top picks
+/// and the genre rows), so most are never put in order.
+#[derive(Debug)]
+pub struct LazyRank {
+    items: Vec<Scored>,
+    /// `items[..sorted]` holds the best items in final order.
+    sorted: usize,
+}
+
+impl LazyRank {
+    pub fn new(items: Vec<Scored>) -> LazyRank {
+        LazyRank { items, sorted: 0 }
+    }
+
+    /// The item at rank `i` (0 is the best).
+    pub fn get(&mut self, i: usize) -> Option<Scored> {
+        while i >= self.sorted && self.sorted < self.items.len() {
+            // The next chunk (doubling): selected from the rest, then ordered.
+            let rest = &mut self.items[self.sorted..];
+            let chunk = self.sorted.max(32).min(rest.len());
+            if chunk < rest.len() {
+                rest.select_nth_unstable_by(chunk - 1, by_rank);
+            }
+            rest[..chunk].sort_unstable_by(by_rank);
+            self.sorted += chunk;
+        }
+        self.items.get(i).copied()
+    }
+
+    /// The items best first.
+    pub fn iter(&mut self) -> impl Iterator<Item = Scored> + '_ {
+        let mut next = 0;
+        std::iter::from_fn(move || {
+            let item = self.get(next)?;
+            next += 1;
+            Some(item)
+        })
+    }
+}
+
+fn by_rank(a: &Scored, b: &Scored) -> std::cmp::Ordering {
+    b.score
+        .total_cmp(&a.score)
+        .then_with(|| a.movie_id.cmp(&b.movie_id))
 }
 
 /// Keeps the `k` best items in rank order (a partial sort).
 pub fn top_k(items: &mut Vec<Scored>, k: usize) {
-    let order = |a: &Scored, b: &Scored| {
-        b.score
-            .total_cmp(&a.score)
-            .then_with(|| a.movie_id.cmp(&b.movie_id))
-    };
     if items.len() > k && k > 0 {
-        items.select_nth_unstable_by(k - 1, order);
+        items.select_nth_unstable_by(k - 1, by_rank);
     }
     items.truncate(k);
-    items.sort_unstable_by(order);
+    items.sort_unstable_by(by_rank);
 }
 
 /// Picks `n` items from a ranked list such that no genre appears in more than
 /// `ceil(max_share · n)` of them. When the candidates cannot satisfy the cap the
 /// list is filled with the best remaining items rather than left short.
-pub fn diversify(ranked: &[Scored], n: usize, max_share: f64) -> Vec<Scored> {
+pub fn diversify(
+    ranked: impl IntoIterator<Item = Scored>,
+    n: usize,
+    max_share: f64,
+) -> Vec<Scored> {
     let cap = ((max_share * n as f64).ceil() as usize).max(1);
     let mut per_genre = [0usize; 64];
     let mut chosen = Vec::with_capacity(n);
@@ -138,9 +180,9 @@ pub fn diversify(ranked: &[Scored], n: usize, max_share: f64) -> Vec<Scored> {
             for g in item.genres.iter() {
                 per_genre[g as usize] += 1;
             }
-            chosen.push(*item);
+            chosen.push(item);
         } else {
-            skipped.push(*item);
+            skipped.push(item);
         }
     }
     if chosen.len() < n {
@@ -192,6 +234,18 @@ mod tests {
         }
 
         #[test]
+        fn a_lazy_ranking_reads_as_the_full_ranking(items in scored(), reads in prop::collection::vec(0usize..90, 0..6)) {
+            let mut full = items.clone();
+            rank(&mut full);
+            let mut lazy = LazyRank::new(items);
+            // Random reads first (they sort as far as they reach), then all.
+            for i in reads {
+                prop_assert_eq!(lazy.get(i), full.get(i).copied());
+            }
+            prop_assert_eq!(lazy.iter().collect::<Vec<_>>(), full);
+        }
+
+        #[test]
         fn top_k_equals_the_head_of_a_full_ranking(mut items in scored(), k in 0usize..30) {
             let mut full = items.clone();
             rank(&mut full);
@@ -202,7 +256,7 @@ mod tests {
         #[test]
         fn diversified_lists_respect_the_genre_cap_when_possible(mut items in scored(), n in 1usize..20, share in 0.1f64..1.0) {
             rank(&mut items);
-            let list = diversify(&items, n, share);
+            let list = diversify(items.iter().copied(), n, share);
             prop_assert_eq!(list.len(), n.min(items.len()));
             let ids: std::collections::HashSet<_> = list.iter().map(|s| s.movie_id).collect();
             prop_assert_eq!(ids.len(), list.len());

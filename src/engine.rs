@@ -1613,6 +1613,56 @@ mod tests {
     }
 
     #[test]
+    fn a_recompute_reuses_nothing_of_the_previous_user_but_the_catalog_texts() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut e = engine(dir.path());
+        let mut batch = Vec::new();
+        for u in 0..10 {
+            let user = format!("v{u}");
+            batch.push(record(2 * u, &user, 3, EventType::Complete, 1000 + u));
+            batch.push(record(2 * u + 1, &user, 17, EventType::Complete, 2000 + u));
+        }
+        batch.push(record(50, "drama", 12, EventType::Like, 3000));
+        batch.push(record(51, "new", 3, EventType::Complete, 3001));
+        e.process(batch).unwrap();
+        // The same users in turn on one engine: its scratch tables and reason
+        // texts are carried from user to user.
+        let first = e.peek(2, "new").unwrap();
+        let drama = e.peek(2, "drama").unwrap();
+        let _ = e.peek(2, "v3").unwrap();
+        assert_eq!(e.peek(2, "new").unwrap(), first);
+        assert_eq!(e.peek(2, "drama").unwrap(), drama);
+        let co_watched = first
+            .recommendations
+            .items
+            .iter()
+            .find(|i| i.movie_id == 17)
+            .expect("the co-watched movie is recommended");
+        assert_eq!(&*co_watched.reason, "Viewers of Comedy 2 also watched this");
+        // A renamed seed is named afresh.
+        e.update_catalog(vec![(
+            3,
+            Some(CatalogRecord {
+                movie_id: 3,
+                title: "Renamed".into(),
+                genres: vec!["Comedy".into()],
+                year: Some(1992),
+                tmdb_id: None,
+                imdb_id: None,
+                tags: vec![],
+            }),
+        )]);
+        let renamed = e.peek(2, "new").unwrap();
+        let item = renamed
+            .recommendations
+            .items
+            .iter()
+            .find(|i| i.movie_id == 17)
+            .unwrap();
+        assert_eq!(&*item.reason, "Viewers of Renamed also watched this");
+    }
+
+    #[test]
     fn records_of_partitions_held_elsewhere_are_left_alone() {
         let dir = tempfile::tempdir().unwrap();
         let mut e = engine(dir.path());

@@ -376,11 +376,19 @@ pub struct RecomputeCache {
     /// When set, each computation leaves its candidate pool here (the
     /// learned blend's training cases are read from it).
     pub pool: Option<Vec<PoolEntry>>,
+    reasons: Reasons,
+    /// A recompute's working tables, kept for the next one (cleared, not
+    /// freed): they stay warm in the caches instead of being allocated and
+    /// touched afresh for every user.
+    slots: IdMap<usize>,
+    co_watch_scores: IdMap<CoWatchScore>,
+    co_watch_ranking: Vec<(u32, f64)>,
 }
 
 impl RecomputeCache {
     pub fn catalog_changed(&mut self) {
         self.similar.clear();
+        self.reasons = Reasons::default();
     }
 }
 
@@ -615,8 +623,6 @@ struct Candidate<'a> {
     because_of: Option<u32>,
     /// The seed most co-watched with this candidate.
     co_watched_with: Option<u32>,
-    /// The candidate's genre the user likes most (names the reason).
-    reason_genre: Option<u8>,
     score: f64,
 }
 
@@ -667,8 +673,8 @@ pub fn build_outputs(
 
     // Candidate pool from every source, excluding what the user already consumed.
     let mut candidates: Vec<Candidate<'_>> = Vec::with_capacity(4 * lists.candidates_per_source);
-    let mut slot: IdMap<usize> =
-        IdMap::with_capacity_and_hasher(8 * lists.candidates_per_source, Default::default());
+    let mut slot = std::mem::take(&mut cache.slots);
+    slot.clear();
     // Whether `id` may be recommended at all (and is now a candidate of
     // `source`). Every source but co-watch ranks catalog items only (the
     // index and the similarity cache are rebuilt when the catalog changes);
@@ -696,7 +702,6 @@ pub fn build_outputs(
                     },
                     because_of: None,
                     co_watched_with: None,
-                    reason_genre: None,
                     score: 0.0,
                 });
                 *e.insert(candidates.len() - 1)
@@ -751,7 +756,12 @@ pub fn build_outputs(
             Source::Similar,
         );
     }
-    let mut co_watched = co_watched(ctx, state);
+    let mut co_watched = co_watched(
+        ctx,
+        state,
+        std::mem::take(&mut cache.co_watch_scores),
+        std::mem::take(&mut cache.co_watch_ranking),
+    );
     take(
         &mut (&mut co_watched.ranked).map(|(id, _)| (id, None)),
         Source::CoWatched,
@@ -777,12 +787,6 @@ pub fn build_outputs(
     for c in &mut candidates {
         let movie = c.movie;
         c.signals.affinity = tastes.affinity(movie.genres, max_abs);
-        c.reason_genre = movie.genres.iter().max_by(|a, b| {
-            tastes
-                .weight(*a)
-                .total_cmp(&tastes.weight(*b))
-                .then(b.cmp(a))
-        });
         if let Some((seed, sim)) = seed_movies
             .iter()
             .map(|s| (s.id, content_similarity(movie, s)))
@@ -833,19 +837,18 @@ pub fn build_outputs(
         score,
         genres: c.movie.genres,
     };
-    let mut ranked: Vec<Scored> = candidates.iter().map(|c| scored(c, c.score)).collect();
-    blend::rank(&mut ranked);
+    let mut ranked = blend::LazyRank::new(candidates.iter().map(|c| scored(c, c.score)).collect());
     let mut rendered: IdMap<RecommendedItem> = IdMap::default();
     // The carousels' items, once each, in order of first appearance.
     let mut shown: Vec<u32> = Vec::new();
     let mut item = |id: u32| {
         rendered.entry(id).or_insert_with(|| {
             shown.push(id);
-            render(ctx, &candidates[slot[&id]])
+            render(ctx, &mut cache.reasons, &candidates[slot[&id]])
         });
         id
     };
-    let top = blend::diversify(&ranked, lists.top_n, lists.max_genre_share);
+    let top = blend::diversify(ranked.iter(), lists.top_n, lists.max_genre_share);
     let top_ids: Vec<u32> = top.iter().map(|s| item(s.movie_id)).collect();
 
     let mut rows = vec![CarouselRow {
@@ -943,8 +946,15 @@ pub fn build_outputs(
         });
     }
     rows.retain(|r| !r.movie_ids.is_empty());
-    let top_items: Vec<RecommendedItem> = top_ids.iter().map(|id| rendered[id].clone()).collect();
     let carousel_items: Vec<CarouselItem> = shown.iter().map(|id| (&rendered[id]).into()).collect();
+    // The top picks are distinct candidates: each is moved out once.
+    let top_items: Vec<RecommendedItem> = top_ids
+        .iter()
+        .filter_map(|id| rendered.remove(id))
+        .collect();
+    cache.slots = slot;
+    cache.co_watch_scores = co_watched.by_item;
+    cache.co_watch_ranking = co_watched.ranked.items;
 
     Ok(UserOutputs {
         // Nothing new unless the caller says what the user held before.
@@ -987,6 +997,7 @@ struct CoWatched {
 }
 
 /// One candidate of the co-watch source.
+#[derive(Debug)]
 struct CoWatchScore {
     /// Summed over the seeds.
     association: f64,
@@ -1050,7 +1061,13 @@ impl Iterator for LazyRanking {
 
 /// Items co-watched with the user's most recent engaged ones: each seed's
 /// neighbours scored by [`cowatch::association`], summed over the seeds.
-fn co_watched(ctx: &Context, state: &UserState) -> CoWatched {
+/// `by_item` and `ranking` are emptied and reused.
+fn co_watched(
+    ctx: &Context,
+    state: &UserState,
+    mut by_item: IdMap<CoWatchScore>,
+    mut ranking: Vec<(u32, f64)>,
+) -> CoWatched {
     let co = &ctx.config.co_watch;
     let seeds: Vec<u32> = state.engaged_recent().take(co.seeds).collect();
     let count = |id: u32| ctx.items.get(&id).map_or(0.0, |m| m.count as f64);
@@ -1062,8 +1079,8 @@ fn co_watched(ctx: &Context, state: &UserState) -> CoWatched {
             cowatch::candidate_factor(count(id), co.alpha)
         }
     };
-    let mut by_item: IdMap<CoWatchScore> =
-        IdMap::with_capacity_and_hasher(seeds.len() * co.neighbors, Default::default());
+    by_item.clear();
+    by_item.reserve(seeds.len() * co.neighbors);
     for &seed in &seeds {
         let Some(neighbours) = ctx.cowatch.get(seed) else {
             continue;
@@ -1092,7 +1109,9 @@ fn co_watched(ctx: &Context, state: &UserState) -> CoWatched {
         }
     }
     // Ids are unique: a total order, so unstable sorting is deterministic.
-    let ranked = LazyRanking::new(by_item.iter().map(|(id, e)| (*id, e.association)).collect());
+    ranking.clear();
+    ranking.extend(by_item.iter().map(|(id, e)| (*id, e.association)));
+    let ranked = LazyRanking::new(ranking);
     let max = ranked.top().unwrap_or(1.0);
     CoWatched {
         seeds,
@@ -1191,38 +1210,24 @@ pub fn score_of(scores: &[(u32, f32)], movie_id: u32) -> f32 {
         .map_or(f32::NAN, |i| scores[i].1)
 }
 
-fn render(ctx: &Context, c: &Candidate) -> RecommendedItem {
+fn render(ctx: &Context, reasons: &mut Reasons, c: &Candidate) -> RecommendedItem {
     let movie = c.movie;
-    let first_genre = movie
-        .genres
-        .iter()
-        .next()
-        .map(|g| ctx.catalog.genre_name(g));
-    let reason = match blend::dominant(&c.signals, &ctx.variant.blend) {
-        Dominant::CoWatched => match c.co_watched_with.and_then(|s| ctx.catalog.get(s)) {
-            Some(seed) => format!("Viewers of {} also watched this", seed.title),
-            None => "Often watched together with your recent picks".into(),
-        },
-        Dominant::Similarity => match c.because_of.and_then(|s| ctx.catalog.get(s)) {
-            Some(seed) => format!("Because you liked {}", seed.title),
-            None => "Similar to what you watched".into(),
-        },
-        Dominant::Affinity => match first_genre {
-            Some(g) => format!("Matches your taste for {g}"),
-            None => "Matches your taste".into(),
-        },
-        Dominant::Trending => match first_genre {
-            Some(g) => format!("Trending in {g}"),
-            None => "Trending now".into(),
-        },
-        Dominant::Popularity => match first_genre {
-            Some(g) => format!("Popular in {g}"),
-            None => "Popular right now".into(),
-        },
-        Dominant::Ncf if c.sources == source_bit(Source::Model) => {
-            "Picked for you from what you watched recently".into()
+    let dominant = blend::dominant(&c.signals, &ctx.variant.blend);
+    let seed = |s: Option<u32>| match s.filter(|s| ctx.catalog.contains(*s)) {
+        Some(s) => Subject::Seed(s),
+        None => Subject::Nothing,
+    };
+    let subject = match dominant {
+        Dominant::CoWatched => seed(c.co_watched_with),
+        Dominant::Similarity => seed(c.because_of),
+        Dominant::Affinity | Dominant::Trending | Dominant::Popularity => {
+            match movie.genres.iter().next() {
+                Some(g) => Subject::Genre(g),
+                None => Subject::Nothing,
+            }
         }
-        Dominant::Ncf => "Viewers with similar taste enjoyed this".into(),
+        Dominant::Ncf if c.sources == source_bit(Source::Model) => Subject::ModelOnly,
+        Dominant::Ncf => Subject::Nothing,
     };
     RecommendedItem {
         movie_id: movie.id,
@@ -1243,7 +1248,73 @@ fn render(ctx: &Context, c: &Candidate) -> RecommendedItem {
             .into_iter()
             .filter(|s| c.sources & source_bit(*s) != 0)
             .collect(),
-        reason: Arc::from(reason),
+        reason: reasons.get(ctx.catalog, dominant, subject),
+    }
+}
+
+/// What a reason names besides its signal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Subject {
+    /// The seed in the catalog that the item is co-watched with or resembles.
+    Seed(u32),
+    /// The item's first genre.
+    Genre(u8),
+    /// An item only the model proposed.
+    ModelOnly,
+    Nothing,
+}
+
+/// Reason texts by (dominant signal, subject): the same few hundred texts
+/// recur in every user's lists, so each is formatted once and shared.
+/// Cleared with the catalog (they quote titles and genre names).
+#[derive(Debug, Default)]
+pub struct Reasons {
+    texts: HashMap<(Dominant, Subject), Arc<str>>,
+}
+
+/// Reasons kept before the cache starts over (a catalog far larger than
+/// what is being recommended).
+const REASONS_MAX: usize = 100_000;
+
+impl Reasons {
+    fn get(&mut self, catalog: &Catalog, dominant: Dominant, subject: Subject) -> Arc<str> {
+        if let Some(text) = self.texts.get(&(dominant, subject)) {
+            return text.clone();
+        }
+        let text: Arc<str> = Arc::from(reason_text(catalog, dominant, subject));
+        if self.texts.len() >= REASONS_MAX {
+            self.texts.clear();
+        }
+        self.texts.insert((dominant, subject), text.clone());
+        text
+    }
+}
+
+/// Why an item is recommended, in words.
+fn reason_text(catalog: &Catalog, dominant: Dominant, subject: Subject) -> String {
+    let title = match subject {
+        Subject::Seed(s) => catalog.get(s).map(|m| &*m.title),
+        _ => None,
+    };
+    let genre = match subject {
+        Subject::Genre(g) => Some(catalog.genre_name(g)),
+        _ => None,
+    };
+    match (dominant, title, genre) {
+        (Dominant::CoWatched, Some(title), _) => format!("Viewers of {title} also watched this"),
+        (Dominant::CoWatched, None, _) => "Often watched together with your recent picks".into(),
+        (Dominant::Similarity, Some(title), _) => format!("Because you liked {title}"),
+        (Dominant::Similarity, None, _) => "Similar to what you watched".into(),
+        (Dominant::Affinity, _, Some(g)) => format!("Matches your taste for {g}"),
+        (Dominant::Affinity, _, None) => "Matches your taste".into(),
+        (Dominant::Trending, _, Some(g)) => format!("Trending in {g}"),
+        (Dominant::Trending, _, None) => "Trending now".into(),
+        (Dominant::Popularity, _, Some(g)) => format!("Popular in {g}"),
+        (Dominant::Popularity, _, None) => "Popular right now".into(),
+        (Dominant::Ncf, _, _) if subject == Subject::ModelOnly => {
+            "Picked for you from what you watched recently".into()
+        }
+        (Dominant::Ncf, _, _) => "Viewers with similar taste enjoyed this".into(),
     }
 }
 
