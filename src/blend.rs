@@ -160,6 +160,25 @@ pub fn top_k(items: &mut Vec<Scored>, k: usize) {
     items.sort_unstable_by(by_rank);
 }
 
+/// The `k` best of `items` in rank order, as [`top_k`] gives them, in one
+/// pass that keeps the best `k` so far: most items lose a single comparison
+/// with the current last place.
+pub fn best_k(items: impl IntoIterator<Item = Scored>, k: usize) -> Vec<Scored> {
+    let mut best: Vec<Scored> = Vec::with_capacity(k + 1);
+    if k == 0 {
+        return best;
+    }
+    for item in items {
+        if best.len() == k && by_rank(&item, &best[k - 1]).is_ge() {
+            continue;
+        }
+        let at = best.partition_point(|b| by_rank(b, &item).is_lt());
+        best.insert(at, item);
+        best.truncate(k);
+    }
+    best
+}
+
 /// Picks `n` items from a ranked list such that no genre appears in more than
 /// `ceil(max_share · n)` of them. When the candidates cannot satisfy the cap the
 /// list is filled with the best remaining items rather than left short.
@@ -243,6 +262,13 @@ mod tests {
                 prop_assert_eq!(lazy.get(i), full.get(i).copied());
             }
             prop_assert_eq!(lazy.iter().collect::<Vec<_>>(), full);
+        }
+
+        #[test]
+        fn best_k_equals_top_k(items in scored(), k in 0usize..30) {
+            let mut expected = items.clone();
+            top_k(&mut expected, k);
+            prop_assert_eq!(best_k(items, k), expected);
         }
 
         #[test]

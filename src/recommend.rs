@@ -5,9 +5,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::blend::{self, Dominant, Scored, Signals};
-use crate::catalog::{Catalog, GenreSet, IdMap, Movie};
+use crate::catalog::{Catalog, GenreSet, IdHasher, IdMap, Movie};
 use crate::config::EngineConfig;
-use crate::cowatch::{self, CoWatchLists, Neighbors};
+use crate::cowatch::{self, CoWatchLists};
 use crate::decay::{HalfLives, Momentum};
 use crate::event::EventType;
 use crate::experiment::{source_bit, Variant};
@@ -874,12 +874,13 @@ pub fn build_outputs(
     }
     for &genre in &cold_genres {
         let name = ctx.catalog.genre_name(genre);
-        let mut row: Vec<Scored> = candidates
-            .iter()
-            .filter(|c| c.movie.genres.contains(genre))
-            .map(|c| scored(c, c.signals.trending))
-            .collect();
-        blend::top_k(&mut row, lists.row_size);
+        let row = blend::best_k(
+            candidates
+                .iter()
+                .filter(|c| c.movie.genres.contains(genre))
+                .map(|c| scored(c, c.signals.trending)),
+            lists.row_size,
+        );
         rows.push(CarouselRow {
             id: format!("trending-genre:{name}"),
             title: format!("Trending in {name}"),
@@ -897,30 +898,37 @@ pub fn build_outputs(
     let content_seed = seed_lists.first().map(|(s, list)| (*s, list.clone()));
     let because = match row_seed {
         Some(seed) => {
-            let neighbours = ctx.cowatch.get(seed).map(Neighbors::strongest);
-            let similar = cache.similar.similar(ctx.catalog, seed);
-            let ids: Vec<u32> = neighbours
-                .into_iter()
-                .flatten()
-                .map(|(id, _)| id)
-                .chain(similar.iter().map(|(id, _)| *id))
-                .collect();
-            Some((seed, ids))
+            // The seed's neighbours strongest first (as `Neighbors::strongest`
+            // orders them), put in order only as far as the row reads them.
+            let neighbours = ctx.cowatch.get(seed).map(|n| {
+                LazyRanking::new(
+                    n.entries
+                        .iter()
+                        .map(|e| (e.item, e.guaranteed() as f64))
+                        .filter(|(_, count)| *count > 0.0)
+                        .collect(),
+                )
+            });
+            Some((seed, neighbours, cache.similar.similar(ctx.catalog, seed)))
         }
-        None => content_seed.map(|(seed, list)| (seed, list.iter().map(|(id, _)| *id).collect())),
+        None => content_seed.map(|(seed, list)| (seed, None, list)),
     };
-    if let Some((seed, ids)) = because.as_ref() {
+    if let Some((seed, neighbours, similar)) = because {
+        let ids = neighbours
+            .into_iter()
+            .flatten()
+            .map(|(id, _)| id)
+            .chain(similar.iter().map(|(id, _)| *id));
         let mut row: Vec<u32> = Vec::with_capacity(lists.row_size);
-        for id in ids.iter().filter(|id| slot.contains_key(id)) {
+        for id in ids.filter(|id| slot.contains_key(id)) {
             if row.len() == lists.row_size {
                 break;
             }
-            if !row.contains(id) {
-                row.push(item(*id));
+            if !row.contains(&id) {
+                row.push(item(id));
             }
         }
-        let title = ctx.catalog.get(*seed).map(|m| &*m.title).unwrap_or("");
-        let seed = *seed;
+        let title = ctx.catalog.get(seed).map(|m| &*m.title).unwrap_or("");
         rows.push(CarouselRow {
             id: format!("because-you-watched:{seed}"),
             title: format!("Because you watched {title}"),
@@ -936,8 +944,7 @@ pub fn build_outputs(
         ),
         ("popular", "Popular", |c: &Candidate| c.signals.popularity),
     ] {
-        let mut by_key: Vec<Scored> = candidates.iter().map(|c| scored(c, key(c))).collect();
-        blend::top_k(&mut by_key, lists.row_size);
+        let by_key = blend::best_k(candidates.iter().map(|c| scored(c, key(c))), lists.row_size);
         rows.push(CarouselRow {
             id: id.into(),
             title: title.into(),
@@ -1269,7 +1276,7 @@ enum Subject {
 /// Cleared with the catalog (they quote titles and genre names).
 #[derive(Debug, Default)]
 pub struct Reasons {
-    texts: HashMap<(Dominant, Subject), Arc<str>>,
+    texts: HashMap<(Dominant, Subject), Arc<str>, std::hash::BuildHasherDefault<IdHasher>>,
 }
 
 /// Reasons kept before the cache starts over (a catalog far larger than
