@@ -831,7 +831,8 @@ pub fn build_outputs(
         }));
     }
 
-    // Rank once; rows filter the ranked list or select their own top few.
+    // The top picks read the ranking as far as the genre cap makes them;
+    // every row selects its own few best.
     let scored = |c: &Candidate, score: f64| Scored {
         movie_id: c.movie_id,
         score,
@@ -859,12 +860,18 @@ pub fn build_outputs(
     }];
     for g in &top_genres {
         let name = ctx.catalog.genre_name(g.genre);
-        let row: Vec<u32> = ranked
-            .iter()
-            .filter(|s| s.genres.contains(g.genre))
-            .take(lists.row_size)
-            .map(|s| item(s.movie_id))
-            .collect();
+        // The ranking's first items of the genre: its best `row_size` by
+        // score, in one bounded pass (a rare genre's items may rank deep).
+        let row: Vec<u32> = blend::best_k(
+            candidates
+                .iter()
+                .filter(|c| c.movie.genres.contains(g.genre))
+                .map(|c| scored(c, c.score)),
+            lists.row_size,
+        )
+        .iter()
+        .map(|s| item(s.movie_id))
+        .collect();
         rows.push(CarouselRow {
             id: format!("genre:{name}"),
             title: format!("Because you like {name}"),
