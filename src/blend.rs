@@ -104,44 +104,69 @@ pub fn rank(items: &mut [Scored]) {
     items.sort_unstable_by(by_rank);
 }
 
-/// Items in [`rank`] order, sorted only as far as they are read: a user's
-/// few hundred candidates are read for the first few dozen (the top picks
-/// and the genre rows), so most are never put in order.
+/// Items in a total `order`, put in it only as far as they are read: a
+/// user's few hundred candidates, or a thousand co-watched items, are read
+/// for their first few dozen, so most are never sorted.
 #[derive(Debug)]
-pub struct LazyRank {
-    items: Vec<Scored>,
-    /// `items[..sorted]` holds the best items in final order.
+pub struct LazyOrder<T> {
+    items: Vec<T>,
+    order: fn(&T, &T) -> std::cmp::Ordering,
+    /// `items[..sorted]` holds the first items in final order.
     sorted: usize,
+    /// The first chunk put in order; each later one is as long as all before.
+    first_chunk: usize,
+    /// Where iteration goes on.
+    next: usize,
 }
 
-impl LazyRank {
-    pub fn new(items: Vec<Scored>) -> LazyRank {
-        LazyRank { items, sorted: 0 }
+impl<T: Copy> LazyOrder<T> {
+    /// `order` must be total (no two items equal) for the result to be
+    /// deterministic.
+    pub fn new(items: Vec<T>, order: fn(&T, &T) -> std::cmp::Ordering, first_chunk: usize) -> Self {
+        LazyOrder {
+            items,
+            order,
+            sorted: 0,
+            first_chunk: first_chunk.max(1),
+            next: 0,
+        }
     }
 
-    /// The item at rank `i` (0 is the best).
-    pub fn get(&mut self, i: usize) -> Option<Scored> {
+    /// The item at place `i` of the order (0 first).
+    pub fn get(&mut self, i: usize) -> Option<T> {
         while i >= self.sorted && self.sorted < self.items.len() {
             // The next chunk (doubling): selected from the rest, then ordered.
             let rest = &mut self.items[self.sorted..];
-            let chunk = self.sorted.max(32).min(rest.len());
+            let chunk = self.sorted.max(self.first_chunk).min(rest.len());
             if chunk < rest.len() {
-                rest.select_nth_unstable_by(chunk - 1, by_rank);
+                rest.select_nth_unstable_by(chunk - 1, self.order);
             }
-            rest[..chunk].sort_unstable_by(by_rank);
+            rest[..chunk].sort_unstable_by(self.order);
             self.sorted += chunk;
         }
         self.items.get(i).copied()
     }
 
-    /// The items best first.
-    pub fn iter(&mut self) -> impl Iterator<Item = Scored> + '_ {
-        let mut next = 0;
-        std::iter::from_fn(move || {
-            let item = self.get(next)?;
-            next += 1;
-            Some(item)
-        })
+    /// The items' storage, for reuse.
+    pub fn into_items(self) -> Vec<T> {
+        self.items
+    }
+}
+
+impl LazyOrder<Scored> {
+    /// Scored items in [`rank`] order.
+    pub fn ranked(items: Vec<Scored>) -> Self {
+        LazyOrder::new(items, by_rank, 32)
+    }
+}
+
+impl<T: Copy> Iterator for LazyOrder<T> {
+    type Item = T;
+
+    fn next(&mut self) -> Option<T> {
+        let item = self.get(self.next);
+        self.next += item.is_some() as usize;
+        item
     }
 }
 
@@ -151,18 +176,9 @@ fn by_rank(a: &Scored, b: &Scored) -> std::cmp::Ordering {
         .then_with(|| a.movie_id.cmp(&b.movie_id))
 }
 
-/// Keeps the `k` best items in rank order (a partial sort).
-pub fn top_k(items: &mut Vec<Scored>, k: usize) {
-    if items.len() > k && k > 0 {
-        items.select_nth_unstable_by(k - 1, by_rank);
-    }
-    items.truncate(k);
-    items.sort_unstable_by(by_rank);
-}
-
-/// The `k` best of `items` in rank order, as [`top_k`] gives them, in one
-/// pass that keeps the best `k` so far: most items lose a single comparison
-/// with the current last place.
+/// The `k` best of `items` in [`rank`] order, in one pass that keeps the
+/// best `k` so far: most items lose a single comparison with the current
+/// last place.
 pub fn best_k(items: impl IntoIterator<Item = Scored>, k: usize) -> Vec<Scored> {
     let mut best: Vec<Scored> = Vec::with_capacity(k + 1);
     if k == 0 {
@@ -256,27 +272,19 @@ mod tests {
         fn a_lazy_ranking_reads_as_the_full_ranking(items in scored(), reads in prop::collection::vec(0usize..90, 0..6)) {
             let mut full = items.clone();
             rank(&mut full);
-            let mut lazy = LazyRank::new(items);
+            let mut lazy = LazyOrder::ranked(items);
             // Random reads first (they sort as far as they reach), then all.
             for i in reads {
                 prop_assert_eq!(lazy.get(i), full.get(i).copied());
             }
-            prop_assert_eq!(lazy.iter().collect::<Vec<_>>(), full);
+            prop_assert_eq!(lazy.collect::<Vec<_>>(), full);
         }
 
         #[test]
-        fn best_k_equals_top_k(items in scored(), k in 0usize..30) {
-            let mut expected = items.clone();
-            top_k(&mut expected, k);
-            prop_assert_eq!(best_k(items, k), expected);
-        }
-
-        #[test]
-        fn top_k_equals_the_head_of_a_full_ranking(mut items in scored(), k in 0usize..30) {
+        fn best_k_equals_the_head_of_a_full_ranking(items in scored(), k in 0usize..30) {
             let mut full = items.clone();
             rank(&mut full);
-            top_k(&mut items, k);
-            prop_assert_eq!(items, full.into_iter().take(k).collect::<Vec<_>>());
+            prop_assert_eq!(best_k(items, k), full.into_iter().take(k).collect::<Vec<_>>());
         }
 
         #[test]

@@ -1567,18 +1567,22 @@ mod tests {
         );
     }
 
-    #[test]
-    fn movies_watched_together_are_recommended_together() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut e = engine(dir.path());
-        // Ten viewers watch 3 then 17 (different genres, far apart in the catalog).
+    /// Ten viewers watch 3 then 17 (different genres, far apart in the catalog).
+    fn ten_viewers_watch_3_then_17() -> Vec<Record> {
         let mut batch = Vec::new();
         for u in 0..10 {
             let user = format!("v{u}");
             batch.push(record(2 * u, &user, 3, EventType::Complete, 1000 + u));
             batch.push(record(2 * u + 1, &user, 17, EventType::Complete, 2000 + u));
         }
-        e.process(batch).unwrap();
+        batch
+    }
+
+    #[test]
+    fn movies_watched_together_are_recommended_together() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut e = engine(dir.path());
+        e.process(ten_viewers_watch_3_then_17()).unwrap();
         let three = e.cowatch.get(3).unwrap().strongest();
         assert_eq!(three[0], (17, 10.0), "{three:?}");
         // A newcomer who watched 3 gets 17 in "Because you watched" and with a
@@ -1616,12 +1620,7 @@ mod tests {
     fn a_recompute_reuses_nothing_of_the_previous_user_but_the_catalog_texts() {
         let dir = tempfile::tempdir().unwrap();
         let mut e = engine(dir.path());
-        let mut batch = Vec::new();
-        for u in 0..10 {
-            let user = format!("v{u}");
-            batch.push(record(2 * u, &user, 3, EventType::Complete, 1000 + u));
-            batch.push(record(2 * u + 1, &user, 17, EventType::Complete, 2000 + u));
-        }
+        let mut batch = ten_viewers_watch_3_then_17();
         batch.push(record(50, "drama", 12, EventType::Like, 3000));
         batch.push(record(51, "new", 3, EventType::Complete, 3001));
         e.process(batch).unwrap();

@@ -838,7 +838,7 @@ pub fn build_outputs(
         score,
         genres: c.movie.genres,
     };
-    let mut ranked = blend::LazyRank::new(candidates.iter().map(|c| scored(c, c.score)).collect());
+    let ranked = blend::LazyOrder::ranked(candidates.iter().map(|c| scored(c, c.score)).collect());
     let mut rendered: IdMap<RecommendedItem> = IdMap::default();
     // The carousels' items, once each, in order of first appearance.
     let mut shown: Vec<u32> = Vec::new();
@@ -849,7 +849,7 @@ pub fn build_outputs(
         });
         id
     };
-    let top = blend::diversify(ranked.iter(), lists.top_n, lists.max_genre_share);
+    let top = blend::diversify(ranked, lists.top_n, lists.max_genre_share);
     let top_ids: Vec<u32> = top.iter().map(|s| item(s.movie_id)).collect();
 
     let mut rows = vec![CarouselRow {
@@ -908,7 +908,7 @@ pub fn build_outputs(
             // The seed's neighbours strongest first (as `Neighbors::strongest`
             // orders them), put in order only as far as the row reads them.
             let neighbours = ctx.cowatch.get(seed).map(|n| {
-                LazyRanking::new(
+                strongest_lazily(
                     n.entries
                         .iter()
                         .map(|e| (e.item, e.guaranteed() as f64))
@@ -968,7 +968,7 @@ pub fn build_outputs(
         .collect();
     cache.slots = slot;
     cache.co_watch_scores = co_watched.by_item;
-    cache.co_watch_ranking = co_watched.ranked.items;
+    cache.co_watch_ranking = co_watched.ranked.into_items();
 
     Ok(UserOutputs {
         // Nothing new unless the caller says what the user held before.
@@ -1027,50 +1027,15 @@ struct CoWatchScore {
 /// `(id, score)` pairs strongest first (ties: lower id), sorted only as far
 /// as they are read: the co-watch source reads a few dozen of up to
 /// `seeds × neighbors` (1,000 by default).
-struct LazyRanking {
-    items: Vec<(u32, f64)>,
-    /// `items[..sorted]` is in final order.
-    sorted: usize,
-    next: usize,
-}
+type LazyRanking = blend::LazyOrder<(u32, f64)>;
 
 fn strongest_first(a: &(u32, f64), b: &(u32, f64)) -> std::cmp::Ordering {
     b.1.total_cmp(&a.1).then(a.0.cmp(&b.0))
 }
 
-impl LazyRanking {
-    fn new(items: Vec<(u32, f64)>) -> LazyRanking {
-        LazyRanking {
-            items,
-            sorted: 0,
-            next: 0,
-        }
-    }
-
-    /// The strongest score, if any.
-    fn top(&self) -> Option<f64> {
-        self.items.iter().map(|e| e.1).max_by(|a, b| a.total_cmp(b))
-    }
-}
-
-impl Iterator for LazyRanking {
-    type Item = (u32, f64);
-
-    fn next(&mut self) -> Option<(u32, f64)> {
-        if self.next == self.sorted && self.sorted < self.items.len() {
-            // Sort the next chunk (doubling): select it from the rest, then order it.
-            let rest = &mut self.items[self.sorted..];
-            let chunk = self.sorted.max(64).min(rest.len());
-            if chunk < rest.len() {
-                rest.select_nth_unstable_by(chunk - 1, strongest_first);
-            }
-            rest[..chunk].sort_unstable_by(strongest_first);
-            self.sorted += chunk;
-        }
-        let item = self.items.get(self.next).copied();
-        self.next += item.is_some() as usize;
-        item
-    }
+/// `items` (unique ids) as a [`LazyRanking`].
+fn strongest_lazily(items: Vec<(u32, f64)>) -> LazyRanking {
+    blend::LazyOrder::new(items, strongest_first, 64)
 }
 
 /// Items co-watched with the user's most recent engaged ones: each seed's
@@ -1125,8 +1090,12 @@ fn co_watched(
     // Ids are unique: a total order, so unstable sorting is deterministic.
     ranking.clear();
     ranking.extend(by_item.iter().map(|(id, e)| (*id, e.association)));
-    let ranked = LazyRanking::new(ranking);
-    let max = ranked.top().unwrap_or(1.0);
+    let max = ranking
+        .iter()
+        .map(|e| e.1)
+        .max_by(|a, b| a.total_cmp(b))
+        .unwrap_or(1.0);
+    let ranked = strongest_lazily(ranking);
     CoWatched {
         seeds,
         ranked,
@@ -1482,7 +1451,7 @@ mod tests {
             unique.dedup_by_key(|e| e.0);
             let mut full = unique.clone();
             full.sort_by(strongest_first);
-            let lazy: Vec<(u32, f64)> = LazyRanking::new(unique).take(depth).collect();
+            let lazy: Vec<(u32, f64)> = strongest_lazily(unique).take(depth).collect();
             prop_assert_eq!(&lazy[..], &full[..depth.min(full.len())]);
         }
 
