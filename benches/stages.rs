@@ -120,7 +120,8 @@ fn bench(c: &mut Criterion) {
     );
     let mut g = c.benchmark_group("ncf");
     let prior = model.prior("x").to_vec();
-    for n in [1usize, 100, 500] {
+    // 350: about a user's candidate pool with the default lists.
+    for n in [1usize, 100, 350, 500] {
         let vectors: Vec<f32> = (0..n).flat_map(|_| prior.iter().copied()).collect();
         let idx: Vec<i64> = (0..n as i64)
             .map(|i| (i * 7919) % model.card.item_ids.len() as i64)

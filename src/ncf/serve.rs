@@ -94,8 +94,12 @@ fn runnable(model: TypedModel) -> Result<Plan, ModelError> {
 }
 
 /// Batch sizes the serving tower is planned for; a user's candidates are
-/// padded up to the next one (larger sets use the flexible plan).
-const SERVING_BATCHES: [usize; 7] = [16, 32, 64, 128, 256, 512, 1024];
+/// padded up to the next one (larger sets use the flexible plan). Steps of
+/// 64 above 64 rows: padded rows cost as much as real ones, and with
+/// powers of two a typical pool of ≈ 350 candidates ran 512 rows.
+fn serving_batches() -> impl Iterator<Item = usize> {
+    [16, 32].into_iter().chain((64..=1024).step_by(64))
+}
 
 /// The serving form: one user against many items. The engine does the
 /// per-item lookups itself (one pass over the candidates: the item's
@@ -131,9 +135,8 @@ impl Serving {
         };
         let model = typed(&onnx::export_tower(weights))?;
         let batch = model.sym("N");
-        let fixed = SERVING_BATCHES
-            .iter()
-            .map(|&n| {
+        let fixed = serving_batches()
+            .map(|n| {
                 let sized = model
                     .concretize_dims(&SymbolValues::default().with(&batch, n as i64))
                     .map_err(tract_error)?;
