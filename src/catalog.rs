@@ -149,7 +149,12 @@ pub fn parse_record(payload: &[u8]) -> Result<CatalogRecord, String> {
 
 #[derive(Debug, Clone, Default)]
 pub struct Catalog {
-    movies: IdMap<Movie>,
+    /// The movies, densely: a movie's position indexes per-item tables of a
+    /// recompute (no hash lookup per candidate). A removal moves the last
+    /// movie into the freed place, so positions hold until the catalog
+    /// changes, as everything derived from it does.
+    movies: Vec<Movie>,
+    positions: IdMap<u32>,
     genre_names: Vec<Arc<str>>,
     genre_ids: HashMap<String, u8>,
     tag_ids: HashMap<String, u32>,
@@ -165,17 +170,25 @@ impl Catalog {
         self.movies.is_empty()
     }
     pub fn get(&self, id: u32) -> Option<&Movie> {
-        self.movies.get(&id)
+        self.position(id).map(|p| self.at(p))
     }
     pub fn contains(&self, id: u32) -> bool {
-        self.movies.contains_key(&id)
+        self.positions.contains_key(&id)
+    }
+    /// Where the movie is in the dense order (`0..len()`).
+    pub fn position(&self, id: u32) -> Option<u32> {
+        self.positions.get(&id).copied()
+    }
+    /// The movie at a [`Catalog::position`]; panics beyond `len()`.
+    pub fn at(&self, position: u32) -> &Movie {
+        &self.movies[position as usize]
     }
     /// Movie ids in ascending order.
     pub fn ids(&self) -> &[u32] {
         &self.ids
     }
     pub fn movies(&self) -> impl Iterator<Item = &Movie> {
-        self.ids.iter().map(|id| &self.movies[id])
+        self.ids.iter().filter_map(|id| self.get(*id))
     }
     pub fn genre_count(&self) -> usize {
         self.genre_names.len()
@@ -220,7 +233,7 @@ impl Catalog {
             .iter()
             .map(|g| names.iter().position(|n| n == g).expect("appended above") as u8)
             .collect();
-        for movie in self.movies.values_mut() {
+        for movie in &mut self.movies {
             let mut remapped = GenreSet::default();
             for g in movie.genres.iter() {
                 remapped.insert(new_id[g as usize]);
@@ -271,15 +284,24 @@ impl Catalog {
             imdb_id: record.imdb_id,
             tags,
         };
-        if self.movies.insert(movie.id, movie).is_none() {
-            let pos = self.ids.binary_search(&record.movie_id).unwrap_err();
-            self.ids.insert(pos, record.movie_id);
+        match self.positions.get(&movie.id) {
+            Some(&p) => self.movies[p as usize] = movie,
+            None => {
+                self.positions.insert(movie.id, self.movies.len() as u32);
+                self.movies.push(movie);
+                let pos = self.ids.binary_search(&record.movie_id).unwrap_err();
+                self.ids.insert(pos, record.movie_id);
+            }
         }
         Ok(())
     }
 
     pub fn remove(&mut self, id: u32) {
-        if self.movies.remove(&id).is_some() {
+        if let Some(p) = self.positions.remove(&id) {
+            self.movies.swap_remove(p as usize);
+            if let Some(moved) = self.movies.get(p as usize) {
+                self.positions.insert(moved.id, p);
+            }
             if let Ok(pos) = self.ids.binary_search(&id) {
                 self.ids.remove(pos);
             }
@@ -941,5 +963,38 @@ mod tests {
         c.remove(3);
         assert_eq!(c.ids(), &[1, 5]);
         assert_eq!(c.record(5).unwrap().tags, vec!["dark"]);
+    }
+
+    #[test]
+    fn positions_stay_dense_and_exact_through_upserts_and_removals() {
+        let record = |id: u32, title: &str| CatalogRecord {
+            movie_id: id,
+            title: title.into(),
+            genres: vec!["Drama".into()],
+            year: None,
+            tmdb_id: None,
+            imdb_id: None,
+            tags: vec![],
+        };
+        let mut c = Catalog::default();
+        for id in [7, 2, 9, 4] {
+            c.upsert(record(id, "first")).unwrap();
+        }
+        c.upsert(record(2, "renamed")).unwrap();
+        c.remove(7);
+        c.remove(42);
+        c.upsert(record(11, "late")).unwrap();
+        c.remove(11);
+        assert_eq!(c.len(), 3);
+        let mut positions: Vec<u32> = c.ids().iter().map(|id| c.position(*id).unwrap()).collect();
+        for id in c.ids() {
+            let p = c.position(*id).unwrap();
+            assert_eq!(c.at(p).id, *id);
+            assert_eq!(c.get(*id).map(|m| m.id), Some(*id));
+        }
+        positions.sort_unstable();
+        assert_eq!(positions, vec![0, 1, 2]);
+        assert_eq!(&*c.get(2).unwrap().title, "renamed");
+        assert!(c.position(7).is_none() && c.get(11).is_none());
     }
 }

@@ -66,9 +66,10 @@ pub struct ItemIndex {
     pub popular_by_genre: Vec<Vec<RankedItem>>,
     /// The [`TRENDING_RANKED`] most trending catalog items, most trending first.
     pub trending: Vec<RankedItem>,
-    /// [`ItemIndex::signal`] of every item with events, computed with the
+    /// [`ItemIndex::signal`] of every catalog item by its
+    /// [`Catalog::position`] ((0, 0) without events), computed with the
     /// index: a candidate reads its signals instead of deriving them.
-    signals: IdMap<Signal>,
+    signals: Vec<Signal>,
     pub popularity_max: f64,
     /// Normalizes popularity against `popularity_max`.
     pub popularity_scale: blend::LogScale,
@@ -84,6 +85,8 @@ pub type Signal = (f64, f64);
 #[derive(Debug, Clone, Copy)]
 pub struct RankedItem {
     pub id: u32,
+    /// The item's [`Catalog::position`].
+    pub position: u32,
     pub genres: GenreSet,
     pub signal: Signal,
 }
@@ -251,7 +254,7 @@ impl ItemIndex {
             popular: Vec::new(),
             popular_by_genre: Vec::new(),
             trending: Vec::new(),
-            signals: IdMap::default(),
+            signals: vec![(0.0, 0.0); catalog.len()],
             popularity_max,
             popularity_scale: blend::LogScale::new(popularity_max),
             trending_max,
@@ -259,18 +262,25 @@ impl ItemIndex {
         };
         // Once per index, not once per candidate of every user: the
         // signals are a function of the counters at `now` alone.
-        index.signals.reserve(items.len());
         for (id, m) in items {
-            if catalog.contains(*id) {
-                index.signals.insert(*id, index.signal(m));
+            if let Some(p) = catalog.position(*id) {
+                index.signals[p as usize] = index.signal(m);
             }
         }
-        let ranked = |id: u32, genres: GenreSet| RankedItem {
-            id,
-            genres,
-            signal: index.signal_of(id),
+        let ranked = |id: u32, genres: GenreSet| {
+            let position = catalog.position(id)?;
+            Some(RankedItem {
+                id,
+                position,
+                genres,
+                signal: index.signal_at(position),
+            })
         };
-        let popular: Vec<RankedItem> = popular.order.iter().map(|e| ranked(e.1, e.2)).collect();
+        let popular: Vec<RankedItem> = popular
+            .order
+            .iter()
+            .filter_map(|e| ranked(e.1, e.2))
+            .collect();
         // Sized first: at 100k items the lists hold 200k entries, and growing
         // them by doubling touched fresh pages at every rebuild.
         let mut per_genre = vec![0usize; catalog.genre_count()];
@@ -292,7 +302,7 @@ impl ItemIndex {
         }
         let trending = hottest
             .iter()
-            .filter_map(|e| Some(ranked(e.1, catalog.get(e.1)?.genres)))
+            .filter_map(|e| ranked(e.1, catalog.get(e.1)?.genres))
             .collect();
         index.popular = popular;
         index.popular_by_genre = by_genre;
@@ -300,9 +310,13 @@ impl ItemIndex {
         index
     }
 
-    /// The signals of any item: (0, 0) for an item without events.
-    pub fn signal_of(&self, id: u32) -> Signal {
-        self.signals.get(&id).copied().unwrap_or((0.0, 0.0))
+    /// The signals of the item at a [`Catalog::position`]: (0, 0) for an
+    /// item without events.
+    pub fn signal_at(&self, position: u32) -> Signal {
+        self.signals
+            .get(position as usize)
+            .copied()
+            .unwrap_or((0.0, 0.0))
     }
 }
 
@@ -380,9 +394,45 @@ pub struct RecomputeCache {
     /// A recompute's working tables, kept for the next one (cleared, not
     /// freed): they stay warm in the caches instead of being allocated and
     /// touched afresh for every user.
-    slots: IdMap<usize>,
+    slots: CandidateSlots,
     co_watch_scores: IdMap<CoWatchScore>,
     co_watch_ranking: Vec<(u32, f64)>,
+}
+
+/// Which candidate of the current recompute each catalog position holds: a
+/// dense table instead of a hash per proposal, stamped per recompute so
+/// that it never needs clearing (a recompute that fails half-way leaves
+/// nothing behind).
+#[derive(Debug, Default)]
+struct CandidateSlots {
+    stamp: u32,
+    /// `(stamp, candidate index)` by [`Catalog::position`].
+    entries: Vec<(u32, u32)>,
+}
+
+impl CandidateSlots {
+    /// Forgets the previous recompute's candidates.
+    fn begin(&mut self, positions: usize) {
+        self.stamp = self.stamp.wrapping_add(1);
+        if self.stamp == 0 {
+            self.entries.clear();
+            self.stamp = 1;
+        }
+        if self.entries.len() < positions {
+            self.entries.resize(positions, (0, 0));
+        }
+    }
+
+    fn get(&self, position: u32) -> Option<usize> {
+        match self.entries.get(position as usize) {
+            Some(&(stamp, i)) if stamp == self.stamp => Some(i as usize),
+            _ => None,
+        }
+    }
+
+    fn set(&mut self, position: u32, candidate: usize) {
+        self.entries[position as usize] = (self.stamp, candidate as u32);
+    }
 }
 
 impl RecomputeCache {
@@ -674,26 +724,28 @@ pub fn build_outputs(
     // Candidate pool from every source, excluding what the user already consumed.
     let mut candidates: Vec<Candidate<'_>> = Vec::with_capacity(4 * lists.candidates_per_source);
     let mut slot = std::mem::take(&mut cache.slots);
-    slot.clear();
+    slot.begin(ctx.catalog.len());
     // Whether `id` may be recommended at all (and is now a candidate of
     // `source`). Every source but co-watch ranks catalog items only (the
     // index and the similarity cache are rebuilt when the catalog changes);
     // a co-watch neighbour outside the catalog is not proposed.
-    // A ranking's entry brings the item's signals along (no lookup).
-    let mut propose = |id: u32, signal: Option<Signal>, source: Source| -> bool {
+    // A ranking's entry brings the item's position and signals along (no
+    // lookup); other ids are looked up once.
+    let mut propose = |id: u32, known: Option<(u32, Signal)>, source: Source| -> bool {
         if state.is_seen(id) || seeds.contains(&id) {
             return false;
         }
-        let i = match slot.entry(id) {
-            std::collections::hash_map::Entry::Occupied(e) => *e.get(),
-            std::collections::hash_map::Entry::Vacant(e) => {
-                let Some(movie) = ctx.catalog.get(id) else {
-                    return false;
-                };
-                let (popularity, trending) = signal.unwrap_or_else(|| ctx.index.signal_of(id));
+        let Some(position) = known.map(|k| k.0).or_else(|| ctx.catalog.position(id)) else {
+            return false;
+        };
+        let i = match slot.get(position) {
+            Some(i) => i,
+            None => {
+                let (popularity, trending) =
+                    known.map_or_else(|| ctx.index.signal_at(position), |k| k.1);
                 candidates.push(Candidate {
                     movie_id: id,
-                    movie,
+                    movie: ctx.catalog.at(position),
                     sources: 0,
                     signals: Signals {
                         popularity,
@@ -704,7 +756,8 @@ pub fn build_outputs(
                     co_watched_with: None,
                     score: 0.0,
                 });
-                *e.insert(candidates.len() - 1)
+                slot.set(position, candidates.len() - 1);
+                candidates.len() - 1
             }
         };
         candidates[i].sources |= source_bit(source);
@@ -712,21 +765,22 @@ pub fn build_outputs(
     };
     // Each source proposes its best `per_source` items the user may get.
     let per_source = lists.candidates_per_source;
-    let mut take = |ranked: &mut dyn Iterator<Item = (u32, Option<Signal>)>, source: Source| {
+    let mut take = |ranked: &mut dyn Iterator<Item = (u32, Option<(u32, Signal)>)>,
+                    source: Source| {
         if !enabled(ctx.variant, source) {
             return;
         }
         let mut taken = 0;
-        for (id, signal) in ranked {
+        for (id, known) in ranked {
             if taken == per_source {
                 break;
             }
-            if propose(id, signal, source) {
+            if propose(id, known, source) {
                 taken += 1;
             }
         }
     };
-    let with_signal = |e: &RankedItem| (e.id, Some(e.signal));
+    let with_signal = |e: &RankedItem| (e.id, Some((e.position, e.signal)));
     take(
         &mut ctx.index.popular.iter().map(with_signal),
         Source::Popular,
@@ -845,7 +899,12 @@ pub fn build_outputs(
     let mut item = |id: u32| {
         rendered.entry(id).or_insert_with(|| {
             shown.push(id);
-            render(ctx, &mut cache.reasons, &candidates[slot[&id]])
+            let position = ctx
+                .catalog
+                .position(id)
+                .expect("a candidate is in the catalog");
+            let slot = slot.get(position).expect("rendered items are candidates");
+            render(ctx, &mut cache.reasons, &candidates[slot])
         });
         id
     };
@@ -927,7 +986,12 @@ pub fn build_outputs(
             .map(|(id, _)| id)
             .chain(similar.iter().map(|(id, _)| *id));
         let mut row: Vec<u32> = Vec::with_capacity(lists.row_size);
-        for id in ids.filter(|id| slot.contains_key(id)) {
+        let is_candidate = |id: &u32| {
+            ctx.catalog
+                .position(*id)
+                .is_some_and(|p| slot.get(p).is_some())
+        };
+        for id in ids.filter(is_candidate) {
             if row.len() == lists.row_size {
                 break;
             }
