@@ -1661,6 +1661,60 @@ mod tests {
         assert_eq!(&*item.reason, "Viewers of Renamed also watched this");
     }
 
+    /// Removing movies moves others to new catalog positions (the last
+    /// one fills the gap): every later recompute still names each item by
+    /// its own record and never proposes a removed one.
+    #[test]
+    fn a_catalog_removal_leaves_every_item_its_own_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut e = engine(dir.path());
+        // Movie 30 (the last inserted) is everyone's favourite; "a" likes comedies.
+        let mut batch = Vec::new();
+        for (k, user) in ["b", "c", "d", "f"].iter().enumerate() {
+            batch.push(record(k as i64, user, 30, EventType::Like, 10 + k as i64));
+            batch.push(record(
+                10 + k as i64,
+                user,
+                12,
+                EventType::Like,
+                20 + k as i64,
+            ));
+        }
+        batch.push(record(20, "a", 3, EventType::Like, 30));
+        batch.push(record(21, "a", 4, EventType::Like, 31));
+        e.process(batch).unwrap();
+        let errors = e.update_catalog(vec![(1, None), (12, None)]);
+        assert!(errors.is_empty(), "{errors:?}");
+        let out = e.peek(2, "a").unwrap();
+        let items: Vec<(u32, &str, Option<u16>)> = out
+            .recommendations
+            .items
+            .iter()
+            .map(|i| (i.movie_id, &*i.title, i.year))
+            .chain(
+                out.carousels
+                    .items
+                    .iter()
+                    .map(|i| (i.movie_id, &*i.title, i.year)),
+            )
+            .collect();
+        assert!(!items.is_empty());
+        for (id, title, year) in &items {
+            assert!(*id != 1 && *id != 12, "removed movie {id} recommended");
+            let movie = e
+                .catalog
+                .get(*id)
+                .expect("recommended items are in the catalog");
+            assert_eq!((&*movie.title, movie.year), (*title, *year), "movie {id}");
+        }
+        assert!(
+            items
+                .iter()
+                .any(|(id, title, _)| *id == 30 && *title == "Sci-Fi 9"),
+            "the moved favourite keeps its record: {items:?}"
+        );
+    }
+
     #[test]
     fn records_of_partitions_held_elsewhere_are_left_alone() {
         let dir = tempfile::tempdir().unwrap();

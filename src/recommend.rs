@@ -738,6 +738,9 @@ pub fn build_outputs(
         let Some(position) = known.map(|k| k.0).or_else(|| ctx.catalog.position(id)) else {
             return false;
         };
+        // A ranking's position is only valid for the catalog it was built
+        // from (the engine drops its index whenever the catalog changes).
+        debug_assert_eq!(ctx.catalog.at(position).id, id, "a stale catalog position");
         let i = match slot.get(position) {
             Some(i) => i,
             None => {

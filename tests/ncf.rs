@@ -278,8 +278,10 @@ fn the_serving_form_scores_what_the_model_scores() {
         let model = NcfModel::load(&run.files.onnx, FoldInConfig::default()).unwrap();
         let mut rng = Rng::new(5);
         let n_items = model.weights.n_items as u64;
-        // Sizes below, at and between the planned batch sizes, and beyond them.
-        for (user, size) in [1, 16, 17, 200, 512, 1500].into_iter().enumerate() {
+        // Sizes below, at and between the planned batch sizes (16, 32, then
+        // every 64 rows to 1,024), and beyond them.
+        let sizes = [1, 16, 17, 33, 65, 129, 200, 350, 512, 700, 1000, 1024, 1500];
+        for (user, size) in sizes.into_iter().enumerate() {
             let v = model.prior(&format!("u{user}")).to_vec();
             let items: Vec<i64> = (0..size)
                 .map(|_| (rng.next_u64() % n_items) as i64)
