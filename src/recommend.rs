@@ -430,6 +430,11 @@ impl CandidateSlots {
         }
     }
 
+    /// The candidate `id` is in this recompute, if it is one.
+    fn of(&self, catalog: &Catalog, id: u32) -> Option<usize> {
+        self.get(catalog.position(id)?)
+    }
+
     fn set(&mut self, position: u32, candidate: usize) {
         self.entries[position as usize] = (self.stamp, candidate as u32);
     }
@@ -902,12 +907,10 @@ pub fn build_outputs(
     let mut item = |id: u32| {
         rendered.entry(id).or_insert_with(|| {
             shown.push(id);
-            let position = ctx
-                .catalog
-                .position(id)
-                .expect("a candidate is in the catalog");
-            let slot = slot.get(position).expect("rendered items are candidates");
-            render(ctx, &mut cache.reasons, &candidates[slot])
+            let candidate = slot
+                .of(ctx.catalog, id)
+                .expect("rendered items are candidates");
+            render(ctx, &mut cache.reasons, &candidates[candidate])
         });
         id
     };
@@ -989,12 +992,7 @@ pub fn build_outputs(
             .map(|(id, _)| id)
             .chain(similar.iter().map(|(id, _)| *id));
         let mut row: Vec<u32> = Vec::with_capacity(lists.row_size);
-        let is_candidate = |id: &u32| {
-            ctx.catalog
-                .position(*id)
-                .is_some_and(|p| slot.get(p).is_some())
-        };
-        for id in ids.filter(is_candidate) {
+        for id in ids.filter(|id| slot.of(ctx.catalog, *id).is_some()) {
             if row.len() == lists.row_size {
                 break;
             }
