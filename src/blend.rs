@@ -110,7 +110,6 @@ pub fn rank(items: &mut [Scored]) {
 #[derive(Debug)]
 pub struct LazyOrder<T> {
     items: Vec<T>,
-    order: fn(&T, &T) -> std::cmp::Ordering,
     /// `items[..sorted]` holds the first items in final order.
     sorted: usize,
     /// The first chunk put in order; each later one is as long as all before.
@@ -119,13 +118,24 @@ pub struct LazyOrder<T> {
     next: usize,
 }
 
-impl<T: Copy> LazyOrder<T> {
-    /// `order` must be total (no two items equal) for the result to be
-    /// deterministic.
-    pub fn new(items: Vec<T>, order: fn(&T, &T) -> std::cmp::Ordering, first_chunk: usize) -> Self {
+/// A total order for ranking, best first: no two items compare equal, so
+/// unstable sorting is deterministic. A trait rather than a function
+/// pointer so that every selection and sort inlines its comparisons (a
+/// recompute makes a few thousand).
+pub trait Ranked: Copy {
+    fn rank_order(&self, other: &Self) -> std::cmp::Ordering;
+}
+
+impl Ranked for Scored {
+    fn rank_order(&self, other: &Self) -> std::cmp::Ordering {
+        by_rank(self, other)
+    }
+}
+
+impl<T: Ranked> LazyOrder<T> {
+    pub fn new(items: Vec<T>, first_chunk: usize) -> Self {
         LazyOrder {
             items,
-            order,
             sorted: 0,
             first_chunk: first_chunk.max(1),
             next: 0,
@@ -139,9 +149,9 @@ impl<T: Copy> LazyOrder<T> {
             let rest = &mut self.items[self.sorted..];
             let chunk = self.sorted.max(self.first_chunk).min(rest.len());
             if chunk < rest.len() {
-                rest.select_nth_unstable_by(chunk - 1, self.order);
+                rest.select_nth_unstable_by(chunk - 1, T::rank_order);
             }
-            rest[..chunk].sort_unstable_by(self.order);
+            rest[..chunk].sort_unstable_by(T::rank_order);
             self.sorted += chunk;
         }
         self.items.get(i).copied()
@@ -156,11 +166,11 @@ impl<T: Copy> LazyOrder<T> {
 impl LazyOrder<Scored> {
     /// Scored items in [`rank`] order.
     pub fn ranked(items: Vec<Scored>) -> Self {
-        LazyOrder::new(items, by_rank, 32)
+        LazyOrder::new(items, 32)
     }
 }
 
-impl<T: Copy> Iterator for LazyOrder<T> {
+impl<T: Ranked> Iterator for LazyOrder<T> {
     type Item = T;
 
     fn next(&mut self) -> Option<T> {
@@ -180,19 +190,50 @@ fn by_rank(a: &Scored, b: &Scored) -> std::cmp::Ordering {
 /// best `k` so far: most items lose a single comparison with the current
 /// last place.
 pub fn best_k(items: impl IntoIterator<Item = Scored>, k: usize) -> Vec<Scored> {
-    let mut best: Vec<Scored> = Vec::with_capacity(k + 1);
-    if k == 0 {
-        return best;
-    }
+    let mut best = BestK::new(k);
     for item in items {
-        if best.len() == k && by_rank(&item, &best[k - 1]).is_ge() {
-            continue;
-        }
-        let at = best.partition_point(|b| by_rank(b, &item).is_lt());
-        best.insert(at, item);
-        best.truncate(k);
+        best.offer(item);
     }
-    best
+    best.into_best()
+}
+
+/// [`best_k`] fed one item at a time, so that one pass over a pool can fill
+/// several rows.
+#[derive(Debug)]
+pub struct BestK {
+    k: usize,
+    best: Vec<Scored>,
+}
+
+impl BestK {
+    pub fn new(k: usize) -> BestK {
+        BestK {
+            k,
+            best: Vec::with_capacity(k + 1),
+        }
+    }
+
+    #[inline]
+    pub fn offer(&mut self, item: Scored) {
+        let k = self.k;
+        if self.best.len() == k {
+            // Most items lose to the last place on the score alone (a plain
+            // comparison: the total order breaks only the rarer ties).
+            match self.best.last() {
+                Some(last) if item.score < last.score || by_rank(&item, last).is_ge() => return,
+                None => return,
+                Some(_) => {}
+            }
+        }
+        let at = self.best.partition_point(|b| by_rank(b, &item).is_lt());
+        self.best.insert(at, item);
+        self.best.truncate(k);
+    }
+
+    /// The best items, best first.
+    pub fn into_best(self) -> Vec<Scored> {
+        self.best
+    }
 }
 
 /// Picks `n` items from a ranked list such that no genre appears in more than

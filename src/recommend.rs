@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::blend::{self, Dominant, Scored, Signals};
-use crate::catalog::{Catalog, GenreSet, IdHasher, IdMap, Movie};
+use crate::catalog::{Catalog, ContentKey, GenreSet, IdHasher, IdMap, Movie};
 use crate::config::EngineConfig;
 use crate::cowatch::{self, CoWatchLists};
 use crate::decay::{HalfLives, Momentum};
@@ -341,14 +341,10 @@ impl ItemIndex {
 
 /// Content similarity in `[0, 1]`: shared genres, release years and tags.
 pub fn content_similarity(a: &Movie, b: &Movie) -> f64 {
-    let genres = a.genres.jaccard(b.genres);
-    let years = match (a.year, b.year) {
-        (Some(x), Some(y)) => (1.0 - (x as f64 - y as f64).abs() / 20.0).max(0.0),
-        _ => 0.0,
-    };
     if a.tags.is_empty() || b.tags.is_empty() {
-        0.75 * genres + 0.25 * years
+        untagged_similarity(a.content_key(), b.content_key())
     } else {
+        let (genres, years) = genre_and_year_terms(a.content_key(), b.content_key());
         let shared = a
             .tags
             .iter()
@@ -357,6 +353,22 @@ pub fn content_similarity(a: &Movie, b: &Movie) -> f64 {
         let union = a.tags.len() + b.tags.len() - shared;
         0.6 * genres + 0.2 * years + 0.2 * shared as f64 / union as f64
     }
+}
+
+/// [`content_similarity`] when either movie has no tags: it reads only
+/// their content keys.
+fn untagged_similarity(a: ContentKey, b: ContentKey) -> f64 {
+    let (genres, years) = genre_and_year_terms(a, b);
+    0.75 * genres + 0.25 * years
+}
+
+fn genre_and_year_terms(a: ContentKey, b: ContentKey) -> (f64, f64) {
+    let genres = a.genres.jaccard(b.genres);
+    let years = match (a.year, b.year) {
+        (Some(x), Some(y)) => year_term(x.abs_diff(y)),
+        _ => 0.0,
+    };
+    (genres, years)
 }
 
 /// A seed's most similar items with their similarity, best first.
@@ -395,6 +407,9 @@ pub struct RecomputeCache {
     /// freed): they stay warm in the caches instead of being allocated and
     /// touched afresh for every user.
     slots: CandidateSlots,
+    /// The pool of a few hundred candidates, ≈ 100 bytes each: growing it
+    /// afresh for every user copied it twice.
+    candidates: Vec<Candidate>,
     co_watch_scores: IdMap<CoWatchScore>,
     co_watch_ranking: Vec<(u32, f64)>,
 }
@@ -463,9 +478,27 @@ fn similarity_bound(j: f64, years: f64, seed_has_tags: bool) -> f64 {
     }
 }
 
-/// The year term of [`content_similarity`] for release years `gap` apart.
+/// The year term of [`content_similarity`] for release years `gap` apart:
+/// 1 for the same year, falling linearly to 0 at 20 years.
 fn year_term(gap: u16) -> f64 {
-    (1.0 - gap as f64 / 20.0).max(0.0)
+    YEAR_TERMS[usize::from(gap.min(YEARS_TO_ZERO))]
+}
+
+/// The year term's zero: release years this far apart share nothing.
+const YEARS_TO_ZERO: u16 = 20;
+
+/// [`year_term`] by gap, divided once at compile time (the division's latency
+/// showed in the recompute's profile).
+static YEAR_TERMS: [f64; YEARS_TO_ZERO as usize + 1] = year_terms();
+
+const fn year_terms() -> [f64; YEARS_TO_ZERO as usize + 1] {
+    let mut terms = [0.0; YEARS_TO_ZERO as usize + 1];
+    let mut gap = 0;
+    while gap <= YEARS_TO_ZERO as usize {
+        terms[gap] = 1.0 - gap as f64 / YEARS_TO_ZERO as f64;
+        gap += 1;
+    }
+    terms
 }
 
 /// Most similar first, ties to the lower id.
@@ -667,10 +700,14 @@ fn enabled(variant: &Variant, source: Source) -> bool {
     variant.sources & source_bit(source) != 0
 }
 
-struct Candidate<'a> {
+#[derive(Debug)]
+struct Candidate {
     movie_id: u32,
-    /// Looked up once, when the candidate is first proposed.
-    movie: &'a Movie,
+    /// Where the movie is in the catalog, looked up once when it is first
+    /// proposed.
+    position: u32,
+    /// The movie's genres, read by every row's filter.
+    genres: GenreSet,
     /// Bit set of the sources that proposed it.
     sources: u8,
     signals: Signals,
@@ -727,7 +764,8 @@ pub fn build_outputs(
         .collect();
 
     // Candidate pool from every source, excluding what the user already consumed.
-    let mut candidates: Vec<Candidate<'_>> = Vec::with_capacity(4 * lists.candidates_per_source);
+    let mut candidates = std::mem::take(&mut cache.candidates);
+    candidates.clear();
     let mut slot = std::mem::take(&mut cache.slots);
     slot.begin(ctx.catalog.len());
     // Whether `id` may be recommended at all (and is now a candidate of
@@ -753,7 +791,8 @@ pub fn build_outputs(
                     known.map_or_else(|| ctx.index.signal_at(position), |k| k.1);
                 candidates.push(Candidate {
                     movie_id: id,
-                    movie: ctx.catalog.at(position),
+                    position,
+                    genres: ctx.catalog.key_at(position).genres,
                     sources: 0,
                     signals: Signals {
                         popularity,
@@ -844,14 +883,28 @@ pub fn build_outputs(
     }
 
     // Signals.
-    let seed_movies: Vec<&Movie> = seeds.iter().filter_map(|s| ctx.catalog.get(*s)).collect();
+    // The seeds' content keys are read once; a candidate's whole record
+    // only when both it and a seed have tags.
+    let seed_keys: Vec<(&Movie, ContentKey)> = seeds
+        .iter()
+        .filter_map(|s| ctx.catalog.position(*s))
+        .map(|p| (ctx.catalog.at(p), ctx.catalog.key_at(p)))
+        .collect();
     let tastes = GenreTable::new(&weights);
     for c in &mut candidates {
-        let movie = c.movie;
-        c.signals.affinity = tastes.affinity(movie.genres, max_abs);
-        if let Some((seed, sim)) = seed_movies
+        let key = ctx.catalog.key_at(c.position);
+        c.signals.affinity = tastes.affinity(c.genres, max_abs);
+        let similarity = |(seed, seed_key): &(&Movie, ContentKey)| {
+            let similarity = if key.tagged && seed_key.tagged {
+                content_similarity(ctx.catalog.at(c.position), seed)
+            } else {
+                untagged_similarity(key, *seed_key)
+            };
+            (seed.id, similarity)
+        };
+        if let Some((seed, sim)) = seed_keys
             .iter()
-            .map(|s| (s.id, content_similarity(movie, s)))
+            .map(similarity)
             .max_by(|a, b| a.1.total_cmp(&b.1).then(b.0.cmp(&a.0)))
         {
             c.signals.similarity = sim;
@@ -898,7 +951,7 @@ pub fn build_outputs(
     let scored = |c: &Candidate, score: f64| Scored {
         movie_id: c.movie_id,
         score,
-        genres: c.movie.genres,
+        genres: c.genres,
     };
     let ranked = blend::LazyOrder::ranked(candidates.iter().map(|c| scored(c, c.score)).collect());
     let mut rendered: IdMap<RecommendedItem> = IdMap::default();
@@ -917,26 +970,39 @@ pub fn build_outputs(
     let top = blend::diversify(ranked, lists.top_n, lists.max_genre_share);
     let top_ids: Vec<u32> = top.iter().map(|s| item(s.movie_id)).collect();
 
+    // Every other row's best items, chosen in one pass over the pool: the
+    // genre rows by score, the cold start's genre rows and "Trending now" by
+    // trending, "Popular" by popularity.
+    let best = || blend::BestK::new(lists.row_size);
+    let mut genre_best: Vec<blend::BestK> = top_genres.iter().map(|_| best()).collect();
+    let mut cold_best: Vec<blend::BestK> = cold_genres.iter().map(|_| best()).collect();
+    let (mut trending_best, mut popular_best) = (best(), best());
+    for c in &candidates {
+        for (g, row) in top_genres.iter().zip(&mut genre_best) {
+            if c.genres.contains(g.genre) {
+                row.offer(scored(c, c.score));
+            }
+        }
+        for (&genre, row) in cold_genres.iter().zip(&mut cold_best) {
+            if c.genres.contains(genre) {
+                row.offer(scored(c, c.signals.trending));
+            }
+        }
+        trending_best.offer(scored(c, c.signals.trending));
+        popular_best.offer(scored(c, c.signals.popularity));
+    }
+
     let mut rows = vec![CarouselRow {
         id: "top-picks".into(),
         title: "Top picks for you".into(),
         kind: "top_picks".into(),
         movie_ids: top_ids.clone(),
     }];
-    for g in &top_genres {
+    for (g, best) in top_genres.iter().zip(genre_best) {
         let name = ctx.catalog.genre_name(g.genre);
-        // The ranking's first items of the genre: its best `row_size` by
-        // score, in one bounded pass (a rare genre's items may rank deep).
-        let row: Vec<u32> = blend::best_k(
-            candidates
-                .iter()
-                .filter(|c| c.movie.genres.contains(g.genre))
-                .map(|c| scored(c, c.score)),
-            lists.row_size,
-        )
-        .iter()
-        .map(|s| item(s.movie_id))
-        .collect();
+        // The ranking's first items of the genre (a rare genre's items may
+        // rank deep).
+        let row: Vec<u32> = best.into_best().iter().map(|s| item(s.movie_id)).collect();
         rows.push(CarouselRow {
             id: format!("genre:{name}"),
             title: format!("Because you like {name}"),
@@ -944,15 +1010,9 @@ pub fn build_outputs(
             movie_ids: row,
         });
     }
-    for &genre in &cold_genres {
+    for (&genre, best) in cold_genres.iter().zip(cold_best) {
         let name = ctx.catalog.genre_name(genre);
-        let row = blend::best_k(
-            candidates
-                .iter()
-                .filter(|c| c.movie.genres.contains(genre))
-                .map(|c| scored(c, c.signals.trending)),
-            lists.row_size,
-        );
+        let row = best.into_best();
         rows.push(CarouselRow {
             id: format!("trending-genre:{name}"),
             title: format!("Trending in {name}"),
@@ -1008,15 +1068,11 @@ pub fn build_outputs(
             movie_ids: row,
         });
     }
-    for (id, title, key) in [
-        (
-            "trending",
-            "Trending now",
-            (|c: &Candidate| c.signals.trending) as fn(&Candidate) -> f64,
-        ),
-        ("popular", "Popular", |c: &Candidate| c.signals.popularity),
+    for (id, title, best) in [
+        ("trending", "Trending now", trending_best),
+        ("popular", "Popular", popular_best),
     ] {
-        let by_key = blend::best_k(candidates.iter().map(|c| scored(c, key(c))), lists.row_size);
+        let by_key = best.into_best();
         rows.push(CarouselRow {
             id: id.into(),
             title: title.into(),
@@ -1032,6 +1088,7 @@ pub fn build_outputs(
         .filter_map(|id| rendered.remove(id))
         .collect();
     cache.slots = slot;
+    cache.candidates = candidates;
     cache.co_watch_scores = co_watched.by_item;
     cache.co_watch_ranking = co_watched.ranked.into_items();
 
@@ -1098,9 +1155,16 @@ fn strongest_first(a: &(u32, f64), b: &(u32, f64)) -> std::cmp::Ordering {
     b.1.total_cmp(&a.1).then(a.0.cmp(&b.0))
 }
 
+/// `(id, strength)` pairs rank [`strongest_first`].
+impl blend::Ranked for (u32, f64) {
+    fn rank_order(&self, other: &Self) -> std::cmp::Ordering {
+        strongest_first(self, other)
+    }
+}
+
 /// `items` (unique ids) as a [`LazyRanking`].
 fn strongest_lazily(items: Vec<(u32, f64)>) -> LazyRanking {
-    blend::LazyOrder::new(items, strongest_first, 64)
+    blend::LazyOrder::new(items, 64)
 }
 
 /// Items co-watched with the user's most recent engaged ones: each seed's
@@ -1259,7 +1323,7 @@ pub fn score_of(scores: &[(u32, f32)], movie_id: u32) -> f32 {
 }
 
 fn render(ctx: &Context, reasons: &mut Reasons, c: &Candidate) -> RecommendedItem {
-    let movie = c.movie;
+    let movie = ctx.catalog.at(c.position);
     let dominant = blend::dominant(&c.signals, &ctx.variant.blend);
     let seed = |s: Option<u32>| match s.filter(|s| ctx.catalog.contains(*s)) {
         Some(s) => Subject::Seed(s),
@@ -1479,6 +1543,14 @@ mod tests {
         c
     }
 
+    #[test]
+    fn year_terms_read_like_the_division() {
+        for gap in 0..=u16::MAX {
+            let want = (1.0 - gap as f64 / 20.0).max(0.0);
+            assert_eq!(year_term(gap).to_bits(), want.to_bits(), "gap {gap}");
+        }
+    }
+
     proptest! {
         /// The model source reads the catalogue scores by descending score
         /// (ties by id), to any depth, with unscored (NaN) items left out.
@@ -1518,6 +1590,29 @@ mod tests {
             full.sort_by(strongest_first);
             let lazy: Vec<(u32, f64)> = strongest_lazily(unique).take(depth).collect();
             prop_assert_eq!(&lazy[..], &full[..depth.min(full.len())]);
+        }
+
+        /// The signals' shortcut for untagged pairs, from the catalog's
+        /// dense content keys, gives exactly the full record's similarity.
+        #[test]
+        fn untagged_similarity_reads_like_the_full_record(
+            movies in proptest::collection::vec(
+                (0u8..64, proptest::option::of(1940u16..2020), prop_oneof![1 => Just(0u8), 1 => 0u8..32]),
+                1..40,
+            ),
+        ) {
+            let catalog = varied_catalog(&movies);
+            for p in 0..catalog.len() as u32 {
+                let a = catalog.at(p);
+                prop_assert_eq!(catalog.key_at(p), a.content_key());
+                for q in 0..catalog.len() as u32 {
+                    let b = catalog.at(q);
+                    if a.tags.is_empty() || b.tags.is_empty() {
+                        let shortcut = untagged_similarity(catalog.key_at(p), catalog.key_at(q));
+                        prop_assert_eq!(shortcut.to_bits(), content_similarity(a, b).to_bits());
+                    }
+                }
+            }
         }
 
         /// The pruned search by genre group returns exactly what a scan of
