@@ -95,10 +95,15 @@ impl GenreSet {
     }
     /// Jaccard similarity of two genre sets (0 when both are empty).
     pub fn jaccard(self, other: GenreSet) -> f64 {
-        let union = (self.0 | other.0).count_ones() as usize;
-        let shared = (self.0 & other.0).count_ones() as usize;
-        JACCARD[union * (MAX_GENRES + 1) + shared]
+        let union = (self.0 | other.0).count_ones();
+        jaccard_of_counts((self.0 & other.0).count_ones(), union)
     }
+}
+
+/// The Jaccard similarity of two sets that share `shared` of their `union`
+/// elements (0 when both are empty); `shared <= union <= 64`.
+pub fn jaccard_of_counts(shared: u32, union: u32) -> f64 {
+    JACCARD[union as usize * (MAX_GENRES + 1) + shared as usize]
 }
 
 /// `shared / union` for every pair of genre counts, at `union * 65 + shared`
@@ -140,6 +145,7 @@ impl Movie {
     pub fn content_key(&self) -> ContentKey {
         ContentKey {
             genres: self.genres,
+            genre_count: self.genres.len() as u8,
             year: self.year,
             tagged: !self.tags.is_empty(),
         }
@@ -153,6 +159,9 @@ impl Movie {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ContentKey {
     pub genres: GenreSet,
+    /// How many genres: a Jaccard then needs one bit count, not two (this
+    /// build targets x86-64 without a bit-count instruction).
+    pub genre_count: u8,
     pub year: Option<u16>,
     /// Whether the movie has tags (then the tag ids are in its record).
     pub tagged: bool,

@@ -363,7 +363,9 @@ fn untagged_similarity(a: ContentKey, b: ContentKey) -> f64 {
 }
 
 fn genre_and_year_terms(a: ContentKey, b: ContentKey) -> (f64, f64) {
-    let genres = a.genres.jaccard(b.genres);
+    let shared = (a.genres.0 & b.genres.0).count_ones();
+    let union = u32::from(a.genre_count) + u32::from(b.genre_count) - shared;
+    let genres = crate::catalog::jaccard_of_counts(shared, union);
     let years = match (a.year, b.year) {
         (Some(x), Some(y)) => year_term(x.abs_diff(y)),
         _ => 0.0,
