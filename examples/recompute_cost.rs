@@ -4,11 +4,14 @@
 //! third between runs; an instruction count does not:
 //!
 //! ```text
-//! cargo build --release --example recompute_cost
+//! cargo run --release --example recompute_cost -- 20000     # µs per recompute
+//! cargo run --release --example recompute_cost -- --digest  # hash of all outputs
 //! valgrind --tool=callgrind --toggle-collect='recompute_cost::recompute_in_turn' \
-//!     $CARGO_TARGET_DIR/release/examples/recompute_cost 300
-//! recompute_cost --digest   # a hash of all 2,000 users' encoded outputs
+//!     <target dir>/release/examples/recompute_cost 300      # instructions / 300
 //! ```
+//!
+//! The digest compares builds of the same toolchain (it uses the standard
+//! library's hasher).
 
 #[path = "../benches/common/mod.rs"]
 #[allow(dead_code)]

@@ -103,6 +103,7 @@ impl GenreSet {
 /// The Jaccard similarity of two sets that share `shared` of their `union`
 /// elements (0 when both are empty); `shared <= union <= 64`.
 pub fn jaccard_of_counts(shared: u32, union: u32) -> f64 {
+    debug_assert!(shared <= union && union as usize <= MAX_GENRES);
     JACCARD[union as usize * (MAX_GENRES + 1) + shared as usize]
 }
 
@@ -287,13 +288,14 @@ impl Catalog {
             .iter()
             .map(|g| names.iter().position(|n| n == g).expect("appended above") as u8)
             .collect();
-        for movie in &mut self.movies {
+        for (movie, key) in self.movies.iter_mut().zip(&mut self.keys) {
             let mut remapped = GenreSet::default();
             for g in movie.genres.iter() {
                 remapped.insert(new_id[g as usize]);
             }
             movie.genres = remapped;
             movie.genre_names = remapped.iter().map(|g| names[g as usize].clone()).collect();
+            *key = movie.content_key();
         }
         self.genre_ids = names
             .iter()
@@ -873,6 +875,17 @@ mod tests {
     use std::io::Write;
 
     #[test]
+    fn the_jaccard_table_holds_every_quotient() {
+        assert_eq!(jaccard_of_counts(0, 0).to_bits(), 0.0f64.to_bits());
+        for union in 1..=MAX_GENRES as u32 {
+            for shared in 0..=union {
+                let want = shared as f64 / union as f64;
+                assert_eq!(jaccard_of_counts(shared, union).to_bits(), want.to_bits());
+            }
+        }
+    }
+
+    #[test]
     fn jaccard_reads_like_the_division() {
         let mut rng = crate::rng::Rng::new(7);
         let mut pairs = vec![(0, 0), (u64::MAX, u64::MAX), (u64::MAX, 1), (0, 1 << 63)];
@@ -1031,6 +1044,14 @@ mod tests {
             vec!["Horror"]
         );
         assert_eq!(&*second.get(1).unwrap().genre_names[0], "Drama");
+        // The dense content keys follow the renumbering.
+        for p in 0..second.len() as u32 {
+            assert_eq!(second.key_at(p), second.at(p).content_key());
+        }
+        assert_eq!(
+            second.key_at(second.position(2).unwrap()).genres,
+            second.get(2).unwrap().genres
+        );
     }
 
     #[test]
@@ -1057,14 +1078,21 @@ mod tests {
 
     #[test]
     fn positions_stay_dense_and_exact_through_upserts_and_removals() {
+        // Movies differ in genres, year and tags, so a content key left at
+        // another movie's position would show.
         let record = |id: u32, title: &str| CatalogRecord {
             movie_id: id,
             title: title.into(),
-            genres: vec!["Drama".into()],
-            year: None,
+            genres: ["Drama", "Comedy", "Horror"][..1 + (id as usize + title.len()) % 3]
+                .iter()
+                .map(|g| g.to_string())
+                .collect(),
+            year: (id % 2 == 0).then_some(1990 + id as u16 + title.len() as u16),
             tmdb_id: None,
             imdb_id: None,
-            tags: vec![],
+            tags: (0..(id + title.len() as u32) % 3)
+                .map(|t| format!("t{t}"))
+                .collect(),
         };
         let mut c = Catalog::default();
         for id in [7, 2, 9, 4] {

@@ -1612,6 +1612,18 @@ mod tests {
                     if a.tags.is_empty() || b.tags.is_empty() {
                         let shortcut = untagged_similarity(catalog.key_at(p), catalog.key_at(q));
                         prop_assert_eq!(shortcut.to_bits(), content_similarity(a, b).to_bits());
+                        // ...and both what the formula gives, divisions and all.
+                        let union = (a.genres.0 | b.genres.0).count_ones();
+                        let genres = if union == 0 {
+                            0.0
+                        } else {
+                            (a.genres.0 & b.genres.0).count_ones() as f64 / union as f64
+                        };
+                        let years = match (a.year, b.year) {
+                            (Some(x), Some(y)) => (1.0 - (x as f64 - y as f64).abs() / 20.0).max(0.0),
+                            _ => 0.0,
+                        };
+                        prop_assert_eq!(shortcut.to_bits(), (0.75 * genres + 0.25 * years).to_bits());
                     }
                 }
             }
