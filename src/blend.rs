@@ -221,6 +221,7 @@ impl BestK {
             // comparison: the total order breaks only the rarer ties).
             match self.best.last() {
                 Some(last) if item.score < last.score || by_rank(&item, last).is_ge() => return,
+                // Full and empty: k is 0, nothing is kept.
                 None => return,
                 Some(_) => {}
             }

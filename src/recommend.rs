@@ -341,10 +341,16 @@ impl ItemIndex {
 
 /// Content similarity in `[0, 1]`: shared genres, release years and tags.
 pub fn content_similarity(a: &Movie, b: &Movie) -> f64 {
-    if a.tags.is_empty() || b.tags.is_empty() {
-        untagged_similarity(a.content_key(), b.content_key())
-    } else {
-        let (genres, years) = genre_and_year_terms(a.content_key(), b.content_key());
+    keyed_similarity((a, a.content_key()), (b, b.content_key()))
+}
+
+/// [`content_similarity`] of two movies whose content keys are at hand (the
+/// catalog keeps them densely): the movies' records are read only when both
+/// have tags.
+fn keyed_similarity(a: (&Movie, ContentKey), b: (&Movie, ContentKey)) -> f64 {
+    let (genres, years) = genre_and_year_terms(a.1, b.1);
+    if a.1.tagged && b.1.tagged {
+        let (a, b) = (a.0, b.0);
         let shared = a
             .tags
             .iter()
@@ -352,14 +358,9 @@ pub fn content_similarity(a: &Movie, b: &Movie) -> f64 {
             .count();
         let union = a.tags.len() + b.tags.len() - shared;
         0.6 * genres + 0.2 * years + 0.2 * shared as f64 / union as f64
+    } else {
+        0.75 * genres + 0.25 * years
     }
-}
-
-/// [`content_similarity`] when either movie has no tags: it reads only
-/// their content keys.
-fn untagged_similarity(a: ContentKey, b: ContentKey) -> f64 {
-    let (genres, years) = genre_and_year_terms(a, b);
-    0.75 * genres + 0.25 * years
 }
 
 fn genre_and_year_terms(a: ContentKey, b: ContentKey) -> (f64, f64) {
@@ -896,13 +897,10 @@ pub fn build_outputs(
     for c in &mut candidates {
         let key = ctx.catalog.key_at(c.position);
         c.signals.affinity = tastes.affinity(c.genres, max_abs);
-        let similarity = |(seed, seed_key): &(&Movie, ContentKey)| {
-            let similarity = if key.tagged && seed_key.tagged {
-                content_similarity(ctx.catalog.at(c.position), seed)
-            } else {
-                untagged_similarity(key, *seed_key)
-            };
-            (seed.id, similarity)
+        let similarity = |&(seed, seed_key): &(&Movie, ContentKey)| {
+            // The candidate's record is only read through the reference.
+            let candidate = (ctx.catalog.at(c.position), key);
+            (seed.id, keyed_similarity(candidate, (seed, seed_key)))
         };
         if let Some((seed, sim)) = seed_keys
             .iter()
@@ -1594,10 +1592,10 @@ mod tests {
             prop_assert_eq!(&lazy[..], &full[..depth.min(full.len())]);
         }
 
-        /// The signals' shortcut for untagged pairs, from the catalog's
-        /// dense content keys, gives exactly the full record's similarity.
+        /// Similarity from the catalog's dense content keys gives exactly
+        /// what the formula gives, divisions and all, tagged or not.
         #[test]
-        fn untagged_similarity_reads_like_the_full_record(
+        fn keyed_similarity_equals_the_formula(
             movies in proptest::collection::vec(
                 (0u8..64, proptest::option::of(1940u16..2020), prop_oneof![1 => Just(0u8), 1 => 0u8..32]),
                 1..40,
@@ -1609,22 +1607,26 @@ mod tests {
                 prop_assert_eq!(catalog.key_at(p), a.content_key());
                 for q in 0..catalog.len() as u32 {
                     let b = catalog.at(q);
-                    if a.tags.is_empty() || b.tags.is_empty() {
-                        let shortcut = untagged_similarity(catalog.key_at(p), catalog.key_at(q));
-                        prop_assert_eq!(shortcut.to_bits(), content_similarity(a, b).to_bits());
-                        // ...and both what the formula gives, divisions and all.
-                        let union = (a.genres.0 | b.genres.0).count_ones();
-                        let genres = if union == 0 {
-                            0.0
-                        } else {
-                            (a.genres.0 & b.genres.0).count_ones() as f64 / union as f64
-                        };
-                        let years = match (a.year, b.year) {
-                            (Some(x), Some(y)) => (1.0 - (x as f64 - y as f64).abs() / 20.0).max(0.0),
-                            _ => 0.0,
-                        };
-                        prop_assert_eq!(shortcut.to_bits(), (0.75 * genres + 0.25 * years).to_bits());
-                    }
+                    let keyed = keyed_similarity((a, catalog.key_at(p)), (b, catalog.key_at(q)));
+                    prop_assert_eq!(keyed.to_bits(), content_similarity(a, b).to_bits());
+                    let union = (a.genres.0 | b.genres.0).count_ones();
+                    let genres = if union == 0 {
+                        0.0
+                    } else {
+                        (a.genres.0 & b.genres.0).count_ones() as f64 / union as f64
+                    };
+                    let years = match (a.year, b.year) {
+                        (Some(x), Some(y)) => (1.0 - (x as f64 - y as f64).abs() / 20.0).max(0.0),
+                        _ => 0.0,
+                    };
+                    let formula = if a.tags.is_empty() || b.tags.is_empty() {
+                        0.75 * genres + 0.25 * years
+                    } else {
+                        let shared = a.tags.iter().filter(|t| b.tags.contains(t)).count();
+                        let union = a.tags.len() + b.tags.len() - shared;
+                        0.6 * genres + 0.2 * years + 0.2 * shared as f64 / union as f64
+                    };
+                    prop_assert_eq!(keyed.to_bits(), formula.to_bits());
                 }
             }
         }
