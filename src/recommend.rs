@@ -584,6 +584,7 @@ fn nearest_years(by_year: &[(u16, u32)], year: u16) -> impl Iterator<Item = (u16
 fn most_similar(catalog: &Catalog, groups: &[GenreGroup], seed: &Movie) -> Vec<(u32, f32)> {
     let k = SIMILAR_PER_SEED;
     let tagged = !seed.tags.is_empty();
+    let seed_key = (seed, seed.content_key());
     let mut order: Vec<(f32, f64, &GenreGroup)> = groups
         .iter()
         .map(|g| {
@@ -604,11 +605,15 @@ fn most_similar(catalog: &Catalog, groups: &[GenreGroup], seed: &Movie) -> Vec<(
         let floor = similarity_bound(j, 0.0, tagged) as f32;
         let shares_genre = group.genres.0 & seed.genres.0 != 0;
         let visit = |search: &mut TopSimilar, id: u32| {
-            let Some(m) = catalog.get(id) else { return };
-            if id == seed.id || (!shares_genre && m.tags.is_empty()) {
+            let Some(position) = catalog.position(id) else {
+                return;
+            };
+            let key = catalog.key_at(position);
+            if id == seed.id || (!shares_genre && !key.tagged) {
                 return;
             }
-            search.offer(id, content_similarity(seed, m) as f32);
+            let movie = (catalog.at(position), key);
+            search.offer(id, keyed_similarity(seed_key, movie) as f32);
         };
         match seed.year {
             Some(year) => {
