@@ -347,20 +347,26 @@ pub fn content_similarity(a: &Movie, b: &Movie) -> f64 {
 /// [`content_similarity`] of two movies whose content keys are at hand (the
 /// catalog keeps them densely): the movies' records are read only when both
 /// have tags.
+#[inline]
 fn keyed_similarity(a: (&Movie, ContentKey), b: (&Movie, ContentKey)) -> f64 {
     let (genres, years) = genre_and_year_terms(a.1, b.1);
     if a.1.tagged && b.1.tagged {
-        let (a, b) = (a.0, b.0);
-        let shared = a
-            .tags
-            .iter()
-            .filter(|t| b.tags.binary_search(t).is_ok())
-            .count();
-        let union = a.tags.len() + b.tags.len() - shared;
-        0.6 * genres + 0.2 * years + 0.2 * shared as f64 / union as f64
+        0.6 * genres + 0.2 * years + tag_term(a.0, b.0)
     } else {
         0.75 * genres + 0.25 * years
     }
+}
+
+/// Kept out of line: the candidate × seed loop inlines the untagged path.
+#[inline(never)]
+fn tag_term(a: &Movie, b: &Movie) -> f64 {
+    let shared = a
+        .tags
+        .iter()
+        .filter(|t| b.tags.binary_search(t).is_ok())
+        .count();
+    let union = a.tags.len() + b.tags.len() - shared;
+    0.2 * shared as f64 / union as f64
 }
 
 fn genre_and_year_terms(a: ContentKey, b: ContentKey) -> (f64, f64) {
@@ -902,9 +908,8 @@ pub fn build_outputs(
     for c in &mut candidates {
         let key = ctx.catalog.key_at(c.position);
         c.signals.affinity = tastes.affinity(c.genres, max_abs);
+        let candidate = (ctx.catalog.at(c.position), key);
         let similarity = |&(seed, seed_key): &(&Movie, ContentKey)| {
-            // The candidate's record is only read through the reference.
-            let candidate = (ctx.catalog.at(c.position), key);
             (seed.id, keyed_similarity(candidate, (seed, seed_key)))
         };
         if let Some((seed, sim)) = seed_keys
