@@ -203,6 +203,13 @@ pub enum OutputKind {
 }
 
 impl OutputKind {
+    /// The order of [`UserOutputs::encode`]'s records.
+    pub const ALL: [OutputKind; 3] = [
+        OutputKind::Recommendations,
+        OutputKind::Carousels,
+        OutputKind::Insights,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             OutputKind::Recommendations => "recommendations",
@@ -216,21 +223,28 @@ impl UserOutputs {
     /// The encoded JSON payload of each record: exactly `serde_json::to_vec`
     /// of each.
     pub fn encode(&self) -> [(OutputKind, Vec<u8>); 3] {
+        let mut payloads = Default::default();
+        self.encode_into(&mut payloads);
+        let [recommendations, carousels, insights] = payloads;
         [
-            (
-                OutputKind::Recommendations,
-                encode_recommendations(&self.recommendations),
-            ),
-            (OutputKind::Carousels, encode_carousels(&self.carousels)),
-            (OutputKind::Insights, to_json(&self.insights)),
+            (OutputKind::Recommendations, recommendations),
+            (OutputKind::Carousels, carousels),
+            (OutputKind::Insights, insights),
         ]
     }
-}
 
-fn to_json<T: Serialize + ?Sized>(value: &T) -> Vec<u8> {
-    let mut out = Vec::new();
-    write_json(&mut out, value);
-    out
+    /// [`UserOutputs::encode`] into buffers the caller reuses from user to
+    /// user (publishing copies each payload into the producer's queue), in
+    /// [`OutputKind::ALL`] order: no allocation once they have grown.
+    pub fn encode_into(&self, payloads: &mut [Vec<u8>; 3]) {
+        let [recommendations, carousels, insights] = payloads;
+        recommendations.clear();
+        encode_recommendations(recommendations, &self.recommendations);
+        carousels.clear();
+        encode_carousels(carousels, &self.carousels);
+        insights.clear();
+        write_json(insights, &self.insights);
+    }
 }
 
 fn write_json<T: Serialize + ?Sized>(out: &mut Vec<u8>, value: &T) {
@@ -426,33 +440,26 @@ fn write_head(
 }
 
 /// `serde_json::to_vec(r)`, field by field in declaration order.
-fn encode_recommendations(r: &Recommendations) -> Vec<u8> {
-    let mut out = Vec::with_capacity(4096);
-    write_head(
-        &mut out, &r.schema, &r.user_id, r.version, r.as_of, &r.variant,
-    );
+fn encode_recommendations(out: &mut Vec<u8>, r: &Recommendations) {
+    write_head(out, &r.schema, &r.user_id, r.version, r.as_of, &r.variant);
     if let Some(model) = &r.model {
-        field(&mut out, false, "model", model);
+        field(out, false, "model", model);
     }
     if let Some(blend) = &r.blend {
-        field(&mut out, false, "blend", blend);
+        field(out, false, "blend", blend);
     }
-    field_key(&mut out, false, "items");
-    write_list(&mut out, &r.items, write_item);
+    field_key(out, false, "items");
+    write_list(out, &r.items, write_item);
     out.push(b'}');
-    out
 }
 
 /// `serde_json::to_vec(c)`, field by field in declaration order.
-fn encode_carousels(c: &Carousels) -> Vec<u8> {
-    let mut out = Vec::with_capacity(8192);
-    write_head(
-        &mut out, &c.schema, &c.user_id, c.version, c.as_of, &c.variant,
-    );
-    field_key(&mut out, false, "items");
-    write_list(&mut out, &c.items, write_carousel_item);
-    field_key(&mut out, false, "rows");
-    write_list(&mut out, &c.rows, |out, row| {
+fn encode_carousels(out: &mut Vec<u8>, c: &Carousels) {
+    write_head(out, &c.schema, &c.user_id, c.version, c.as_of, &c.variant);
+    field_key(out, false, "items");
+    write_list(out, &c.items, write_carousel_item);
+    field_key(out, false, "rows");
+    write_list(out, &c.rows, |out, row| {
         out.push(b'{');
         field(out, true, "id", &row.id);
         field(out, false, "title", &row.title);
@@ -461,7 +468,6 @@ fn encode_carousels(c: &Carousels) -> Vec<u8> {
         out.push(b'}');
     });
     out.push(b'}');
-    out
 }
 
 #[cfg(test)]
@@ -591,6 +597,27 @@ mod tests {
                 serde_json::to_string(&o.carousels).unwrap()
             );
             assert_eq!(insights, serde_json::to_vec(&o.insights).unwrap());
+        }
+    }
+
+    /// Buffers reused from a user with longer records hold exactly the next
+    /// user's records.
+    #[test]
+    fn reused_buffers_hold_only_the_latest_records() {
+        let mut payloads: [Vec<u8>; 3] = Default::default();
+        let mut long = outputs(None);
+        long.recommendations.user_id = "a-user-with-a-much-longer-id".repeat(20);
+        long.carousels.user_id = long.recommendations.user_id.clone();
+        long.insights.user_id = long.recommendations.user_id.clone();
+        long.encode_into(&mut payloads);
+        let short = outputs(None);
+        short.encode_into(&mut payloads);
+        let fresh = short.encode();
+        for (kind, (reused, (fresh_kind, fresh))) in
+            OutputKind::ALL.into_iter().zip(payloads.iter().zip(&fresh))
+        {
+            assert_eq!(kind, *fresh_kind);
+            assert_eq!(reused, fresh, "{}", kind.as_str());
         }
     }
 

@@ -47,6 +47,7 @@ use crate::event::{decode_interaction, parse_refresh, Interaction};
 use crate::global;
 use crate::handover::Handover;
 use crate::metrics;
+use crate::output::OutputKind;
 use crate::routing::Assignment;
 use crate::store::{Store, StoreError};
 
@@ -2116,36 +2117,35 @@ pub async fn send_outputs(
     dead_letters: &[DeadLetter],
 ) -> Result<SentOutputs, PipelineError> {
     let mut counts = [0u64; 3];
-    let mut encoded = Vec::with_capacity(outputs.len() * 3);
+    let mut pending = Vec::with_capacity(outputs.len() * 3 + dead_letters.len());
+    // Reused for every user: the producer copies each payload as it queues it.
+    let mut payloads: [Vec<u8>; 3] = Default::default();
     for (user, out) in outputs {
         let previous_version = out.previous_version.to_string();
-        for (i, (kind, payload)) in out.encode().into_iter().enumerate() {
+        out.encode_into(&mut payloads);
+        for (i, (kind, payload)) in OutputKind::ALL.into_iter().zip(&payloads).enumerate() {
             let topic = match kind {
-                crate::output::OutputKind::Recommendations => &topics.recommendations,
-                crate::output::OutputKind::Carousels => &topics.carousels,
-                crate::output::OutputKind::Insights => &topics.insights,
+                OutputKind::Recommendations => &topics.recommendations,
+                OutputKind::Carousels => &topics.carousels,
+                OutputKind::Insights => &topics.insights,
             };
             let headers = OwnedHeaders::new_with_capacity(1).insert(Header {
                 key: crate::output::PREVIOUS_VERSION_HEADER,
                 value: Some(&previous_version),
             });
-            encoded.push((topic, user, payload, headers));
+            let record = FutureRecord::to(topic)
+                .key(user.as_bytes())
+                .payload(payload)
+                .headers(headers);
+            pending.push(
+                enqueue(producer, record)
+                    .await
+                    .map_err(PipelineError::Publish)?,
+            );
             counts[i] += 1;
         }
     }
     let dead_letter_records: Vec<_> = dead_letters.iter().map(dead_letter_headers).collect();
-    let mut pending = Vec::with_capacity(encoded.len() + dead_letters.len());
-    for (topic, user, payload, headers) in encoded {
-        let record = FutureRecord::to(topic)
-            .key(user.as_bytes())
-            .payload(&payload)
-            .headers(headers);
-        pending.push(
-            enqueue(producer, record)
-                .await
-                .map_err(PipelineError::Publish)?,
-        );
-    }
     for (dl, headers) in dead_letters.iter().zip(dead_letter_records) {
         let mut record = FutureRecord::to(&topics.dead_letters)
             .payload(&dl.payload)
