@@ -381,7 +381,17 @@ fn genre_and_year_terms(a: ContentKey, b: ContentKey) -> (f64, f64) {
 }
 
 /// A seed's most similar items with their similarity, best first.
-pub type SimilarItems = Arc<Vec<(u32, f32)>>;
+pub type SimilarItems = Arc<Vec<SimilarItem>>;
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SimilarItem {
+    pub id: u32,
+    pub similarity: f32,
+    /// Where the item is in the catalog the list was computed from (the
+    /// cache is cleared whenever the catalog changes): proposing it as a
+    /// candidate needs no lookup by id.
+    pub position: u32,
+}
 
 /// Most similar items per seed, computed on first use. Cleared when the catalog changes.
 #[derive(Debug, Default)]
@@ -511,8 +521,8 @@ const fn year_terms() -> [f64; YEARS_TO_ZERO as usize + 1] {
 }
 
 /// Most similar first, ties to the lower id.
-fn by_similarity(a: &(u32, f32), b: &(u32, f32)) -> std::cmp::Ordering {
-    b.1.total_cmp(&a.1).then(a.0.cmp(&b.0))
+fn by_similarity(a: &SimilarItem, b: &SimilarItem) -> std::cmp::Ordering {
+    b.similarity.total_cmp(&a.similarity).then(a.id.cmp(&b.id))
 }
 
 impl SimilarityCache {
@@ -587,7 +597,7 @@ fn nearest_years(by_year: &[(u16, u32)], year: u16) -> impl Iterator<Item = (u16
 /// group's movies nearest the seed's year first; the search stops once no
 /// later movie can reach (or tie) the current last place, so the result
 /// equals a scan of the whole catalog.
-fn most_similar(catalog: &Catalog, groups: &[GenreGroup], seed: &Movie) -> Vec<(u32, f32)> {
+fn most_similar(catalog: &Catalog, groups: &[GenreGroup], seed: &Movie) -> Vec<SimilarItem> {
     let k = SIMILAR_PER_SEED;
     let tagged = !seed.tags.is_empty();
     let seed_key = (seed, seed.content_key());
@@ -619,7 +629,11 @@ fn most_similar(catalog: &Catalog, groups: &[GenreGroup], seed: &Movie) -> Vec<(
                 return;
             }
             let movie = (catalog.at(position), key);
-            search.offer(id, keyed_similarity(seed_key, movie) as f32);
+            search.offer(SimilarItem {
+                id,
+                similarity: keyed_similarity(seed_key, movie) as f32,
+                position,
+            });
         };
         match seed.year {
             Some(year) => {
@@ -653,18 +667,19 @@ fn most_similar(catalog: &Catalog, groups: &[GenreGroup], seed: &Movie) -> Vec<(
 /// The best [`SIMILAR_PER_SEED`] offers so far, kept loosely: between 0 and
 /// 2k entries, cut back to the best k whenever full and after each group.
 struct TopSimilar {
-    best: Vec<(u32, f32)>,
+    best: Vec<SimilarItem>,
     /// The k-th best similarity at the last cut: no later offer below it
     /// can enter the result (the true k-th place only rises).
     last_place: Option<f32>,
 }
 
 impl TopSimilar {
-    fn offer(&mut self, id: u32, similarity: f32) {
+    fn offer(&mut self, item: SimilarItem) {
+        let similarity = item.similarity;
         if similarity <= 0.0 || self.last_place.is_some_and(|p| similarity < p) {
             return;
         }
-        self.best.push((id, similarity));
+        self.best.push(item);
         if self.best.len() == 2 * SIMILAR_PER_SEED {
             self.cut();
         }
@@ -676,7 +691,7 @@ impl TopSimilar {
         if self.best.len() >= k {
             self.best.select_nth_unstable_by(k - 1, by_similarity);
             self.best.truncate(k);
-            self.last_place = Some(self.best[k - 1].1);
+            self.last_place = Some(self.best[k - 1].similarity);
         }
     }
 
@@ -786,8 +801,8 @@ pub fn build_outputs(
     // `source`). Every source but co-watch ranks catalog items only (the
     // index and the similarity cache are rebuilt when the catalog changes);
     // a co-watch neighbour outside the catalog is not proposed.
-    // A ranking's entry brings the item's position and signals along (no
-    // lookup); other ids are looked up once.
+    // A ranking's or a similar list's entry brings the item's position and
+    // signals along (no lookup); co-watch neighbours are looked up once.
     let mut propose = |id: u32, known: Option<(u32, Signal)>, source: Source| -> bool {
         if state.is_seen(id) || seeds.contains(&id) {
             return false;
@@ -795,8 +810,8 @@ pub fn build_outputs(
         let Some(position) = known.map(|k| k.0).or_else(|| ctx.catalog.position(id)) else {
             return false;
         };
-        // A ranking's position is only valid for the catalog it was built
-        // from (the engine drops its index whenever the catalog changes).
+        // A position is only valid for the catalog it was found in (the
+        // engine drops its index and similar lists whenever it changes).
         debug_assert_eq!(ctx.catalog.at(position).id, id, "a stale catalog position");
         let i = match slot.get(position) {
             Some(i) => i,
@@ -867,7 +882,9 @@ pub fn build_outputs(
         .collect();
     for (_, similar) in &seed_lists {
         take(
-            &mut similar.iter().map(|(id, _)| (*id, None)),
+            &mut similar
+                .iter()
+                .map(|s| (s.id, Some((s.position, ctx.index.signal_at(s.position))))),
             Source::Similar,
         );
     }
@@ -1060,7 +1077,7 @@ pub fn build_outputs(
             .into_iter()
             .flatten()
             .map(|(id, _)| id)
-            .chain(similar.iter().map(|(id, _)| *id));
+            .chain(similar.iter().map(|s| s.id));
         let mut row: Vec<u32> = Vec::with_capacity(lists.row_size);
         for id in ids.filter(|id| slot.of(ctx.catalog, *id).is_some()) {
             if row.len() == lists.row_size {
@@ -1653,11 +1670,15 @@ mod tests {
         ) {
             let c = varied_catalog(&movies);
             let seed = c.get(seed_pick.index(movies.len()) as u32 + 1).unwrap();
-            let mut full: Vec<(u32, f32)> = c
+            let mut full: Vec<SimilarItem> = c
                 .movies()
                 .filter(|m| m.id != seed.id && !(m.genres.0 & seed.genres.0 == 0 && m.tags.is_empty()))
-                .map(|m| (m.id, content_similarity(seed, m) as f32))
-                .filter(|(_, s)| *s > 0.0)
+                .map(|m| SimilarItem {
+                    id: m.id,
+                    similarity: content_similarity(seed, m) as f32,
+                    position: c.position(m.id).unwrap(),
+                })
+                .filter(|s| s.similarity > 0.0)
                 .collect();
             full.sort_by(by_similarity);
             full.truncate(SIMILAR_PER_SEED);
