@@ -93,8 +93,13 @@ fn bench(c: &mut Criterion) {
         });
     }
     let outputs = engine.peek(0, "u7").unwrap();
+    // Into a reused buffer, as the pipeline's batch encoder does.
+    let mut bytes = Vec::new();
     g.bench_function("encode_outputs", |b| {
-        b.iter(|| black_box(&outputs).encode())
+        b.iter(|| {
+            bytes.clear();
+            black_box(&outputs).encode_append(&mut bytes)
+        })
     });
     g.finish();
 

@@ -160,8 +160,8 @@ impl Movie {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ContentKey {
     pub genres: GenreSet,
-    /// How many genres: a Jaccard then needs one bit count, not two (this
-    /// build targets x86-64 without a bit-count instruction).
+    /// How many genres: a Jaccard then needs one bit count, not two (a
+    /// build for plain x86-64, without POPCNT, counts bits in software).
     pub genre_count: u8,
     pub year: Option<u16>,
     /// Whether the movie has tags (then the tag ids are in its record).

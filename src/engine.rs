@@ -507,6 +507,10 @@ impl Engine {
                     .map_err(|e| bad(format!("genre vocabulary: {e}")))?;
                 self.store
                     .set_genre_vocabulary(&self.catalog.genre_vocabulary())?;
+                // Adopting rebuilds the catalog's genre records (appended
+                // genres): drop what was derived from the old ones.
+                self.index_cache = None;
+                self.recompute_cache.catalog_changed();
             }
         }
         let mut items = IdMap::default();

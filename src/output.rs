@@ -3,6 +3,8 @@
 //! record with the highest version and drops any older one it sees later.
 
 use std::collections::BTreeMap;
+use std::io::Write;
+use std::ops::Range;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -223,9 +225,9 @@ impl UserOutputs {
     /// The encoded JSON payload of each record: exactly `serde_json::to_vec`
     /// of each.
     pub fn encode(&self) -> [(OutputKind, Vec<u8>); 3] {
-        let mut payloads = Default::default();
-        self.encode_into(&mut payloads);
-        let [recommendations, carousels, insights] = payloads;
+        let mut bytes = Vec::new();
+        let ranges = self.encode_append(&mut bytes);
+        let [recommendations, carousels, insights] = ranges.map(|range| bytes[range].to_vec());
         [
             (OutputKind::Recommendations, recommendations),
             (OutputKind::Carousels, carousels),
@@ -233,17 +235,83 @@ impl UserOutputs {
         ]
     }
 
-    /// [`UserOutputs::encode`] into buffers the caller reuses from user to
-    /// user (publishing copies each payload into the producer's queue), in
-    /// [`OutputKind::ALL`] order: no allocation once they have grown.
-    pub fn encode_into(&self, payloads: &mut [Vec<u8>; 3]) {
-        let [recommendations, carousels, insights] = payloads;
-        recommendations.clear();
-        encode_recommendations(recommendations, &self.recommendations);
-        carousels.clear();
-        encode_carousels(carousels, &self.carousels);
-        insights.clear();
-        write_json(insights, &self.insights);
+    /// [`UserOutputs::encode`]'s three records appended to `out` in
+    /// [`OutputKind::ALL`] order; returns where each lies in `out`.
+    pub fn encode_append(&self, out: &mut Vec<u8>) -> [Range<usize>; 3] {
+        let start = out.len();
+        encode_recommendations(out, &self.recommendations);
+        let recommendations = start..out.len();
+        encode_carousels(out, &self.carousels);
+        let carousels = recommendations.end..out.len();
+        write_json(out, &self.insights);
+        let insights = carousels.end..out.len();
+        [recommendations, carousels, insights]
+    }
+}
+
+/// A batch's records encoded back to back into one buffer that is reused from
+/// batch to batch: no allocation per record once it has grown, and the whole
+/// batch is encoded before the first record is enqueued. Beyond
+/// [`BatchEncoder::RETAINED_BYTES`] the buffer is given back between batches
+/// (an exactly-once transaction can hold thousands of users' records).
+#[derive(Default)]
+pub struct BatchEncoder {
+    bytes: Vec<u8>,
+    users: Vec<EncodedUser>,
+}
+
+/// Where one user's records and previous version (header text) lie in
+/// [`BatchEncoder`]'s buffer.
+struct EncodedUser {
+    previous_version: Range<usize>,
+    records: [Range<usize>; 3],
+}
+
+/// One encoded record of a [`BatchEncoder`] batch.
+pub struct EncodedRecord<'a> {
+    pub kind: OutputKind,
+    pub user: &'a str,
+    pub previous_version: &'a str,
+    pub payload: &'a [u8],
+}
+
+impl BatchEncoder {
+    /// What the buffer keeps between batches: ≈ 200 users' records.
+    pub const RETAINED_BYTES: usize = 4 << 20;
+
+    /// Encodes every user's records (replacing the previous batch) and returns
+    /// them in order: each user's three records in [`OutputKind::ALL`] order.
+    pub fn encode<'a>(
+        &'a mut self,
+        outputs: &'a [(String, UserOutputs)],
+    ) -> impl Iterator<Item = EncodedRecord<'a>> + 'a {
+        self.bytes.clear();
+        self.bytes.shrink_to(Self::RETAINED_BYTES);
+        self.users.clear();
+        for (_, out) in outputs {
+            let start = self.bytes.len();
+            write!(self.bytes, "{}", out.previous_version).expect("writing to a Vec cannot fail");
+            let previous_version = start..self.bytes.len();
+            let records = out.encode_append(&mut self.bytes);
+            self.users.push(EncodedUser {
+                previous_version,
+                records,
+            });
+        }
+        let (bytes, users) = (&self.bytes, &self.users);
+        outputs.iter().zip(users).flat_map(move |((user, _), at)| {
+            let previous_version = std::str::from_utf8(&bytes[at.previous_version.clone()])
+                .expect("a number's digits are UTF-8");
+            OutputKind::ALL
+                .into_iter()
+                .zip(at.records.clone())
+                .map(move |(kind, range)| EncodedRecord {
+                    kind,
+                    user,
+                    previous_version,
+                    payload: &bytes[range],
+                })
+        })
     }
 }
 
@@ -600,25 +668,56 @@ mod tests {
         }
     }
 
-    /// Buffers reused from a user with longer records hold exactly the next
-    /// user's records.
+    /// A reused batch encoder yields exactly what serde_json writes for each
+    /// user's records, in order, and holds nothing of a longer previous batch.
     #[test]
-    fn reused_buffers_hold_only_the_latest_records() {
-        let mut payloads: [Vec<u8>; 3] = Default::default();
+    fn batch_encoder_yields_each_users_records_in_order() {
+        let mut encoder = BatchEncoder::default();
         let mut long = outputs(None);
         long.recommendations.user_id = "a-user-with-a-much-longer-id".repeat(20);
         long.carousels.user_id = long.recommendations.user_id.clone();
         long.insights.user_id = long.recommendations.user_id.clone();
-        long.encode_into(&mut payloads);
-        let short = outputs(None);
-        short.encode_into(&mut payloads);
-        let fresh = short.encode();
-        for (kind, (reused, (fresh_kind, fresh))) in
-            OutputKind::ALL.into_iter().zip(payloads.iter().zip(&fresh))
-        {
-            assert_eq!(kind, *fresh_kind);
-            assert_eq!(reused, fresh, "{}", kind.as_str());
+        long.previous_version = 123_456_789;
+        let first = vec![
+            ("long".to_string(), long.clone()),
+            ("long2".to_string(), long),
+        ];
+        assert_eq!(encoder.encode(&first).count(), 6);
+        let mut short = outputs(None);
+        short.previous_version = 7;
+        let mut other = outputs(None);
+        other.previous_version = 0;
+        other.recommendations.items.clear();
+        let batch = vec![("a".to_string(), short), ("b".to_string(), other)];
+        let expected: Vec<_> = batch
+            .iter()
+            .flat_map(|(user, out)| {
+                let version = out.previous_version.to_string();
+                [
+                    serde_json::to_vec(&out.recommendations).unwrap(),
+                    serde_json::to_vec(&out.carousels).unwrap(),
+                    serde_json::to_vec(&out.insights).unwrap(),
+                ]
+                .into_iter()
+                .zip(OutputKind::ALL)
+                .map(move |(bytes, kind)| (kind, user.as_str(), version.clone(), bytes))
+            })
+            .collect();
+        let encoded: Vec<_> = encoder.encode(&batch).collect();
+        assert_eq!(encoded.len(), expected.len());
+        for (got, (kind, user, version, bytes)) in encoded.iter().zip(&expected) {
+            assert_eq!(got.kind, *kind);
+            assert_eq!(got.user, *user);
+            assert_eq!(got.previous_version, version);
+            assert_eq!(got.payload, bytes.as_slice(), "{}", kind.as_str());
         }
+        // Only this batch's records and versions are in the buffer.
+        let versions: usize = batch
+            .iter()
+            .map(|(_, out)| out.previous_version.to_string().len())
+            .sum();
+        let records: usize = expected.iter().map(|(_, _, _, bytes)| bytes.len()).sum();
+        assert_eq!(encoder.bytes.len(), versions + records);
     }
 
     /// A kept card is reused only for the very same catalog entry: a movie

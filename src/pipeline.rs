@@ -47,7 +47,7 @@ use crate::event::{decode_interaction, parse_refresh, Interaction};
 use crate::global;
 use crate::handover::Handover;
 use crate::metrics;
-use crate::output::OutputKind;
+use crate::output::{BatchEncoder, OutputKind};
 use crate::routing::Assignment;
 use crate::store::{Store, StoreError};
 
@@ -1380,17 +1380,19 @@ async fn publish_loop(
 ) -> Result<(), PipelineError> {
     let (confirm_tx, confirm_rx) = mpsc::channel::<Confirm>(CONFIRM_QUEUE);
     let send = async {
+        let mut encoder = BatchEncoder::default();
         while let Some(msg) = publish_rx.recv().await {
             let next = match msg {
                 Publish::Barrier(done) => Confirm::Barrier(done),
                 // Confirmed before the batch's own offsets (the confirmer keeps order).
                 Publish::Chunk(outputs) => Confirm::Sent(SentBatch::without_offsets(
-                    send_outputs(&producers.outputs, &topics, &outputs, &[]).await?,
+                    send_outputs(&producers.outputs, &topics, &mut encoder, &outputs, &[]).await?,
                     Vec::new(),
                 )),
                 Publish::Outputs { outputs, changelog } => {
                     Confirm::Sent(SentBatch::without_offsets(
-                        send_outputs(&producers.outputs, &topics, &outputs, &[]).await?,
+                        send_outputs(&producers.outputs, &topics, &mut encoder, &outputs, &[])
+                            .await?,
                         changelog,
                     ))
                 }
@@ -1403,8 +1405,14 @@ async fn publish_loop(
                     event_times,
                     in_flight,
                 } => Confirm::Sent(SentBatch {
-                    outputs: send_outputs(&producers.outputs, &topics, &outputs, &dead_letters)
-                        .await?,
+                    outputs: send_outputs(
+                        &producers.outputs,
+                        &topics,
+                        &mut encoder,
+                        &outputs,
+                        &dead_letters,
+                    )
+                    .await?,
                     changelog,
                     offsets,
                     received,
@@ -1584,6 +1592,7 @@ async fn transaction_loop(
     // The first chunk of a batch that arrived while a transaction was being
     // filled: it begins the next one.
     let mut carried: Option<Publish> = None;
+    let mut encoder = BatchEncoder::default();
     loop {
         let first = match carried.take() {
             Some(msg) => msg,
@@ -1634,7 +1643,9 @@ async fn transaction_loop(
                             Err(e) => return Err(abort(&transactions, e).await),
                         },
                     };
-                    match send_outputs(&transactions.producer, &topics, &outputs, &[]).await {
+                    match send_outputs(&transactions.producer, &topics, &mut encoder, &outputs, &[])
+                        .await
+                    {
                         Ok(sent) => txn.sent.push(sent),
                         Err(e) => {
                             let e = transactions.publish_failed(e, txn.outages);
@@ -1689,7 +1700,16 @@ async fn transaction_loop(
             }
         }
         if taken > 0 {
-            let acked = match transact(&transactions, open, &consumer, &topics, &batch).await {
+            let acked = match transact(
+                &transactions,
+                open,
+                &consumer,
+                &topics,
+                &mut encoder,
+                &batch,
+            )
+            .await
+            {
                 Ok(acked) => acked,
                 Err(e) => return Err(abort(&transactions, e).await),
             };
@@ -1764,6 +1784,7 @@ async fn transact(
     open: Option<OpenTransaction>,
     consumer: &Arc<StreamConsumer<EngineContext>>,
     topics: &TopicNames,
+    encoder: &mut BatchEncoder,
     batch: &TransactionBatch,
 ) -> Result<Vec<(u32, u64, i64)>, PipelineError> {
     let producer = &transactions.producer;
@@ -1774,9 +1795,15 @@ async fn transact(
     let outages = txn.outages;
     let failed = |e: KafkaError| transactions.failed(e, outages);
     let publish_failed = |e: PipelineError| transactions.publish_failed(e, outages);
-    let outputs = send_outputs(producer, topics, &batch.outputs, &batch.dead_letters)
-        .await
-        .map_err(publish_failed)?;
+    let outputs = send_outputs(
+        producer,
+        topics,
+        encoder,
+        &batch.outputs,
+        &batch.dead_letters,
+    )
+    .await
+    .map_err(publish_failed)?;
     let mut changelog = Vec::with_capacity(batch.changelog.len());
     for cb in &batch.changelog {
         let mut deliveries = Vec::with_capacity(cb.records.len());
@@ -2070,16 +2097,22 @@ pub async fn publish_outputs(
     outputs: &[(String, crate::output::UserOutputs)],
     dead_letters: &[DeadLetter],
 ) -> Result<(), PipelineError> {
-    send_outputs(producer, topics, outputs, dead_letters)
-        .await?
-        .confirm()
-        .await
+    send_outputs(
+        producer,
+        topics,
+        &mut BatchEncoder::default(),
+        outputs,
+        dead_letters,
+    )
+    .await?
+    .confirm()
+    .await
 }
 
 /// Output records handed to the producer, with what to count once they land.
 pub struct SentOutputs {
     pending: Vec<DeliveryFuture>,
-    /// Records per output kind: recommendations, carousels, insights.
+    /// Records per output kind, in [`OutputKind::ALL`] order.
     counts: [u64; 3],
     dead_letters: u64,
 }
@@ -2090,7 +2123,8 @@ impl SentOutputs {
         await_deliveries(self.pending)
             .await
             .map_err(PipelineError::Publish)?;
-        for (kind, n) in ["recommendations", "carousels", "insights"]
+        for (kind, n) in OutputKind::ALL
+            .map(OutputKind::as_str)
             .iter()
             .zip(self.counts)
         {
@@ -2106,44 +2140,41 @@ impl SentOutputs {
 /// Enqueues every record of a batch (waiting only while the producer's queue
 /// is full); [`SentOutputs::confirm`] waits for the acknowledgements.
 ///
-/// Every record is encoded before the first is enqueued, so the batch reaches
-/// librdkafka in one burst: a transactional producer then registers all the
-/// partitions a transaction writes to in one AddPartitionsToTxn request (the
-/// broker's request log shows one request for all 24).
+/// Every record is encoded (into `encoder`'s reused buffer) before the first
+/// is enqueued, so the batch reaches librdkafka in one burst: a transactional
+/// producer then registers all the partitions a transaction writes to in one
+/// AddPartitionsToTxn request (the broker's request log shows one request for
+/// all 24).
 pub async fn send_outputs(
     producer: &FutureProducer,
     topics: &TopicNames,
+    encoder: &mut BatchEncoder,
     outputs: &[(String, crate::output::UserOutputs)],
     dead_letters: &[DeadLetter],
 ) -> Result<SentOutputs, PipelineError> {
     let mut counts = [0u64; 3];
     let mut pending = Vec::with_capacity(outputs.len() * 3 + dead_letters.len());
-    // Reused for every user: the producer copies each payload as it queues it.
-    let mut payloads: [Vec<u8>; 3] = Default::default();
-    for (user, out) in outputs {
-        let previous_version = out.previous_version.to_string();
-        out.encode_into(&mut payloads);
-        for (i, (kind, payload)) in OutputKind::ALL.into_iter().zip(&payloads).enumerate() {
-            let topic = match kind {
-                OutputKind::Recommendations => &topics.recommendations,
-                OutputKind::Carousels => &topics.carousels,
-                OutputKind::Insights => &topics.insights,
-            };
-            let headers = OwnedHeaders::new_with_capacity(1).insert(Header {
-                key: crate::output::PREVIOUS_VERSION_HEADER,
-                value: Some(&previous_version),
-            });
-            let record = FutureRecord::to(topic)
-                .key(user.as_bytes())
-                .payload(payload)
-                .headers(headers);
-            pending.push(
-                enqueue(producer, record)
-                    .await
-                    .map_err(PipelineError::Publish)?,
-            );
-            counts[i] += 1;
-        }
+    for record in encoder.encode(outputs) {
+        let topic = match record.kind {
+            OutputKind::Recommendations => &topics.recommendations,
+            OutputKind::Carousels => &topics.carousels,
+            OutputKind::Insights => &topics.insights,
+        };
+        let headers = OwnedHeaders::new_with_capacity(1).insert(Header {
+            key: crate::output::PREVIOUS_VERSION_HEADER,
+            value: Some(record.previous_version),
+        });
+        let queued = FutureRecord::to(topic)
+            .key(record.user.as_bytes())
+            .payload(record.payload)
+            .headers(headers);
+        pending.push(
+            enqueue(producer, queued)
+                .await
+                .map_err(PipelineError::Publish)?,
+        );
+        // The discriminants follow `OutputKind::ALL`'s order.
+        counts[record.kind as usize] += 1;
     }
     let dead_letter_records: Vec<_> = dead_letters.iter().map(dead_letter_headers).collect();
     for (dl, headers) in dead_letters.iter().zip(dead_letter_records) {
