@@ -276,8 +276,10 @@ pub struct EncodedRecord<'a> {
 }
 
 impl BatchEncoder {
-    /// What the buffer keeps between batches: ≈ 200 users' records.
-    pub const RETAINED_BYTES: usize = 4 << 20;
+    /// What the buffer keeps between batches: an at-least-once chunk of
+    /// [`crate::pipeline`]'s up to 1,000 users at ≈ 20 KB of records each
+    /// (below that, the buffer regrew, page by page, for every chunk).
+    pub const RETAINED_BYTES: usize = 32 << 20;
 
     /// Encodes every user's records (replacing the previous batch) and returns
     /// them in order: each user's three records in [`OutputKind::ALL`] order.
