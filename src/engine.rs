@@ -508,8 +508,8 @@ impl Engine {
                 self.store
                     .set_genre_vocabulary(&self.catalog.genre_vocabulary())?;
                 // Adopting rebuilds the catalog's genre records (appended
-                // genres): drop what was derived from the old ones.
-                self.index_cache = None;
+                // genres): drop what was derived from the old ones (the
+                // candidate index is dropped by `sum_partitions` below).
                 self.recompute_cache.catalog_changed();
             }
         }

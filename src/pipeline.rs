@@ -2112,8 +2112,8 @@ pub async fn publish_outputs(
 /// Output records handed to the producer, with what to count once they land.
 pub struct SentOutputs {
     pending: Vec<DeliveryFuture>,
-    /// Records per output kind, in [`OutputKind::ALL`] order.
-    counts: [u64; 3],
+    /// Users whose records were sent: one record of every output kind each.
+    users: u64,
     dead_letters: u64,
 }
 
@@ -2123,12 +2123,8 @@ impl SentOutputs {
         await_deliveries(self.pending)
             .await
             .map_err(PipelineError::Publish)?;
-        for (kind, n) in OutputKind::ALL
-            .map(OutputKind::as_str)
-            .iter()
-            .zip(self.counts)
-        {
-            metrics::output_published(kind, n);
+        for kind in OutputKind::ALL {
+            metrics::output_published(kind.as_str(), self.users);
         }
         if self.dead_letters > 0 {
             metrics::output_published("dead_letters", self.dead_letters);
@@ -2152,7 +2148,6 @@ pub async fn send_outputs(
     outputs: &[(String, crate::output::UserOutputs)],
     dead_letters: &[DeadLetter],
 ) -> Result<SentOutputs, PipelineError> {
-    let mut counts = [0u64; 3];
     let mut pending = Vec::with_capacity(outputs.len() * 3 + dead_letters.len());
     for record in encoder.encode(outputs) {
         let topic = match record.kind {
@@ -2173,8 +2168,6 @@ pub async fn send_outputs(
                 .await
                 .map_err(PipelineError::Publish)?,
         );
-        // The discriminants follow `OutputKind::ALL`'s order.
-        counts[record.kind as usize] += 1;
     }
     let dead_letter_records: Vec<_> = dead_letters.iter().map(dead_letter_headers).collect();
     for (dl, headers) in dead_letters.iter().zip(dead_letter_records) {
@@ -2192,7 +2185,7 @@ pub async fn send_outputs(
     }
     Ok(SentOutputs {
         pending,
-        counts,
+        users: outputs.len() as u64,
         dead_letters: dead_letters.len() as u64,
     })
 }
