@@ -106,3 +106,5 @@ engine_config() {
 
 # CPU seconds (user + system) that process $1 has used so far.
 cpu_seconds() { awk -v hz="$(getconf CLK_TCK)" '{printf "%.2f", ($14 + $15) / hz}' "/proc/$1/stat"; }
+# Minor page faults so far (each a fresh page the kernel zeroes for the process).
+minor_faults() { awk '{print $10}' "/proc/$1/stat"; }

@@ -31,6 +31,7 @@ load() { "$BIN" loadgen --brokers "$brokers" --config "$ENGINE_CONFIG" --catalog
 echo "# machine: $(nproc) cores; catalog: $CATALOG; NCF: ${NCF:-0}; guarantee: $GUARANTEE; $USERS users"
 load --events "$WARMUP_EVENTS" --seed 7 >/dev/null
 engine0=$(cpu_seconds "$ENGINE")
+faults0=$(minor_faults "$ENGINE")
 broker0=$(cpu_seconds "$BROKER")
 if [ -n "${PERF:-}" ]; then
   perf record -F 499 --call-graph dwarf,16384 -p "$ENGINE" -o "$PERF" >"$PERF.log" 2>&1 &
@@ -38,14 +39,17 @@ if [ -n "${PERF:-}" ]; then
 fi
 load --events "$EVENTS" --seed 1
 engine1=$(cpu_seconds "$ENGINE")
+faults1=$(minor_faults "$ENGINE")
 broker1=$(cpu_seconds "$BROKER")
 if [ -n "${PERF:-}" ]; then
   kill -INT "$perf_pid"
   wait "$perf_pid" || true
 fi
-awk -v a="$engine0" -v b="$engine1" -v c="$broker0" -v d="$broker1" -v n="$EVENTS" 'BEGIN {
+awk -v a="$engine0" -v b="$engine1" -v c="$broker0" -v d="$broker1" -v n="$EVENTS" \
+    -v f0="$faults0" -v f1="$faults1" 'BEGIN {
   printf "# engine %.2f CPU-s, %.0f events per engine CPU-second (%.1f us per event); broker %.2f CPU-s (%.1f us per event)\n",
-    b - a, n / (b - a), 1e6 * (b - a) / n, d - c, 1e6 * (d - c) / n }'
+    b - a, n / (b - a), 1e6 * (b - a) / n, d - c, 1e6 * (d - c) / n
+  printf "# engine minor page faults: %.2f per event\n", (f1 - f0) / n }'
 echo "# engine peak RSS: $(awk '/VmHWM/{print $2, $3}' "/proc/$ENGINE/status")"
 python3 - "$brokers" "$SIZE_SAMPLE" "$((WARMUP_EVENTS + EVENTS))" <<'PY'
 import pathlib, sys, tomllib

@@ -7,6 +7,7 @@
 //! back to Kafka. [`engine`] is the synchronous core shared by the Kafka path
 //! and in-process callers.
 
+pub mod allocator;
 pub mod api;
 pub mod archive;
 pub mod blend;

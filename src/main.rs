@@ -10,6 +10,7 @@ use clap::Parser;
 use recstream::cli::{Cli, Command};
 
 fn main() -> ExitCode {
+    let allocator = recstream::allocator::tune_for_batches();
     let cli = Cli::parse();
     // The demo prints its own story; keep its logs to warnings unless asked.
     let default_filter = match cli.command {
@@ -23,6 +24,7 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    tracing::debug!(?allocator, "allocator tuned for per-batch memory");
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {
