@@ -806,17 +806,20 @@ impl Store {
                           value: Vec<u8>,
                           known_prev: Option<Option<Vec<u8>>>|
          -> Result<(), StoreError> {
-            if self.changelog {
-                let prev = match known_prev {
-                    Some(prev) => prev,
-                    None => self.db.get_cf(self.cf(cf), &store_key)?,
-                };
-                records
-                    .entry(partition)
-                    .or_default()
-                    .push((key, prev, value.clone()));
+            if !self.changelog {
+                batch.put_cf(self.cf(cf), store_key, value);
+                return Ok(());
             }
-            batch.put_cf(self.cf(cf), store_key, value);
+            let prev = match known_prev {
+                Some(prev) => prev,
+                None => self.db.get_cf(self.cf(cf), &store_key)?,
+            };
+            // The batch copies the value in; the changelog record keeps it.
+            batch.put_cf(self.cf(cf), store_key, &value);
+            records
+                .entry(partition)
+                .or_default()
+                .push((key, prev, value));
             Ok(())
         };
         for (partition, user, state) in &changes.users {
