@@ -3,7 +3,8 @@
 # recompute), against a real Apache Kafka broker: after a warm-up of
 # WARMUP_EVENTS, EVENTS events of USERS users are produced as fast as the
 # broker takes them; prints the engine's and the broker's CPU over that
-# phase, events per engine CPU-second, and the mean size of the records
+# phase, events per engine CPU-second, the engine's minor page faults per
+# event (fresh pages the kernel zeroes), and the mean size of the records
 # each output topic holds (SIZE_SAMPLE per topic, read back with the Python
 # client) with how many records and bytes it holds per input event, and the
 # engine's peak RSS. This is the figure issue 22's cost-per-event targets are about.

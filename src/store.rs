@@ -797,23 +797,18 @@ impl Store {
         // Per partition: (key, value before, value after).
         type Pending = Vec<(Key, Option<Vec<u8>>, Vec<u8>)>;
         let mut records: BTreeMap<u32, Pending> = BTreeMap::new();
-        // `known_prev`: the value before the batch when the caller knows it
-        // (else it is read from the store).
+        // `prev`: the value before the batch (the changelog carries it).
         let mut change = |cf: &str,
                           partition: u32,
                           store_key: Vec<u8>,
                           key: Key,
                           value: Vec<u8>,
-                          known_prev: Option<Option<Vec<u8>>>|
+                          prev: Option<Vec<u8>>|
          -> Result<(), StoreError> {
             if !self.changelog {
                 batch.put_cf(self.cf(cf), store_key, value);
                 return Ok(());
             }
-            let prev = match known_prev {
-                Some(prev) => prev,
-                None => self.db.get_cf(self.cf(cf), &store_key)?,
-            };
             // The batch copies the value in; the changelog record keeps it.
             batch.put_cf(self.cf(cf), store_key, &value);
             records
@@ -822,20 +817,31 @@ impl Store {
                 .push((key, prev, value));
             Ok(())
         };
-        for (partition, user, state) in &changes.users {
-            let key = user_key(*partition, user);
+        let users: Vec<Vec<u8>> = changes
+            .users
+            .iter()
+            .map(|(partition, user, _)| user_key(*partition, user))
+            .collect();
+        let before = self.values_before(CF_USERS, &users)?;
+        for (((partition, user, state), key), prev) in changes.users.iter().zip(users).zip(before) {
+            let value = encode(state);
             change(
                 CF_USERS,
                 *partition,
                 key,
                 Key::User(user.clone()),
-                encode(state),
-                None,
+                value,
+                prev,
             )?;
         }
-        for (partition, id, m) in &changes.items {
-            let key = partition_prefixed(*partition, &id.to_be_bytes());
-            change(CF_ITEMS, *partition, key, Key::Item(*id), encode(m), None)?;
+        let items: Vec<Vec<u8>> = changes
+            .items
+            .iter()
+            .map(|(partition, id, _)| partition_prefixed(*partition, &id.to_be_bytes()))
+            .collect();
+        let before = self.values_before(CF_ITEMS, &items)?;
+        for (((partition, id, m), key), prev) in changes.items.iter().zip(items).zip(before) {
+            change(CF_ITEMS, *partition, key, Key::Item(*id), encode(m), prev)?;
         }
         for c in &changes.cowatch {
             change(
@@ -844,19 +850,18 @@ impl Store {
                 slot_key(c.partition, c.item, c.slot),
                 Key::CoWatchSlot(c.item, c.slot),
                 encode(&c.value),
-                Some(c.prev.as_ref().map(encode)),
+                c.prev.as_ref().map(encode),
             )?;
         }
-        for (partition, name, m) in &changes.genres {
-            let key = partition_prefixed(*partition, name.as_bytes());
-            change(
-                CF_GENRES,
-                *partition,
-                key,
-                Key::Genre(name.clone()),
-                encode(m),
-                None,
-            )?;
+        let genres: Vec<Vec<u8>> = changes
+            .genres
+            .iter()
+            .map(|(partition, name, _)| partition_prefixed(*partition, name.as_bytes()))
+            .collect();
+        let before = self.values_before(CF_GENRES, &genres)?;
+        for (((partition, name, m), key), prev) in changes.genres.iter().zip(genres).zip(before) {
+            let genre = Key::Genre(name.clone());
+            change(CF_GENRES, *partition, key, genre, encode(m), prev)?;
         }
         let offsets = self.cf(CF_OFFSETS);
         for (topic, partition, offset) in &changes.offsets {
@@ -922,6 +927,24 @@ impl Store {
         }
         self.db.write(batch)?;
         Ok(out)
+    }
+
+    /// The stored values of `keys` in `cf` before this batch, for the
+    /// changelog (nothing is read without it): one batched MultiGet, not
+    /// a point read per key.
+    fn values_before(
+        &self,
+        cf: &str,
+        keys: &[Vec<u8>],
+    ) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+        if !self.changelog {
+            return Ok(vec![None; keys.len()]);
+        }
+        self.db
+            .batched_multi_get_cf(self.cf(cf), keys, false)
+            .into_iter()
+            .map(|value| Ok(value?.map(|v| v.to_vec())))
+            .collect()
     }
 
     /// Applied offsets of one partition's input topics.
