@@ -78,6 +78,9 @@ pub enum StoreError {
     OldLayout { path: String },
 }
 
+/// A changed key: its partition, store key, changelog key and new value.
+type ChangedRow = (u32, Vec<u8>, Key, Vec<u8>);
+
 pub struct Store {
     db: DB,
     statistics: Options,
@@ -799,10 +802,7 @@ impl Store {
         let mut records: BTreeMap<u32, Pending> = BTreeMap::new();
         // `prev`: the value before the batch (the changelog carries it).
         let mut change = |cf: &str,
-                          partition: u32,
-                          store_key: Vec<u8>,
-                          key: Key,
-                          value: Vec<u8>,
+                          (partition, store_key, key, value): ChangedRow,
                           prev: Option<Vec<u8>>|
          -> Result<(), StoreError> {
             if !self.changelog {
@@ -817,51 +817,38 @@ impl Store {
                 .push((key, prev, value));
             Ok(())
         };
-        let users: Vec<Vec<u8>> = changes
-            .users
-            .iter()
-            .map(|(partition, user, _)| user_key(*partition, user))
-            .collect();
-        let before = self.values_before(CF_USERS, &users)?;
-        for (((partition, user, state), key), prev) in changes.users.iter().zip(users).zip(before) {
-            let value = encode(state);
-            change(
-                CF_USERS,
+        let users = changes.users.iter().map(|(partition, user, state)| {
+            let store_key = user_key(*partition, user);
+            (
                 *partition,
-                key,
+                store_key,
                 Key::User(user.clone()),
-                value,
-                prev,
-            )?;
+                encode(state),
+            )
+        });
+        for (row, prev) in self.with_values_before(CF_USERS, users)? {
+            change(CF_USERS, row, prev)?;
         }
-        let items: Vec<Vec<u8>> = changes
-            .items
-            .iter()
-            .map(|(partition, id, _)| partition_prefixed(*partition, &id.to_be_bytes()))
-            .collect();
-        let before = self.values_before(CF_ITEMS, &items)?;
-        for (((partition, id, m), key), prev) in changes.items.iter().zip(items).zip(before) {
-            change(CF_ITEMS, *partition, key, Key::Item(*id), encode(m), prev)?;
+        let items = changes.items.iter().map(|(partition, id, m)| {
+            let store_key = partition_prefixed(*partition, &id.to_be_bytes());
+            (*partition, store_key, Key::Item(*id), encode(m))
+        });
+        for (row, prev) in self.with_values_before(CF_ITEMS, items)? {
+            change(CF_ITEMS, row, prev)?;
         }
+        // Co-watch slots carry their previous value.
         for c in &changes.cowatch {
-            change(
-                CF_COWATCH,
-                c.partition,
-                slot_key(c.partition, c.item, c.slot),
-                Key::CoWatchSlot(c.item, c.slot),
-                encode(&c.value),
-                c.prev.as_ref().map(encode),
-            )?;
+            let store_key = slot_key(c.partition, c.item, c.slot);
+            let key = Key::CoWatchSlot(c.item, c.slot);
+            let row = (c.partition, store_key, key, encode(&c.value));
+            change(CF_COWATCH, row, c.prev.as_ref().map(encode))?;
         }
-        let genres: Vec<Vec<u8>> = changes
-            .genres
-            .iter()
-            .map(|(partition, name, _)| partition_prefixed(*partition, name.as_bytes()))
-            .collect();
-        let before = self.values_before(CF_GENRES, &genres)?;
-        for (((partition, name, m), key), prev) in changes.genres.iter().zip(genres).zip(before) {
-            let genre = Key::Genre(name.clone());
-            change(CF_GENRES, *partition, key, genre, encode(m), prev)?;
+        let genres = changes.genres.iter().map(|(partition, name, m)| {
+            let store_key = partition_prefixed(*partition, name.as_bytes());
+            (*partition, store_key, Key::Genre(name.clone()), encode(m))
+        });
+        for (row, prev) in self.with_values_before(CF_GENRES, genres)? {
+            change(CF_GENRES, row, prev)?;
         }
         let offsets = self.cf(CF_OFFSETS);
         for (topic, partition, offset) in &changes.offsets {
@@ -929,22 +916,26 @@ impl Store {
         Ok(out)
     }
 
-    /// The stored values of `keys` in `cf` before this batch, for the
-    /// changelog (nothing is read without it): one batched MultiGet, not
-    /// a point read per key.
-    fn values_before(
+    /// `rows` each with the value its key holds in `cf` before this batch,
+    /// for the changelog (nothing is read without it): one batched MultiGet,
+    /// not a point read per key.
+    fn with_values_before(
         &self,
         cf: &str,
-        keys: &[Vec<u8>],
-    ) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
-        if !self.changelog {
-            return Ok(vec![None; keys.len()]);
-        }
-        self.db
-            .batched_multi_get_cf(self.cf(cf), keys, false)
-            .into_iter()
-            .map(|value| Ok(value?.map(|v| v.to_vec())))
-            .collect()
+        rows: impl Iterator<Item = ChangedRow>,
+    ) -> Result<impl Iterator<Item = (ChangedRow, Option<Vec<u8>>)>, StoreError> {
+        let rows: Vec<ChangedRow> = rows.collect();
+        let before: Vec<Option<Vec<u8>>> = if self.changelog {
+            let keys = rows.iter().map(|(_, store_key, _, _)| store_key);
+            let values = self.db.batched_multi_get_cf(self.cf(cf), keys, false);
+            values
+                .into_iter()
+                .map(|value| Ok(value?.map(|v| v.to_vec())))
+                .collect::<Result<_, StoreError>>()?
+        } else {
+            vec![None; rows.len()]
+        };
+        Ok(rows.into_iter().zip(before))
     }
 
     /// Applied offsets of one partition's input topics.
