@@ -425,13 +425,39 @@ pub fn export_tower(weights: &NcfWeights) -> Vec<u8> {
         .first()
         .map_or(2 * weights.mlp_dim, |l| l.out);
     let mut graph = Graph::default();
-    let h = graph.tower(weights, 1, "h1");
+    // Feature-major: each layer is `W^T · h`, so tract's matrix product
+    // keeps the constant weights as its pre-packed left operand and reads
+    // the activations in their stored order (row-major `[N][h]` inputs
+    // made it repack them transposed on every call).
+    let mut h = "h1".to_string();
+    for (k, l) in weights.layers.iter().enumerate().skip(1) {
+        let (w, b) = (format!("mlp.{k}.weight_t"), format!("mlp.{k}.bias"));
+        graph.init.push(float_tensor(
+            &w,
+            &[l.out, l.inp],
+            &transposed(&l.w, l.inp, l.out),
+        ));
+        graph.init.push(float_tensor(&b, &[l.out, 1], &l.b));
+        let (z, zb, a) = (format!("z{k}"), format!("zb{k}"), format!("a{k}"));
+        graph.nodes.push(node("MatMul", &[&w, &h], &z, vec![]));
+        graph.nodes.push(node("Add", &[&z, &b], &zb, vec![]));
+        graph.nodes.push(node("Relu", &[&zb], &a, vec![]));
+        h = if l.residual {
+            let r = format!("r{k}");
+            graph.nodes.push(node("Add", &[&a, &h], &r, vec![]));
+            r
+        } else {
+            a
+        };
+    }
     let l = weights.out_w.len() - g;
-    graph
-        .init
-        .push(float_tensor("out.mlp_weight", &[l, 1], &weights.out_w[g..]));
+    graph.init.push(float_tensor(
+        "out.mlp_weight_t",
+        &[1, l],
+        &weights.out_w[g..],
+    ));
     let nodes = &mut graph.nodes;
-    nodes.push(node("MatMul", &[&h, "out.mlp_weight"], "mo", vec![]));
+    nodes.push(node("MatMul", &["out.mlp_weight_t", &h], "mo", vec![]));
     nodes.push(node("Add", &["mo", "base"], "logit", vec![]));
     graph.link(weights);
     graph.finish_with_inputs(
@@ -441,16 +467,23 @@ pub fn export_tower(weights: &NcfWeights) -> Vec<u8> {
             value_info(
                 "h1",
                 pb::tensor_proto::DataType::Float,
-                &[Err("N"), Ok(h1 as i64)],
+                &[Ok(h1 as i64), Err("N")],
             ),
             value_info(
                 "base",
                 pb::tensor_proto::DataType::Float,
-                &[Err("N"), Ok(1)],
+                &[Ok(1), Err("N")],
             ),
         ],
         &[],
     )
+}
+
+/// `[rows][cols]` row-major as `[cols][rows]`.
+fn transposed(m: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    (0..cols)
+        .flat_map(|c| (0..rows).map(move |r| m[r * cols + c]))
+        .collect()
 }
 
 fn floats(t: &pb::TensorProto) -> Result<Vec<f32>, OnnxError> {

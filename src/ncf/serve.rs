@@ -101,6 +101,10 @@ fn serving_batches() -> impl Iterator<Item = usize> {
     [16, 32].into_iter().chain((64..=1024).step_by(64))
 }
 
+/// Items whose activations are gathered row by row before they are written
+/// feature-major: 16 floats, one cache line per feature.
+const SERVING_BLOCK: usize = 16;
+
 /// The serving form: one user against many items. The engine does the
 /// per-item lookups itself (one pass over the candidates: the item's
 /// precomputed half of the first MLP layer plus the user's half, ReLU, and
@@ -190,34 +194,43 @@ impl Serving {
             .collect();
         let constant = user[g + m] + self.out_bias;
         // Padding rows stay zero; their scores are dropped.
-        let mut activations = Tensor::zero::<f32>(&[rows, h1]).map_err(tract_error)?;
-        let mut base = Tensor::zero::<f32>(&[rows, 1]).map_err(tract_error)?;
+        // Feature-major (`[h1][rows]`, see [`onnx::export_tower`]).
+        let mut activations = Tensor::zero::<f32>(&[h1, rows]).map_err(tract_error)?;
+        let mut base = Tensor::zero::<f32>(&[1, rows]).map_err(tract_error)?;
         {
             let acts = activations.as_slice_mut::<f32>().map_err(tract_error)?;
             let base = base.as_slice_mut::<f32>().map_err(tract_error)?;
-            for (k, &item) in items.iter().enumerate() {
-                let i = usize::try_from(item)
-                    .ok()
-                    .filter(|i| i * h1 < self.item_h1.len())
-                    .ok_or_else(|| {
-                        ModelError::Tract(format!("item index {item} is outside the model"))
-                    })?;
-                let table = &self.item_h1[i * h1..(i + 1) * h1];
-                for ((a, u), t) in acts[k * h1..(k + 1) * h1]
-                    .iter_mut()
-                    .zip(&user_h1)
-                    .zip(table)
-                {
-                    *a = (u + t).max(0.0);
+            // A block of items at a time, row-major in `tile` (one item's
+            // table row read whole), then written out feature by feature:
+            // each write is a contiguous run of the block's items.
+            let mut tile = vec![0.0f32; SERVING_BLOCK * h1];
+            for (block, chunk) in items.chunks(SERVING_BLOCK).enumerate() {
+                let first = block * SERVING_BLOCK;
+                for (k, (&item, row)) in chunk.iter().zip(tile.chunks_exact_mut(h1)).enumerate() {
+                    let i = usize::try_from(item)
+                        .ok()
+                        .filter(|i| i * h1 < self.item_h1.len())
+                        .ok_or_else(|| {
+                            ModelError::Tract(format!("item index {item} is outside the model"))
+                        })?;
+                    let table = &self.item_h1[i * h1..(i + 1) * h1];
+                    for ((a, u), t) in row.iter_mut().zip(&user_h1).zip(table) {
+                        *a = (u + t).max(0.0);
+                    }
+                    let gb = &self.item_gb[i * (g + 1)..(i + 1) * (g + 1)];
+                    base[first + k] = constant
+                        + gb[g]
+                        + gb[..g]
+                            .iter()
+                            .zip(&user_gmf)
+                            .map(|(a, b)| a * b)
+                            .sum::<f32>();
                 }
-                let gb = &self.item_gb[i * (g + 1)..(i + 1) * (g + 1)];
-                base[k] = constant
-                    + gb[g]
-                    + gb[..g]
-                        .iter()
-                        .zip(&user_gmf)
-                        .map(|(a, b)| a * b)
-                        .sum::<f32>();
+                for (j, feature) in acts.chunks_exact_mut(rows).enumerate() {
+                    for (k, a) in feature[first..first + chunk.len()].iter_mut().enumerate() {
+                        *a = tile[k * h1 + j];
+                    }
+                }
             }
         }
         let out = plan
