@@ -101,8 +101,8 @@ fn serving_batches() -> impl Iterator<Item = usize> {
     [16, 32].into_iter().chain((64..=1024).step_by(64))
 }
 
-/// Items whose activations are gathered row by row before they are written
-/// feature-major: 16 floats, one cache line per feature.
+/// Items whose activations are written feature-major together: 16 floats,
+/// one cache line per feature.
 const SERVING_BLOCK: usize = 16;
 
 /// The serving form: one user against many items. The engine does the
@@ -200,23 +200,21 @@ impl Serving {
         {
             let acts = activations.as_slice_mut::<f32>().map_err(tract_error)?;
             let base = base.as_slice_mut::<f32>().map_err(tract_error)?;
-            // A block of items at a time, row-major in `tile` (one item's
-            // table row read whole), then written out feature by feature:
-            // each write is a contiguous run of the block's items.
-            let mut tile = vec![0.0f32; SERVING_BLOCK * h1];
+            // A block of items at a time, written feature by feature: each
+            // write is a contiguous run of the block's items (item by item,
+            // the writes' stride of `rows` floats thrashes the cache when
+            // `rows` is a multiple of 512).
+            let mut tables: [&[f32]; SERVING_BLOCK] = [&[]; SERVING_BLOCK];
             for (block, chunk) in items.chunks(SERVING_BLOCK).enumerate() {
                 let first = block * SERVING_BLOCK;
-                for (k, (&item, row)) in chunk.iter().zip(tile.chunks_exact_mut(h1)).enumerate() {
+                for (k, &item) in chunk.iter().enumerate() {
                     let i = usize::try_from(item)
                         .ok()
                         .filter(|i| i * h1 < self.item_h1.len())
                         .ok_or_else(|| {
                             ModelError::Tract(format!("item index {item} is outside the model"))
                         })?;
-                    let table = &self.item_h1[i * h1..(i + 1) * h1];
-                    for ((a, u), t) in row.iter_mut().zip(&user_h1).zip(table) {
-                        *a = (u + t).max(0.0);
-                    }
+                    tables[k] = &self.item_h1[i * h1..(i + 1) * h1];
                     let gb = &self.item_gb[i * (g + 1)..(i + 1) * (g + 1)];
                     base[first + k] = constant
                         + gb[g]
@@ -226,9 +224,10 @@ impl Serving {
                             .map(|(a, b)| a * b)
                             .sum::<f32>();
                 }
-                for (j, feature) in acts.chunks_exact_mut(rows).enumerate() {
-                    for (k, a) in feature[first..first + chunk.len()].iter_mut().enumerate() {
-                        *a = tile[k * h1 + j];
+                let tables = &tables[..chunk.len()];
+                for (j, (feature, u)) in acts.chunks_exact_mut(rows).zip(&user_h1).enumerate() {
+                    for (a, table) in feature[first..first + chunk.len()].iter_mut().zip(tables) {
+                        *a = (u + table[j]).max(0.0);
                     }
                 }
             }
