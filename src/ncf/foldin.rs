@@ -134,6 +134,12 @@ fn descend_pairwise(
     }
 }
 
+/// Zeroes the gradient where the ReLU was off. A select rather than a
+/// conditional store, so the loop vectorizes.
+fn relu_gradient(dz: &mut f32, &z: &f32) {
+    *dz = if z <= 0.0 { 0.0 } else { *dz };
+}
+
 /// The same descent with the first layer split and the examples batched:
 /// within a step the user vector is fixed, so its half of the first layer is
 /// computed once, each example adds its item's precomputed row, and every
@@ -180,6 +186,7 @@ fn descend_precomputed(
         for (e, ex) in examples.iter().enumerate() {
             let row = &item_h1[ex.item * h1..(ex.item + 1) * h1];
             let mut z = pre[0].row_mut(e);
+            let z = z.as_slice_mut().expect("rows of a standard-layout array");
             for ((z, u), r) in z.iter_mut().zip(&user_h1).zip(row) {
                 *z = u + r;
             }
@@ -237,11 +244,7 @@ fn descend_precomputed(
             if residual {
                 d_in.assign(d_out);
             }
-            d_out.zip_mut_with(&pre[k], |dz, &z| {
-                if z <= 0.0 {
-                    *dz = 0.0
-                }
-            });
+            d_out.zip_mut_with(&pre[k], relu_gradient);
             general_mat_mul(
                 1.0,
                 d_out,
@@ -250,11 +253,7 @@ fn descend_precomputed(
                 d_in,
             );
         }
-        delta[0].zip_mut_with(&pre[0], |dz, &z| {
-            if z <= 0.0 {
-                *dz = 0.0
-            }
-        });
+        delta[0].zip_mut_with(&pre[0], relu_gradient);
         let dz1_sum = delta[0].sum_axis(Axis(0));
         for k in 0..m {
             let w = &first.w[k * h1..(k + 1) * h1];
