@@ -98,6 +98,14 @@ fn value_info(
     }
 }
 
+/// How a tower's activations are laid out: `[N][features]` (the contract's
+/// graph), or `[features][N]` with each layer as `Wᵀ · h` (the serving form).
+#[derive(Clone, Copy)]
+enum Layout {
+    RowMajor,
+    FeatureMajor,
+}
+
 /// Nodes and initializers of a scoring graph, built in order.
 #[derive(Default)]
 struct Graph {
@@ -144,7 +152,7 @@ impl Graph {
             "h0",
             vec![int_attribute("axis", 1)],
         ));
-        let h = self.tower(weights, 0, "h0");
+        let h = self.tower(weights, 0, "h0", Layout::RowMajor);
         self.head(weights, &h);
     }
 
@@ -157,16 +165,33 @@ impl Graph {
         ));
     }
 
-    /// The MLP layers from the `first`-th on, applied to `input`; returns the
-    /// name of the last output.
-    fn tower(&mut self, weights: &NcfWeights, first: usize, input: &str) -> String {
+    /// The MLP layers from the `first`-th on, applied to `input` laid out as
+    /// `layout` says; returns the name of the last output.
+    fn tower(&mut self, weights: &NcfWeights, first: usize, input: &str, layout: Layout) -> String {
         let mut h = input.to_string();
         for (k, l) in weights.layers.iter().enumerate().skip(first) {
-            let (w, b) = (format!("mlp.{k}.weight"), format!("mlp.{k}.bias"));
-            self.init.push(float_tensor(&w, &[l.inp, l.out], &l.w));
-            self.init.push(float_tensor(&b, &[l.out], &l.b));
+            let b = format!("mlp.{k}.bias");
+            let w = match layout {
+                Layout::RowMajor => {
+                    let w = format!("mlp.{k}.weight");
+                    self.init.push(float_tensor(&w, &[l.inp, l.out], &l.w));
+                    self.init.push(float_tensor(&b, &[l.out], &l.b));
+                    w
+                }
+                Layout::FeatureMajor => {
+                    let w = format!("mlp.{k}.weight_t");
+                    let wt = transposed(&l.w, l.inp, l.out);
+                    self.init.push(float_tensor(&w, &[l.out, l.inp], &wt));
+                    self.init.push(float_tensor(&b, &[l.out, 1], &l.b));
+                    w
+                }
+            };
+            let product: [&str; 2] = match layout {
+                Layout::RowMajor => [&h, &w],
+                Layout::FeatureMajor => [&w, &h],
+            };
             let (z, zb, a) = (format!("z{k}"), format!("zb{k}"), format!("a{k}"));
-            self.nodes.push(node("MatMul", &[&h, &w], &z, vec![]));
+            self.nodes.push(node("MatMul", &product, &z, vec![]));
             self.nodes.push(node("Add", &[&z, &b], &zb, vec![]));
             self.nodes.push(node("Relu", &[&zb], &a, vec![]));
             h = if l.residual {
@@ -429,27 +454,7 @@ pub fn export_tower(weights: &NcfWeights) -> Vec<u8> {
     // keeps the constant weights as its pre-packed left operand and reads
     // the activations in their stored order (row-major `[N][h]` inputs
     // made it repack them transposed on every call).
-    let mut h = "h1".to_string();
-    for (k, l) in weights.layers.iter().enumerate().skip(1) {
-        let (w, b) = (format!("mlp.{k}.weight_t"), format!("mlp.{k}.bias"));
-        graph.init.push(float_tensor(
-            &w,
-            &[l.out, l.inp],
-            &transposed(&l.w, l.inp, l.out),
-        ));
-        graph.init.push(float_tensor(&b, &[l.out, 1], &l.b));
-        let (z, zb, a) = (format!("z{k}"), format!("zb{k}"), format!("a{k}"));
-        graph.nodes.push(node("MatMul", &[&w, &h], &z, vec![]));
-        graph.nodes.push(node("Add", &[&z, &b], &zb, vec![]));
-        graph.nodes.push(node("Relu", &[&zb], &a, vec![]));
-        h = if l.residual {
-            let r = format!("r{k}");
-            graph.nodes.push(node("Add", &[&a, &h], &r, vec![]));
-            r
-        } else {
-            a
-        };
-    }
+    let h = graph.tower(weights, 1, "h1", Layout::FeatureMajor);
     let l = weights.out_w.len() - g;
     graph.init.push(float_tensor(
         "out.mlp_weight_t",
