@@ -4,7 +4,8 @@
 # WARMUP_EVENTS, EVENTS events of USERS users are produced as fast as the
 # broker takes them; prints the engine's and the broker's CPU over that
 # phase, events per engine CPU-second, the engine's minor page faults per
-# event (fresh pages the kernel zeroes), and the mean size of the records
+# event (fresh pages the kernel zeroes), the users recomputed and the
+# items a model scored per recompute, and the mean size of the records
 # each output topic holds (SIZE_SAMPLE per topic, read back with the Python
 # client) with how many records and bytes it holds per input event, and the
 # engine's peak RSS. This is the figure issue 22's cost-per-event targets are about.
@@ -27,6 +28,8 @@ if [ "${NCF:-0}" = 1 ]; then
 fi
 hport=$(free_port)
 start_engine "$work/state" "$hport" /readyz
+# metric NAME: the engine's current value of a Prometheus sample (0 if absent).
+metric() { curl -sf "http://127.0.0.1:$hport/metrics" | awk -v m="$1" '$1 == m {v = $2} END {print v + 0}'; }
 load() { "$BIN" loadgen --brokers "$brokers" --config "$ENGINE_CONFIG" --catalog "$CATALOG" --users "$USERS" --rate 0 "$@"; }
 
 echo "# machine: $(nproc) cores; catalog: $CATALOG; NCF: ${NCF:-0}; guarantee: $GUARANTEE; $USERS users"
@@ -34,6 +37,8 @@ load --events "$WARMUP_EVENTS" --seed 7 >/dev/null
 engine0=$(cpu_seconds "$ENGINE")
 faults0=$(minor_faults "$ENGINE")
 broker0=$(cpu_seconds "$BROKER")
+scored0=$(metric recstream_ncf_inference_batch_size_sum)
+users0=$(metric recstream_users_recomputed_total)
 if [ -n "${PERF:-}" ]; then
   perf record -F 499 --call-graph dwarf,16384 -p "$ENGINE" -o "$PERF" >"$PERF.log" 2>&1 &
   perf_pid=$!
@@ -42,6 +47,8 @@ load --events "$EVENTS" --seed 1
 engine1=$(cpu_seconds "$ENGINE")
 faults1=$(minor_faults "$ENGINE")
 broker1=$(cpu_seconds "$BROKER")
+scored1=$(metric recstream_ncf_inference_batch_size_sum)
+users1=$(metric recstream_users_recomputed_total)
 if [ -n "${PERF:-}" ]; then
   kill -INT "$perf_pid"
   wait "$perf_pid" || true
@@ -51,6 +58,10 @@ awk -v a="$engine0" -v b="$engine1" -v c="$broker0" -v d="$broker1" -v n="$EVENT
   printf "# engine %.2f CPU-s, %.0f events per engine CPU-second (%.1f us per event); broker %.2f CPU-s (%.1f us per event)\n",
     b - a, n / (b - a), 1e6 * (b - a) / n, d - c, 1e6 * (d - c) / n
   printf "# engine minor page faults: %.2f per event\n", (f1 - f0) / n }'
+awk -v s0="$scored0" -v s1="$scored1" -v u0="$users0" -v u1="$users1" -v n="$EVENTS" 'BEGIN {
+  s = s1 - s0; u = u1 - u0
+  printf "# users recomputed: %d (%.2f events each); items the model scored per recompute: %.0f\n",
+    u, u ? n / u : 0, u ? s / u : 0 }'
 echo "# engine peak RSS: $(awk '/VmHWM/{print $2, $3}' "/proc/$ENGINE/status")"
 python3 - "$brokers" "$SIZE_SAMPLE" "$((WARMUP_EVENTS + EVENTS))" <<'PY'
 import pathlib, sys, tomllib

@@ -471,6 +471,13 @@ pub struct ListConfig {
     /// load would otherwise pay per event; against half-lives of 6 hours
     /// (trending) and 30 days (popularity), a second moves no ranking.
     pub ranking_refresh_ms: i64,
+    /// How deep the model re-scores each list ranked by score (the top
+    /// picks, each genre row), in multiples of the list's length: the
+    /// other signals rank every candidate first, and a model scores only the
+    /// first `rescore_depth × top_n` of that ranking and the first
+    /// `rescore_depth × row_size` of each genre row's, plus the items the
+    /// other rows show. 0 scores every candidate.
+    pub rescore_depth: usize,
 }
 
 impl Default for ListConfig {
@@ -484,6 +491,7 @@ impl Default for ListConfig {
             candidates_per_source: 60,
             similar_seeds: 5,
             ranking_refresh_ms: 1000,
+            rescore_depth: 2,
         }
     }
 }
@@ -706,6 +714,12 @@ impl EngineConfig {
             return Err(invalid(
                 "engine.lists.ranking_refresh_ms",
                 "must be in 0..=3600000 (one hour)",
+            ));
+        }
+        if l.rescore_depth > 100 {
+            return Err(invalid(
+                "engine.lists.rescore_depth",
+                "must be at most 100 (0 scores every candidate)",
             ));
         }
         let c = &self.co_watch;

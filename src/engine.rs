@@ -1205,6 +1205,104 @@ mod tests {
         assert_eq!(e.store().user(2, "fan").unwrap().unwrap().version, 5);
     }
 
+    /// Scores by movie id and counts the items it was asked to score.
+    #[derive(Default)]
+    struct CountingScorer {
+        asked: std::sync::atomic::AtomicUsize,
+    }
+
+    impl Scorer for CountingScorer {
+        fn info(&self) -> crate::output::ModelInfo {
+            crate::output::ModelInfo {
+                name: "counting".into(),
+                version: "1".into(),
+            }
+        }
+
+        fn score(
+            &self,
+            _user_id: &str,
+            _state: &UserState,
+            items: &[u32],
+        ) -> Result<Vec<f32>, crate::recommend::ScoreError> {
+            self.asked
+                .fetch_add(items.len(), std::sync::atomic::Ordering::Relaxed);
+            Ok(items
+                .iter()
+                .map(|id| (id * 37 % 29) as f32 / 29.0)
+                .collect())
+        }
+    }
+
+    #[test]
+    fn the_model_rescores_the_head_of_each_ranked_list_and_every_shown_item() {
+        let batch = || -> Vec<Record> {
+            (0..4)
+                .map(|i| record(i, "u", 21 + i as u32, EventType::Like, 1000 + i))
+                .chain(
+                    (0..12).map(|i| record(4 + i, "crowd", 1 + i as u32, EventType::Play, 900 + i)),
+                )
+                .collect()
+        };
+        // Lists of 3: a depth of 1 re-scores 3 candidates per ranked list.
+        let peek = |depth: usize, with_pool: bool| {
+            let dir = tempfile::tempdir().unwrap();
+            let mut config = EngineConfig::default();
+            config.lists.top_n = 3;
+            config.lists.row_size = 3;
+            config.lists.rescore_depth = depth;
+            let blend = config.blend.clone();
+            let mut e =
+                Engine::new(config, Store::open(dir.path(), 8).unwrap(), catalog()).unwrap();
+            e.process(batch()).unwrap();
+            let scorer = Arc::new(CountingScorer::default());
+            e.set_scorer(Some(scorer.clone()));
+            let outputs = if with_pool {
+                e.peek_with_pool(2, "u").unwrap().0
+            } else {
+                e.peek(2, "u").unwrap()
+            };
+            let asked = scorer.asked.load(std::sync::atomic::Ordering::Relaxed);
+            (outputs, asked, blend)
+        };
+        let (all, asked_all, blend) = peek(0, false);
+        let (head, asked_head, _) = peek(1, false);
+        assert!(
+            asked_head < asked_all,
+            "the head and the shown items ({asked_head}) are fewer than the pool ({asked_all})"
+        );
+        // A shortlist as deep as the pool changes nothing.
+        assert_eq!(peek(100, false).0.encode(), all.encode());
+        // Collecting the pool (for the learned blend) scores all of it, but
+        // the outputs are what the engine publishes without it.
+        assert_eq!(peek(1, true).0.encode(), head.encode());
+        // Every published item carries the model's score, and its score is
+        // the blend of the signals it publishes.
+        let recs = &head.recommendations.items;
+        assert_eq!(recs.len(), 3);
+        for item in recs {
+            assert!(item.signals.ncf.is_some(), "{item:?}");
+            let expected = crate::blend::blend(&item.signals, &blend);
+            assert!((item.score - expected).abs() < 1e-5, "{item:?}");
+        }
+        assert!(recs.windows(2).all(|w| w[0].score >= w[1].score));
+        // A carousel item's score includes the model's wherever it is shown:
+        // the same as when the model scores every candidate.
+        let mut compared = 0;
+        for item in &head.carousels.items {
+            if let Some(same) = all
+                .carousels
+                .items
+                .iter()
+                .find(|a| a.movie_id == item.movie_id)
+            {
+                assert_eq!(same.score, item.score, "{item:?}");
+                compared += 1;
+            }
+        }
+        assert!(compared > 3, "{compared} carousel items in common");
+    }
+
     #[test]
     fn a_learned_blend_ranks_the_pool_and_names_itself() {
         use crate::ranker::{learned_blend, FitReport, FEATURE_COUNT};

@@ -431,6 +431,8 @@ pub struct RecomputeCache {
     candidates: Vec<Candidate>,
     co_watch_scores: IdMap<CoWatchScore>,
     co_watch_ranking: Vec<(u32, f64)>,
+    /// Candidate indices, for choosing which of them the model re-scores.
+    order: Vec<u32>,
 }
 
 /// Which candidate of the current recompute each catalog position holds: a
@@ -745,6 +747,73 @@ struct Candidate {
     /// The seed most co-watched with this candidate.
     co_watched_with: Option<u32>,
     score: f64,
+    /// Whether the model has scored it (its `ncf` is then final).
+    rescored: bool,
+    /// Among the first of a list ranked by score: the model re-scores it.
+    shortlisted: bool,
+    /// Shown in a row: the model scores it for its rendering.
+    shown: bool,
+}
+
+/// Marks the first `k` of the candidates that `include` admits, in the
+/// order of their current scores, as shortlisted for the model.
+fn mark_first(
+    candidates: &mut [Candidate],
+    order: &mut Vec<u32>,
+    k: usize,
+    include: impl Fn(&Candidate) -> bool,
+) {
+    order.clear();
+    order.extend((0..candidates.len() as u32).filter(|&i| include(&candidates[i as usize])));
+    if order.len() > k {
+        if k > 0 {
+            // Score descending, ties by movie id: the order the lists use.
+            order.select_nth_unstable_by(k - 1, |&a, &b| {
+                let (a, b) = (&candidates[a as usize], &candidates[b as usize]);
+                b.score
+                    .total_cmp(&a.score)
+                    .then(a.movie_id.cmp(&b.movie_id))
+            });
+        }
+        order.truncate(k);
+    }
+    for &i in order.iter() {
+        candidates[i as usize].shortlisted = true;
+    }
+}
+
+/// How far the candidates the model did not score are moved down, so that
+/// every one of them ranks below every candidate it scored (0 when none is
+/// on either side, or they already do).
+fn ranking_shift(candidates: &[Candidate]) -> f64 {
+    let mut head_min = f64::INFINITY;
+    let mut rest_max = f64::NEG_INFINITY;
+    for c in candidates {
+        if c.rescored {
+            head_min = head_min.min(c.score);
+        } else {
+            rest_max = rest_max.max(c.score);
+        }
+    }
+    if head_min.is_finite() && rest_max.is_finite() && rest_max >= head_min {
+        rest_max - head_min + 1.0
+    } else {
+        0.0
+    }
+}
+
+/// Whether only the model's signal counts in the blend: the other signals
+/// cannot rank a first stage then, so the model scores every candidate.
+fn ranks_by_model_only(w: &crate::config::BlendWeights) -> bool {
+    [
+        w.affinity,
+        w.similarity,
+        w.popularity,
+        w.trending,
+        w.co_watched,
+    ]
+    .iter()
+    .all(|&x| x == 0.0)
 }
 
 /// Computes the recommendations, carousels and insights of one user at
@@ -831,6 +900,9 @@ pub fn build_outputs(
                     because_of: None,
                     co_watched_with: None,
                     score: 0.0,
+                    rescored: false,
+                    shortlisted: false,
+                    shown: false,
                 });
                 slot.set(position, candidates.len() - 1);
                 candidates.len() - 1
@@ -943,33 +1015,99 @@ pub fn build_outputs(
             c.co_watched_with = Some(s.seed);
         }
     }
-    let model = match ctx.variant.scorer.as_deref() {
-        Some(scorer) => {
-            let ids: Vec<u32> = candidates.iter().map(|c| c.movie_id).collect();
-            let scores = match &catalogue_scores {
-                Some(all) => ids.iter().map(|id| score_of(all, *id)).collect(),
-                None => scorer.score(user_id, state, &ids)?,
-            };
-            // NaN: the model does not know the item.
-            for (c, s) in candidates.iter_mut().zip(scores) {
-                c.signals.ncf = (!s.is_nan()).then_some(s as f64);
-            }
-            Some(scorer.info())
-        }
-        None => None,
+    // The other signals rank every candidate first (a candidate's ncf is
+    // None until the model scores it); the model then re-scores the head of
+    // each list that is ranked by score, and later the items other rows show.
+    let score_of_candidate = |c: &Candidate| match &ctx.variant.ranker {
+        Some(ranker) => ranker.score(&c.signals, c.sources),
+        None => blend::blend(&c.signals, &ctx.variant.blend),
     };
     for c in &mut candidates {
-        c.score = match &ctx.variant.ranker {
-            Some(ranker) => ranker.score(&c.signals, c.sources),
-            None => blend::blend(&c.signals, &ctx.variant.blend),
-        };
+        c.score = score_of_candidate(c);
     }
+    let scorer = ctx.variant.scorer.as_deref();
+    let model = scorer.map(|s| s.info());
+    let rescore = |candidates: &mut [Candidate], wanted: &dyn Fn(&Candidate) -> bool| {
+        let Some(scorer) = scorer else {
+            return Ok::<(), ScoreError>(());
+        };
+        let picked: Vec<usize> = (0..candidates.len())
+            .filter(|&i| !candidates[i].rescored && wanted(&candidates[i]))
+            .collect();
+        if picked.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<u32> = picked.iter().map(|&i| candidates[i].movie_id).collect();
+        let scores = match &catalogue_scores {
+            Some(all) => ids.iter().map(|id| score_of(all, *id)).collect(),
+            None => scorer.score(user_id, state, &ids)?,
+        };
+        for (&i, s) in picked.iter().zip(scores) {
+            let c = &mut candidates[i];
+            // NaN: the model does not know the item.
+            c.signals.ncf = (!s.is_nan()).then_some(s as f64);
+            c.rescored = true;
+            c.score = score_of_candidate(c);
+        }
+        Ok(())
+    };
+    let depth = lists.rescore_depth;
+    // Everything is scored when scores cost nothing more (a history model
+    // ranked the catalogue) or when only the model ranks (its variant's
+    // other weights are 0).
+    let whole_pool = depth == 0
+        || catalogue_scores.is_some()
+        || (ctx.variant.ranker.is_none() && ranks_by_model_only(&ctx.variant.blend));
+    if whole_pool {
+        rescore(&mut candidates, &|_| true)?;
+    } else if scorer.is_some() {
+        let mut order = std::mem::take(&mut cache.order);
+        mark_first(&mut candidates, &mut order, depth * lists.top_n, |_| true);
+        for g in &top_genres {
+            mark_first(&mut candidates, &mut order, depth * lists.row_size, |c| {
+                c.genres.contains(g.genre)
+            });
+        }
+        cache.order = order;
+        rescore(&mut candidates, &|c| c.shortlisted)?;
+    }
+    // The rows ranked by score read the re-scored head first, then the rest
+    // in the first stage's order (its scores shifted below the head's).
+    let rest_shift = ranking_shift(&candidates);
+    let rank_key = |c: &Candidate| {
+        if c.rescored {
+            c.score
+        } else {
+            c.score - rest_shift
+        }
+    };
     if let Some(pool) = &mut cache.pool {
+        // The learned blend is fitted on every candidate's signals, the
+        // model's included; the outputs still see only what it re-scored.
+        let unscored: Vec<u32> = match scorer {
+            Some(_) => candidates
+                .iter()
+                .filter(|c| !c.rescored)
+                .map(|c| c.movie_id)
+                .collect(),
+            None => Vec::new(),
+        };
+        let mut more = match scorer {
+            Some(scorer) if !unscored.is_empty() => scorer.score(user_id, state, &unscored)?,
+            _ => Vec::new(),
+        }
+        .into_iter();
         pool.clear();
-        pool.extend(candidates.iter().map(|c| PoolEntry {
-            movie_id: c.movie_id,
-            signals: c.signals,
-            sources: c.sources,
+        pool.extend(candidates.iter().map(|c| {
+            let mut signals = c.signals;
+            if scorer.is_some() && !c.rescored {
+                signals.ncf = more.next().filter(|s| !s.is_nan()).map(f64::from);
+            }
+            PoolEntry {
+                movie_id: c.movie_id,
+                signals,
+                sources: c.sources,
+            }
         }));
     }
 
@@ -980,18 +1118,16 @@ pub fn build_outputs(
         score,
         genres: c.genres,
     };
-    let ranked = blend::LazyOrder::ranked(candidates.iter().map(|c| scored(c, c.score)).collect());
-    let mut rendered: IdMap<RecommendedItem> = IdMap::default();
-    // The carousels' items, once each, in order of first appearance.
+    let ranked =
+        blend::LazyOrder::ranked(candidates.iter().map(|c| scored(c, rank_key(c))).collect());
+    // The items every row shows, once each, in order of first appearance;
+    // rendered once all rows are chosen (the model scores those it has not).
     let mut shown: Vec<u32> = Vec::new();
+    let mut shown_set: IdMap<()> = IdMap::default();
     let mut item = |id: u32| {
-        rendered.entry(id).or_insert_with(|| {
+        if shown_set.insert(id, ()).is_none() {
             shown.push(id);
-            let candidate = slot
-                .of(ctx.catalog, id)
-                .expect("rendered items are candidates");
-            render(ctx, &mut cache.reasons, &candidates[candidate])
-        });
+        }
         id
     };
     let top = blend::diversify(ranked, lists.top_n, lists.max_genre_share);
@@ -1007,7 +1143,7 @@ pub fn build_outputs(
     for c in &candidates {
         for (g, row) in top_genres.iter().zip(&mut genre_best) {
             if c.genres.contains(g.genre) {
-                row.offer(scored(c, c.score));
+                row.offer(scored(c, rank_key(c)));
             }
         }
         for (&genre, row) in cold_genres.iter().zip(&mut cold_best) {
@@ -1108,6 +1244,22 @@ pub fn build_outputs(
         });
     }
     rows.retain(|r| !r.movie_ids.is_empty());
+    for &id in &shown {
+        let candidate = slot
+            .of(ctx.catalog, id)
+            .expect("shown items are candidates");
+        candidates[candidate].shown = true;
+    }
+    rescore(&mut candidates, &|c| c.shown)?;
+    let mut rendered: IdMap<RecommendedItem> = shown
+        .iter()
+        .map(|&id| {
+            let candidate = slot
+                .of(ctx.catalog, id)
+                .expect("shown items are candidates");
+            (id, render(ctx, &mut cache.reasons, &candidates[candidate]))
+        })
+        .collect();
     let carousel_items: Vec<CarouselItem> = shown.iter().map(|id| (&rendered[id]).into()).collect();
     // The top picks are distinct candidates: each is moved out once.
     let top_items: Vec<RecommendedItem> = top_ids
