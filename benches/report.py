@@ -81,7 +81,8 @@ def pipeline(settings):
         "cpu_seconds": cpu_seconds,
         "per_cpu_second": throughput["events"] / cpu_seconds,
         "share": throughput["pipeline_rate"] / ceiling["rate"],
-        # NCF batch sizes: one tract run per re-score (0 without a model).
+        # Items the model scored per tract run (the head, then the shown
+        # items: up to two runs per recompute; 0 without a model).
         "candidates_per_rescore": (
             counters.get("recstream_ncf_inference_batch_size_sum", 0) / rescores if rescores else 0
         ),
@@ -378,7 +379,9 @@ def main():
             {**eos, **ml100k, "EVENTS": n, "LATENCY_EVENTS": 2000, "RATE": 1000}
         )
         candidates = LOG.parent / "candidates.toml"
-        candidates.write_text("[engine.lists]\ncandidates_per_source = 200\n")
+        # The target is a scoring capacity: the model scores every candidate
+        # (rescore_depth = 0), not only the head of the ranked lists.
+        candidates.write_text("[engine.lists]\ncandidates_per_source = 200\nrescore_depth = 0\n")
         ncf_sessions = pipeline({
             "NCF": 1,
             "RATINGS": f"{DATA}/ml-latest-small/ratings.csv",

@@ -1053,10 +1053,11 @@ pub fn build_outputs(
     };
     let depth = lists.rescore_depth;
     // Everything is scored when scores cost nothing more (a history model
-    // ranked the catalogue) or when only the model ranks (its variant's
-    // other weights are 0).
+    // scores the whole catalogue in every call) or when only the model ranks
+    // (its variant's other weights are 0).
     let whole_pool = depth == 0
         || catalogue_scores.is_some()
+        || scorer.is_some_and(|s| s.history_len().is_some())
         || (ctx.variant.ranker.is_none() && ranks_by_model_only(&ctx.variant.blend));
     if whole_pool {
         rescore(&mut candidates, &|_| true)?;

@@ -887,6 +887,8 @@ pub fn standard_variants(
         let mut config = only(base);
         config.blend.ncf = 1.0;
         config.blend.popularity = TIE_BREAK;
+        // The model is the ranking here, not a re-scoring of a first stage's head.
+        config.lists.rescore_depth = 0;
         VariantSpec {
             name: name.into(),
             config,
