@@ -75,6 +75,13 @@ start_engine() {
   echo "engine not answering $3 after 60 s (log: $work/engine.log)" >&2; exit 1
 }
 
+# metric PORT NAME [LABEL_REGEX]: the sum of an engine's samples of a
+# Prometheus metric (optionally only those whose labels match), 0 if absent.
+metric() {
+  curl -sf "http://127.0.0.1:$1/metrics" | awk -v m="$2" -v f="${3:-}" \
+    '$1 ~ "^"m && $1 ~ f {s += $2} END {printf "%.0f\n", s}'
+}
+
 # Sets CATALOG (the movies the engine and the load generator read; by default
 # ml-latest-small's from ../shared/data) and stops if the file is missing.
 require_catalog() {

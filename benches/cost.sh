@@ -28,8 +28,6 @@ if [ "${NCF:-0}" = 1 ]; then
 fi
 hport=$(free_port)
 start_engine "$work/state" "$hport" /readyz
-# metric NAME: the engine's current value of a Prometheus sample (0 if absent).
-metric() { curl -sf "http://127.0.0.1:$hport/metrics" | awk -v m="$1" '$1 == m {v = $2} END {print v + 0}'; }
 load() { "$BIN" loadgen --brokers "$brokers" --config "$ENGINE_CONFIG" --catalog "$CATALOG" --users "$USERS" --rate 0 "$@"; }
 
 echo "# machine: $(nproc) cores; catalog: $CATALOG; NCF: ${NCF:-0}; guarantee: $GUARANTEE; $USERS users"
@@ -37,8 +35,8 @@ load --events "$WARMUP_EVENTS" --seed 7 >/dev/null
 engine0=$(cpu_seconds "$ENGINE")
 faults0=$(minor_faults "$ENGINE")
 broker0=$(cpu_seconds "$BROKER")
-scored0=$(metric recstream_ncf_inference_batch_size_sum)
-users0=$(metric recstream_users_recomputed_total)
+scored0=$(metric "$hport" recstream_ncf_inference_batch_size_sum)
+users0=$(metric "$hport" recstream_users_recomputed_total)
 if [ -n "${PERF:-}" ]; then
   perf record -F 499 --call-graph dwarf,16384 -p "$ENGINE" -o "$PERF" >"$PERF.log" 2>&1 &
   perf_pid=$!
@@ -47,8 +45,8 @@ load --events "$EVENTS" --seed 1
 engine1=$(cpu_seconds "$ENGINE")
 faults1=$(minor_faults "$ENGINE")
 broker1=$(cpu_seconds "$BROKER")
-scored1=$(metric recstream_ncf_inference_batch_size_sum)
-users1=$(metric recstream_users_recomputed_total)
+scored1=$(metric "$hport" recstream_ncf_inference_batch_size_sum)
+users1=$(metric "$hport" recstream_users_recomputed_total)
 if [ -n "${PERF:-}" ]; then
   kill -INT "$perf_pid"
   wait "$perf_pid" || true

@@ -15,12 +15,6 @@ EVENTS=${EVENTS:-1000000}
 USERS=${USERS:-100000}
 require_catalog
 
-
-metric() { # sum of a metric's samples (optionally filtered by a label regex)
-  curl -sf "http://127.0.0.1:$1/metrics" | awk -v m="$2" -v f="${3:-}" \
-    '$1 ~ "^"m && $1 ~ f {s += $2} END {printf "%.0f\n", s}'
-}
-
 echo "# machine: $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB; catalog: $CATALOG"
 echo "# backlog: $EVENTS events for $USERS users"
 "$BIN" loadgen --brokers "$brokers" --catalog "$CATALOG" --events "$EVENTS" --users "$USERS" \
