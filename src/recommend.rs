@@ -44,6 +44,12 @@ pub trait Scorer: Send + Sync {
     fn history_len(&self) -> Option<usize> {
         None
     }
+    /// Whether a call costs the same however few items it asks for (a
+    /// history model scores the whole catalogue in every call): the engine
+    /// then scores every candidate, not only the head of its ranked lists.
+    fn scores_catalogue_per_call(&self) -> bool {
+        false
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -749,19 +755,16 @@ struct Candidate {
     score: f64,
     /// Whether the model has scored it (its `ncf` is then final).
     rescored: bool,
-    /// Among the first of a list ranked by score: the model re-scores it.
-    shortlisted: bool,
-    /// Shown in a row: the model scores it for its rendering.
-    shown: bool,
 }
 
-/// Marks the first `k` of the candidates that `include` admits, in the
-/// order of their current scores, as shortlisted for the model.
-fn mark_first(
-    candidates: &mut [Candidate],
+/// Adds to `head` the indices of the first `k` candidates that `include`
+/// admits, in the order of their current scores (`order` is scratch space).
+fn first_by_score(
+    candidates: &[Candidate],
     order: &mut Vec<u32>,
     k: usize,
     include: impl Fn(&Candidate) -> bool,
+    head: &mut Vec<usize>,
 ) {
     order.clear();
     order.extend((0..candidates.len() as u32).filter(|&i| include(&candidates[i as usize])));
@@ -777,9 +780,7 @@ fn mark_first(
         }
         order.truncate(k);
     }
-    for &i in order.iter() {
-        candidates[i as usize].shortlisted = true;
-    }
+    head.extend(order.iter().map(|&i| i as usize));
 }
 
 /// How far the candidates the model did not score are moved down, so that
@@ -901,8 +902,6 @@ pub fn build_outputs(
                     co_watched_with: None,
                     score: 0.0,
                     rescored: false,
-                    shortlisted: false,
-                    shown: false,
                 });
                 slot.set(position, candidates.len() - 1);
                 candidates.len() - 1
@@ -1027,13 +1026,19 @@ pub fn build_outputs(
     }
     let scorer = ctx.variant.scorer.as_deref();
     let model = scorer.map(|s| s.info());
-    let rescore = |candidates: &mut [Candidate], wanted: &dyn Fn(&Candidate) -> bool| {
+    // Scores the candidates at these indices that the model has not scored
+    // yet (each once, in index order).
+    let rescore = |candidates: &mut [Candidate], indices: &[usize]| {
         let Some(scorer) = scorer else {
             return Ok::<(), ScoreError>(());
         };
-        let picked: Vec<usize> = (0..candidates.len())
-            .filter(|&i| !candidates[i].rescored && wanted(&candidates[i]))
+        let mut picked: Vec<usize> = indices
+            .iter()
+            .copied()
+            .filter(|&i| !candidates[i].rescored)
             .collect();
+        picked.sort_unstable();
+        picked.dedup();
         if picked.is_empty() {
             return Ok(());
         }
@@ -1044,33 +1049,35 @@ pub fn build_outputs(
         };
         for (&i, s) in picked.iter().zip(scores) {
             let c = &mut candidates[i];
-            // NaN: the model does not know the item.
-            c.signals.ncf = (!s.is_nan()).then_some(s as f64);
+            c.signals.ncf = model_signal(s);
             c.rescored = true;
             c.score = score_of_candidate(c);
         }
         Ok(())
     };
     let depth = lists.rescore_depth;
-    // Everything is scored when scores cost nothing more (a history model
-    // scores the whole catalogue in every call) or when only the model ranks
-    // (its variant's other weights are 0).
+    // Everything is scored when scores cost nothing more (the catalogue is
+    // scored already, or a call costs the same however few items it asks
+    // for) or when only the model ranks (its variant's other weights are 0).
     let whole_pool = depth == 0
         || catalogue_scores.is_some()
-        || scorer.is_some_and(|s| s.history_len().is_some())
+        || scorer.is_some_and(|s| s.scores_catalogue_per_call())
         || (ctx.variant.ranker.is_none() && ranks_by_model_only(&ctx.variant.blend));
-    if whole_pool {
-        rescore(&mut candidates, &|_| true)?;
+    if scorer.is_some() && whole_pool {
+        let every: Vec<usize> = (0..candidates.len()).collect();
+        rescore(&mut candidates, &every)?;
     } else if scorer.is_some() {
         let mut order = std::mem::take(&mut cache.order);
-        mark_first(&mut candidates, &mut order, depth * lists.top_n, |_| true);
+        let mut head = Vec::new();
+        let any = |_: &Candidate| true;
+        first_by_score(&candidates, &mut order, depth * lists.top_n, any, &mut head);
         for g in &top_genres {
-            mark_first(&mut candidates, &mut order, depth * lists.row_size, |c| {
-                c.genres.contains(g.genre)
-            });
+            let of_genre = |c: &Candidate| c.genres.contains(g.genre);
+            let k = depth * lists.row_size;
+            first_by_score(&candidates, &mut order, k, of_genre, &mut head);
         }
         cache.order = order;
-        rescore(&mut candidates, &|c| c.shortlisted)?;
+        rescore(&mut candidates, &head)?;
     }
     // The rows ranked by score read the re-scored head first, then the rest
     // in the first stage's order (its scores shifted below the head's).
@@ -1102,7 +1109,7 @@ pub fn build_outputs(
         pool.extend(candidates.iter().map(|c| {
             let mut signals = c.signals;
             if scorer.is_some() && !c.rescored {
-                signals.ncf = more.next().filter(|s| !s.is_nan()).map(f64::from);
+                signals.ncf = more.next().and_then(model_signal);
             }
             PoolEntry {
                 movie_id: c.movie_id,
@@ -1245,21 +1252,18 @@ pub fn build_outputs(
         });
     }
     rows.retain(|r| !r.movie_ids.is_empty());
-    for &id in &shown {
-        let candidate = slot
-            .of(ctx.catalog, id)
-            .expect("shown items are candidates");
-        candidates[candidate].shown = true;
-    }
-    rescore(&mut candidates, &|c| c.shown)?;
-    let mut rendered: IdMap<RecommendedItem> = shown
+    let shown_candidates: Vec<usize> = shown
         .iter()
         .map(|&id| {
-            let candidate = slot
-                .of(ctx.catalog, id)
-                .expect("shown items are candidates");
-            (id, render(ctx, &mut cache.reasons, &candidates[candidate]))
+            slot.of(ctx.catalog, id)
+                .expect("shown items are candidates")
         })
+        .collect();
+    rescore(&mut candidates, &shown_candidates)?;
+    let mut rendered: IdMap<RecommendedItem> = shown
+        .iter()
+        .zip(&shown_candidates)
+        .map(|(&id, &i)| (id, render(ctx, &mut cache.reasons, &candidates[i])))
         .collect();
     let carousel_items: Vec<CarouselItem> = shown.iter().map(|id| (&rendered[id]).into()).collect();
     // The top picks are distinct candidates: each is moved out once.
@@ -1493,6 +1497,11 @@ fn model_ranking(scores: &[(u32, f32)]) -> impl Iterator<Item = u32> + '_ {
         at += 1;
         Some(id)
     })
+}
+
+/// A model score as the `ncf` signal: NaN means the model does not know the item.
+fn model_signal(score: f32) -> Option<f64> {
+    (!score.is_nan()).then_some(f64::from(score))
 }
 
 /// A movie's score in a catalogue scoring sorted by movie id (NaN: unknown).

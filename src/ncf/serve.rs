@@ -772,6 +772,10 @@ impl Scorer for NcfScorer {
         self.model.history.as_ref().map(|e| e.max_len)
     }
 
+    fn scores_catalogue_per_call(&self) -> bool {
+        self.model.history.is_some()
+    }
+
     /// The whole catalogue in one run of the serving form, for history
     /// models. Per-user models keep re-scoring the other sources'
     /// candidates only: their deeper default tower made the catalogue pass
