@@ -9,6 +9,9 @@ Usage: benches/report.py            (about 40 minutes on 2 cores)
        benches/report.py growth     (only the growth curves: prints the tables, writes benches/growth.png)
        benches/report.py scaleout   (only the 1/2/3-instance runs: prints the table)
        benches/report.py floor [RATE ...]   (only the do-nothing relays' freshness, default 1000 2800)
+       RESUME=LOG benches/report.py (goes on after an interrupted run: every
+                    command that completed in LOG, the run's log, is read
+                    back from it instead of run again)
 Env: DATA (default ../shared/data/movielens; the real-session runs are skipped
 without it), OUT (default benches/RESULTS.md).
 """
@@ -36,21 +39,61 @@ TARGET_DIR = pathlib.Path(
 LOG = pathlib.Path(tempfile.mkdtemp(prefix="recstream-report-")) / "report.log"
 
 
+def command_key(shown):
+    """A command as logged, with the run's own temporary directory (where
+    its config files live) left out, so that runs can be matched."""
+    return re.sub(r"[^\s=]*recstream-report-[^/\s]+", "REPORT_DIR", shown)
+
+
+def completed_commands(log):
+    """The commands an earlier run's log holds as completed, in order:
+    {command: [(wall-clock start or None, everything it printed), ...]}.
+    A failed command is logged as `! command`, so it runs again."""
+    done = {}
+    if log:
+        parts = re.split(r"^\+ (.*)$", pathlib.Path(log).read_text(), flags=re.M)
+        for shown, body in zip(parts[1::2], parts[2::2]):
+            started = re.match(r"\n# started: ([\d.]+)\n", body)
+            done.setdefault(command_key(shown.strip()), []).append(
+                (float(started.group(1)) if started else None, body))
+    return done
+
+
+RESUME = os.environ.get("RESUME")
+EARLIER = completed_commands(RESUME)
+REUSED = []
+# When the last command run (or read back) started, by the wall clock.
+last_started = 0.0
+
+
 def run(env_settings, command):
     """Runs a command from the repo root with extra environment settings;
-    returns its stdout. Everything it prints also goes to the log."""
-    shown = " ".join(f"{k}={v}" for k, v in env_settings.items()) + " " + command
-    print(f"+ {shown.strip()}", file=sys.stderr, flush=True)
+    returns its stdout. Everything it prints also goes to the log. Under
+    RESUME, a command the earlier log holds as completed is read back."""
+    global last_started
+    shown = (" ".join(f"{k}={v}" for k, v in env_settings.items()) + " " + command).strip()
+    print(f"+ {shown}", file=sys.stderr, flush=True)
+    if EARLIER.get(command_key(shown)):
+        started_at, body = EARLIER[command_key(shown)].pop(0)
+        last_started = started_at or 0.0
+        REUSED.append(shown)
+        with LOG.open("a") as log:
+            log.write(f"\n+ {shown}{body}")
+        print(f"  read back from {RESUME}", file=sys.stderr, flush=True)
+        return body
     env = dict(os.environ, CARGO_TARGET_DIR=str(TARGET_DIR))
     env.update({k: str(v) for k, v in env_settings.items()})
     started = time.monotonic()
+    last_started = time.time()
     done = subprocess.run(
         command, shell=True, cwd=ROOT, env=env, capture_output=True, text=True
     )
+    mark = "+" if done.returncode == 0 else "!"
     with LOG.open("a") as log:
-        log.write(f"\n+ {shown}\n{done.stdout}\n{done.stderr}\n")
+        log.write(f"\n{mark} {shown}\n# started: {last_started:.0f}\n{done.stdout}\n{done.stderr}\n")
     if done.returncode != 0:
-        sys.exit(f"failed ({done.returncode}): {shown}\nlog: {LOG}")
+        sys.exit(f"failed ({done.returncode}): {shown}\nlog: {LOG}\n"
+                 f"go on from here: RESUME={LOG} benches/report.py")
     print(f"  {time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)
     return done.stdout
 
@@ -350,9 +393,8 @@ def main():
     n = 20000 if QUICK else 100000
 
     # Stages and scoring first: they want the machine to themselves.
-    bench_started = time.time()
     run({}, "cargo bench --quiet --bench stages" + (" -- --quick" if QUICK else ""))
-    stages = criterion_means(bench_started)
+    stages = criterion_means(last_started)
     scoring = markdown_rows(
         run({"SECONDS_PER_POINT": "0.5" if QUICK else "2"}, "benches/scoring.sh")
     )
@@ -545,6 +587,10 @@ def main():
       f"in {(time.time() - started) / 60:.0f} minutes{' (QUICK=1: small runs, figures not comparable)' if QUICK else ''}. "
       "Do not edit: run the command again. The method, the analysis and the history "
       "of each figure are in [README.md](README.md).\n")
+    if REUSED:
+        w(f"Resumed (`RESUME=LOG`) after an interrupted run: the outputs of its first {len(REUSED)} "
+          f"commands, up to `{REUSED[-1]}`, were read back from that run's log; the minutes "
+          "above count the resumed run only.\n")
     w(f"Machine: {os.cpu_count()} cores ({cpu_model}), {mem_gib:.0f} GiB; broker "
       f"Apache Kafka {kafka_version()} (single-node KRaft, `ops/kafka/broker.sh`, 1 GiB heap) on "
       "loopback. The broker, the engine and the load generator share the cores; the "

@@ -46,6 +46,18 @@ def batch(c):
     m = c.poll(0.05)
     return [] if m is None else [m] + c.consume(1000, 0)
 
+def produce(topic, record, key):
+    # A full local queue (the broker acknowledges slower than the input
+    # arrives) is backpressure: wait for deliveries, as the engine does,
+    # rather than fail; the latency then shows the broker's limit.
+    while True:
+        try:
+            producer.produce(topic, record, key=key)
+            return
+        except BufferError:
+            producer.poll(0.05)
+
+
 print("relay: running", file=sys.stderr, flush=True)
 version = 0
 while running:
@@ -60,7 +72,7 @@ while running:
         version += 1
         record = json.dumps({"user_id": user, "as_of": ts, "version": version}).encode()
         for topic in outputs:
-            producer.produce(topic, record, key=user)
+            produce(topic, record, user)
     producer.poll(0)
 producer.flush(10)
 consumer.close()
