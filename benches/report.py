@@ -45,17 +45,27 @@ def command_key(shown):
     return re.sub(r"[^\s=]*recstream-report-[^/\s]+", "REPORT_DIR", shown)
 
 
+# Separates a logged command's stdout from its stderr.
+STDERR_MARK = "\n#~ stderr ~#\n"
+
+
 def completed_commands(log):
     """The commands an earlier run's log holds as completed, in order:
-    {command: [(wall-clock start or None, everything it printed), ...]}.
-    A failed command is logged as `! command`, so it runs again."""
+    {command: [(wall-clock start or None, its stdout), ...]}. A failed
+    command is logged as `! command`: skipped, so it runs again. (Logs
+    written before the stderr mark give stdout and stderr together.)"""
     done = {}
     if log:
-        parts = re.split(r"^\+ (.*)$", pathlib.Path(log).read_text(), flags=re.M)
-        for shown, body in zip(parts[1::2], parts[2::2]):
+        parts = re.split(r"^([+!]) (.*)$", pathlib.Path(log).read_text(), flags=re.M)
+        for mark, shown, body in zip(parts[1::3], parts[2::3], parts[3::3]):
+            if mark != "+":
+                continue
             started = re.match(r"\n# started: ([\d.]+)\n", body)
+            if started:
+                body = body[started.end():]
+            stdout = body.split(STDERR_MARK)[0]
             done.setdefault(command_key(shown.strip()), []).append(
-                (float(started.group(1)) if started else None, body))
+                (float(started.group(1)) if started else None, stdout))
     return done
 
 
@@ -74,13 +84,13 @@ def run(env_settings, command):
     shown = (" ".join(f"{k}={v}" for k, v in env_settings.items()) + " " + command).strip()
     print(f"+ {shown}", file=sys.stderr, flush=True)
     if EARLIER.get(command_key(shown)):
-        started_at, body = EARLIER[command_key(shown)].pop(0)
+        started_at, stdout = EARLIER[command_key(shown)].pop(0)
         last_started = started_at or 0.0
         REUSED.append(shown)
         with LOG.open("a") as log:
-            log.write(f"\n+ {shown}{body}")
+            log.write(f"\n+ {shown}\n# started: {last_started:.0f}\n{stdout}{STDERR_MARK}\n")
         print(f"  read back from {RESUME}", file=sys.stderr, flush=True)
-        return body
+        return stdout
     env = dict(os.environ, CARGO_TARGET_DIR=str(TARGET_DIR))
     env.update({k: str(v) for k, v in env_settings.items()})
     started = time.monotonic()
@@ -90,7 +100,7 @@ def run(env_settings, command):
     )
     mark = "+" if done.returncode == 0 else "!"
     with LOG.open("a") as log:
-        log.write(f"\n{mark} {shown}\n# started: {last_started:.0f}\n{done.stdout}\n{done.stderr}\n")
+        log.write(f"\n{mark} {shown}\n# started: {last_started:.0f}\n{done.stdout}{STDERR_MARK}{done.stderr}\n")
     if done.returncode != 0:
         sys.exit(f"failed ({done.returncode}): {shown}\nlog: {LOG}\n"
                  f"go on from here: RESUME={LOG} benches/report.py")
