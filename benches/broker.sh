@@ -75,6 +75,41 @@ start_engine() {
   echo "engine not answering $3 after 60 s (log: $work/engine.log)" >&2; exit 1
 }
 
+# warm_broker [EVENTS] [RATE]: warms the broker's JIT with no system under
+# test attached, so that whichever system is measured first does not pay for
+# it. On this kind of host the broker's CPU per event at a fixed rate keeps
+# falling for 100,000+ events after start (C2 compiles its produce and fetch
+# paths while sharing 2 cores): a system measured on a fresh broker saw p50s
+# of 0.7-1.1 s at 1,000 events/s where the same engine saw 30-70 ms later.
+# The do-nothing librdkafka relay (benches/peers/relay.py) carries EVENTS
+# (default $BROKER_WARMUP_EVENTS, 120000) synthetic events at RATE (default
+# 2000/s) from topics of its own (warmup.*, as many partitions as the
+# interactions topic) to three outputs, as the systems' traffic does;
+# nothing measured later reads them.
+warm_broker() {
+  local events=${1:-${BROKER_WARMUP_EVENTS:-120000}} rate=${2:-2000} relay_pid
+  [ "$events" -gt 0 ] || return 0
+  local parts
+  parts=$(awk -F' *= *' '$1 == "partitions" {print $2}' topics/interactions.toml)
+  python3 - "$brokers" "$parts" <<'PY'
+import sys
+from confluent_kafka.admin import AdminClient, NewTopic
+admin = AdminClient({"bootstrap.servers": sys.argv[1]})
+names = ["warmup.interactions", "warmup.recommendations", "warmup.carousels", "warmup.insights"]
+for f in admin.create_topics([NewTopic(n, int(sys.argv[2]), 1) for n in names]).values():
+    f.result()
+PY
+  printf '[topics]\ninteractions = "warmup.interactions"\nrecommendations = "warmup.recommendations"\n' >"$work/warmup.toml"
+  python3 benches/peers/relay.py --brokers "$brokers" --input warmup.interactions \
+    --outputs warmup.recommendations,warmup.carousels,warmup.insights >>"$work/warmup.log" 2>&1 &
+  relay_pid=$!
+  "$BIN" loadgen --brokers "$brokers" --config "$work/warmup.toml" \
+    --catalog "${CATALOG:-../shared/data/movielens/ml-latest-small/movies.csv}" \
+    --events "$events" --users 10000 --rate "$rate" --seed 9 >/dev/null
+  kill "$relay_pid"
+  wait "$relay_pid" 2>/dev/null || true
+}
+
 # metric PORT NAME [LABEL_REGEX]: the sum of an engine's samples of a
 # Prometheus metric (optionally only those whose labels match), 0 if absent.
 metric() {

@@ -11,15 +11,20 @@
 #      its RocksDB stores (`recstream state-size`: comparable between the
 #      two, where a state directory's bytes depend on flushes and the
 #      write-ahead log).
-# Before the throughput phase, WARMUP_EVENTS (default 20000) events of other
-# users warm both up (the JVM's JIT, the engine's caches).
+# Before anything runs, the broker is warmed up with neither system attached
+# (warm_broker in benches/broker.sh: BROKER_WARMUP_EVENTS, default 120000,
+# through a do-nothing relay): on a fresh broker, whichever system ran first
+# paid for the broker's JIT. Before each throughput phase, WARMUP_EVENTS
+# (default 20000) events of other users warm the system up (the JVM's JIT,
+# the engine's caches).
 # Both read their own copy of the input topic (same partitions, same events:
 # the load generator's seeds). Prints one "## engine" / "## peer" block each,
 # with the load generator's JSON lines.
 # Usage: benches/peer.sh   (env: EVENTS=100000 USERS=10000 RATES="1000 2000"
 #   SECONDS_AT_RATE=5 CATALOG GUARANTEE=at_least_once|exactly_once,
 #   RATINGS=FILE: the throughput phase replays MovieLens ratings,
-#   ENGINE_TOML=FILE: more engine settings, PEER_ARGS: more peer options)
+#   ENGINE_TOML=FILE: more engine settings, PEER_ARGS: more peer options,
+#   BROKER_WARMUP_EVENTS: the broker's warm-up, 0 to skip)
 source "$(dirname "$0")/broker.sh"
 
 EVENTS=${EVENTS:-100000}
@@ -32,6 +37,7 @@ PEER=benches/peers/kafka-streams/run.sh
 top_n=20
 peer_guarantee=$([ "$GUARANTEE" = exactly_once ] && echo exactly_once_v2 || echo at_least_once)
 $PEER build -DskipTests >/dev/null
+warm_broker
 
 engine_config
 printf '[engine.lists]\ntop_n = %s\n' "$top_n" >>"$ENGINE_CONFIG"
