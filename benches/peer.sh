@@ -69,9 +69,10 @@ measure() {
   echo "# throughput CPU: $1 $(awk -v a="$before" -v b="$(cpu_seconds "$2")" 'BEGIN {printf "%.2f", b - a}') s, broker $(awk -v a="$broker_before" -v b="$(cpu_seconds "$BROKER")" 'BEGIN {printf "%.2f", b - a}') s"
   for rate in $RATES; do
     before=$(cpu_seconds "$2")
+    broker_before=$(cpu_seconds "$BROKER")
     "$BIN" loadgen --brokers "$brokers" --config "$3" --catalog "$CATALOG" \
       --events $((rate * SECONDS_AT_RATE)) --users "$USERS" --rate "$rate" --seed 2
-    echo "# freshness CPU at $rate/s: $1 $(awk -v a="$before" -v b="$(cpu_seconds "$2")" 'BEGIN {printf "%.2f", b - a}') s"
+    echo "# freshness CPU at $rate/s: $1 $(awk -v a="$before" -v b="$(cpu_seconds "$2")" 'BEGIN {printf "%.2f", b - a}') s, broker $(awk -v a="$broker_before" -v b="$(cpu_seconds "$BROKER")" 'BEGIN {printf "%.2f", b - a}') s"
   done
   echo "# peak RSS: $(awk '/VmHWM/{print $2}' "/proc/$2/status") kB"
 }
