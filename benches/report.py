@@ -12,6 +12,9 @@ Usage: benches/report.py            (about 40 minutes on 2 cores)
        RESUME=LOG benches/report.py (goes on after an interrupted run: every
                     command that completed in LOG, the run's log, is read
                     back from it instead of run again)
+       RESUME=LOG RERUN=REGEX benches/report.py (the same, but the commands
+                    that REGEX finds in are run again, e.g. RERUN=peer.sh
+                    after a change to benches/peer.sh)
 Env: DATA (default ../shared/data/movielens; the real-session runs are skipped
 without it), OUT (default benches/RESULTS.md).
 """
@@ -71,7 +74,10 @@ def completed_commands(log):
 
 RESUME = os.environ.get("RESUME")
 EARLIER = completed_commands(RESUME)
+RERUN = re.compile(os.environ["RERUN"]) if os.environ.get("RERUN") else None
 REUSED = []
+# The commands this run ran itself (under RESUME, the ones not read back).
+RAN = []
 # When the last command run (or read back) started, by the wall clock.
 last_started = 0.0
 
@@ -83,14 +89,16 @@ def run(env_settings, command):
     global last_started
     shown = (" ".join(f"{k}={v}" for k, v in env_settings.items()) + " " + command).strip()
     print(f"+ {shown}", file=sys.stderr, flush=True)
-    if EARLIER.get(command_key(shown)):
-        started_at, stdout = EARLIER[command_key(shown)].pop(0)
+    earlier = EARLIER[command_key(shown)].pop(0) if EARLIER.get(command_key(shown)) else None
+    if earlier and not (RERUN and RERUN.search(shown)):
+        started_at, stdout = earlier
         last_started = started_at or 0.0
         REUSED.append(shown)
         with LOG.open("a") as log:
             log.write(f"\n+ {shown}\n# started: {last_started:.0f}\n{stdout}{STDERR_MARK}\n")
         print(f"  read back from {RESUME}", file=sys.stderr, flush=True)
         return stdout
+    RAN.append(shown)
     env = dict(os.environ, CARGO_TARGET_DIR=str(TARGET_DIR))
     env.update({k: str(v) for k, v in env_settings.items()})
     started = time.monotonic()
@@ -597,7 +605,12 @@ def main():
       f"in {(time.time() - started) / 60:.0f} minutes{' (QUICK=1: small runs, figures not comparable)' if QUICK else ''}. "
       "Do not edit: run the command again. The method, the analysis and the history "
       "of each figure are in [README.md](README.md).\n")
-    if REUSED:
+    if REUSED and RERUN:
+        ran = ", ".join(f"`{c}`" for c in RAN)
+        w(f"Resumed (`RESUME=LOG RERUN={RERUN.pattern}`): the outputs of {len(REUSED)} commands "
+          f"were read back from an earlier run's log; this run ran {ran} again. The minutes above "
+          "count this run only.\n")
+    elif REUSED:
         w(f"Resumed (`RESUME=LOG`) after an interrupted run: the outputs of its first {len(REUSED)} "
           f"commands, up to `{REUSED[-1]}`, were read back from that run's log; the minutes "
           "above count the resumed run only.\n")
@@ -667,7 +680,9 @@ def main():
       "application of `benches/peers/kafka-streams` (the seed's job: decayed genre tastes, "
       "decayed popularity overall and per genre, a top-20 list and genre carousels per user; "
       "Kafka Streams defaults but the producer's linger, 2 ms as the engine's) on the same broker, "
-      "the same events and the same machine, one after the other. The engine does strictly "
+      "the same events and the same machine, one after the other, on a broker warmed up first "
+      "with neither attached (120,000 events through a do-nothing relay: on a fresh broker the "
+      "system measured first paid for the broker's JIT). The engine does strictly "
       "more per event (co-watch, content similarity, trending, three outputs with insights). "
       "CPU is the process's own (user + system); the broker's is beside it. State: the live key "
       "and value bytes of each system's RocksDB stores once it has stopped (`recstream state-size`), "
