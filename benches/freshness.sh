@@ -13,13 +13,16 @@
 #   FLOOR=librdkafka|java: measure a stream processor that does nothing instead
 #   of the engine (benches/peers/relay.py, or the Java clients' relay of
 #   benches/peers/kafka-streams): one output per event to each output topic,
-#   with the engine's client settings; RELAY_ARGS: more relay options)
+#   with the engine's client settings; RELAY_ARGS: more relay options;
+#   BROKER_WARMUP_EVENTS=N: first warm the broker with N events through the
+#   do-nothing relay, nothing attached (warm_broker in broker.sh; default 0))
 source "$(dirname "$0")/broker.sh"
 
 RATE=${RATE:-1000}
 SECONDS_AT_RATE=${SECONDS_AT_RATE:-5}
 USERS=${USERS:-10000}
 CATALOG=${CATALOG:-../shared/data/movielens/ml-latest-small/movies.csv}
+warm_broker "${BROKER_WARMUP_EVENTS:-0}"
 engine_config
 hport=$(free_port)
 case "${FLOOR:-}" in

@@ -92,6 +92,27 @@ fn bench(c: &mut Criterion) {
             })
         });
     }
+    // In the pipeline at a few thousand events a second the engine thread
+    // sleeps between small batches while the broker's JVM runs on the same
+    // cores and caches: each recompute then starts from caches another
+    // process filled. Writing 32 MiB (four times this host's L3) before
+    // each one, untimed, gives that cold start.
+    let mut evictor = vec![0u8; 32 << 20];
+    let mut turn = 0usize;
+    g.bench_function("recompute_after_cache_eviction", |b| {
+        b.iter_batched(
+            || {
+                turn = (turn + 7_919) % every_user.len();
+                for line in evictor.chunks_mut(64) {
+                    line[0] = line[0].wrapping_add(1);
+                }
+                black_box(&evictor);
+                &every_user[turn]
+            },
+            |user| engine.peek(0, black_box(user)).unwrap(),
+            BatchSize::PerIteration,
+        )
+    });
     let outputs = engine.peek(0, "u7").unwrap();
     // Into a reused buffer, as the pipeline's batch encoder does.
     let mut bytes = Vec::new();
