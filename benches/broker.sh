@@ -80,7 +80,7 @@ start_engine() {
 # it. On this kind of host the broker's CPU per event at a fixed rate keeps
 # falling for 100,000+ events after start (C2 compiles its produce and fetch
 # paths while sharing 2 cores): a system measured on a fresh broker saw p50s
-# of 0.7-1.1 s at 1,000 events/s where the same engine saw 30-70 ms later.
+# of 0.7-1.2 s at 1,000 events/s where the same engine saw 30-70 ms later.
 # The do-nothing librdkafka relay (benches/peers/relay.py) carries EVENTS
 # (default $BROKER_WARMUP_EVENTS, 120000) synthetic events at RATE (default
 # 2000/s) from topics of its own (warmup.*, as many partitions as the
@@ -88,6 +88,7 @@ start_engine() {
 # nothing measured later reads them.
 warm_broker() {
   local events=${1:-${BROKER_WARMUP_EVENTS:-120000}} rate=${2:-2000} relay_pid
+  [[ $events =~ ^[0-9]+$ ]] || { echo "BROKER_WARMUP_EVENTS must be a whole number, not '$events'" >&2; exit 2; }
   [ "$events" -gt 0 ] || return 0
   local parts
   parts=$(awk -F' *= *' '$1 == "partitions" {print $2}' topics/interactions.toml)
@@ -103,11 +104,14 @@ PY
   python3 benches/peers/relay.py --brokers "$brokers" --input warmup.interactions \
     --outputs warmup.recommendations,warmup.carousels,warmup.insights >>"$work/warmup.log" 2>&1 &
   relay_pid=$!
+  # Listed with the engines, so that the cleanup stops it if the load fails.
+  ENGINES="$ENGINES $relay_pid"
   "$BIN" loadgen --brokers "$brokers" --config "$work/warmup.toml" \
     --catalog "${CATALOG:-../shared/data/movielens/ml-latest-small/movies.csv}" \
     --events "$events" --users 10000 --rate "$rate" --seed 9 >/dev/null
   kill "$relay_pid"
   wait "$relay_pid" 2>/dev/null || true
+  ENGINES=${ENGINES% "$relay_pid"}
 }
 
 # metric PORT NAME [LABEL_REGEX]: the sum of an engine's samples of a

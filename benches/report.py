@@ -13,8 +13,8 @@ Usage: benches/report.py            (about 40 minutes on 2 cores)
                     command that completed in LOG, the run's log, is read
                     back from it instead of run again)
        RESUME=LOG RERUN=REGEX benches/report.py (the same, but the commands
-                    that REGEX finds in are run again, e.g. RERUN=peer.sh
-                    after a change to benches/peer.sh)
+                    in which REGEX finds a match are run again, e.g.
+                    RERUN=peer.sh after a change to benches/peer.sh)
 Env: DATA (default ../shared/data/movielens; the real-session runs are skipped
 without it), OUT (default benches/RESULTS.md).
 """
@@ -60,15 +60,19 @@ def completed_commands(log):
     done = {}
     if log:
         parts = re.split(r"^([+!]) (.*)$", pathlib.Path(log).read_text(), flags=re.M)
+        entries = []
         for mark, shown, body in zip(parts[1::3], parts[2::3], parts[3::3]):
-            if mark != "+":
-                continue
             started = re.match(r"\n# started: ([\d.]+)\n", body)
             if started:
                 body = body[started.end():]
-            stdout = body.split(STDERR_MARK)[0]
-            done.setdefault(command_key(shown.strip()), []).append(
-                (float(started.group(1)) if started else None, stdout))
+            entries.append((mark, shown, float(started.group(1)) if started else None,
+                            body.split(STDERR_MARK)[0]))
+        # A command ended, at the latest, when the next one started: what
+        # criterion wrote after that is not this run's (see criterion_means).
+        ends = [e[2] for e in entries[1:]] + [None]
+        for (mark, shown, started, stdout), ended in zip(entries, ends):
+            if mark == "+":
+                done.setdefault(command_key(shown.strip()), []).append((started, ended, stdout))
     return done
 
 
@@ -78,20 +82,22 @@ RERUN = re.compile(os.environ["RERUN"]) if os.environ.get("RERUN") else None
 REUSED = []
 # The commands this run ran itself (under RESUME, the ones not read back).
 RAN = []
-# When the last command run (or read back) started, by the wall clock.
+# When the last command run (or read back) started and ended, by the wall
+# clock (None: not known, for a read-back command that was the log's last).
 last_started = 0.0
+last_ended = None
 
 
 def run(env_settings, command):
     """Runs a command from the repo root with extra environment settings;
     returns its stdout. Everything it prints also goes to the log. Under
     RESUME, a command the earlier log holds as completed is read back."""
-    global last_started
+    global last_started, last_ended
     shown = (" ".join(f"{k}={v}" for k, v in env_settings.items()) + " " + command).strip()
     print(f"+ {shown}", file=sys.stderr, flush=True)
     earlier = EARLIER[command_key(shown)].pop(0) if EARLIER.get(command_key(shown)) else None
     if earlier and not (RERUN and RERUN.search(shown)):
-        started_at, stdout = earlier
+        started_at, last_ended, stdout = earlier
         last_started = started_at or 0.0
         REUSED.append(shown)
         with LOG.open("a") as log:
@@ -106,6 +112,7 @@ def run(env_settings, command):
     done = subprocess.run(
         command, shell=True, cwd=ROOT, env=env, capture_output=True, text=True
     )
+    last_ended = time.time()
     mark = "+" if done.returncode == 0 else "!"
     with LOG.open("a") as log:
         log.write(f"\n{mark} {shown}\n# started: {last_started:.0f}\n{done.stdout}{STDERR_MARK}{done.stderr}\n")
@@ -360,11 +367,14 @@ def cells(row):
     return [c.strip().strip("*") for c in row.strip("|").split("|")]
 
 
-def criterion_means(since):
-    """Mean time of every criterion benchmark written after `since`."""
+def criterion_means(since, until=None):
+    """Mean time of every criterion benchmark written after `since` (and,
+    for a command read back under RESUME, before the next one started:
+    a later `cargo bench` may have rewritten some since)."""
     means = {}
     for estimates in sorted((TARGET_DIR / "criterion").glob("**/new/estimates.json")):
-        if estimates.stat().st_mtime < since:
+        written = estimates.stat().st_mtime
+        if written < since or (until is not None and written > until + 1):
             continue
         name = str(estimates.parent.parent.relative_to(TARGET_DIR / "criterion"))
         means[name] = json.loads(estimates.read_text())["mean"]["point_estimate"]
@@ -412,7 +422,7 @@ def main():
 
     # Stages and scoring first: they want the machine to themselves.
     run({}, "cargo bench --quiet --bench stages" + (" -- --quick" if QUICK else ""))
-    stages = criterion_means(last_started)
+    stages = criterion_means(last_started, last_ended)
     scoring = markdown_rows(
         run({"SECONDS_PER_POINT": "0.5" if QUICK else "2"}, "benches/scoring.sh")
     )
@@ -606,10 +616,10 @@ def main():
       "Do not edit: run the command again. The method, the analysis and the history "
       "of each figure are in [README.md](README.md).\n")
     if REUSED and RERUN:
-        ran = ", ".join(f"`{c}`" for c in RAN)
+        ran = ", ".join(f"`{c}`" for c in RAN) or "none"
         w(f"Resumed (`RESUME=LOG RERUN={RERUN.pattern}`): the outputs of {len(REUSED)} commands "
-          f"were read back from an earlier run's log; this run ran {ran} again. The minutes above "
-          "count this run only.\n")
+          f"were read back from an earlier run's log; the commands this run ran itself: {ran}. "
+          "The minutes above count this run only.\n")
     elif REUSED:
         w(f"Resumed (`RESUME=LOG`) after an interrupted run: the outputs of its first {len(REUSED)} "
           f"commands, up to `{REUSED[-1]}`, were read back from that run's log; the minutes "
