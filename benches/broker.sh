@@ -75,6 +75,22 @@ start_engine() {
   echo "engine not answering $3 after 60 s (log: $work/engine.log)" >&2; exit 1
 }
 
+# create_topics_like_input NAME...: creates these topics with as many
+# partitions as the declared interactions topic (a system's copy of the input
+# must be partitioned like it).
+create_topics_like_input() {
+  local partitions
+  partitions=$(awk -F' *= *' '$1 == "partitions" {print $2}' topics/interactions.toml)
+  python3 - "$brokers" "$partitions" "$@" <<'PY'
+import sys
+from confluent_kafka.admin import AdminClient, NewTopic
+admin = AdminClient({"bootstrap.servers": sys.argv[1]})
+topics = [NewTopic(name, int(sys.argv[2]), 1) for name in sys.argv[3:]]
+for f in admin.create_topics(topics).values():
+    f.result()
+PY
+}
+
 # warm_broker [EVENTS] [RATE]: warms the broker's JIT with no system under
 # test attached, so that whichever system is measured first does not pay for
 # it. On this kind of host the broker's CPU per event at a fixed rate keeps
@@ -90,16 +106,7 @@ warm_broker() {
   local events=${1:-${BROKER_WARMUP_EVENTS:-120000}} rate=${2:-2000} relay_pid
   [[ $events =~ ^[0-9]+$ ]] || { echo "BROKER_WARMUP_EVENTS must be a whole number, not '$events'" >&2; exit 2; }
   [ "$events" -gt 0 ] || return 0
-  local parts
-  parts=$(awk -F' *= *' '$1 == "partitions" {print $2}' topics/interactions.toml)
-  python3 - "$brokers" "$parts" <<'PY'
-import sys
-from confluent_kafka.admin import AdminClient, NewTopic
-admin = AdminClient({"bootstrap.servers": sys.argv[1]})
-names = ["warmup.interactions", "warmup.recommendations", "warmup.carousels", "warmup.insights"]
-for f in admin.create_topics([NewTopic(n, int(sys.argv[2]), 1) for n in names]).values():
-    f.result()
-PY
+  create_topics_like_input warmup.interactions warmup.recommendations warmup.carousels warmup.insights
   printf '[topics]\ninteractions = "warmup.interactions"\nrecommendations = "warmup.recommendations"\n' >"$work/warmup.toml"
   python3 benches/peers/relay.py --brokers "$brokers" --input warmup.interactions \
     --outputs warmup.recommendations,warmup.carousels,warmup.insights >>"$work/warmup.log" 2>&1 &
@@ -152,5 +159,7 @@ engine_config() {
 
 # CPU seconds (user + system) that process $1 has used so far.
 cpu_seconds() { awk -v hz="$(getconf CLK_TCK)" '{printf "%.2f", ($14 + $15) / hz}' "/proc/$1/stat"; }
+# cpu_since BEFORE PID: the CPU seconds PID has used since cpu_seconds gave BEFORE.
+cpu_since() { awk -v a="$1" -v b="$(cpu_seconds "$2")" 'BEGIN {printf "%.2f", b - a}'; }
 # Minor page faults so far (each a fresh page the kernel zeroes for the process).
 minor_faults() { awk '{print $10}' "/proc/$1/stat"; }

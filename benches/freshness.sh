@@ -64,7 +64,7 @@ broker_before=$(cpu_seconds "$BROKER")
   "$BIN" loadgen --brokers "$brokers" --config "${LOADGEN_CONFIG:-$ENGINE_CONFIG}" --catalog "$CATALOG" \
   --events "$events" --rate "$RATE" "${source_flags[@]}" ${LATENCY_LOG:+--latency-log "$LATENCY_LOG"}
 loadgen_cpu=$(awk '{printf "%.2f", $1 + $2}' "$work/loadgen.time")
-echo "# CPU meanwhile: engine $(awk -v a="$engine_before" -v b="$(cpu_seconds "$ENGINE")" 'BEGIN {printf "%.2f", b - a}') s, broker $(awk -v a="$broker_before" -v b="$(cpu_seconds "$BROKER")" 'BEGIN {printf "%.2f", b - a}') s, load generator $loadgen_cpu s${FLOOR:+ (the engine's figure is the $FLOOR relay's)}"
+echo "# CPU meanwhile: engine $(cpu_since "$engine_before" "$ENGINE") s, broker $(cpu_since "$broker_before" "$BROKER") s, load generator $loadgen_cpu s${FLOOR:+ (the engine's figure is the $FLOOR relay's)}"
 [ -n "${FLOOR:-}" ] && exit 0
 curl -sf "http://127.0.0.1:$hport/metrics" \
   | grep -E '^recstream_(users_recomputed_total|batch_records_(sum|count)|stage_seconds_sum|processing_seconds_(bucket|sum|count)|transaction_commit_seconds_(sum|count)|event_to_publish_seconds_(sum|count))' \

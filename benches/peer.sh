@@ -44,14 +44,7 @@ printf '[engine.lists]\ntop_n = %s\n' "$top_n" >>"$ENGINE_CONFIG"
 # The peer's copy of the topics; the load generator reads topic names from a config.
 PEER_CONFIG="$work/peer.toml"
 printf '[topics]\ninteractions = "peer.interactions"\nrecommendations = "peer.recommendations"\n' >"$PEER_CONFIG"
-partitions=$(awk -F' *= *' '$1 == "partitions" {print $2}' topics/interactions.toml)
-python3 - "$brokers" "$partitions" <<'PY'
-import sys
-from confluent_kafka.admin import AdminClient, NewTopic
-admin = AdminClient({"bootstrap.servers": sys.argv[1]})
-for f in admin.create_topics([NewTopic("peer.interactions", int(sys.argv[2]), 1)]).values():
-    f.result()
-PY
+create_topics_like_input peer.interactions
 
 # measure NAME PID CONFIG: the three phases against the running system PID.
 measure() {
@@ -66,13 +59,13 @@ measure() {
   else
     "$BIN" loadgen --brokers "$brokers" --config "$3" --catalog "$CATALOG" --events "$EVENTS" --users "$USERS" --rate 0 --seed 1
   fi
-  echo "# throughput CPU: $1 $(awk -v a="$before" -v b="$(cpu_seconds "$2")" 'BEGIN {printf "%.2f", b - a}') s, broker $(awk -v a="$broker_before" -v b="$(cpu_seconds "$BROKER")" 'BEGIN {printf "%.2f", b - a}') s"
+  echo "# throughput CPU: $1 $(cpu_since "$before" "$2") s, broker $(cpu_since "$broker_before" "$BROKER") s"
   for rate in $RATES; do
     before=$(cpu_seconds "$2")
     broker_before=$(cpu_seconds "$BROKER")
     "$BIN" loadgen --brokers "$brokers" --config "$3" --catalog "$CATALOG" \
       --events $((rate * SECONDS_AT_RATE)) --users "$USERS" --rate "$rate" --seed 2
-    echo "# freshness CPU at $rate/s: $1 $(awk -v a="$before" -v b="$(cpu_seconds "$2")" 'BEGIN {printf "%.2f", b - a}') s, broker $(awk -v a="$broker_before" -v b="$(cpu_seconds "$BROKER")" 'BEGIN {printf "%.2f", b - a}') s"
+    echo "# freshness CPU at $rate/s: $1 $(cpu_since "$before" "$2") s, broker $(cpu_since "$broker_before" "$BROKER") s"
   done
   echo "# peak RSS: $(awk '/VmHWM/{print $2}' "/proc/$2/status") kB"
 }

@@ -95,7 +95,8 @@ def run(env_settings, command):
     global last_started, last_ended
     shown = (" ".join(f"{k}={v}" for k, v in env_settings.items()) + " " + command).strip()
     print(f"+ {shown}", file=sys.stderr, flush=True)
-    earlier = EARLIER[command_key(shown)].pop(0) if EARLIER.get(command_key(shown)) else None
+    key = command_key(shown)
+    earlier = EARLIER[key].pop(0) if EARLIER.get(key) else None
     if earlier and not (RERUN and RERUN.search(shown)):
         started_at, last_ended, stdout = earlier
         last_started = started_at or 0.0
