@@ -10,6 +10,11 @@
 //!     <target dir>/release/examples/recompute_cost 300      # instructions / 300
 //! ```
 //!
+//! `--evict MIB N` reads MIB MiB between two recomputes (outside the toggled
+//! function), as the broker's JVM does to the caches between two small
+//! batches; with callgrind's `--cache-sim=yes` it tells which functions miss
+//! the last-level cache when a recompute starts cold.
+//!
 //! The digest compares builds of the same toolchain (it uses the standard
 //! library's hasher).
 
@@ -19,6 +24,7 @@ mod common;
 
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::hint::black_box;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use recstream::engine::Engine;
@@ -29,20 +35,32 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 const USERS: u32 = 2_000;
 
 /// `n` recomputes over the users in a stride that visits them all, as the
-/// `engine/recompute_2000_users_in_turn` bench does.
-#[inline(never)]
-fn recompute_in_turn(engine: &mut Engine, users: &[String], n: usize) -> anyhow::Result<usize> {
+/// `engine/recompute_2000_users_in_turn` bench does, each after reading
+/// `evictor` (empty: none).
+fn recompute_all(
+    engine: &mut Engine,
+    users: &[String],
+    n: usize,
+    evictor: &[u8],
+) -> anyhow::Result<(usize, Duration)> {
     let mut turn = 0;
     let mut items = 0;
+    let mut spent = Duration::ZERO;
     for _ in 0..n {
         turn = (turn + 7_919) % users.len();
-        items += engine
-            .peek(0, black_box(&users[turn]))?
-            .recommendations
-            .items
-            .len();
+        let lines: u64 = evictor.iter().step_by(64).map(|&b| u64::from(b)).sum();
+        black_box(lines);
+        let started = Instant::now();
+        items += recompute_in_turn(engine, &users[turn])?;
+        spent += started.elapsed();
     }
-    Ok(items)
+    Ok((items, spent))
+}
+
+/// One recompute: the function callgrind's `--toggle-collect` names.
+#[inline(never)]
+fn recompute_in_turn(engine: &mut Engine, user: &str) -> anyhow::Result<usize> {
+    Ok(engine.peek(0, black_box(user))?.recommendations.items.len())
 }
 
 fn main() -> anyhow::Result<()> {
@@ -60,12 +78,28 @@ fn main() -> anyhow::Result<()> {
         println!("outputs digest {:016x}", hasher.finish());
         return Ok(());
     }
-    let n: usize = arg.parse().with_context(|| {
-        format!("the argument is a number of recomputes or --digest, not {arg:?}")
-    })?;
-    let started = std::time::Instant::now();
-    let items = recompute_in_turn(&mut engine, &users, n)?;
-    let each = started.elapsed() / n.max(1) as u32;
+    let (evict_mib, n) = if arg == "--evict" {
+        let mib = std::env::args().nth(2).unwrap_or_default();
+        let n = std::env::args().nth(3).unwrap_or_else(|| "300".into());
+        (
+            number(&mib, "--evict's MiB")?,
+            number(&n, "--evict's recomputes")?,
+        )
+    } else {
+        (
+            0,
+            number(&arg, "the argument (recomputes, --digest or --evict)")?,
+        )
+    };
+    // Non-zero, so that its pages are real.
+    let evictor = vec![1u8; evict_mib << 20];
+    let (items, spent) = recompute_all(&mut engine, &users, n, &evictor)?;
+    let each = spent / n.max(1) as u32;
     println!("{n} recomputes ({items} top picks), {each:?} each");
     Ok(())
+}
+
+fn number(text: &str, what: &str) -> anyhow::Result<usize> {
+    text.parse()
+        .with_context(|| format!("{what} must be a whole number, not {text:?}"))
 }
