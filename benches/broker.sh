@@ -1,15 +1,17 @@
-# Sourced by the benchmark scripts: builds the release engine, starts a
-# single-node Apache Kafka broker (ops/kafka/broker.sh, KRaft) on a free port
-# with the declared topics, and cleans up on exit. Sets BIN, work (a scratch
-# directory), brokers, free_port, engine_config, cpu_seconds and
-# start_engine; BROKER is the broker's pid, ENGINE the last started engine's
-# and ENGINES every started engine's, so that the cleanup stops them too.
+# Sourced by the benchmark scripts: builds the release engine (unless BIN
+# names another build), starts a single-node Apache Kafka broker
+# (ops/kafka/broker.sh, KRaft) on a free port with the declared topics, and
+# cleans up on exit. Sets BIN, work (a scratch directory), brokers,
+# free_port, engine_config, cpu_seconds and start_engine; BROKER is the
+# broker's pid, ENGINE the last started engine's and ENGINES every started
+# engine's, so that the cleanup stops them too.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash .ci/install.sh >/dev/null
 export PATH="$HOME/.cargo/bin:$PATH"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/recstream/target}"
-cargo build --release --quiet --bin recstream
+# BIN: another build of the engine (e.g. the release-lto profile).
+[ -n "${BIN:-}" ] || cargo build --release --quiet --bin recstream
 BIN="${BIN:-$CARGO_TARGET_DIR/release/recstream}"
 
 # A benchmark measures a warmed-up broker: full JIT (C2), as in production

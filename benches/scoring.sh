@@ -12,8 +12,9 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/recstream/target}"
 python3 -c "import onnxruntime, numpy" 2>/dev/null ||
   python3 -m pip install --quiet --user onnxruntime numpy 2>/dev/null ||
   python3 -m pip install --quiet --user --break-system-packages onnxruntime numpy
-cargo build --release --quiet --bin recstream
-BIN="$CARGO_TARGET_DIR/release/recstream"
+# BIN: another build of the engine (e.g. the release-lto profile).
+[ -n "${BIN:-}" ] || cargo build --release --quiet --bin recstream
+BIN="${BIN:-$CARGO_TARGET_DIR/release/recstream}"
 SECONDS_PER_POINT=${SECONDS_PER_POINT:-2}
 BATCHES=${BATCHES:-1,100,500}
 ITEMS=${ITEMS:-3706,26744}

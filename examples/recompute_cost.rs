@@ -10,10 +10,11 @@
 //!     <target dir>/release/examples/recompute_cost 300      # instructions / 300
 //! ```
 //!
-//! `--evict MIB N` reads MIB MiB between two recomputes (outside the toggled
-//! function), as the broker's JVM does to the caches between two small
-//! batches; with callgrind's `--cache-sim=yes` it tells which functions miss
-//! the last-level cache when a recompute starts cold.
+//! `--evict MIB [N]` runs N recomputes (300 by default), reading MIB MiB
+//! before each one (outside the timing and the toggled function), as the
+//! broker's JVM does to the caches between two small batches; with
+//! callgrind's `--cache-sim=yes` it tells which functions miss the
+//! last-level cache when a recompute starts cold.
 //!
 //! The digest compares builds of the same toolchain (it uses the standard
 //! library's hasher).
@@ -63,33 +64,74 @@ fn recompute_in_turn(engine: &mut Engine, user: &str) -> anyhow::Result<usize> {
     Ok(engine.peek(0, black_box(user))?.recommendations.items.len())
 }
 
+/// What to run, from the arguments, checked before the state is warmed.
+enum Mode {
+    Digest,
+    /// Recomputes, and MiB read before each.
+    Time {
+        recomputes: usize,
+        evict_mib: usize,
+    },
+}
+
+fn mode() -> anyhow::Result<Mode> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        None => Ok(Mode::Time {
+            recomputes: 2000,
+            evict_mib: 0,
+        }),
+        Some("--digest") => Ok(Mode::Digest),
+        Some("--evict") => {
+            let mib = args
+                .get(1)
+                .context("--evict needs MIB, the MiB to read before each recompute")?;
+            let evict_mib = number(mib, "--evict's MIB")?;
+            anyhow::ensure!(
+                evict_mib <= 1 << 20,
+                "--evict's MIB is at most 1048576 (1 TiB), not {evict_mib}"
+            );
+            let recomputes = match args.get(2) {
+                Some(n) => number(n, "--evict's N")?,
+                None => 300,
+            };
+            Ok(Mode::Time {
+                recomputes,
+                evict_mib,
+            })
+        }
+        Some(n) => {
+            let recomputes = n.parse().with_context(|| {
+                format!("the argument is a number of recomputes, --digest or --evict MIB [N], not {n:?}")
+            })?;
+            Ok(Mode::Time {
+                recomputes,
+                evict_mib: 0,
+            })
+        }
+    }
+}
+
 fn main() -> anyhow::Result<()> {
-    let arg = std::env::args().nth(1).unwrap_or_else(|| "2000".into());
+    let mode = mode()?;
     let dir = tempfile::tempdir()?;
     let mut engine = common::warm_engine(dir.path(), 20_000, USERS, 10_000);
     let users: Vec<String> = (0..USERS).map(|i| format!("u{i}")).collect();
-    if arg == "--digest" {
-        let mut hasher = DefaultHasher::new();
-        for user in &users {
-            for (_, bytes) in engine.peek(0, user)?.encode() {
-                bytes.hash(&mut hasher);
+    let (n, evict_mib) = match mode {
+        Mode::Digest => {
+            let mut hasher = DefaultHasher::new();
+            for user in &users {
+                for (_, bytes) in engine.peek(0, user)?.encode() {
+                    bytes.hash(&mut hasher);
+                }
             }
+            println!("outputs digest {:016x}", hasher.finish());
+            return Ok(());
         }
-        println!("outputs digest {:016x}", hasher.finish());
-        return Ok(());
-    }
-    let (evict_mib, n) = if arg == "--evict" {
-        let mib = std::env::args().nth(2).unwrap_or_default();
-        let n = std::env::args().nth(3).unwrap_or_else(|| "300".into());
-        (
-            number(&mib, "--evict's MiB")?,
-            number(&n, "--evict's recomputes")?,
-        )
-    } else {
-        (
-            0,
-            number(&arg, "the argument (recomputes, --digest or --evict)")?,
-        )
+        Mode::Time {
+            recomputes,
+            evict_mib,
+        } => (recomputes, evict_mib),
     };
     // Non-zero, so that its pages are real.
     let evictor = vec![1u8; evict_mib << 20];
