@@ -95,17 +95,15 @@ fn bench(c: &mut Criterion) {
     // In the pipeline at a few thousand events a second the engine thread
     // sleeps between small batches while the broker's JVM runs on the same
     // cores and caches: each recompute then starts from caches another
-    // process filled. Reading 32 MiB (four times this host's L3; non-zero,
-    // so that its pages are real) before each one, untimed, gives that cold
-    // start.
-    let evictor = vec![1u8; 32 << 20];
+    // process filled. Reading 32 MiB (four times this host's L3) before
+    // each one, untimed, gives that cold start.
+    let evictor = common::CacheEvictor::new(32);
     let mut turn = 0usize;
     g.bench_function("recompute_after_cache_eviction", |b| {
         b.iter_batched(
             || {
                 turn = (turn + 7_919) % every_user.len();
-                let lines: u64 = evictor.iter().step_by(64).map(|&b| u64::from(b)).sum();
-                black_box(lines);
+                evictor.evict();
                 &every_user[turn]
             },
             |user| engine.peek(0, black_box(user)).unwrap(),

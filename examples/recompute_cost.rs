@@ -36,21 +36,20 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 const USERS: u32 = 2_000;
 
 /// `n` recomputes over the users in a stride that visits them all, as the
-/// `engine/recompute_2000_users_in_turn` bench does, each after reading
-/// `evictor` (empty: none).
+/// `engine/recompute_2000_users_in_turn` bench does, each after `evictor`
+/// reads its buffer (of 0 MiB: none).
 fn recompute_all(
     engine: &mut Engine,
     users: &[String],
     n: usize,
-    evictor: &[u8],
+    evictor: &common::CacheEvictor,
 ) -> anyhow::Result<(usize, Duration)> {
     let mut turn = 0;
     let mut items = 0;
     let mut spent = Duration::ZERO;
     for _ in 0..n {
         turn = (turn + 7_919) % users.len();
-        let lines: u64 = evictor.iter().step_by(64).map(|&b| u64::from(b)).sum();
-        black_box(lines);
+        evictor.evict();
         let started = Instant::now();
         items += recompute_in_turn(engine, &users[turn])?;
         spent += started.elapsed();
@@ -133,8 +132,7 @@ fn main() -> anyhow::Result<()> {
             evict_mib,
         } => (recomputes, evict_mib),
     };
-    // Non-zero, so that its pages are real.
-    let evictor = vec![1u8; evict_mib << 20];
+    let evictor = common::CacheEvictor::new(evict_mib);
     let (items, spent) = recompute_all(&mut engine, &users, n, &evictor)?;
     let each = spent / n.max(1) as u32;
     println!("{n} recomputes ({items} top picks), {each:?} each");

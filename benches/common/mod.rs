@@ -16,6 +16,26 @@ pub fn smoke_mode() -> bool {
     !std::env::args().any(|a| a == "--bench")
 }
 
+/// A buffer whose reading pushes a recompute's code and data out of the
+/// caches, as the broker's JVM does on the shared cores between two small
+/// batches of the pipeline.
+#[allow(dead_code)] // state_growth.rs never starts cold
+pub struct CacheEvictor(Vec<u8>);
+
+#[allow(dead_code)]
+impl CacheEvictor {
+    /// `mib` MiB, non-zero so that its pages are real.
+    pub fn new(mib: usize) -> CacheEvictor {
+        CacheEvictor(vec![1u8; mib << 20])
+    }
+
+    /// Reads one byte of every 64-byte line.
+    pub fn evict(&self) {
+        let lines: u64 = self.0.iter().step_by(64).map(|&b| u64::from(b)).sum();
+        std::hint::black_box(lines);
+    }
+}
+
 /// An engine over `items` catalog movies whose state in `dir` is warmed by
 /// `events` events of `users` users, so every user has history.
 pub fn warm_engine(dir: &std::path::Path, events_n: usize, users: u32, items: u32) -> Engine {
